@@ -1,0 +1,78 @@
+# Payper's one entry point for people and CI. `make demo` runs the main job on the local
+# cluster, `make test` runs every test tier; both set up what they need first.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PAYPER := $(BIN)/payper
+PYTEST := $(BIN)/python -m pytest
+CLUSTER_DIR ?= build/cluster
+POD_CIDR ?= 127.1.0.0/16
+CRDS_DIR ?= crds
+
+.PHONY: help venv binaries cluster-up cluster-down cluster-status crds crds-check \
+        lint format test test-unit test-integration clean
+
+help:
+	@echo "make demo         - the main job: Payper end to end on a local cluster"
+	@echo "make test         - every test tier (unit, then integration on a local cluster)"
+	@echo "make lint         - ruff (lint + format check) and mypy --strict"
+	@echo "make cluster-up   - start the local cluster (CLUSTER_DIR=$(CLUSTER_DIR))"
+	@echo "make cluster-down - stop it"
+	@echo "make crds         - regenerate crds/ from payper.api; make crds-check fails on drift"
+
+# The virtual environment, rebuilt when pyproject.toml changes.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Control-plane binaries, built once from the Go module proxy into ~/.cache/payper.
+binaries: venv
+	$(PAYPER) cluster build
+
+cluster-up: binaries
+	$(PAYPER) cluster up --dir $(CLUSTER_DIR) --pod-cidr $(POD_CIDR)
+
+cluster-down: venv
+	$(PAYPER) cluster down --dir $(CLUSTER_DIR)
+
+cluster-status: venv
+	$(PAYPER) cluster status --dir $(CLUSTER_DIR)
+
+crds: venv
+	$(PAYPER) crds --dir $(CRDS_DIR)
+
+crds-check: venv
+	$(PAYPER) crds --check --dir $(CRDS_DIR)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# pytest exits 5 when it collected nothing: a tier that silently tests nothing is a failure.
+define run_tier
+	@set +e; $(PYTEST) $(1); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "FAILED: pytest collected no tests in $(1) (exit 5)"; fi; \
+	exit $$rc
+endef
+
+test-unit: venv
+	$(call run_tier,tests/unit)
+
+test-integration: binaries
+	$(call run_tier,tests/integration)
+
+test: crds-check test-unit test-integration
+
+clean:
+	-$(PAYPER) cluster down --dir $(CLUSTER_DIR)
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""payper-agent: measures active GPU time per container on one node, from NVML."""

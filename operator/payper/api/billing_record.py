@@ -1,0 +1,156 @@
+"""BillingRecord: one InferenceDeployment's usage and charge in one billing window.
+
+Written only by the operator. ``spec`` fixes what is billed and at which prices (a
+snapshot taken when the record is created) and never changes; ``status`` carries the
+running totals and, in the same write, the last report sequence number applied per
+agent, which is what makes usage exactly-once. Once ``status.state`` is ``Final`` the
+API server refuses every change to the record's spec and status.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, StringConstraints
+
+from payper.api.common import (
+    ApiModel,
+    DecimalString,
+    DnsLabel,
+    ObjectMeta,
+    ShortString,
+    cel_rules,
+)
+
+KIND = "BillingRecord"
+PLURAL = "billingrecords"
+SINGULAR = "billingrecord"
+SHORT_NAMES = ("brec",)
+
+Granularity = Literal["1ms", "1s", "1m"]
+GRANULARITY_MS: dict[str, int] = {"1ms": 1, "1s": 1000, "1m": 60_000}
+State = Literal["Open", "Final"]
+OPEN: State = "Open"
+FINAL: State = "Final"
+
+MAX_AGENTS = 4096
+MAX_ADJUSTMENTS = 256
+Millis = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0)]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+
+
+class Window(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            {
+                "rule": "timestamp(self.end) > timestamp(self.start)",
+                "message": "window end must be after its start",
+                "fieldPath": ".end",
+            }
+        )
+    )
+
+    start: datetime
+    end: datetime
+
+
+class RoundedMs(ApiModel):
+    """Active time rounded up per burst to each standard billing granularity."""
+
+    per_millisecond: Millis = Field(0, alias="1ms")
+    per_second: Millis = Field(0, alias="1s")
+    per_minute: Millis = Field(0, alias="1m")
+
+    def at(self, granularity: str) -> int:
+        return {"1ms": self.per_millisecond, "1s": self.per_second, "1m": self.per_minute}[
+            granularity
+        ]
+
+
+class Adjustment(ApiModel):
+    """Usage that arrived after its own window was Final, billed in this open window."""
+
+    original_window_start: datetime
+    reason: ShortString
+    active_ms: Millis = 0
+    billed_ms: Millis = 0
+    rounded_ms: RoundedMs = Field(default_factory=RoundedMs)
+    bursts: Count = 0
+    amount: DecimalString = "0"
+
+
+class BillingRecordSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules({"rule": "self == oldSelf", "message": "spec is immutable"})
+    )
+
+    inference_deployment: DnsLabel
+    account: ShortString
+    window: Window
+    plan: DnsLabel
+    granularity: Granularity
+    currency: Currency
+    price_per_gpu_second: DecimalString
+    reserved_price_per_gpu_hour: DecimalString
+    gpu_product: ShortString
+
+
+class BillingRecordStatus(ApiModel):
+    state: State = OPEN
+    active_ms: Millis = 0
+    billed_ms: Millis = 0
+    rounded_ms: RoundedMs = Field(default_factory=RoundedMs)
+    provisioned_ms: Millis = 0
+    idle_ms: Millis = 0
+    bursts: Count = 0
+    requests: Count = 0
+    cold_starts: Count = 0
+    amount: DecimalString = "0"
+    reserved_equivalent_amount: DecimalString = "0"
+    active_gpu_seconds: Annotated[
+        DecimalString, Field(description="activeMs / 1000, for kubectl get.")
+    ] = "0"
+    last_applied_sequence: Annotated[
+        dict[ShortString, Annotated[int, Field(ge=0)]],
+        Field(
+            max_length=MAX_AGENTS,
+            description="Per agent id, the last usage report sequence number applied here.",
+        ),
+    ] = Field(default_factory=dict)
+    adjustments: Annotated[list[Adjustment], Field(max_length=MAX_ADJUSTMENTS)] = Field(
+        default_factory=list
+    )
+    last_update_time: datetime | None = None
+    finalized_at: datetime | None = None
+
+
+class BillingRecord(ApiModel):
+    """A whole object as read from the API server."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: str
+    kind: Literal["BillingRecord"]
+    metadata: ObjectMeta
+    spec: BillingRecordSpec
+    status: BillingRecordStatus = Field(default_factory=BillingRecordStatus)
+
+
+FINAL_IS_IMMUTABLE_RULE = {
+    "rule": "!has(oldSelf.status) || oldSelf.status.state != 'Final' || "
+    "(has(self.status) && self.status == oldSelf.status)",
+    "message": "a Final BillingRecord cannot be modified (and cannot go back to Open)",
+    "fieldPath": ".status",
+}
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Deployment", "type": "string", "jsonPath": ".spec.inferenceDeployment"},
+    {"name": "Window-Start", "type": "string", "jsonPath": ".spec.window.start"},
+    {"name": "State", "type": "string", "jsonPath": ".status.state"},
+    {"name": "Active-GPU-s", "type": "string", "jsonPath": ".status.activeGpuSeconds"},
+    {"name": "Amount", "type": "string", "jsonPath": ".status.amount"},
+    {"name": "Currency", "type": "string", "jsonPath": ".spec.currency"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]

@@ -1,0 +1,217 @@
+"""InferenceDeployment: what a tenant writes to run a GPU model server that scales to zero.
+
+The pod template has the shape of a Deployment's ``spec.template``. Only the parts
+Payper reads are typed (containers, their names, images and ports); the rest of the
+pod spec passes through unchanged and is validated by the API server when the operator
+creates the Deployment.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, StringConstraints
+
+from payper.api.common import (
+    DNS_LABEL_PATTERN,
+    ApiModel,
+    Condition,
+    DnsLabel,
+    DnsSubdomain,
+    LabelValue,
+    ObjectMeta,
+    OpenApiModel,
+    ShortString,
+    cel_rules,
+    defaulted,
+)
+
+KIND = "InferenceDeployment"
+PLURAL = "inferencedeployments"
+SINGULAR = "inferencedeployment"
+SHORT_NAMES = ("infd",)
+
+# Condition types written to status.
+READY = "Ready"
+SCALED_TO_ZERO = "ScaledToZero"
+DEGRADED = "Degraded"
+
+MAX_CONTAINERS = 32
+MAX_PORTS = 64
+Port = Annotated[int, Field(ge=1, le=65535)]
+ExtendedResourceName = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        max_length=253,
+    ),
+]
+
+
+class ContainerPort(OpenApiModel):
+    container_port: Port
+    name: (
+        Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=15)]
+        | None
+    ) = None
+    protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
+
+
+class Container(OpenApiModel):
+    name: DnsLabel
+    image: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    ports: Annotated[list[ContainerPort], Field(max_length=MAX_PORTS)] = Field(default_factory=list)
+
+
+class PodSpec(OpenApiModel):
+    containers: Annotated[list[Container], Field(min_length=1, max_length=MAX_CONTAINERS)]
+
+
+class PodTemplateMeta(OpenApiModel):
+    labels: dict[str, ShortString] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class PodTemplate(ApiModel):
+    """Same shape as a Deployment's ``spec.template``."""
+
+    metadata: PodTemplateMeta = defaulted(PodTemplateMeta)
+    spec: PodSpec
+
+
+class GpuSpec(ApiModel):
+    count: Annotated[int, Field(ge=1, le=64, description="GPUs per replica.")] = 1
+    resource: Annotated[
+        ExtendedResourceName, Field(description="Extended resource that schedules a GPU.")
+    ] = "nvidia.com/gpu"
+    product: Annotated[
+        LabelValue | None,
+        Field(description="Required value of the node label nvidia.com/gpu.product."),
+    ] = None
+
+
+class ScalingSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            {
+                "rule": "self.minReplicas <= self.maxReplicas",
+                "message": "minReplicas must not exceed maxReplicas",
+                "fieldPath": ".minReplicas",
+            }
+        )
+    )
+
+    min_replicas: Annotated[int, Field(ge=0, le=1000, description="0 allows scale to zero.")] = 0
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
+    target_concurrency: Annotated[
+        int, Field(ge=1, le=10000, description="In-flight requests one replica should carry.")
+    ] = 4
+    idle_timeout_seconds: Annotated[
+        int, Field(ge=0, le=7 * 86400, description="Time without requests before scaling to 0.")
+    ] = 300
+    scale_down_delay_seconds: Annotated[
+        int, Field(ge=0, le=86400, description="Time at lower demand before removing replicas.")
+    ] = 60
+    cold_start_timeout_seconds: Annotated[
+        int, Field(ge=1, le=3600, description="How long the gateway holds a request.")
+    ] = 300
+
+
+class BillingSpec(ApiModel):
+    plan: Annotated[DnsLabel, Field(description="Pricing plan of the operator's config.")] = (
+        "default"
+    )
+
+
+class AuthSpec(ApiModel):
+    secret_name: Annotated[
+        DnsSubdomain,
+        Field(description="Secret in the same namespace; every data value is an API key."),
+    ]
+
+
+class InferenceDeploymentSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            {
+                "rule": "has(self.port) || self.template.spec.containers.exists(c, "
+                "has(c.ports) && size(c.ports) > 0)",
+                "message": "port is required when no container declares a containerPort",
+                "fieldPath": ".port",
+            }
+        )
+    )
+
+    template: PodTemplate
+    port: Annotated[
+        Port | None,
+        Field(description="Container port the gateway forwards to; default the first one."),
+    ] = None
+    gpu: GpuSpec = defaulted(GpuSpec)
+    scaling: ScalingSpec = defaulted(ScalingSpec)
+    billing: BillingSpec = defaulted(BillingSpec)
+    auth: AuthSpec | None = None
+
+    def serving_port(self) -> int | None:
+        if self.port is not None:
+            return self.port
+        for container in self.template.spec.containers:
+            for port in container.ports:
+                return port.container_port
+        return None
+
+
+class InferenceDeploymentStatus(ApiModel):
+    conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    replicas: Annotated[int, Field(ge=0)] | None = None
+    ready_replicas: Annotated[int, Field(ge=0)] | None = None
+    desired_replicas: Annotated[int, Field(ge=0)] | None = None
+    last_request_time: datetime | None = None
+    last_cold_start_seconds: (
+        Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]{1,3})?$", max_length=16)] | None
+    ) = None
+    url: Annotated[str, StringConstraints(max_length=2048)] | None = None
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class InferenceDeployment(ApiModel):
+    """A whole object as read from the API server."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: str
+    kind: Literal["InferenceDeployment"]
+    metadata: ObjectMeta
+    spec: InferenceDeploymentSpec
+    status: InferenceDeploymentStatus = Field(default_factory=InferenceDeploymentStatus)
+
+
+NAME_RULE = {
+    "rule": f"self.metadata.name.matches('{DNS_LABEL_PATTERN}') && "
+    "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]')",
+    "message": "metadata.name must be a DNS label that starts with a letter "
+    "(it names the Service), at most 63 characters",
+}
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+    },
+    {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
+    {"name": "Current", "type": "integer", "jsonPath": ".status.replicas"},
+    {"name": "Ready-Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]

@@ -1,0 +1,183 @@
+"""The pod runner: real processes where kwok's fake pods are.
+
+kwok gives pods loopback IPs but runs nothing. For pods annotated
+``payper.dev/pod-runner: <profile>``, the runner starts the profile's command bound to
+the pod's IP and stops it (SIGTERM, then SIGKILL) when the pod is deleted or starts
+terminating. So the gateway really proxies to a process at ``podIP:port``, and the demo
+and end-to-end tests exercise the whole request path with no container runtime.
+
+A command is a list of arguments with ``{ip}``, ``{port}``, ``{namespace}``, ``{name}``,
+``{uid}`` and ``{node}`` placeholders; the process also gets ``POD_IP``, ``POD_NAME``,
+``POD_NAMESPACE``, ``POD_UID``, ``NODE_NAME`` and ``PORT`` in its environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from payper.kube import Informer, Kube, resource_path
+
+ANNOTATION = "payper.dev/pod-runner"
+DEFAULT_PORT = 8000
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningPod:
+    uid: str
+    ip: str
+    process: asyncio.subprocess.Process
+
+
+def pod_port(pod: Mapping[str, Any]) -> int:
+    for container in pod.get("spec", {}).get("containers", []):
+        for port in container.get("ports", []) or []:
+            return int(port["containerPort"])
+    return DEFAULT_PORT
+
+
+class PodRunner:
+    def __init__(
+        self,
+        kubeconfig: str | os.PathLike[str] | None,
+        profiles: Mapping[str, Sequence[str]],
+        log_dir: Path | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        stop_grace_s: float = 5.0,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.profiles = {name: list(cmd) for name, cmd in profiles.items()}
+        self.log_dir = log_dir
+        self.extra_env = dict(extra_env or {})
+        self.stop_grace_s = stop_grace_s
+        self.running: dict[str, RunningPod] = {}
+        self.started = 0
+
+    def _command(self, pod: Mapping[str, Any], profile: str) -> list[str]:
+        meta, status = pod["metadata"], pod["status"]
+        values = {
+            "ip": status["podIP"],
+            "port": str(pod_port(pod)),
+            "namespace": meta["namespace"],
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "node": pod["spec"].get("nodeName", ""),
+        }
+        return [part.format(**values) for part in self.profiles[profile]]
+
+    async def _start(self, key: str, pod: Mapping[str, Any], profile: str) -> None:
+        meta, status = pod["metadata"], pod["status"]
+        env = {
+            **os.environ,
+            **self.extra_env,
+            "POD_IP": status["podIP"],
+            "POD_NAME": meta["name"],
+            "POD_NAMESPACE": meta["namespace"],
+            "POD_UID": meta["uid"],
+            "NODE_NAME": pod["spec"].get("nodeName", ""),
+            "PORT": str(pod_port(pod)),
+        }
+        output: Any = asyncio.subprocess.DEVNULL
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = (self.log_dir / f"{meta['namespace']}_{meta['name']}.log").open("ab")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._command(pod, profile),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if output is not asyncio.subprocess.DEVNULL:
+                output.close()
+        self.running[key] = RunningPod(uid=meta["uid"], ip=status["podIP"], process=process)
+        self.started += 1
+        logger.info("pod runner: started %s (%s) on %s", key, profile, status["podIP"])
+
+    async def _stop(self, key: str) -> None:
+        entry = self.running.pop(key, None)
+        if entry is None:
+            return
+        process = entry.process
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), self.stop_grace_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+        logger.info("pod runner: stopped %s", key)
+
+    async def on_event(self, kind: str, pod: dict[str, Any]) -> None:
+        key = Informer.key(pod)
+        meta = pod["metadata"]
+        profile = (meta.get("annotations") or {}).get(ANNOTATION)
+        ip = pod.get("status", {}).get("podIP")
+        gone = kind == "DELETED" or meta.get("deletionTimestamp") is not None
+        current = self.running.get(key)
+        if current is not None and (gone or current.uid != meta["uid"]):
+            await self._stop(key)
+            current = None
+        if gone or current is not None or not ip or profile is None:
+            return
+        if profile not in self.profiles:
+            logger.warning("pod runner: %s names unknown profile %r", key, profile)
+            return
+        await self._start(key, pod, profile)
+
+    async def run(self, ready: threading.Event | None = None) -> None:
+        async with Kube.connect(self.kubeconfig) as kube:
+            informer = Informer(kube, resource_path("v1", "pods"), self.on_event)
+            task = asyncio.create_task(informer.run())
+            try:
+                await informer.synced.wait()
+                if ready is not None:
+                    ready.set()
+                await task
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                for key in list(self.running):
+                    await self._stop(key)
+
+
+@contextlib.contextmanager
+def running_in_background(runner: PodRunner, timeout_s: float = 30.0) -> Iterator[PodRunner]:
+    """Run ``runner`` on its own event loop in a thread; stops its processes on exit."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    main: asyncio.Task[None] | None = None
+
+    def target() -> None:
+        nonlocal main
+        asyncio.set_event_loop(loop)
+        main = loop.create_task(runner.run(ready))
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(main)
+        loop.close()
+
+    thread = threading.Thread(target=target, name="pod-runner", daemon=True)
+    thread.start()
+    if not ready.wait(timeout_s):
+        raise TimeoutError("pod runner did not sync with the API server in time")
+    try:
+        yield runner
+    finally:
+        if main is not None:
+            loop.call_soon_threadsafe(main.cancel)
+        thread.join(timeout_s)

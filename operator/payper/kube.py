@@ -1,0 +1,362 @@
+"""The one module of Payper that talks to the Kubernetes API.
+
+A small asyncio client on aiohttp: the gateway, the operator's own loops, the agent and
+the CLI all need list/watch/patch/apply without blocking an event loop, and the official
+``kubernetes`` client is synchronous. Credentials come from the ``kubernetes`` package's
+kubeconfig / in-cluster loaders, so every auth method they support works here too
+(client certificates, tokens, exec plugins, rotating projected tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+logger = logging.getLogger(__name__)
+IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+class ApiError(Exception):
+    """The API server answered with an error status; ``reason`` is its Status reason."""
+
+    def __init__(self, status: int, body: Any, method: str, path: str) -> None:
+        self.status = status
+        self.body = body
+        self.reason = body.get("reason", "") if isinstance(body, dict) else ""
+        self.message = body.get("message", str(body)) if isinstance(body, dict) else str(body)
+        super().__init__(f"{method} {path}: {status} {self.reason}: {self.message}")
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+
+class WatchExpiredError(Exception):
+    """The watch's resourceVersion is too old (410 Gone): list again and re-watch."""
+
+
+def resource_path(
+    api_version: str,
+    plural: str,
+    namespace: str | None = None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
+    """The REST path of a collection or object, e.g. ``/apis/apps/v1/namespaces/x/deployments``."""
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    parts = [prefix]
+    if namespace is not None:
+        parts.append(f"namespaces/{quote(namespace, safe='')}")
+    parts.append(plural)
+    if name is not None:
+        parts.append(quote(name, safe=""))
+    if subresource is not None:
+        parts.append(subresource)
+    return "/".join(parts)
+
+
+@dataclass
+class Credentials:
+    host: str
+    ssl_context: ssl.SSLContext | bool
+    configuration: k8s_client.Configuration
+
+    def authorization(self) -> str | None:
+        cfg = self.configuration
+        if cfg.refresh_api_key_hook is not None:
+            cfg.refresh_api_key_hook(cfg)
+        value = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
+        if value is None:
+            return None
+        prefix = cfg.api_key_prefix.get("authorization")
+        return f"{prefix} {value}" if prefix else str(value)
+
+
+def load_credentials(kubeconfig: str | os.PathLike[str] | None = None) -> Credentials:
+    """From a kubeconfig file (argument, then KUBECONFIG), else in-cluster, else ~/.kube/config."""
+    cfg = k8s_client.Configuration()
+    path = os.fspath(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG")
+    if path:
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, client_configuration=cfg, persist_config=False
+        )
+    elif os.path.exists(IN_CLUSTER_TOKEN) and "KUBERNETES_SERVICE_HOST" in os.environ:
+        k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    else:
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=cfg, persist_config=False
+        )
+    context: ssl.SSLContext | bool
+    if cfg.verify_ssl:
+        context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+        if cfg.cert_file and cfg.key_file:
+            context.load_cert_chain(cfg.cert_file, cfg.key_file)
+    else:
+        context = False
+    return Credentials(host=cfg.host.rstrip("/"), ssl_context=context, configuration=cfg)
+
+
+class Kube:
+    """An async Kubernetes API client; use as ``async with Kube.connect(...) as kube``."""
+
+    def __init__(self, credentials: Credentials, timeout_s: float = 30.0) -> None:
+        self.credentials = credentials
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def connect(cls, kubeconfig: str | os.PathLike[str] | None = None) -> Kube:
+        return cls(load_credentials(kubeconfig))
+
+    async def __aenter__(self) -> Kube:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self.credentials.ssl_context, limit=64)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        auth = self.credentials.authorization()
+        if auth:
+            headers["Authorization"] = auth
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        async with self.session.request(
+            method,
+            self.credentials.host + path,
+            data=data,
+            params=params,
+            headers=self._headers(content_type if data is not None else None),
+            timeout=self._timeout,
+        ) as response:
+            raw = await response.read()
+            try:
+                payload: Any = json.loads(raw) if raw else None
+            except ValueError:
+                payload = raw.decode(errors="replace")
+            if response.status >= 400:
+                raise ApiError(response.status, payload, method, path)
+            return payload
+
+    async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        return await self.request("GET", path, params=params)
+
+    async def get_or_none(self, path: str) -> Any:
+        try:
+            return await self.get(path)
+        except ApiError as error:
+            if error.not_found:
+                return None
+            raise
+
+    async def create(self, path: str, body: Mapping[str, Any]) -> Any:
+        return await self.request("POST", path, body=body)
+
+    async def replace(self, path: str, body: Mapping[str, Any]) -> Any:
+        return await self.request("PUT", path, body=body)
+
+    async def patch(self, path: str, body: Any, patch_type: str = MERGE_PATCH) -> Any:
+        return await self.request("PATCH", path, body=body, content_type=patch_type)
+
+    async def apply(
+        self, path: str, body: Mapping[str, Any], field_manager: str, force: bool = True
+    ) -> Any:
+        """Server-side apply: idempotent, and owns exactly the fields in ``body``."""
+        params = {"fieldManager": field_manager, "force": "true" if force else "false"}
+        return await self.request("PATCH", path, body=body, params=params, content_type=APPLY_PATCH)
+
+    async def delete(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        try:
+            return await self.request("DELETE", path, params=params)
+        except ApiError as error:
+            if error.not_found:
+                return None
+            raise
+
+    async def list(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        """All pages of a collection, merged into one list object."""
+        query = dict(params or {})
+        query.setdefault("limit", "500")
+        result: dict[str, Any] | None = None
+        while True:
+            page = await self.get(path, query)
+            if result is None:
+                result = page
+            else:
+                result["items"].extend(page["items"])
+                result["metadata"] = page["metadata"]
+            token = page.get("metadata", {}).get("continue")
+            if not token:
+                return result
+            query["continue"] = token
+
+    async def watch(
+        self,
+        path: str,
+        resource_version: str,
+        params: Mapping[str, str] | None = None,
+        timeout_s: int = 300,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Events from ``resource_version`` on; ends when the server closes the watch.
+
+        Raises WatchExpiredError when the version is too old; the caller lists again.
+        """
+        query = {
+            **(params or {}),
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_s),
+        }
+        async with self.session.get(
+            self.credentials.host + path,
+            params=query,
+            headers=self._headers(None),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s + 30),
+        ) as response:
+            if response.status >= 400:
+                raise ApiError(response.status, await response.text(), "WATCH", path)
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object", {})
+                    if status.get("code") == 410:
+                        raise WatchExpiredError(status.get("message", "resource version expired"))
+                    raise ApiError(status.get("code", 500), status, "WATCH", path)
+                yield event
+
+    async def wait_ready(self, deadline_s: float) -> None:
+        """Until /readyz answers ok, or TimeoutError after ``deadline_s``."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + deadline_s
+        last: Exception | None = None
+        while loop.time() < until:
+            try:
+                if await self.request("GET", "/readyz") in ("ok", None):
+                    return
+            except (ApiError, aiohttp.ClientError, OSError) as error:
+                last = error
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"API server at {self.credentials.host} not ready: {last}")
+
+
+EventHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class Informer:
+    """List, then watch, a collection; keeps a cache and calls ``handler`` on every change.
+
+    ``handler(type, obj)`` gets ``ADDED``, ``MODIFIED`` or ``DELETED``. After a broken or
+    expired watch it lists again and reconciles the cache, emitting the events that were
+    missed (objects deleted meanwhile arrive as ``DELETED``), so a consumer never needs
+    its own resync logic. ``synced`` is set once the first list has been delivered.
+    """
+
+    def __init__(
+        self,
+        kube: Kube,
+        path: str,
+        handler: EventHandler,
+        params: Mapping[str, str] | None = None,
+        retry_s: float = 1.0,
+    ) -> None:
+        self.kube = kube
+        self.path = path
+        self.handler = handler
+        self.params = dict(params or {})
+        self.retry_s = retry_s
+        self.cache: dict[str, dict[str, Any]] = {}
+        self.synced = asyncio.Event()
+
+    @staticmethod
+    def key(obj: Mapping[str, Any]) -> str:
+        meta = obj.get("metadata", {})
+        return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+    async def _relist(self) -> str:
+        listing = await self.kube.list(self.path, self.params)
+        fresh = {self.key(item): item for item in listing.get("items", [])}
+        for key in list(self.cache):
+            if key not in fresh:
+                await self.handler("DELETED", self.cache.pop(key))
+        for key, item in fresh.items():
+            kind = "MODIFIED" if key in self.cache else "ADDED"
+            old = self.cache.get(key)
+            self.cache[key] = item
+            if old is None or old["metadata"].get("resourceVersion") != item["metadata"].get(
+                "resourceVersion"
+            ):
+                await self.handler(kind, item)
+        self.synced.set()
+        return str(listing["metadata"]["resourceVersion"])
+
+    async def run(self) -> None:
+        """Runs until cancelled."""
+        version: str | None = None
+        while True:
+            try:
+                if version is None:
+                    version = await self._relist()
+                async for event in self.kube.watch(self.path, version, self.params):
+                    obj = event["object"]
+                    version = obj.get("metadata", {}).get("resourceVersion", version)
+                    if event["type"] == "BOOKMARK":
+                        continue
+                    key = self.key(obj)
+                    if event["type"] == "DELETED":
+                        self.cache.pop(key, None)
+                    else:
+                        self.cache[key] = obj
+                    await self.handler(event["type"], obj)
+            except WatchExpiredError:
+                version = None
+            except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as error:
+                logger.warning(
+                    "watch %s failed (%s); relisting in %.1fs", self.path, error, self.retry_s
+                )
+                version = None
+                await asyncio.sleep(self.retry_s)

@@ -1,0 +1,1 @@
+"""payper-operator."""

@@ -1,0 +1,62 @@
+"""The integration tier: one real local cluster per test session.
+
+The cluster lives in a directory of its own, with pod IPs in 127.2.0.0/16, so a
+developer's cluster (``make cluster-up``, 127.1.0.0/16) keeps running undisturbed.
+Set PAYPER_TEST_KUBECONFIG to run against a cluster that is already up instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from payper.cluster.local import ClusterConfig, LocalCluster
+from payper.testing.cluster import ClusterHandle
+
+TEST_POD_CIDR = "127.2.0.0/16"
+TEST_COLD_START_MS = 1500
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]:
+    external = os.environ.get("PAYPER_TEST_KUBECONFIG")
+    if external:
+        yield ClusterHandle(Path(external), TEST_POD_CIDR, TEST_COLD_START_MS)
+        return
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    config = ClusterConfig(pod_cidr=TEST_POD_CIDR, cold_start_ms=TEST_COLD_START_MS)
+    kubeconfig = local.up(config)
+    try:
+        yield ClusterHandle(kubeconfig, config.pod_cidr, config.cold_start_ms)
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="session")
+def crds_installed(cluster: ClusterHandle, repo: Path) -> ClusterHandle:
+    cluster.kubectl("apply", "-f", str(repo / "crds"))
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=payper",
+        "--timeout=60s",
+    )
+    return cluster
+
+
+@pytest.fixture
+def namespace(cluster: ClusterHandle, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = cluster.namespace(re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-"))
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
