@@ -32,6 +32,9 @@ PLURAL = "inferencedeployments"
 SINGULAR = "inferencedeployment"
 SHORT_NAMES = ("infd",)
 
+# Every pod of an InferenceDeployment carries this label, with the deployment's name.
+POD_LABEL = "payper.dev/inference-deployment"
+
 # Condition types written to status.
 READY = "Ready"
 SCALED_TO_ZERO = "ScaledToZero"

@@ -65,7 +65,8 @@ def _dir_has_all(directory: Path, names: tuple[str, ...]) -> bool:
 
 
 def find_bin_dir() -> Path | None:
-    """Where the binaries are: PAYPER_K8S_BIN, else the build cache, else None."""
+    """The one directory that holds every binary: PAYPER_K8S_BIN, the build cache, or the
+    directory on PATH that has them all; None when they still need building."""
     override = os.environ.get("PAYPER_K8S_BIN")
     if override:
         directory = Path(override)
@@ -76,6 +77,9 @@ def find_bin_dir() -> Path | None:
     cached = cached_bin_dir()
     if _dir_has_all(cached, ALL_BINARIES):
         return cached
+    apiserver = shutil.which("kube-apiserver")
+    if apiserver is not None and _dir_has_all(Path(apiserver).parent, ALL_BINARIES):
+        return Path(apiserver).parent
     return None
 
 

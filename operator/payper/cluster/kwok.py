@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from payper.cluster.binaries import KUBERNETES_VERSION
+
 COLD_START_ANNOTATION = "payper.dev/cold-start-delay"
 MANAGED_LABEL = "payper.dev/kwok-node"
 NODE_LEASE_SECONDS = 40
@@ -78,7 +80,7 @@ containerStatuses:
 phase: Running
 """
 
-_NODE_STATUS = """\
+_NODE_STATUS_TEMPLATE = """\
 {{ $now := Now }}
 {{ $lastTransitionTime := or .metadata.creationTimestamp $now }}
 conditions:
@@ -103,12 +105,15 @@ nodeInfo:
   architecture: amd64
   containerRuntimeVersion: kwok
   kernelVersion: kwok
-  kubeProxyVersion: kwok
-  kubeletVersion: kwok
+  kubeProxyVersion: {kube_version}
+  kubeletVersion: {kube_version}
   operatingSystem: linux
   osImage: payper-local
 phase: Running
 """
+
+
+_NODE_STATUS = _NODE_STATUS_TEMPLATE.replace("{kube_version}", KUBERNETES_VERSION)
 
 
 def _stage(

@@ -1,8 +1,176 @@
-"""Entry point of payper-gateway (lands with its issue)."""
+"""payper-gateway: the request path of every InferenceDeployment.
 
+Serves tenant traffic on ``--listen`` and ``/metrics``, ``/healthz``, ``/readyz`` on
+``--admin-listen``; watches InferenceDeployments, their Pods and API key Secrets; reports
+demand to the operator with its projected ServiceAccount token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
 import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from payper.api.common import API_VERSION
+from payper.api.inference_deployment import PLURAL, POD_LABEL
+from payper.gateway.demand import DemandReporter
+from payper.gateway.proxy import Gateway, GatewaySettings
+from payper.gateway.targets import API_KEY_SECRET_TYPE, Targets
+from payper.identity import TokenFile
+from payper.kube import Informer, Kube, resource_path
+
+logger = logging.getLogger("payper.gateway")
 
 
-def main() -> int:
-    print("payper-gateway: not implemented yet", file=sys.stderr)
-    return 2
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="payper-gateway", description=__doc__)
+    parser.add_argument("--listen", default="0.0.0.0:8080", help="tenant traffic")
+    parser.add_argument("--admin-listen", default="0.0.0.0:9090", help="/metrics, /healthz")
+    parser.add_argument("--domain", default=os.environ.get("PAYPER_DOMAIN", "payper.local"))
+    parser.add_argument("--operator-url", default=os.environ.get("PAYPER_OPERATOR_URL"))
+    parser.add_argument("--operator-ca", help="CA bundle for the operator's TLS certificate")
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get("PAYPER_TOKEN_FILE", "/var/run/secrets/payper/token"),
+        help="projected ServiceAccount token presented to the operator",
+    )
+    parser.add_argument("--max-queue", type=int, default=100, help="held requests per deployment")
+    parser.add_argument("--kubeconfig", default=None)
+    parser.add_argument("--gateway-id", default=os.environ.get("POD_NAME", socket.gethostname()))
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    if not args.operator_url:
+        parser.error("--operator-url (or PAYPER_OPERATOR_URL) is required")
+    if args.max_queue < 0:
+        parser.error("--max-queue must be >= 0")
+    return args
+
+
+def _on(upsert: Any, remove: Any) -> Any:
+    async def handler(kind: str, obj: dict[str, Any]) -> None:
+        (remove if kind == "DELETED" else upsert)(obj)
+
+    return handler
+
+
+def informers(kube: Kube, targets: Targets) -> list[Informer]:
+    def pod_upsert(obj: dict[str, Any]) -> None:
+        targets.upsert_pod(obj["metadata"]["labels"][POD_LABEL], obj)
+
+    def pod_remove(obj: dict[str, Any]) -> None:
+        targets.remove_pod(obj["metadata"]["labels"][POD_LABEL], obj)
+
+    def deployment_remove(obj: dict[str, Any]) -> None:
+        targets.remove_deployment((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+
+    return [
+        Informer(
+            kube,
+            resource_path(API_VERSION, PLURAL),
+            _on(targets.upsert_deployment, deployment_remove),
+        ),
+        Informer(
+            kube,
+            resource_path("v1", "pods"),
+            _on(pod_upsert, pod_remove),
+            params={"labelSelector": POD_LABEL},
+        ),
+        Informer(
+            kube,
+            resource_path("v1", "secrets"),
+            _on(targets.upsert_secret, targets.remove_secret),
+            params={"fieldSelector": f"type={API_KEY_SECRET_TYPE}"},
+        ),
+    ]
+
+
+async def serve(args: argparse.Namespace) -> None:
+    targets = Targets()
+    ssl_context = ssl.create_default_context(cafile=args.operator_ca) if args.operator_ca else None
+    reporter = DemandReporter(
+        args.operator_url,
+        TokenFile(args.token_file),
+        args.gateway_id,
+        targets,
+        ssl_context=ssl_context,
+    )
+    gateway = Gateway(
+        targets, GatewaySettings(domain=args.domain, max_queue=args.max_queue), reporter.poke
+    )
+    kube = Kube.connect(args.kubeconfig)
+    watches = informers(kube, targets)
+    tasks = [asyncio.create_task(w.run()) for w in watches]
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(_: web.Request) -> web.Response:
+        synced = all(w.synced.is_set() for w in watches)
+        return web.Response(status=200 if synced else 503, text="ok" if synced else "syncing")
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    admin = web.Application()
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", readyz)
+    admin.router.add_get("/metrics", metrics_handler)
+
+    runners = []
+    for app, address in ((gateway.app(), args.listen), (admin, args.admin_listen)):
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        host, port = _host_port(address)
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+        runners.append(runner)
+    await asyncio.gather(*(w.synced.wait() for w in watches))
+    tasks.append(asyncio.create_task(reporter.run()))
+    logger.info("payper-gateway serving on %s (admin %s)", args.listen, args.admin_listen)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for runner in runners:
+        await runner.cleanup()
+    await reporter.close()
+    await kube.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(args))
+    except OSError as error:
+        print(f"payper-gateway: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The gateway's Prometheus metrics (``payper_gateway_`` prefix, base units)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LABELS = ("namespace", "inference_deployment")
+
+REQUESTS = Counter(
+    "payper_gateway_requests_total",
+    "Requests answered by the gateway, by HTTP status code.",
+    (*LABELS, "code"),
+)
+DURATION = Histogram(
+    "payper_gateway_request_duration_seconds",
+    "Time from a request's arrival to its last response byte, cold-start wait included.",
+    LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+IN_FLIGHT = Gauge("payper_gateway_requests_in_flight", "Requests being served or held.", LABELS)
+QUEUED = Gauge(
+    "payper_gateway_queued_requests",
+    "Requests held while their deployment has no ready endpoint.",
+    LABELS,
+)
+QUEUE_WAIT = Histogram(
+    "payper_gateway_queue_wait_seconds",
+    "How long held requests waited for a ready endpoint (cold starts).",
+    LABELS,
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
+UPSTREAM_ERRORS = Counter(
+    "payper_gateway_upstream_errors_total",
+    "Requests whose upstream connection failed (answered 502 or cut).",
+    LABELS,
+)
+POKES = Counter(
+    "payper_gateway_pokes_total",
+    "Scale-from-zero pokes sent to the operator, by result.",
+    ("result",),
+)

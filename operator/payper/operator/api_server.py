@@ -1,0 +1,140 @@
+"""The operator's HTTP API for its own components: gateways' demand, agents' usage.
+
+Separate from ``/metrics``. Every call is authenticated with a projected ServiceAccount
+token (TokenReview) and authorised by ServiceAccount; bodies are size-limited and
+validated. Only the leader accepts calls (``/readyz`` fails on a standby, so a Service
+routes to the leader alone); a standby answers 503 and the caller retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from payper.api.demand import DemandSnapshot, Poke
+from payper.operator import metrics
+from payper.operator.auth import Caller, Forbidden, TokenVerifier, Unauthenticated, bearer_token
+from payper.operator.controller import Controller, now_ms
+
+logger = logging.getLogger(__name__)
+MAX_BODY = 4 * 1024 * 1024
+M = TypeVar("M", bound=BaseModel)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+def validation_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "(body)"
+        parts.append(f"{where}: {item['msg']}")
+    return "invalid payload: " + "; ".join(parts)
+
+
+async def parse(request: web.Request, model: type[M]) -> M:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise HttpError(413, f"payload larger than {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise HttpError(413, f"payload larger than {MAX_BODY} bytes")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        raise HttpError(400, validation_message(error)) from error
+
+
+class ApiServer:
+    def __init__(
+        self,
+        controller: Controller,
+        verifier: TokenVerifier,
+        is_leader: Callable[[], bool],
+    ) -> None:
+        self.controller = controller
+        self.verifier = verifier
+        self.is_leader = is_leader
+        identity = controller.config.identity
+        self.gateways = set(identity.gateway_service_accounts)
+        self.agents = set(identity.agent_service_accounts)
+
+    async def caller(self, request: web.Request, allowed: set[str]) -> Caller:
+        try:
+            caller = await self.verifier.verify(bearer_token(request.headers.get("Authorization")))
+            caller.require(allowed)
+        except Unauthenticated as error:
+            raise HttpError(401, f"unauthenticated: {error}") from error
+        except Forbidden as error:
+            raise HttpError(403, str(error)) from error
+        return caller
+
+    def guarded(
+        self, kind: str, handler: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def wrapped(request: web.Request) -> web.Response:
+            if not self.is_leader():
+                metrics.DEMAND_REQUESTS.labels(kind, "not_leader").inc()
+                return error_response(503, "this operator instance is not the leader")
+            try:
+                response = await handler(request)
+            except HttpError as error:
+                metrics.DEMAND_REQUESTS.labels(kind, str(error.status)).inc()
+                return error_response(error.status, error.message)
+            metrics.DEMAND_REQUESTS.labels(kind, "ok").inc()
+            return response
+
+        return wrapped
+
+    async def demand(self, request: web.Request) -> web.Response:
+        await self.caller(request, self.gateways)
+        snapshot = await parse(request, DemandSnapshot)
+        self.controller.demand.record(snapshot, now_ms())
+        for entry in snapshot.deployments:
+            if entry.queued > 0:
+                tracked = self.controller.registry.get((entry.namespace, entry.name))
+                if tracked is not None and tracked.replicas == 0:
+                    await self.controller.wake(tracked.key)
+        return web.json_response({"accepted": len(snapshot.deployments)})
+
+    async def poke(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        await self.caller(request, self.gateways)
+        poke = await parse(request, Poke)
+        key = (poke.namespace, poke.name)
+        self.controller.demand.poke(poke.gateway, key, now_ms())
+        if not await self.controller.wake(key):
+            raise HttpError(404, f"InferenceDeployment {poke.namespace}/{poke.name} is not known")
+        metrics.SCALE_FROM_ZERO_LATENCY.observe(time.perf_counter() - started)
+        tracked = self.controller.registry.get(key)
+        return web.json_response({"replicas": tracked.replicas if tracked else None}, status=202)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        async def readyz(_: web.Request) -> web.Response:
+            leader = self.is_leader()
+            return web.Response(
+                status=200 if leader else 503, text="leader" if leader else "standby"
+            )
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_post("/v1/demand", self.guarded("demand", self.demand))
+        app.router.add_post("/v1/poke", self.guarded("poke", self.poke))
+        return app

@@ -1,0 +1,158 @@
+"""The autoscaler's decision: how many replicas a deployment should have right now.
+
+A pure function of the scaling policy, one observation (replicas, readiness, demand
+from the gateways) and the recent history, so every rule is a row in a unit-test table:
+
+- desired = ceil(concurrency / targetConcurrency), clamped to [minReplicas, maxReplicas];
+- a burst scales up at once: the short *panic* window's average counts as soon as it
+  exceeds the long *stable* window's;
+- a lull scales down slowly: a lower recommendation only takes effect once it has held
+  for ``scaleDownDelaySeconds`` (the highest recommendation of that window wins);
+- a held request scales a deployment at zero to one immediately (the gateway's poke);
+- scale to zero only after ``idleTimeoutSeconds`` without requests and nothing in flight;
+- never remove replicas while one is still cold-starting (the ReplicaSet controller
+  would delete the starting pod first, wasting its cold start), unless its start is
+  overdue (past ``coldStartTimeoutSeconds``).
+
+Times are integer milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from payper.api.inference_deployment import ScalingSpec
+
+
+class Reason(StrEnum):
+    SCALE_FROM_ZERO = "ScaleFromZero"
+    DEMAND = "Demand"
+    SCALE_DOWN_DELAY = "ScaleDownDelay"
+    IDLE_TIMEOUT = "IdleTimeout"
+    WAITING_FOR_IDLE_TIMEOUT = "WaitingForIdleTimeout"
+    COLD_START_IN_PROGRESS = "ColdStartInProgress"
+    MIN_REPLICAS = "MinReplicas"
+    MAX_REPLICAS = "MaxReplicas"
+    IDLE = "Idle"
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Operator-wide averaging windows (Knative's defaults: 60 s stable, 6 s panic)."""
+
+    stable_ms: int = 60_000
+    panic_ms: int = 6_000
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_replicas: int
+    max_replicas: int
+    target_concurrency: int
+    idle_timeout_ms: int
+    scale_down_delay_ms: int
+
+    @classmethod
+    def from_spec(cls, scaling: ScalingSpec) -> Policy:
+        return cls(
+            min_replicas=scaling.min_replicas,
+            max_replicas=scaling.max_replicas,
+            target_concurrency=scaling.target_concurrency,
+            idle_timeout_ms=scaling.idle_timeout_seconds * 1000,
+            scale_down_delay_ms=scaling.scale_down_delay_seconds * 1000,
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Concurrency (in flight + queued, summed over gateways) at one tick."""
+
+    at_ms: int
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class Observation:
+    now_ms: int
+    current: int
+    """Replicas the Deployment asks for now (its ``spec.replicas``)."""
+    starting: int
+    """Replicas still cold-starting within their cold-start timeout."""
+    in_flight: int
+    queued: int
+    last_request_ms: int | None
+    """When the last request arrived; None if none was ever seen."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    reason: Reason
+    wanted: int
+    """What demand alone asks for, before the [min, max] bounds."""
+
+    @property
+    def limited_by_max(self) -> bool:
+        return self.reason == Reason.MAX_REPLICAS
+
+
+def _average(samples: Sequence[Sample], since_ms: int, fallback: int) -> float:
+    window = [s.concurrency for s in samples if s.at_ms > since_ms]
+    return sum(window) / len(window) if window else float(fallback)
+
+
+def recommend(policy: Policy, windows: Windows, obs: Observation, samples: Sequence[Sample]) -> int:
+    """Replicas the demand asks for (unbounded), from the faster of the two windows."""
+    now_concurrency = obs.in_flight + obs.queued
+    stable = _average(samples, obs.now_ms - windows.stable_ms, now_concurrency)
+    panic = _average(samples, obs.now_ms - windows.panic_ms, now_concurrency)
+    wanted = math.ceil(max(stable, panic) / policy.target_concurrency)
+    if obs.queued > 0:
+        wanted = max(wanted, 1)
+    return wanted
+
+
+def decide(
+    policy: Policy,
+    windows: Windows,
+    obs: Observation,
+    samples: Sequence[Sample],
+    recent: Sequence[Sample],
+) -> Decision:
+    """The replicas to run now.
+
+    ``samples``: concurrency history (the current tick included). ``recent``: earlier
+    *recommendations* (``Sample.concurrency`` holds a replica count), used for the
+    scale-down delay.
+    """
+    wanted = recommend(policy, windows, obs, samples)
+    idle = obs.in_flight == 0 and obs.queued == 0
+    idle_for = None if obs.last_request_ms is None else obs.now_ms - obs.last_request_ms
+
+    if obs.current == 0 and obs.queued > 0:
+        return _bounded(policy, max(wanted, 1), wanted, Reason.SCALE_FROM_ZERO)
+
+    if idle and (idle_for is None or idle_for >= policy.idle_timeout_ms):
+        target, reason = 0, Reason.IDLE_TIMEOUT if obs.current > 0 else Reason.IDLE
+    else:
+        held = [r.concurrency for r in recent if r.at_ms > obs.now_ms - policy.scale_down_delay_ms]
+        target = max([wanted, *held])
+        reason = Reason.SCALE_DOWN_DELAY if target > wanted else Reason.DEMAND
+        if target == 0 and obs.current > 0:
+            target, reason = 1, Reason.WAITING_FOR_IDLE_TIMEOUT
+
+    decision = _bounded(policy, target, wanted, reason)
+    if decision.desired < obs.current and obs.starting > 0:
+        return Decision(obs.current, Reason.COLD_START_IN_PROGRESS, wanted)
+    return decision
+
+
+def _bounded(policy: Policy, target: int, wanted: int, reason: Reason) -> Decision:
+    if target > policy.max_replicas:
+        return Decision(policy.max_replicas, Reason.MAX_REPLICAS, wanted)
+    if target < policy.min_replicas:
+        return Decision(policy.min_replicas, Reason.MIN_REPLICAS, wanted)
+    return Decision(target, reason, wanted)

@@ -1,0 +1,297 @@
+"""The operator's core: children, the autoscaler loop, status, cold starts.
+
+kopf handlers (``payper.operator.handlers``) and the demand endpoints call in here; this
+module decides and writes through ``payper.kube``. One loop ticks for every deployment
+(a thousand deployments cost one tick, not a thousand timers); a gateway's poke
+evaluates its deployment at once instead of waiting for the tick.
+
+Restart safety: a deployment seen again after a restart keeps its current replicas,
+treats the restart as its last request, and seeds the scale-down history with its
+current size, so the restart itself never scales anything down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from payper.api.common import API_VERSION
+from payper.api.inference_deployment import PLURAL, POD_LABEL, InferenceDeploymentSpec
+from payper.kube import ApiError, Kube, resource_path
+from payper.operator import builders, metrics, status
+from payper.operator.autoscaler import (
+    Decision,
+    Observation,
+    Policy,
+    Sample,
+    Windows,
+    decide,
+    recommend,
+)
+from payper.operator.config import OperatorConfig
+from payper.operator.state import DemandStore, DemandTotals, Key, Registry, Tracked
+
+logger = logging.getLogger(__name__)
+FIELD_MANAGER = "payper-operator"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class InvalidSpec(Exception):  # noqa: N818 - a state of the object, reported as a condition
+    pass
+
+
+def _spec_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"spec.{where}: {first['msg']}"
+
+
+class Controller:
+    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+        self.kube = kube
+        self.config = config
+        self.registry = Registry()
+        self.demand = DemandStore(int(config.autoscaler.demand_expiry_seconds * 1000))
+        self.windows = Windows(
+            stable_ms=config.autoscaler.stable_window_seconds * 1000,
+            panic_ms=config.autoscaler.panic_window_seconds * 1000,
+        )
+        self.last_tick_s = 0.0
+
+    # -- children ------------------------------------------------------------------
+    async def reconcile(self, body: Mapping[str, Any], resumed: bool) -> None:
+        """Create or update the Deployment and Service of one InferenceDeployment."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        tracked = self.registry.get(key)
+        if tracked is None or tracked.uid != meta["uid"]:
+            tracked = Tracked(
+                meta["namespace"], meta["name"], meta["uid"], meta.get("generation", 0)
+            )
+            self.registry.tracked[key] = tracked
+        async with tracked.lock:
+            tracked.generation = meta.get("generation", 0)
+            tracked.dirty = True
+            try:
+                spec = InferenceDeploymentSpec.model_validate(body.get("spec", {}))
+                if spec.serving_port() is None:
+                    raise InvalidSpec(
+                        "spec.port is required when no container declares a containerPort"
+                    )
+            except ValidationError as error:
+                tracked.spec, tracked.invalid = None, _spec_error(error)
+                return
+            except InvalidSpec as error:
+                tracked.spec, tracked.invalid = None, str(error)
+                return
+            tracked.spec, tracked.invalid = spec, None
+            tracked.policy = Policy.from_spec(spec.scaling)
+            if tracked.replicas is None:
+                await self._recover(tracked, resumed)
+            await self._apply_children(tracked)
+
+    async def _recover(self, tracked: Tracked, resumed: bool) -> None:
+        assert tracked.spec is not None
+        existing = await self.kube.get_or_none(
+            resource_path("apps/v1", "deployments", tracked.namespace, tracked.name)
+        )
+        if existing is None:
+            tracked.replicas = tracked.spec.scaling.min_replicas
+            return
+        tracked.replicas = int(existing.get("spec", {}).get("replicas", 0))
+        if tracked.replicas > 0:
+            at = now_ms()
+            tracked.last_request_ms = at
+            tracked.recommendations.append(Sample(at, tracked.replicas))
+        logger.info(
+            "%s/%s: recovered at %d replicas%s",
+            *tracked.key,
+            tracked.replicas,
+            " after a restart" if resumed else "",
+        )
+
+    async def _apply_children(self, tracked: Tracked) -> None:
+        assert tracked.spec is not None and tracked.replicas is not None
+        ns, name, uid = tracked.namespace, tracked.name, tracked.uid
+        try:
+            await self.kube.apply(
+                resource_path("v1", "services", ns, name),
+                builders.service(name, ns, uid, tracked.spec),
+                FIELD_MANAGER,
+            )
+            await self._apply_deployment(tracked, tracked.replicas)
+        except ApiError as error:
+            if error.status in (400, 422):
+                tracked.invalid = f"the API server rejected the workload: {error.message}"
+                return
+            raise
+
+    async def _apply_deployment(self, tracked: Tracked, replicas: int) -> None:
+        assert tracked.spec is not None
+        manifest = builders.deployment(
+            tracked.name, tracked.namespace, tracked.uid, tracked.spec, replicas
+        )
+        await self.kube.apply(
+            resource_path("apps/v1", "deployments", tracked.namespace, tracked.name),
+            manifest,
+            FIELD_MANAGER,
+        )
+
+    def forget(self, key: Key) -> None:
+        self.registry.tracked.pop(key, None)
+        with contextlib.suppress(KeyError):
+            metrics.DESIRED_REPLICAS.remove(*key)
+
+    # -- pods ------------------------------------------------------------------------
+    def observe_pod(self, obj: Mapping[str, Any], deleted: bool) -> None:
+        deployment = (obj["metadata"].get("labels") or {}).get(POD_LABEL)
+        if deployment is None:
+            return
+        key = (obj["metadata"]["namespace"], deployment)
+        self.registry.observe_pod(deployment, obj, deleted)
+        tracked = self.registry.get(key)
+        if tracked is None:
+            return
+        tracked.dirty = True
+        if tracked.scale_from_zero_ms is None:
+            return
+        if any(p.ready and not p.deleting for p in self.registry.pods_of(key)):
+            duration = now_ms() - tracked.scale_from_zero_ms
+            tracked.scale_from_zero_ms = None
+            tracked.last_cold_start_ms = duration
+            metrics.COLD_START_DURATION.labels(*key).observe(duration / 1000)
+            metrics.COLD_STARTS.labels(*key).inc()
+            logger.info("%s/%s: cold start took %d ms", *key, duration)
+
+    # -- autoscaling -----------------------------------------------------------------
+    async def wake(self, key: Key) -> bool:
+        """A gateway holds a request for ``key``: evaluate it now. False if unknown."""
+        tracked = self.registry.get(key)
+        if tracked is None:
+            return False
+        await self.evaluate(
+            tracked, self.demand.aggregate(now_ms()).get(key, DemandTotals()), now_ms()
+        )
+        return True
+
+    async def tick(self) -> None:
+        started = time.perf_counter()
+        at = now_ms()
+        totals = self.demand.aggregate(at)
+        idle = DemandTotals()
+        for tracked in self.registry:
+            try:
+                await self.evaluate(tracked, totals.get(tracked.key, idle), at)
+            except ApiError as error:
+                logger.warning("%s/%s: %s", *tracked.key, error)
+        self.last_tick_s = time.perf_counter() - started
+        metrics.TICK_DURATION.observe(self.last_tick_s)
+
+    async def evaluate(self, tracked: Tracked, demand: DemandTotals, at: int) -> None:
+        if tracked.policy is None or tracked.replicas is None:
+            await self._write_status(tracked, at)
+            return
+        if demand.last_request_ms is not None and demand.last_request_ms > (
+            tracked.last_request_ms or 0
+        ):
+            tracked.last_request_ms = demand.last_request_ms
+            tracked.dirty = True
+        if demand.in_flight > 0:
+            tracked.last_request_ms = at
+        pods = self.registry.pods_of(tracked.key)
+        busy = demand.in_flight > 0 or demand.queued > 0
+        if not busy and not tracked.dirty and tracked.replicas == 0 and not pods:
+            return  # the common case of a large fleet: idle at zero, nothing to do
+        async with tracked.lock:
+            sample = Sample(at, demand.in_flight + demand.queued)
+            tracked.samples.append(sample)
+            while tracked.samples and tracked.samples[0].at_ms <= at - self.windows.stable_ms:
+                tracked.samples.popleft()
+            policy = tracked.policy
+            starting = sum(
+                1
+                for p in pods
+                if not p.ready and not p.deleting and at - p.created_ms <= _cold_start_ms(tracked)
+            )
+            observation = Observation(
+                now_ms=at,
+                current=tracked.replicas,
+                starting=starting,
+                in_flight=demand.in_flight,
+                queued=demand.queued,
+                last_request_ms=tracked.last_request_ms,
+            )
+            delay = policy.scale_down_delay_ms
+            while tracked.recommendations and tracked.recommendations[0].at_ms <= at - delay:
+                tracked.recommendations.popleft()
+            decision = decide(
+                policy, self.windows, observation, tracked.samples, tracked.recommendations
+            )
+            tracked.recommendations.append(
+                Sample(at, recommend(policy, self.windows, observation, tracked.samples))
+            )
+            tracked.last_decision = decision
+            if decision.desired != tracked.replicas and tracked.invalid is None:
+                await self._scale(tracked, decision, at)
+            await self._write_status(tracked, at)
+
+    async def _scale(self, tracked: Tracked, decision: Decision, at: int) -> None:
+        previous = tracked.replicas or 0
+        await self._apply_deployment(tracked, decision.desired)
+        tracked.replicas = decision.desired
+        direction = "up" if decision.desired > previous else "down"
+        metrics.SCALE_EVENTS.labels(*tracked.key, direction).inc()
+        metrics.DESIRED_REPLICAS.labels(*tracked.key).set(decision.desired)
+        if previous == 0 and decision.desired > 0:
+            tracked.scale_from_zero_ms = at
+        if decision.desired == 0:
+            tracked.scale_from_zero_ms = None
+        logger.info(
+            "%s/%s: %d -> %d replicas (%s)",
+            *tracked.key,
+            previous,
+            decision.desired,
+            decision.reason,
+        )
+
+    async def _write_status(self, tracked: Tracked, at: int) -> None:
+        computed = status.compute(
+            tracked, self.registry.pods_of(tracked.key), self.config.url(*tracked.key), at
+        )
+        if computed == tracked.written_status:
+            tracked.dirty = False
+            return
+        try:
+            await self.kube.patch(
+                resource_path(API_VERSION, PLURAL, tracked.namespace, tracked.name, "status"),
+                {"status": computed},
+            )
+        except ApiError as error:
+            if error.not_found:
+                return
+            raise
+        tracked.written_status = computed
+        tracked.dirty = False
+
+    async def run(self) -> None:
+        period = self.config.autoscaler.tick_seconds
+        while True:
+            started = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:
+                logger.exception("autoscaler tick failed")
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+
+def _cold_start_ms(tracked: Tracked) -> int:
+    return (tracked.spec.scaling.cold_start_timeout_seconds if tracked.spec else 300) * 1000

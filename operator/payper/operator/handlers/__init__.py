@@ -1,0 +1,29 @@
+"""Thin kopf handlers, one module per kind, registered on one registry.
+
+They translate kopf's events into calls on ``payper.operator.controller.Controller``;
+the decisions live there and in the pure modules it uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kopf
+
+from payper.operator.controller import Controller
+
+registry = kopf.OperatorRegistry()
+
+
+@dataclass
+class Memo:
+    """What kopf hands every handler (shallow-copied per object; the controller is shared)."""
+
+    controller: Controller
+
+
+def load() -> kopf.OperatorRegistry:
+    """Import the per-kind modules (which register on ``registry``) and return it."""
+    from payper.operator.handlers import inference_deployment, login, pods  # noqa: F401
+
+    return registry

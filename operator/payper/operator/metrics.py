@@ -1,0 +1,38 @@
+"""The operator's Prometheus metrics (``payper_`` prefix, base units, ``_total`` counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LABELS = ("namespace", "inference_deployment")
+
+COLD_START_DURATION = Histogram(
+    "payper_cold_start_duration_seconds",
+    "Time from a scale-up-from-zero decision to the first ready endpoint.",
+    LABELS,
+    buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600),
+)
+COLD_STARTS = Counter(
+    "payper_cold_starts_total", "Scale-ups from zero that reached a ready endpoint.", LABELS
+)
+DESIRED_REPLICAS = Gauge("payper_desired_replicas", "Replicas the autoscaler asks for.", LABELS)
+SCALE_EVENTS = Counter(
+    "payper_scale_events_total",
+    "Changes of a Deployment's replicas made by the autoscaler.",
+    (*LABELS, "direction"),
+)
+TICK_DURATION = Histogram(
+    "payper_autoscaler_tick_duration_seconds",
+    "Time one autoscaler tick takes for all deployments.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+)
+SCALE_FROM_ZERO_LATENCY = Histogram(
+    "payper_scale_from_zero_decision_seconds",
+    "Time from a gateway's poke arriving to the Deployment asking for a replica.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+DEMAND_REQUESTS = Counter(
+    "payper_demand_requests_total",
+    "Demand snapshots and pokes received from gateways, by kind and result.",
+    ("kind", "result"),
+)

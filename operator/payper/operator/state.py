@@ -1,0 +1,163 @@
+"""The operator's in-memory view: tracked InferenceDeployments, their pods, and demand.
+
+Everything here is rebuilt from the cluster after a restart (kopf resumes every object,
+the pod watch lists every pod, gateways keep reporting), so it is a cache, never the
+source of truth. Mutated only from the operator's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from payper.api.demand import DemandSnapshot
+from payper.api.inference_deployment import InferenceDeploymentSpec
+from payper.operator.autoscaler import Decision, Policy, Sample
+
+Key = tuple[str, str]
+HISTORY = 4096
+
+
+def parse_time_ms(value: str | None) -> int | None:
+    if not value:
+        return None
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+@dataclass
+class PodView:
+    """What the operator needs from one pod."""
+
+    name: str
+    uid: str
+    created_ms: int
+    ready: bool
+    deleting: bool
+    unschedulable: str | None
+    """The scheduler's message while the pod cannot be placed."""
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any]) -> PodView:
+        meta, status = obj["metadata"], obj.get("status", {})
+        conditions = {c.get("type"): c for c in status.get("conditions", []) or []}
+        ready = conditions.get("Ready", {}).get("status") == "True"
+        scheduled = conditions.get("PodScheduled", {})
+        unschedulable = (
+            scheduled.get("message") or "unschedulable"
+            if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
+            else None
+        )
+        return cls(
+            name=meta["name"],
+            uid=meta["uid"],
+            created_ms=parse_time_ms(meta.get("creationTimestamp")) or 0,
+            ready=ready and status.get("phase") == "Running",
+            deleting=meta.get("deletionTimestamp") is not None,
+            unschedulable=unschedulable,
+        )
+
+
+@dataclass
+class Tracked:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: InferenceDeploymentSpec | None = None
+    policy: Policy | None = None
+    invalid: str | None = None
+    """Why the spec cannot be served (InvalidSpec), or None."""
+    replicas: int | None = None
+    """The Deployment's spec.replicas as last applied or read; None until known."""
+    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    recommendations: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    last_request_ms: int | None = None
+    scale_from_zero_ms: int | None = None
+    """When the current scale-up from zero was decided; cleared once a pod is ready."""
+    last_cold_start_ms: int | None = None
+    last_decision: Decision | None = None
+    written_status: dict[str, Any] | None = None
+    dirty: bool = True
+    """Something changed since status was last written (pods, spec, demand)."""
+    conditions_since: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(type, status) -> lastTransitionTime, so a condition keeps its time until it flips."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.tracked: dict[Key, Tracked] = {}
+        self.pods: dict[Key, dict[str, PodView]] = {}
+
+    def __iter__(self) -> Iterator[Tracked]:
+        return iter(list(self.tracked.values()))
+
+    def get(self, key: Key) -> Tracked | None:
+        return self.tracked.get(key)
+
+    def pods_of(self, key: Key) -> list[PodView]:
+        return list(self.pods.get(key, {}).values())
+
+    def observe_pod(self, deployment: str, obj: Mapping[str, Any], deleted: bool) -> None:
+        key = (obj["metadata"]["namespace"], deployment)
+        pods = self.pods.setdefault(key, {})
+        if deleted:
+            pods.pop(obj["metadata"]["name"], None)
+            if not pods:
+                self.pods.pop(key, None)
+        else:
+            pods[obj["metadata"]["name"]] = PodView.from_object(obj)
+
+
+@dataclass
+class DemandTotals:
+    in_flight: int = 0
+    queued: int = 0
+    last_request_ms: int | None = None
+
+
+class DemandStore:
+    """The latest snapshot of each gateway, plus pokes not yet covered by a snapshot."""
+
+    def __init__(self, expiry_ms: int) -> None:
+        self.expiry_ms = expiry_ms
+        self._snapshots: dict[str, tuple[int, DemandSnapshot]] = {}
+        self._pokes: dict[tuple[str, Key], int] = {}
+
+    def record(self, snapshot: DemandSnapshot, now_ms: int) -> None:
+        self._snapshots[snapshot.gateway] = (now_ms, snapshot)
+        for poke_key in [k for k in self._pokes if k[0] == snapshot.gateway]:
+            del self._pokes[poke_key]
+
+    def poke(self, gateway: str, key: Key, now_ms: int) -> None:
+        self._pokes[(gateway, key)] = now_ms
+
+    def aggregate(self, now_ms: int) -> dict[Key, DemandTotals]:
+        totals: dict[Key, DemandTotals] = {}
+        for gateway, (received, snapshot) in list(self._snapshots.items()):
+            if now_ms - received > self.expiry_ms:
+                del self._snapshots[gateway]
+                continue
+            for entry in snapshot.deployments:
+                total = totals.setdefault((entry.namespace, entry.name), DemandTotals())
+                total.in_flight += entry.in_flight
+                total.queued += entry.queued
+                if entry.ms_since_last_request is not None:
+                    last = received - entry.ms_since_last_request
+                    total.last_request_ms = max(total.last_request_ms or last, last)
+        for (gateway, key), at in list(self._pokes.items()):
+            if now_ms - at > self.expiry_ms:
+                del self._pokes[(gateway, key)]
+                continue
+            total = totals.setdefault(key, DemandTotals())
+            total.queued = max(total.queued, 1)
+            total.last_request_ms = max(total.last_request_ms or at, at)
+        return totals

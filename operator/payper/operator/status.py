@@ -1,0 +1,136 @@
+"""An InferenceDeployment's status, computed from what the operator observed.
+
+Pure: the scaler calls ``compute`` every tick and writes the result only when it changed,
+so an idle fleet costs no API writes. Conditions follow the Kubernetes conventions:
+
+- ``Ready``: serving now (at least one ready replica); False says why not.
+- ``ScaledToZero``: no replicas by design; the next request starts one.
+- ``Degraded``: something needs the user: ``InvalidSpec``, ``Unschedulable``,
+  ``ColdStartTimeout``, ``MaxReplicasReached`` (False with ``AsExpected`` otherwise).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from payper.api.inference_deployment import DEGRADED, READY, SCALED_TO_ZERO
+from payper.operator.autoscaler import Reason
+from payper.operator.state import PodView, Tracked
+
+LAST_REQUEST_RESOLUTION_MS = 5_000
+"""lastRequestTime moves in steps of 5 s, so busy deployments do not write status every tick."""
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _degraded(tracked: Tracked, pods: list[PodView], now_ms: int) -> tuple[str, str] | None:
+    if tracked.invalid is not None:
+        return "InvalidSpec", tracked.invalid
+    spec = tracked.spec
+    live = [p for p in pods if not p.deleting]
+    for pod in live:
+        if pod.unschedulable:
+            detail = f"spec.gpu asks for {spec.gpu.count} x {spec.gpu.resource}" if spec else ""
+            if spec is not None and spec.gpu.product:
+                detail += f" on nodes labelled nvidia.com/gpu.product={spec.gpu.product}"
+            return (
+                "Unschedulable",
+                f"pod {pod.name} cannot be scheduled: {pod.unschedulable} ({detail}). Free GPUs, "
+                "add nodes, or change spec.gpu.",
+            )
+    if spec is not None:
+        timeout_ms = spec.scaling.cold_start_timeout_seconds * 1000
+        for pod in live:
+            if not pod.ready and now_ms - pod.created_ms > timeout_ms:
+                return (
+                    "ColdStartTimeout",
+                    f"pod {pod.name} is not ready after coldStartTimeoutSeconds "
+                    f"({spec.scaling.cold_start_timeout_seconds}s): check its image, readiness "
+                    f"probe and logs (kubectl logs -n {tracked.namespace} {pod.name}).",
+                )
+    decision = tracked.last_decision
+    if (
+        decision is not None
+        and decision.reason == Reason.MAX_REPLICAS
+        and spec is not None
+        and decision.wanted > spec.scaling.max_replicas
+    ):
+        return (
+            "MaxReplicasReached",
+            f"demand needs {decision.wanted} replicas but maxReplicas is "
+            f"{spec.scaling.max_replicas}: requests queue longer; raise "
+            "spec.scaling.maxReplicas to serve them.",
+        )
+    return None
+
+
+def _condition(
+    tracked: Tracked, type_: str, status: bool, reason: str, message: str, now_ms: int
+) -> dict[str, Any]:
+    value = "True" if status else "False"
+    since = tracked.conditions_since.get((type_, value))
+    if since is None:
+        since = iso(now_ms)
+        tracked.conditions_since = {
+            k: v for k, v in tracked.conditions_since.items() if k[0] != type_
+        } | {(type_, value): since}
+    return {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": tracked.generation,
+    }
+
+
+def compute(tracked: Tracked, pods: list[PodView], url: str, now_ms: int) -> dict[str, Any]:
+    live = [p for p in pods if not p.deleting]
+    ready = sum(1 for p in live if p.ready)
+    desired = tracked.replicas or 0
+    degraded = _degraded(tracked, pods, now_ms)
+
+    if ready > 0:
+        ready_condition = (True, "Serving", f"{ready} of {desired} replicas ready")
+    elif degraded is not None:
+        ready_condition = (False, degraded[0], degraded[1])
+    elif desired == 0:
+        ready_condition = (False, "ScaledToZero", "no replicas; the next request starts one")
+    else:
+        ready_condition = (False, "ColdStarting", f"{desired} replicas starting, none ready yet")
+
+    if desired == 0 and not live:
+        zero = (True, "Idle", "scaled to zero: no requests within idleTimeoutSeconds")
+    elif desired == 0:
+        zero = (False, "ScalingToZero", f"{len(live)} replicas stopping")
+    else:
+        zero = (False, "Active", f"{desired} replicas requested")
+
+    conditions = [
+        _condition(tracked, READY, *ready_condition, now_ms),
+        _condition(tracked, SCALED_TO_ZERO, *zero, now_ms),
+        _condition(
+            tracked,
+            DEGRADED,
+            *((True, *degraded) if degraded else (False, "AsExpected", "")),
+            now_ms,
+        ),
+    ]
+    status: dict[str, Any] = {
+        "conditions": conditions,
+        "observedGeneration": tracked.generation,
+        "replicas": len(live),
+        "readyReplicas": ready,
+        "desiredReplicas": desired,
+        "url": url,
+    }
+    if tracked.last_request_ms is not None:
+        step = tracked.last_request_ms // LAST_REQUEST_RESOLUTION_MS * LAST_REQUEST_RESOLUTION_MS
+        status["lastRequestTime"] = iso(step)
+    if tracked.last_cold_start_ms is not None:
+        ms = tracked.last_cold_start_ms
+        status["lastColdStartSeconds"] = f"{ms // 1000}.{ms % 1000:03d}"
+    return status

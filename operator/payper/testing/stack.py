@@ -1,0 +1,373 @@
+"""Payper's processes on a local cluster: operator, gateway, pod runner (model servers).
+
+End-to-end tests, the demo and the benchmarks all start the stack through this module, so
+they run the real console scripts as separate processes, with the same flags a
+deployment would use, against the real local control plane. Components authenticate to
+each other with real ServiceAccount tokens minted by the API server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from payper.cluster import podrunner
+from payper.testing.cluster import ClusterHandle, eventually
+
+SYSTEM_NAMESPACE = "payper-system"
+AUDIENCE = "payper-operator"
+MODEL_PROFILE = "model"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass
+class Process:
+    name: str
+    command: list[str]
+    log: Path
+    env: dict[str, str]
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        return self.popen.returncode
+
+    def tail(self, lines: int = 40) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class StackOptions:
+    stable_window_s: int = 10
+    panic_window_s: int = 2
+    max_queue: int = 100
+    domain: str = "payper.local"
+    operator_extra: dict[str, Any] = field(default_factory=dict)
+    model_server_args: list[str] = field(default_factory=list)
+    model_server_env: dict[str, str] = field(default_factory=dict)
+
+
+class Stack:
+    def __init__(
+        self, cluster: ClusterHandle, workdir: Path, options: StackOptions | None = None
+    ) -> None:
+        self.cluster = cluster
+        self.workdir = workdir
+        self.options = options or StackOptions()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.api_port = free_port()
+        self.metrics_port = free_port()
+        self.gateway_port = free_port()
+        self.gateway_admin_port = free_port()
+        self.operator: Process | None = None
+        self.gateway: Process | None = None
+        self.runner: podrunner.PodRunner | None = None
+        self._runner_context: Any = None
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def operator_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def env(self) -> dict[str, str]:
+        return {**self.cluster.env(), "PYTHONUNBUFFERED": "1"}
+
+    # -- identities --------------------------------------------------------------------
+    def ensure_system(self) -> None:
+        manifest = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}},
+            *(
+                {
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE},
+                }
+                for name in ("payper-operator", "payper-gateway", "payper-agent")
+            ),
+        ]
+        self.cluster.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifest}),
+        )
+
+    def token(
+        self, service_account: str, namespace: str = SYSTEM_NAMESPACE, audience: str = AUDIENCE
+    ) -> str:
+        return self.cluster.kubectl(
+            "create",
+            "token",
+            service_account,
+            "-n",
+            namespace,
+            f"--audience={audience}",
+            "--duration=24h",
+        ).stdout.strip()
+
+    def token_file(self, service_account: str) -> Path:
+        path = self.workdir / f"{service_account}.token"
+        path.write_text(self.token(service_account))
+        return path
+
+    # -- processes ---------------------------------------------------------------------
+    def operator_config(self) -> Path:
+        config = {
+            "domain": self.options.domain,
+            "listen": {
+                "api": f"127.0.0.1:{self.api_port}",
+                "metrics": f"127.0.0.1:{self.metrics_port}",
+            },
+            "autoscaler": {
+                "tickSeconds": 1,
+                "stableWindowSeconds": self.options.stable_window_s,
+                "panicWindowSeconds": self.options.panic_window_s,
+            },
+            "leaderElection": {"namespace": SYSTEM_NAMESPACE, "leaseDurationSeconds": 15},
+            **self.options.operator_extra,
+        }
+        path = self.workdir / "operator.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def start_operator(self, identity: str = "operator-0") -> Process:
+        process = Process(
+            "operator",
+            [
+                sys.executable,
+                "-m",
+                "payper.operator.main",
+                "--config",
+                str(self.operator_config()),
+                "--kubeconfig",
+                str(self.cluster.kubeconfig),
+                "--identity",
+                identity,
+            ],
+            self.workdir / "operator.log",
+            self.env(),
+        )
+        process.start()
+        self.operator = process
+        eventually(
+            lambda: _http_ok(f"{self.operator_url}/readyz") or (not process.alive() and "dead"),
+            timeout_s=60,
+            what="the operator to lead",
+        )
+        if not process.alive():
+            raise RuntimeError(f"payper-operator exited:\n{process.tail()}")
+        return process
+
+    def start_gateway(self) -> Process:
+        process = Process(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "payper.gateway.main",
+                "--listen",
+                f"127.0.0.1:{self.gateway_port}",
+                "--admin-listen",
+                f"127.0.0.1:{self.gateway_admin_port}",
+                "--domain",
+                self.options.domain,
+                "--operator-url",
+                self.operator_url,
+                "--token-file",
+                str(self.token_file("payper-gateway")),
+                "--max-queue",
+                str(self.options.max_queue),
+                "--kubeconfig",
+                str(self.cluster.kubeconfig),
+                "--gateway-id",
+                "gateway-0",
+            ],
+            self.workdir / "gateway.log",
+            self.env(),
+        )
+        process.start()
+        self.gateway = process
+        eventually(
+            lambda: (
+                _http_ok(f"http://127.0.0.1:{self.gateway_admin_port}/readyz")
+                or (not process.alive() and "dead")
+            ),
+            timeout_s=30,
+            what="the gateway to sync",
+        )
+        if not process.alive():
+            raise RuntimeError(f"payper-gateway exited:\n{process.tail()}")
+        return process
+
+    def start_runner(self) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "payper.testing.model_server",
+            "--host",
+            "{ip}",
+            "--port",
+            "{port}",
+            *self.options.model_server_args,
+        ]
+        self.runner = podrunner.PodRunner(
+            self.cluster.kubeconfig,
+            {MODEL_PROFILE: command},
+            log_dir=self.workdir / "pods",
+            extra_env=self.options.model_server_env,
+        )
+        self._runner_context = podrunner.running_in_background(self.runner)
+        self._runner_context.__enter__()
+
+    def start(self) -> Stack:
+        self.ensure_system()
+        self.start_runner()
+        self.start_operator()
+        self.start_gateway()
+        return self
+
+    def stop(self) -> None:
+        for process in (self.gateway, self.operator):
+            if process is not None:
+                process.stop()
+        if self._runner_context is not None:
+            self._runner_context.__exit__(None, None, None)
+            self._runner_context = None
+
+    def logs(self) -> str:
+        parts = [f"--- {p.name} ---\n{p.tail()}" for p in (self.operator, self.gateway) if p]
+        return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def running(
+    cluster: ClusterHandle, workdir: Path, options: StackOptions | None = None
+) -> Iterator[Stack]:
+    stack = Stack(cluster, workdir, options)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+def inference_deployment(
+    name: str,
+    *,
+    min_replicas: int = 0,
+    max_replicas: int = 3,
+    target_concurrency: int = 1,
+    idle_timeout_s: int = 30,
+    scale_down_delay_s: int = 5,
+    cold_start_timeout_s: int = 60,
+    cold_start: str | None = None,
+    product: str | None = None,
+    gpus: int = 1,
+    auth_secret: str | None = None,
+    runner: bool = True,
+) -> dict[str, Any]:
+    """An InferenceDeployment whose pods run the stand-in model server (via the pod runner)."""
+    annotations = {}
+    if runner:
+        annotations[podrunner.ANNOTATION] = MODEL_PROFILE
+    if cold_start is not None:
+        annotations["payper.dev/cold-start-delay"] = cold_start
+    gpu: dict[str, Any] = {"count": gpus}
+    if product:
+        gpu["product"] = product
+    spec: dict[str, Any] = {
+        "template": {
+            "metadata": {"annotations": annotations},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "server",
+                        "image": "payper/model-server:test",
+                        "ports": [{"containerPort": 8000}],
+                    }
+                ]
+            },
+        },
+        "gpu": gpu,
+        "scaling": {
+            "minReplicas": min_replicas,
+            "maxReplicas": max_replicas,
+            "targetConcurrency": target_concurrency,
+            "idleTimeoutSeconds": idle_timeout_s,
+            "scaleDownDelaySeconds": scale_down_delay_s,
+            "coldStartTimeoutSeconds": cold_start_timeout_s,
+        },
+    }
+    if auth_secret:
+        spec["auth"] = {"secretName": auth_secret}
+    return {
+        "apiVersion": "payper.dev/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def wait_for(probe: Any, timeout_s: float, what: str) -> Any:
+    return eventually(probe, timeout_s=timeout_s, what=what)
+
+
+def monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)

@@ -1,0 +1,162 @@
+"""The local cluster's pure parts: configuration, kwok stages, PKI, binary lookup, pod runner."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from payper.cluster import binaries, kwok, pki, podrunner
+from payper.cluster.local import ClusterConfig, ClusterError, LocalCluster
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"pod_cidr": "10.0.0.0/16"}, "loopback"),
+        ({"gpu_nodes": -1}, "gpu_nodes"),
+        ({"gpus_per_node": 0}, "gpus_per_node"),
+        ({"cold_start_ms": -5}, "cold_start_ms"),
+    ],
+)
+def test_cluster_config_rejects_bad_values(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ClusterError, match=message):
+        ClusterConfig(**change).validate()
+
+
+def test_kwok_configuration_simulates_cold_starts_with_a_per_pod_override() -> None:
+    documents = list(yaml.safe_load_all(kwok.configuration("127.9.0.0/16", "127.0.0.1", 2500)))
+    options = documents[0]["options"]
+    assert options["cidr"] == "127.9.0.0/16"
+    assert options["manageNodesWithLabelSelector"] == f"{kwok.MANAGED_LABEL}=true"
+    stages = {d["metadata"]["name"]: d["spec"] for d in documents[1:]}
+    assert set(stages) == {
+        "node-initialize",
+        "node-heartbeat",
+        "pod-create",
+        "pod-ready",
+        "pod-delete",
+    }
+    delay = stages["pod-ready"]["delay"]
+    assert delay["durationMilliseconds"] == 2500
+    assert kwok.COLD_START_ANNOTATION in delay["durationFrom"]["expressionFrom"]
+    assert "podIP: {{ PodIPWith" in stages["pod-create"]["next"]["statusTemplate"]
+    assert stages["pod-delete"]["next"] == {"delete": True}
+
+
+def test_node_manifests_carry_gpu_capacity_labels_and_taint(tmp_path: Path) -> None:
+    config = ClusterConfig(gpu_nodes=3, gpus_per_node=4, gpu_product="NVIDIA-A100-SXM4-40GB")
+    nodes = LocalCluster(tmp_path).node_manifests(config)
+    gpu = [n for n in nodes if n["metadata"]["name"].startswith("gpu-")]
+    assert len(gpu) == 3
+    assert len(nodes) == 4
+    for node in gpu:
+        assert node["status"]["allocatable"]["nvidia.com/gpu"] == "4"
+        assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-40GB"
+        assert node["spec"]["taints"][0]["key"] == "nvidia.com/gpu"
+    cpu = next(n for n in nodes if n not in gpu)
+    assert "nvidia.com/gpu" not in cpu["status"]["allocatable"]
+    assert cpu["spec"]["taints"] == []
+
+
+def test_pki_signs_the_apiserver_and_clients_with_one_ca(tmp_path: Path) -> None:
+    pki.generate(tmp_path, "10.96.0.1")
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "apiserver.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "kubernetes.default.svc" in names.get_values_for_type(x509.DNSName)
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {
+        "127.0.0.1",
+        "10.96.0.1",
+    }
+    admin = x509.load_pem_x509_certificate((tmp_path / "admin.crt").read_bytes())
+    admin.verify_directly_issued_by(ca)
+    groups = [a.value for a in admin.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
+    assert groups == ["system:masters"]
+    assert (tmp_path / "sa.key").stat().st_mode & 0o077 == 0
+
+
+def test_staging_modules_come_from_the_kubernetes_go_mod() -> None:
+    gomod = """module k8s.io/kubernetes
+replace (
+\tk8s.io/api => ./staging/src/k8s.io/api
+\tk8s.io/client-go => ./staging/src/k8s.io/client-go
+\tgithub.com/other/thing => github.com/fork/thing v1.0.0
+)
+"""
+    assert binaries._staging_modules(gomod) == ["k8s.io/api", "k8s.io/client-go"]
+    with pytest.raises(binaries.BuildError, match="no staging replace lines"):
+        binaries._staging_modules("module x\n")
+
+
+def test_payper_k8s_bin_must_hold_every_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in binaries.ALL_BINARIES[:-1]:
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PAYPER_K8S_BIN", str(tmp_path))
+    with pytest.raises(binaries.BuildError, match="lacks: helm"):
+        binaries.find_bin_dir()
+    (tmp_path / "helm").write_text("#!/bin/sh\n")
+    (tmp_path / "helm").chmod(0o755)
+    assert binaries.find_bin_dir() == tmp_path
+    assert binaries.binary("etcd") == str(tmp_path / "etcd")
+
+
+def _pod(
+    ip: str | None, uid: str = "u1", deleting: bool = False, profile: str = "sleep"
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "namespace": "ns",
+        "name": "p",
+        "uid": uid,
+        "annotations": {podrunner.ANNOTATION: profile},
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-26T10:00:00Z"
+    return {
+        "metadata": meta,
+        "spec": {
+            "nodeName": "gpu-node-0",
+            "containers": [{"name": "c", "ports": [{"containerPort": 9000}]}],
+        },
+        "status": {"podIP": ip} if ip else {},
+    }
+
+
+async def test_pod_runner_follows_the_pod_lifecycle(tmp_path: Path) -> None:
+    marker = tmp_path / "args"
+    script = (
+        f"import sys, time; open({str(marker)!r}, 'w').write(' '.join(sys.argv[1:])); "
+        "time.sleep(60)"
+    )
+    runner = podrunner.PodRunner(
+        None, {"sleep": [sys.executable, "-c", script, "{ip}", "{port}", "{name}"]}
+    )
+    await runner.on_event("ADDED", _pod(ip=None))
+    assert runner.running == {}
+    await runner.on_event("MODIFIED", _pod(ip="127.9.0.7"))
+    first = runner.running["ns/p"].process
+    for _ in range(100):
+        if marker.exists() and marker.read_text():
+            break
+        await asyncio.sleep(0.05)
+    assert marker.read_text() == "127.9.0.7 9000 p"
+    await runner.on_event("MODIFIED", _pod(ip="127.9.0.7"))
+    assert runner.running["ns/p"].process is first
+    await runner.on_event("MODIFIED", _pod(ip="127.9.0.8", uid="u2"))
+    assert first.returncode is not None
+    second = runner.running["ns/p"].process
+    await runner.on_event("MODIFIED", _pod(ip="127.9.0.8", uid="u2", deleting=True))
+    assert second.returncode is not None
+    assert runner.running == {}
+    await runner.on_event("ADDED", _pod(ip="127.9.0.9", profile="unknown"))
+    assert runner.running == {}
