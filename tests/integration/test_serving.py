@@ -66,11 +66,21 @@ def ready_pods(cluster: ClusterHandle, namespace: str, name: str) -> int:
 
 
 def condition(
-    cluster: ClusterHandle, namespace: str, name: str, type_: str
+    cluster: ClusterHandle,
+    namespace: str,
+    name: str,
+    type_: str,
+    status: str | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any] | None:
+    """The condition of that type, if it has the given status and reason (when given)."""
     obj = get(cluster, namespace, "infd", name)
     for cond in (obj or {}).get("status", {}).get("conditions", []):
-        if cond["type"] == type_:
+        if (
+            cond["type"] == type_
+            and status in (None, cond["status"])
+            and reason in (None, cond["reason"])
+        ):
             return dict(cond)
     return None
 
@@ -100,9 +110,7 @@ async def test_first_request_scales_from_zero_and_reports_the_cold_start(
     apply(cluster, namespace, inference_deployment("llm", idle_timeout_s=60))
     eventually(lambda: spec_replicas(cluster, namespace, "llm") == 0, 20, what="Deployment at 0")
     eventually(
-        lambda: (
-            (condition(cluster, namespace, "llm", "ScaledToZero") or {}).get("status") == "True"
-        ),
+        lambda: condition(cluster, namespace, "llm", "ScaledToZero", status="True"),
         20,
         what="ScaledToZero",
     )
@@ -121,9 +129,7 @@ async def test_first_request_scales_from_zero_and_reports_the_cold_start(
     assert status == 200
     assert "X-Payper-Cold-Start-Ms" not in headers
     ready = eventually(
-        lambda: (lambda c: c if c and c["status"] == "True" else None)(
-            condition(cluster, namespace, "llm", "Ready")
-        ),
+        lambda: condition(cluster, namespace, "llm", "Ready", status="True"),
         10,
         what="Ready=True",
     )
@@ -256,9 +262,7 @@ async def test_queue_limit_and_cold_start_timeout_answer_503_and_504(
     assert "cold start timeout" in by_status[504][0][2]["error"]
     assert by_status[504][0][1]["Content-Type"].startswith("application/json")
     degraded = eventually(
-        lambda: (lambda c: c if c and c["reason"] == "ColdStartTimeout" else None)(
-            condition(cluster, namespace, "stuck", "Degraded")
-        ),
+        lambda: condition(cluster, namespace, "stuck", "Degraded", reason="ColdStartTimeout"),
         15,
         what="Degraded=ColdStartTimeout",
     )
@@ -408,8 +412,7 @@ async def test_invalid_or_impossible_specs_end_in_clear_conditions(
     apply(cluster, namespace, bad_template)
 
     def reason(name: str, wanted: str) -> dict[str, Any] | None:
-        cond = condition(cluster, namespace, name, "Degraded")
-        return cond if cond and cond["reason"] == wanted and cond["status"] == "True" else None
+        return condition(cluster, namespace, name, "Degraded", status="True", reason=wanted)
 
     unschedulable = eventually(
         lambda: reason("no-such-gpu", "Unschedulable"), 30, what="Unschedulable"

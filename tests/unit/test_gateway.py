@@ -1,0 +1,160 @@
+"""The gateway's pure parts: routing, endpoint choice, holding, API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import pytest
+
+from payper.gateway.routing import Route, route
+from payper.gateway.targets import Target, TargetGone, Targets
+
+DOMAIN = "payper.example.com"
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "expected"),
+    [
+        ("llm.team-a.payper.example.com", "/v1/chat?x=1", Route("team-a", "llm", "/v1/chat?x=1")),
+        ("LLM.Team-A.payper.example.com:8080", "/", Route("team-a", "llm", "/")),
+        ("llm.team-a.payper.example.com.", "/", Route("team-a", "llm", "/")),
+        ("gw.local", "/team-a/llm/v1/chat?x=1", Route("team-a", "llm", "/v1/chat?x=1")),
+        ("gw.local", "/team-a/llm", Route("team-a", "llm", "/")),
+        ("gw.local", "/team-a/llm/", Route("team-a", "llm", "/")),
+        ("gw.local", "/team-a/llm?x=1", Route("team-a", "llm", "/?x=1")),
+        (None, "/team-a/llm/a/b", Route("team-a", "llm", "/a/b")),
+        ("a.b.c.payper.example.com", "/", None),
+        ("team-a.payper.example.com", "/", None),
+        ("gw.local", "/healthz", None),
+        ("gw.local", "/Team_A/llm/x", None),
+        ("gw.local", "/", None),
+        ("gw.local", "*", None),
+    ],
+)
+def test_route(host: str | None, path: str, expected: Route | None) -> None:
+    assert route(host, path, DOMAIN) == expected
+
+
+def _deployment(name: str = "llm", auth: str | None = None, port: int = 8000) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "template": {
+            "spec": {
+                "containers": [{"name": "s", "image": "i", "ports": [{"containerPort": port}]}]
+            }
+        },
+        "scaling": {"coldStartTimeoutSeconds": 7},
+    }
+    if auth:
+        spec["auth"] = {"secretName": auth}
+    return {"metadata": {"namespace": "ns", "name": name}, "spec": spec}
+
+
+def _pod(name: str, ip: str, ready: bool, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"namespace": "ns", "name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "metadata": meta,
+        "status": {
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def test_endpoints_follow_pod_readiness_and_the_serving_port() -> None:
+    targets = Targets()
+    targets.upsert_pod("llm", _pod("p1", "127.1.0.1", ready=True))
+    targets.upsert_deployment(_deployment(port=9000))
+    target = targets.get(("ns", "llm"))
+    assert target is not None
+    assert target.cold_start_timeout_s == 7
+    assert {e.address for e in target.endpoints.values()} == {"127.1.0.1:9000"}
+    targets.upsert_pod("llm", _pod("p2", "127.1.0.2", ready=False))
+    assert set(target.endpoints) == {"p1"}
+    targets.upsert_pod("llm", _pod("p2", "127.1.0.2", ready=True))
+    targets.upsert_pod("llm", _pod("p1", "127.1.0.1", ready=True, deleting=True))
+    assert set(target.endpoints) == {"p2"}
+    targets.remove_pod("llm", _pod("p2", "127.1.0.2", ready=True))
+    assert target.endpoints == {}
+
+
+def test_pick_prefers_fewest_in_flight_and_skips_quarantined() -> None:
+    targets = Targets()
+    targets.upsert_deployment(_deployment())
+    for index in range(3):
+        targets.upsert_pod("llm", _pod(f"p{index}", f"127.1.0.{index}", ready=True))
+    target = targets.get(("ns", "llm"))
+    assert target is not None
+    target.endpoints["p0"].in_flight = 3
+    target.endpoints["p1"].in_flight = 1
+    target.endpoints["p2"].in_flight = 2
+    picked = target.pick()
+    assert picked is not None
+    assert picked.pod == "p1"
+    target.endpoints["p1"].quarantine()
+    picked = target.pick()
+    assert picked is not None
+    assert picked.pod == "p2"
+
+
+async def test_waiting_for_an_endpoint_times_out_wakes_up_or_sees_deletion() -> None:
+    targets = Targets()
+    targets.upsert_deployment(_deployment())
+    target = targets.get(("ns", "llm"))
+    assert target is not None
+    with pytest.raises(TimeoutError):
+        await target.wait_for_endpoint(0.2)
+
+    waiter = asyncio.create_task(target.wait_for_endpoint(5))
+    await asyncio.sleep(0.05)
+    targets.upsert_pod("llm", _pod("p1", "127.1.0.1", ready=True))
+    endpoint = await asyncio.wait_for(waiter, 1)
+    assert endpoint.pod == "p1"
+
+    targets.remove_pod("llm", _pod("p1", "127.1.0.1", ready=True))
+    waiter = asyncio.create_task(target.wait_for_endpoint(5))
+    await asyncio.sleep(0.05)
+    targets.remove_deployment(("ns", "llm"))
+    with pytest.raises(TargetGone):
+        await asyncio.wait_for(waiter, 1)
+
+
+def _secret(name: str, **keys: str) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": "ns", "name": name},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in keys.items()},
+    }
+
+
+def test_api_keys_fail_closed() -> None:
+    targets = Targets()
+    targets.upsert_deployment(_deployment("open"))
+    targets.upsert_deployment(_deployment("private", auth="keys"))
+    open_target, private = targets.get(("ns", "open")), targets.get(("ns", "private"))
+    assert isinstance(open_target, Target)
+    assert isinstance(private, Target)
+    assert targets.authorized(open_target, None)
+    assert not targets.authorized(private, "Bearer k1"), "no Secret yet: nothing is accepted"
+    targets.upsert_secret(_secret("keys", a="k1", b="k2\n"))
+    assert targets.authorized(private, "Bearer k1")
+    assert targets.authorized(private, "bearer k2")
+    assert not targets.authorized(private, "Bearer k3")
+    assert not targets.authorized(private, "Basic k1")
+    assert not targets.authorized(private, None)
+    assert not targets.authorized(private, "Bearer ")
+    targets.upsert_secret(_secret("keys", a="k9"))
+    assert not targets.authorized(private, "Bearer k1")
+    targets.remove_secret(_secret("keys"))
+    assert not targets.authorized(private, "Bearer k9")
+
+
+def test_an_invalid_spec_removes_the_route() -> None:
+    targets = Targets()
+    targets.upsert_deployment(_deployment())
+    broken = _deployment()
+    broken["spec"]["scaling"]["coldStartTimeoutSeconds"] = 0
+    targets.upsert_deployment(broken)
+    assert targets.get(("ns", "llm")) is None

@@ -1,0 +1,226 @@
+"""The operator's pure parts: builders, status, demand aggregation, config, callers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from payper.api.demand import DemandSnapshot, DeploymentDemand
+from payper.api.inference_deployment import InferenceDeploymentSpec
+from payper.operator import builders, status
+from payper.operator.auth import Caller, Forbidden, Unauthenticated, bearer_token
+from payper.operator.autoscaler import Decision, Policy, Reason
+from payper.operator.config import ConfigError, load
+from payper.operator.state import DemandStore, PodView, Tracked
+
+SPEC = InferenceDeploymentSpec.model_validate(
+    {
+        "template": {
+            "metadata": {"labels": {"team": "a"}},
+            "spec": {
+                "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                "containers": [
+                    {"name": "sidecar", "image": "proxy:1"},
+                    {
+                        "name": "server",
+                        "image": "model:1",
+                        "ports": [{"containerPort": 8000}],
+                        "resources": {"limits": {"memory": "8Gi"}},
+                    },
+                ],
+            },
+        },
+        "gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"},
+    }
+)
+
+
+def test_deployment_requests_gpus_on_the_serving_container_and_tolerates_the_taint() -> None:
+    manifest = builders.deployment("llm", "ns", "uid-1", SPEC, replicas=0)
+    pod = manifest["spec"]["template"]["spec"]
+    sidecar, server = pod["containers"]
+    assert "resources" not in sidecar
+    assert server["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": "2"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert {"key": "dedicated", "operator": "Exists"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    labels = manifest["spec"]["template"]["metadata"]["labels"]
+    assert labels == {"team": "a", "payper.dev/inference-deployment": "llm"}
+    assert manifest["spec"]["selector"]["matchLabels"] == {"payper.dev/inference-deployment": "llm"}
+    assert manifest["spec"]["replicas"] == 0
+    owner = manifest["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == (
+        "InferenceDeployment",
+        "uid-1",
+        True,
+    )
+
+
+def test_builders_are_deterministic() -> None:
+    assert builders.deployment("a", "b", "c", SPEC, 3) == builders.deployment(
+        "a", "b", "c", SPEC, 3
+    )
+    service = builders.service("llm", "ns", "uid-1", SPEC)
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": 8000, "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"] == {"payper.dev/inference-deployment": "llm"}
+
+
+def _tracked(replicas: int, **kw: Any) -> Tracked:
+    tracked = Tracked(
+        "ns", "llm", "uid", 3, spec=SPEC, policy=Policy.from_spec(SPEC.scaling), replicas=replicas
+    )
+    for key, value in kw.items():
+        setattr(tracked, key, value)
+    return tracked
+
+
+def _pod(name: str, ready: bool, created_ms: int = 0, unschedulable: str | None = None) -> PodView:
+    return PodView(name, name, created_ms, ready, False, unschedulable)
+
+
+def _conditions(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in result["conditions"]}
+
+
+@pytest.mark.parametrize(
+    ("replicas", "pods", "extra", "expected"),
+    [
+        (
+            0,
+            [],
+            {},
+            {
+                "Ready": ("False", "ScaledToZero"),
+                "ScaledToZero": ("True", "Idle"),
+                "Degraded": ("False", "AsExpected"),
+            },
+        ),
+        (
+            1,
+            [_pod("a", ready=False, created_ms=200_000)],
+            {},
+            {"Ready": ("False", "ColdStarting"), "ScaledToZero": ("False", "Active")},
+        ),
+        (2, [_pod("a", True), _pod("b", False, 200_000)], {}, {"Ready": ("True", "Serving")}),
+        (
+            1,
+            [_pod("a", False, 0, "0/3 nodes are available")],
+            {},
+            {"Ready": ("False", "Unschedulable"), "Degraded": ("True", "Unschedulable")},
+        ),
+        (1, [_pod("a", False, created_ms=0)], {}, {"Degraded": ("True", "ColdStartTimeout")}),
+        (
+            1,
+            [],
+            {"invalid": "spec.x: bad"},
+            {"Degraded": ("True", "InvalidSpec"), "Ready": ("False", "InvalidSpec")},
+        ),
+        (
+            1,
+            [_pod("a", True)],
+            {"last_decision": Decision(1, Reason.MAX_REPLICAS, 4)},
+            {"Degraded": ("True", "MaxReplicasReached"), "Ready": ("True", "Serving")},
+        ),
+        (0, [_pod("a", True)], {}, {"ScaledToZero": ("False", "ScalingToZero")}),
+    ],
+)
+def test_status_conditions(
+    replicas: int, pods: list[PodView], extra: dict[str, Any], expected: dict[str, tuple[str, str]]
+) -> None:
+    now = 10_000 + 300_000  # the default cold start timeout is 300 s
+    tracked = _tracked(replicas, **extra)
+    result = status.compute(tracked, pods, "http://llm.ns.x/", now)
+    conditions = _conditions(result)
+    for type_, value in expected.items():
+        assert conditions[type_] == value
+    assert result["desiredReplicas"] == replicas
+    assert result["readyReplicas"] == sum(p.ready for p in pods)
+    assert all(c["observedGeneration"] == 3 for c in result["conditions"])
+
+
+def test_condition_time_changes_only_when_the_status_flips() -> None:
+    tracked = _tracked(0)
+    first = status.compute(tracked, [], "u", 1_000_000)
+    later = status.compute(tracked, [], "u", 2_000_000)
+    assert first == later
+    tracked.replicas = 1
+    flipped = status.compute(tracked, [_pod("a", True)], "u", 3_000_000)
+    ready = next(c for c in flipped["conditions"] if c["type"] == "Ready")
+    assert ready["lastTransitionTime"] == status.iso(3_000_000)
+
+
+def test_status_times_are_integer_based() -> None:
+    tracked = _tracked(1, last_cold_start_ms=2345, last_request_ms=1_764_000_012_345)
+    result = status.compute(tracked, [], "u", 1_764_000_020_000)
+    assert result["lastColdStartSeconds"] == "2.345"
+    assert result["lastRequestTime"] == status.iso(1_764_000_010_000)
+
+
+def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
+    store = DemandStore(expiry_ms=5_000)
+    snapshot = DemandSnapshot(
+        gateway="g1",
+        deployments=[
+            DeploymentDemand(
+                namespace="ns", name="a", in_flight=2, queued=1, ms_since_last_request=100
+            )
+        ],
+    )
+    store.record(snapshot, now_ms=10_000)
+    store.record(
+        DemandSnapshot(
+            gateway="g2",
+            deployments=[
+                DeploymentDemand(namespace="ns", name="a", in_flight=3, ms_since_last_request=50)
+            ],
+        ),
+        now_ms=11_000,
+    )
+    store.poke("g3", ("ns", "b"), now_ms=11_500)
+    totals = store.aggregate(now_ms=12_000)
+    assert (totals[("ns", "a")].in_flight, totals[("ns", "a")].queued) == (5, 1)
+    assert totals[("ns", "a")].last_request_ms == 10_950
+    assert totals[("ns", "b")].queued == 1
+    later = store.aggregate(now_ms=15_500)  # g1 expired (5.5 s old)
+    assert later[("ns", "a")].in_flight == 3
+    store.record(DemandSnapshot(gateway="g3", deployments=[]), now_ms=15_600)
+    assert ("ns", "b") not in store.aggregate(now_ms=15_700)
+
+
+def test_bad_configuration_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "autoscaler:\n  tickSeconds: 0\nidentity:\n  gatewayServiceAccounts: [nocolon]\nbogus: 1\n"
+    )
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    message = str(error.value)
+    assert "autoscaler.tickSeconds" in message
+    assert "identity.gatewayServiceAccounts" in message
+    assert "bogus" in message
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "absent.yaml")
+    assert load(None).autoscaler.tick_seconds == 1.0
+
+
+def test_callers_and_bearer_tokens() -> None:
+    caller = Caller("system:serviceaccount:payper-system:payper-gateway")
+    assert caller.service_account == "payper-system:payper-gateway"
+    caller.require({"payper-system:payper-gateway"})
+    with pytest.raises(Forbidden):
+        caller.require({"payper-system:payper-agent"})
+    with pytest.raises(Forbidden):
+        Caller("admin").require({"payper-system:payper-gateway"})
+    assert bearer_token("Bearer abc ") == "abc"
+    for bad in (None, "", "Basic abc", "Bearer  "):
+        with pytest.raises(Unauthenticated):
+            bearer_token(bad)
