@@ -19,11 +19,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import PLURAL, POD_LABEL
+from payper.gateway import server
 from payper.gateway.demand import DemandReporter
 from payper.gateway.proxy import Gateway, GatewaySettings
 from payper.gateway.targets import API_KEY_SECRET_TYPE, Targets
@@ -132,13 +134,10 @@ async def serve(args: argparse.Namespace) -> None:
     admin.router.add_get("/readyz", readyz)
     admin.router.add_get("/metrics", metrics_handler)
 
-    runners = []
-    for app, address in ((gateway.app(), args.listen), (admin, args.admin_listen)):
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await runner.setup()
-        host, port = _host_port(address)
-        await web.TCPSite(runner, host, port, backlog=1024).start()
-        runners.append(runner)
+    admin_runner = web.AppRunner(admin, access_log=None)
+    await admin_runner.setup()
+    await web.TCPSite(admin_runner, *_host_port(args.admin_listen)).start()
+    tenant_server = await server.serve(gateway.handle, *_host_port(args.listen), backlog=4096)
     await asyncio.gather(*(w.synced.wait() for w in watches))
     tasks.append(asyncio.create_task(reporter.run()))
     logger.info("payper-gateway serving on %s (admin %s)", args.listen, args.admin_listen)
@@ -153,8 +152,10 @@ async def serve(args: argparse.Namespace) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    for runner in runners:
-        await runner.cleanup()
+    tenant_server.close()
+    await tenant_server.wait_closed()
+    gateway.close()
+    await admin_runner.cleanup()
     await reporter.close()
     await kube.close()
 
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(serve(args))
+        uvloop.run(serve(args))
     except OSError as error:
         print(f"payper-gateway: {error}", file=sys.stderr)
         return 1

@@ -39,3 +39,22 @@ POKES = Counter(
     "Scale-from-zero pokes sent to the operator, by result.",
     ("result",),
 )
+
+
+class TargetMeters:
+    """The metric children of one deployment, resolved once (``labels()`` is not free)."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self.labels = (namespace, name)
+        self.in_flight = IN_FLIGHT.labels(namespace, name)
+        self.queued = QUEUED.labels(namespace, name)
+        self.duration = DURATION.labels(namespace, name)
+        self.queue_wait = QUEUE_WAIT.labels(namespace, name)
+        self.upstream_errors = UPSTREAM_ERRORS.labels(namespace, name)
+        self._by_code: dict[int, Counter] = {}
+
+    def answered(self, code: int) -> None:
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = REQUESTS.labels(*self.labels, str(code))
+        counter.inc()

@@ -1,9 +1,9 @@
 """The request path: route, authenticate, hold through a cold start, forward, stream back.
 
 Every request is streamed both ways, never buffered whole (LLM servers stream tokens);
-a client that disconnects cancels the upstream request (aiohttp handler cancellation).
-Requests for a deployment with no ready endpoint wait in a bounded per-deployment queue
-while the operator is poked to scale it up; they are forwarded the moment a pod is ready.
+a client that disconnects cancels the upstream request. Requests for a deployment with
+no ready endpoint wait in a bounded per-deployment queue while the operator is poked to
+scale it up; they are forwarded the moment a pod is ready.
 """
 
 from __future__ import annotations
@@ -12,44 +12,47 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
-
 from payper.gateway import metrics
 from payper.gateway.routing import Route, route
+from payper.gateway.server import ClientGone, Request, Responder
 from payper.gateway.targets import Endpoint, Target, TargetGone, Targets
+from payper.gateway.upstream import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 logger = logging.getLogger(__name__)
 
 HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Host",
-        "Content-Length",
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
     )
 )
+PROXY_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
 COLD_START_HEADER = "X-Payper-Cold-Start-Ms"
 MAX_ATTEMPTS = 3
+SMALL_BODY = 64 * 1024
+JSON = [("Content-Type", "application/json")]
 
 
 class UpstreamUnreachable(Exception):  # noqa: N818 - control flow: try another endpoint
     """The connection to an endpoint failed before any byte of the request was sent."""
-
-
-SMALL_BODY = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,48 +64,56 @@ class GatewaySettings:
     upstream_connect_timeout_s: float = 5.0
 
 
-def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps({"error": message, "status": status}),
-        content_type="application/json",
-        headers=headers,
-    )
+async def send_error(
+    responder: Responder, status: int, message: str, headers: list[tuple[str, str]] | None = None
+) -> None:
+    body = json.dumps({"error": message, "status": status}).encode()
+    await responder.send(status, [*JSON, *(headers or [])], body)
 
 
-def _upstream_headers(request: web.Request, target: Target) -> CIMultiDict[str]:
-    connection_tokens = {
-        token.strip().lower() for token in request.headers.get("Connection", "").split(",")
-    }
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
+def _connection_tokens(value: bytes | None) -> set[bytes]:
+    return {token.strip().lower() for token in value.split(b",")} if value else set()
+
+
+def request_head(
+    request: Request, target: Target, address: str, path: str, framing: bytes
+) -> bytes:
+    """The upstream request line and headers: hop-by-hop headers dropped, proxy headers added."""
+    tokens: set[bytes] = set()
+    host = b""
+    prior = None
+    for name, value in request.headers:
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in connection_tokens:
+        if lowered == b"connection":
+            tokens |= _connection_tokens(value)
+        elif lowered == b"host":
+            host = value
+        elif lowered == b"x-forwarded-for":
+            prior = value
+    parts = [f"{request.method} {path} HTTP/1.1\r\nHost: {address}\r\n".encode("latin-1")]
+    for name, value in request.headers:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in tokens or lowered in PROXY_HEADERS:
             continue
-        if lowered == "authorization" and target.auth_secret is not None:
+        if lowered == b"authorization" and target.auth_secret is not None:
             continue  # the gateway consumed the tenant's API key; it is not the model's
-        headers.add(name, value)
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    if request.content_length is not None:
-        headers["Content-Length"] = str(request.content_length)
-    return headers
+        parts.append(b"%b: %b\r\n" % (name, value))
+    peer = request.remote.encode()
+    parts.append(b"X-Forwarded-For: %b\r\n" % (prior + b", " + peer if prior else peer))
+    parts.append(b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %b\r\n%b\r\n\r\n" % (host, framing))
+    return b"".join(parts)
 
 
-def _downstream_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    connection_tokens = {
-        token.strip().lower() for token in upstream.headers.get("Connection", "").split(",")
-    }
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
-        lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in connection_tokens:
-            continue
-        headers.add(name, value)
-    return headers
+def response_headers(upstream: UpstreamResponse) -> list[tuple[str, str]]:
+    tokens: set[bytes] = set()
+    for name, value in upstream.headers:
+        if name.lower() == b"connection":
+            tokens |= _connection_tokens(value)
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in upstream.headers
+        if name.lower() not in HOP_BY_HOP and name.lower() not in tokens
+    ]
 
 
 class Gateway:
@@ -115,96 +126,89 @@ class Gateway:
         self.targets = targets
         self.settings = settings
         self.poke = poke
-        self._session: aiohttp.ClientSession | None = None
+        self.pool = UpstreamPool(settings.upstream_connect_timeout_s)
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self.settings.upstream_connect_timeout_s
-                ),
-            )
-        return self._session
+    def close(self) -> None:
+        self.pool.close()
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=0)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        app.on_cleanup.append(lambda _: self.close())
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        found = route(request.headers.get("Host"), request.raw_path, self.settings.domain)
+    async def handle(self, request: Request, responder: Responder) -> None:
+        found = route(request.header(b"host"), request.target, self.settings.domain)
         if found is None:
-            if request.path == "/healthz":
-                return web.Response(text="ok")
-            return json_error(404, "no InferenceDeployment matches this host or path")
+            if request.target == "/healthz":
+                await responder.send(200, [("Content-Type", "text/plain")], b"ok")
+                return
+            await send_error(responder, 404, "no InferenceDeployment matches this host or path")
+            return
         target = self.targets.get(found.key)
         if target is None:
             metrics.REQUESTS.labels(found.namespace, found.name, "404").inc()
-            return json_error(404, f"InferenceDeployment {found.namespace}/{found.name} not found")
-        if not self.targets.authorized(target, request.headers.get("Authorization")):
-            metrics.REQUESTS.labels(found.namespace, found.name, "401").inc()
-            return json_error(
+            await send_error(
+                responder, 404, f"InferenceDeployment {found.namespace}/{found.name} not found"
+            )
+            return
+        meters = target.meters
+        if not self.targets.authorized(target, request.header(b"authorization")):
+            meters.answered(401)
+            await send_error(
+                responder,
                 401,
                 "a valid API key is required: Authorization: Bearer <key>",
-                headers={"WWW-Authenticate": 'Bearer realm="payper"'},
+                [("WWW-Authenticate", 'Bearer realm="payper"')],
             )
+            return
         started = time.monotonic()
         target.requests_total += 1
         target.last_request_at = started
         target.in_flight += 1
-        metrics.IN_FLIGHT.labels(found.namespace, found.name).inc()
+        meters.in_flight.inc()
         try:
-            response = await self._serve(request, found, target, started)
+            await self._serve(request, responder, found, target, started)
         finally:
             target.in_flight -= 1
-            metrics.IN_FLIGHT.labels(found.namespace, found.name).dec()
-        metrics.REQUESTS.labels(found.namespace, found.name, str(response.status)).inc()
-        metrics.DURATION.labels(found.namespace, found.name).observe(time.monotonic() - started)
-        return response
+            meters.in_flight.dec()
+            meters.answered(responder.status or 499)
+            meters.duration.observe(time.monotonic() - started)
 
     async def _serve(
-        self, request: web.Request, found: Route, target: Target, started: float
-    ) -> web.StreamResponse:
+        self, request: Request, responder: Responder, found: Route, target: Target, started: float
+    ) -> None:
         cold_start_ms: int | None = None
         for _ in range(MAX_ATTEMPTS):
             endpoint = target.pick()
             if endpoint is None:
-                held = await self._hold(found, target, started)
-                if isinstance(held, web.StreamResponse):
-                    return held
-                endpoint = held
+                endpoint = await self._hold(responder, found, target, started)
+                if endpoint is None:
+                    return
                 if cold_start_ms is None:
                     cold_start_ms = int((time.monotonic() - started) * 1000)
-                    metrics.QUEUE_WAIT.labels(*found.key).observe(cold_start_ms / 1000)
+                    target.meters.queue_wait.observe(cold_start_ms / 1000)
             try:
-                return await self._forward(request, found, endpoint, target, cold_start_ms)
+                await self._forward(request, responder, found, endpoint, target, cold_start_ms)
+                return
             except UpstreamUnreachable:
                 endpoint.quarantine()
-        return json_error(
-            502, f"no endpoint of {found.namespace}/{found.name} accepted the request"
+        await send_error(
+            responder, 502, f"no endpoint of {found.namespace}/{found.name} accepted the request"
         )
 
-    async def _hold(self, found: Route, target: Target, started: float) -> Endpoint | web.Response:
-        """Wait for a ready endpoint, within the queue bound and the cold start timeout."""
+    async def _hold(
+        self, responder: Responder, found: Route, target: Target, started: float
+    ) -> Endpoint | None:
+        """Wait for a ready endpoint, within the queue bound and the cold start timeout.
+
+        None means an error response was sent instead.
+        """
         if target.queued >= self.settings.max_queue:
-            return json_error(
+            await send_error(
+                responder,
                 503,
                 f"{found.namespace}/{found.name} is starting and its queue is full "
                 f"({self.settings.max_queue} requests); retry later",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
+                [("Retry-After", str(self.settings.retry_after_s))],
             )
+            return None
         target.queued += 1
-        metrics.QUEUED.labels(*found.key).inc()
+        target.meters.queued.inc()
         if target.queued == 1 and not target.endpoints:
             # Only a deployment with no ready pod needs waking (not one whose pods are
             # briefly unreachable).
@@ -213,76 +217,72 @@ class Gateway:
         try:
             return await target.wait_for_endpoint(remaining)
         except TimeoutError:
-            return json_error(
+            await send_error(
+                responder,
                 504,
                 f"{found.namespace}/{found.name} did not become ready within its cold start "
                 f"timeout ({target.cold_start_timeout_s:.0f}s)",
             )
         except TargetGone:
-            return json_error(
-                404, f"InferenceDeployment {found.namespace}/{found.name} was deleted"
+            await send_error(
+                responder, 404, f"InferenceDeployment {found.namespace}/{found.name} was deleted"
             )
         finally:
             target.queued -= 1
-            metrics.QUEUED.labels(*found.key).dec()
+            target.meters.queued.dec()
+        return None
 
     async def _forward(
         self,
-        request: web.Request,
+        request: Request,
+        responder: Responder,
         found: Route,
         endpoint: Endpoint,
         target: Target,
         cold_start_ms: int | None,
-    ) -> web.StreamResponse:
-        headers = _upstream_headers(request, target)
-        body: object = None
-        if request.body_exists:
+    ) -> None:
+        body: bytes | AsyncIterator[bytes] | None = None
+        framing = b"Content-Length: 0"
+        if request.expects_body:
             length = request.content_length
-            body = (
-                await request.read()
-                if length is not None and length <= SMALL_BODY
-                else request.content
-            )
+            if length is not None and length <= SMALL_BODY:
+                body = await request.read()
+                framing = b"Content-Length: %d" % len(body)
+            else:
+                body = request.body_chunks()
+                framing = b"Transfer-Encoding: chunked"
+        head = request_head(request, target, endpoint.address, found.path, framing)
         endpoint.in_flight += 1
-        streaming: web.StreamResponse | None = None
+        upstream: UpstreamResponse | None = None
+        started = False
         try:
-            async with self.session.request(
-                request.method,
-                f"http://{endpoint.address}{found.path}",
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-            ) as upstream:
-                out_headers = _downstream_headers(upstream)
-                if cold_start_ms is not None:
-                    out_headers[COLD_START_HEADER] = str(cold_start_ms)
-                length = upstream.content_length
-                if length is not None and length <= SMALL_BODY:
-                    return web.Response(
-                        status=upstream.status,
-                        reason=upstream.reason,
-                        headers=out_headers,
-                        body=await upstream.read(),
-                    )
-                streaming = web.StreamResponse(
-                    status=upstream.status, reason=upstream.reason, headers=out_headers
-                )
-                if length is not None:
-                    streaming.content_length = length
-                await streaming.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await streaming.write(chunk)
-                await streaming.write_eof()
-                return streaming
-        except aiohttp.ClientConnectorError as error:
+            upstream = await self.pool.request(
+                endpoint.address, head, body, head_only=request.method == "HEAD"
+            )
+            headers = response_headers(upstream)
+            if cold_start_ms is not None:
+                headers.append((COLD_START_HEADER, str(cold_start_ms)))
+            length = upstream.content_length
+            if length is not None and length <= SMALL_BODY:
+                payload = await upstream.read()
+                await responder.send(upstream.status, headers, payload, upstream.reason)
+                return
+            await responder.start(upstream.status, upstream.reason, headers, length)
+            started = True
+            async for chunk in upstream.chunks():
+                await responder.write(chunk)
+            await responder.end()
+        except UpstreamConnectError as error:
             # Nothing was sent: the process behind a still-Ready pod is gone or not yet up.
-            logger.info("upstream %s refused %s/%s: %r", endpoint.address, *found.key, error)
+            logger.info("upstream %s refused %s/%s: %s", endpoint.address, *found.key, error)
             raise UpstreamUnreachable from error
-        except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            metrics.UPSTREAM_ERRORS.labels(found.namespace, found.name).inc()
-            logger.warning("upstream %s for %s/%s failed: %r", endpoint.address, *found.key, error)
-            if streaming is not None:
-                raise  # headers are out: all that is left is to cut the connection
-            return json_error(502, f"upstream {endpoint.pod} failed: {type(error).__name__}")
+        except UpstreamError as error:
+            target.meters.upstream_errors.inc()
+            logger.warning("upstream %s for %s/%s failed: %s", endpoint.address, *found.key, error)
+            if started:
+                raise ClientGone from error  # the headers are out: all that is left is to cut
+            await send_error(responder, 502, f"upstream {endpoint.pod} failed: {error}")
         finally:
             endpoint.in_flight -= 1
+            if upstream is not None and not upstream.finished:
+                upstream.connection.abort()  # cancelled or failed mid-body: never reuse

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from payper.api.inference_deployment import InferenceDeploymentSpec
+from payper.gateway import metrics
 
 Key = tuple[str, str]
 API_KEY_SECRET_TYPE = "payper.dev/api-keys"
@@ -58,6 +59,14 @@ class Target:
     """time.monotonic() of the last request's arrival."""
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     gone: bool = False
+    _meters: metrics.TargetMeters | None = None
+
+    @property
+    def meters(self) -> metrics.TargetMeters:
+        """This deployment's metric children, looked up once instead of per request."""
+        if self._meters is None:
+            self._meters = metrics.TargetMeters(self.namespace, self.name)
+        return self._meters
 
     def pick(self) -> Endpoint | None:
         """The reachable ready endpoint with the fewest requests in flight."""

@@ -1,0 +1,333 @@
+"""The gateway's client-facing HTTP/1.1 server: an asyncio protocol over ``httptools``.
+
+A general web framework spends more CPU per request than the whole proxy hop should
+(measured in ``bench/gateway_overhead.py``), so the tenant-facing port speaks HTTP/1.1
+directly: llhttp parses, one task per connection handles its requests in order
+(pipelined requests wait their turn), request bodies stream in with back-pressure, and
+responses are written either with a length or chunked. A client that disconnects
+cancels its connection's task, and with it the upstream request.
+
+The admin port (/metrics, /healthz) stays on aiohttp, where speed does not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import httptools
+
+logger = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024
+BODY_HIGH_WATER = 16
+"""Request body chunks buffered before the server stops reading from the client."""
+REASONS = {
+    100: "Continue",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class ClientGone(Exception):  # noqa: N818 - control flow: the peer closed the connection
+    pass
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    """The raw request target (path and query)."""
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    http_minor: int
+    remote: str
+    expects_body: bool
+    content_length: int | None
+    _connection: _Connection = field(repr=False)
+    _body: collections.deque[bytes | None] = field(default_factory=collections.deque)
+    _body_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _consumed: bool = False
+
+    def header(self, name: bytes) -> str | None:
+        """The first header of that (lower-case) name, decoded."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        self._connection.send_continue(self)
+        while True:
+            while not self._body:
+                if self._connection.closed:
+                    raise ClientGone
+                self._body_event.clear()
+                await self._body_event.wait()
+            chunk = self._body.popleft()
+            self._connection.body_consumed()
+            if chunk is None:
+                self._consumed = True
+                return
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.body_chunks()])
+
+
+class Responder:
+    """Writes one response; ``send`` for a whole body, or ``start``/``write``/``end``."""
+
+    def __init__(self, connection: _Connection, request: Request) -> None:
+        self.connection = connection
+        self.request = request
+        self.status = 0
+        self._chunked = False
+        self._head_only = request.method == "HEAD"
+
+    def _head(
+        self, status: int, reason: str, headers: list[tuple[str, str]], framing: str
+    ) -> bytes:
+        self.status = status
+        keep = "keep-alive" if self.request.keep_alive else "close"
+        lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, '')}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if framing:
+            lines.append(framing)
+        lines.append(f"Connection: {keep}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def send(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, reason: str = ""
+    ) -> None:
+        head = self._head(status, reason, headers, f"Content-Length: {len(body)}")
+        await self.connection.write(head if self._head_only else head + body)
+
+    async def start(
+        self, status: int, reason: str, headers: list[tuple[str, str]], content_length: int | None
+    ) -> None:
+        if content_length is not None:
+            framing = f"Content-Length: {content_length}"
+        elif self.request.http_minor == 0:
+            framing = ""  # HTTP/1.0: the body ends with the connection
+            self.request.keep_alive = False
+        else:
+            framing = "Transfer-Encoding: chunked"
+            self._chunked = True
+        await self.connection.write(self._head(status, reason, headers, framing))
+
+    async def write(self, chunk: bytes) -> None:
+        if self._head_only or not chunk:
+            return
+        if self._chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        await self.connection.write(chunk)
+
+    async def end(self) -> None:
+        if self._chunked and not self._head_only:
+            await self.connection.write(b"0\r\n\r\n")
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote = ""
+        self.closed = False
+        self.requests: collections.deque[Request] = collections.deque()
+        self._request_ready = asyncio.Event()
+        self._current: Request | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._reading_paused = False
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if peer else ""
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError:
+            self._reject(400, "malformed HTTP request")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._can_write.set()
+        self._request_ready.set()
+        if self._current is not None:
+            self._current._body_event.set()
+        if self._task is not None and self._current is not None:
+            self._task.cancel()  # the client went away: cancel what it asked for
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- httptools callbacks ---------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise httptools.HttpParserError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                length = int(value)
+            elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        request = Request(
+            method=parser.get_method().decode("latin-1"),
+            target=self._url.decode("latin-1"),
+            headers=self._headers,
+            keep_alive=parser.should_keep_alive(),
+            http_minor=int(parser.get_http_version().rsplit(".", 1)[-1]),
+            remote=self.remote,
+            expects_body=chunked or bool(length),
+            content_length=length,
+            _connection=self,
+        )
+        self.requests.append(request)
+        self._request_ready.set()
+
+    def on_body(self, body: bytes) -> None:
+        request = self.requests[-1]
+        request._body.append(body)
+        request._body_event.set()
+        if len(request._body) >= BODY_HIGH_WATER and self.transport and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        request = self.requests[-1]
+        request._body.append(None)
+        request._body_event.set()
+
+    # -- serving ---------------------------------------------------------------------
+    def body_consumed(self) -> None:
+        current = self._current
+        if (
+            self._reading_paused
+            and current is not None
+            and len(current._body) < BODY_HIGH_WATER // 2
+        ):
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def send_continue(self, request: Request) -> None:
+        expect = request.header(b"expect")
+        if expect and expect.lower() == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise ClientGone
+        self.transport.write(data)
+        if not self._can_write.is_set():
+            await self._can_write.wait()
+            if self.closed:
+                raise ClientGone
+
+    def _reject(self, status: int, message: str) -> None:
+        if self.transport is None or self.closed:
+            return
+        body = json.dumps({"error": message, "status": status}).encode()
+        self.transport.write(
+            f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        self.transport.close()
+
+    async def _serve(self) -> None:
+        try:
+            while not self.closed:
+                while not self.requests:
+                    if self.closed:
+                        return
+                    self._request_ready.clear()
+                    await self._request_ready.wait()
+                request = self.requests[0]
+                self._current = request
+                responder = Responder(self, request)
+                await self.handler(request, responder)
+                if not request._consumed and request.expects_body:
+                    # Unread body: drain it so the next request parses from its start.
+                    async for _ in request.body_chunks():
+                        pass
+                elif not request._consumed:
+                    while request._body and request._body[0] is not None:
+                        request._body.popleft()
+                self.requests.popleft()
+                self._current = None
+                if not request.keep_alive:
+                    break
+        except (ClientGone, asyncio.CancelledError):
+            pass
+        except Exception:
+            logger.exception("error serving %s", self.remote)
+        finally:
+            self._current = None
+            if self.transport is not None and not self.closed:
+                self.transport.close()
+
+
+async def serve(handler: Handler, host: str, port: int, backlog: int = 1024) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _Connection(handler), host, port, backlog=backlog)
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler, host: str, port: int) -> AsyncIterator[asyncio.Server]:
+    server = await serve(handler, host, port)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
