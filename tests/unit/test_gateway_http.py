@@ -294,6 +294,6 @@ async def test_a_dead_endpoint_ends_in_502(gateway: tuple[int, Targets]) -> None
         },
     )
     data = await exchange(
-        port, b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n", timeout=10
+        port, b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n", limit_s=10
     )
     assert data.startswith(b"HTTP/1.1 502")
