@@ -1,0 +1,132 @@
+"""Benchmark: the operator with 1,000 InferenceDeployments at zero.
+
+Creates N InferenceDeployments before the operator runs, starts it, and measures:
+
+- time from operator start until every deployment is reconciled (its Deployment exists
+  and its status was written for the current generation);
+- the operator's resident memory (RSS now and at peak);
+- the autoscaler tick: mean duration over a minute of steady state, from the operator's
+  own ``payper_autoscaler_tick_duration_seconds`` histogram.
+
+    .venv/bin/python bench/operator_scale.py [--deployments 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from payper.cluster.local import ClusterConfig, LocalCluster
+from payper.kube import Kube, resource_path
+from payper.testing.cluster import ClusterHandle
+from payper.testing.stack import Stack, inference_deployment
+
+NAMESPACE = "bench-scale"
+GOALS = {"reconcile_s": 60.0, "rss_mib": 300.0, "tick_ms": 20.0}
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    now = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    return now / 1024, peak / 1024
+
+
+def tick_totals(metrics_url: str) -> tuple[float, float]:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    total = float(
+        re.search(r"^payper_autoscaler_tick_duration_seconds_sum (\S+)", text, re.M).group(1)
+    )  # type: ignore[union-attr]
+    count = float(
+        re.search(r"^payper_autoscaler_tick_duration_seconds_count (\S+)", text, re.M).group(1)
+    )  # type: ignore[union-attr]
+    return total, count
+
+
+async def reconciled(kubeconfig: Path) -> tuple[int, int]:
+    async with Kube.connect(kubeconfig) as kube:
+        infds = (
+            await kube.list(resource_path("payper.dev/v1alpha1", "inferencedeployments", NAMESPACE))
+        )["items"]
+        deployments = (await kube.list(resource_path("apps/v1", "deployments", NAMESPACE)))["items"]
+    have = {d["metadata"]["name"] for d in deployments}
+    done = sum(
+        1
+        for i in infds
+        if i["metadata"]["name"] in have
+        and i.get("status", {}).get("observedGeneration") == i["metadata"]["generation"]
+    )
+    return done, len(infds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--deployments", type=int, default=1000)
+    parser.add_argument("--steady-seconds", type=int, default=60)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="payper-bench-scale-") as scratch:
+        cluster = LocalCluster(Path(scratch) / "cluster")
+        try:
+            kubeconfig = cluster.up(ClusterConfig(pod_cidr="127.8.0.0/16"))
+            handle = ClusterHandle(kubeconfig, "127.8.0.0/16", 3000)
+            repo = Path(__file__).resolve().parents[1]
+            handle.kubectl("apply", "-f", str(repo / "crds"))
+            handle.kubectl("wait", "--for=condition=Established", "crd", "--all")
+            handle.kubectl("create", "namespace", NAMESPACE)
+            for start in range(0, args.deployments, 200):
+                items = []
+                for index in range(start, min(args.deployments, start + 200)):
+                    manifest = inference_deployment(f"d-{index:04d}", runner=False)
+                    manifest["metadata"]["namespace"] = NAMESPACE
+                    items.append(manifest)
+                handle.kubectl(
+                    "create",
+                    "-f",
+                    "-",
+                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+                    timeout=300,
+                )
+            stack = Stack(handle, Path(scratch) / "stack")
+            stack.ensure_system()
+            started = time.monotonic()
+            operator = stack.start_operator()
+            try:
+                assert operator.popen is not None
+                done, total = 0, args.deployments
+                while done < total:
+                    time.sleep(1)
+                    done, total = asyncio.run(reconciled(kubeconfig))
+                    print(
+                        f"  {time.monotonic() - started:6.1f}s  {done}/{total} reconciled",
+                        flush=True,
+                    )
+                reconcile_s = time.monotonic() - started
+                first = tick_totals(stack.metrics_url)
+                time.sleep(args.steady_seconds)
+                second = tick_totals(stack.metrics_url)
+                tick_ms = (second[0] - first[0]) / max(1.0, second[1] - first[1]) * 1000
+                rss_now, rss_peak = rss_mib(operator.popen.pid)
+            finally:
+                stack.stop()
+        finally:
+            cluster.down()
+    print(f"deployments: {args.deployments}")
+    print(
+        f"all reconciled after operator start: {reconcile_s:.1f} s  (goal < {GOALS['reconcile_s']:.0f} s: {reconcile_s / GOALS['reconcile_s']:.2f} of it)"
+    )
+    print(
+        f"operator RSS: {rss_now:.0f} MiB now, {rss_peak:.0f} MiB peak  (goal < {GOALS['rss_mib']:.0f} MiB: {rss_peak / GOALS['rss_mib']:.2f} of it)"
+    )
+    print(
+        f"autoscaler tick, steady state mean: {tick_ms:.2f} ms  (goal < {GOALS['tick_ms']:.0f} ms: {tick_ms / GOALS['tick_ms']:.2f} of it)"
+    )
+
+
+if __name__ == "__main__":
+    main()
