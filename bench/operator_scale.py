@@ -117,15 +117,15 @@ def main() -> None:
         finally:
             cluster.down()
     print(f"deployments: {args.deployments}")
-    print(
-        f"all reconciled after operator start: {reconcile_s:.1f} s  (goal < {GOALS['reconcile_s']:.0f} s: {reconcile_s / GOALS['reconcile_s']:.2f} of it)"
-    )
-    print(
-        f"operator RSS: {rss_now:.0f} MiB now, {rss_peak:.0f} MiB peak  (goal < {GOALS['rss_mib']:.0f} MiB: {rss_peak / GOALS['rss_mib']:.2f} of it)"
-    )
-    print(
-        f"autoscaler tick, steady state mean: {tick_ms:.2f} ms  (goal < {GOALS['tick_ms']:.0f} ms: {tick_ms / GOALS['tick_ms']:.2f} of it)"
-    )
+    report("all reconciled after operator start", reconcile_s, "s", "reconcile_s")
+    print(f"operator RSS now: {rss_now:.0f} MiB")
+    report("operator RSS peak", rss_peak, "MiB", "rss_mib")
+    report("autoscaler tick, steady-state mean", tick_ms, "ms", "tick_ms")
+
+
+def report(what: str, value: float, unit: str, goal: str) -> None:
+    limit = GOALS[goal]
+    print(f"{what}: {value:.2f} {unit} (goal < {limit:.0f} {unit}: {value / limit:.2f} of it)")
 
 
 if __name__ == "__main__":
