@@ -175,6 +175,11 @@ class Gateway:
         cold_start_ms: int | None = None
         for _ in range(MAX_ATTEMPTS):
             endpoint = target.pick()
+            if endpoint is None and target.endpoints:
+                # Pods are ready but refused us a moment ago: no cold start to wait for,
+                # just a short pause before the next attempt.
+                await asyncio.sleep(target.quarantine_left())
+                endpoint = target.pick()
             if endpoint is None:
                 endpoint = await self._hold(responder, found, target, started)
                 if endpoint is None:

@@ -81,6 +81,12 @@ class Target:
                 best = endpoint
         return best
 
+    def quarantine_left(self) -> float:
+        """Seconds until the first quarantined endpoint may be tried again."""
+        now = time.monotonic()
+        waits = [e.unreachable_until - now for e in self.endpoints.values()]
+        return max(0.0, min(waits, default=0.0))
+
     async def wait_for_endpoint(self, timeout_s: float) -> Endpoint:
         """Until an endpoint is ready (TimeoutError) or the target is deleted (TargetGone)."""
         deadline = time.monotonic() + timeout_s

@@ -34,7 +34,7 @@ def now_ms() -> int:
 
 
 class BusyLog:
-    """Appends ``start end`` (epoch ms) lines for each busy interval of this process."""
+    """Publishes this process's busy intervals (epoch ms) for the simulated NVML backend."""
 
     def __init__(self, directory: Path | None, gpu: str) -> None:
         self.path: Path | None = None
@@ -58,10 +58,17 @@ class BusyLog:
         self.path = directory / f"{pid}.busy"
         self.path.touch()
 
+    def started(self, start_ms: int) -> None:
+        """A kernel began: the simulated driver counts it busy from now on."""
+        self._append(f"{start_ms}\n")
+
     def record(self, start_ms: int, end_ms: int) -> None:
-        if self.path is not None and end_ms > start_ms:
+        self._append(f"{start_ms} {end_ms}\n")
+
+    def _append(self, line: str) -> None:
+        if self.path is not None:
             with self.path.open("a") as handle:
-                handle.write(f"{start_ms} {end_ms}\n")
+                handle.write(line)
 
 
 class ModelServer:
@@ -73,6 +80,7 @@ class ModelServer:
 
     async def _compute(self, ms: int) -> None:
         start = now_ms()
+        self.busy.started(start)
         try:
             await asyncio.sleep(ms / 1000)
         finally:

@@ -1,0 +1,241 @@
+"""The meter: active GPU time per (container, GPU), bursts, and rounded counters.
+
+Active time += smUtil/100 x dt for every sample, with dt from the backend's timestamps:
+the time since the last sample timestamp seen on that GPU (NVML averages a process's
+utilization over its samples since that timestamp). A poll without samples moves it to
+the poll's time, so an idle stretch never inflates the next dt. It is kept as integer
+"percent-microseconds" so nothing is lost to rounding; reports carry whole microseconds
+and carry the remainder forward.
+
+A *burst* is a maximal run of consecutive polls in which a series was active. When a
+burst ends, its active time rounded up to 1 ms, 1 s and 1 min is added to three rounded
+counters: what per-ms, per-second and per-minute billing would charge for the same work.
+
+Garbage is dropped, never guessed: samples with smUtil > 100, for PIDs not running on
+that GPU, or with timestamps not after the last one seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from payper_agent.backends import Backend, Gpu, ProcessSample, Unmetered
+
+GRANULARITIES_MS = {"1ms": 1, "1s": 1_000, "1m": 60_000}
+
+
+@dataclass(frozen=True)
+class SeriesIdentity:
+    namespace: str
+    pod: str
+    pod_uid: str
+    container: str
+    inference_deployment: str | None = None
+
+
+Resolver = Callable[[int], SeriesIdentity | None]
+"""Host PID -> the container it runs in, or None for a process outside any pod."""
+
+
+def round_up_ms(active_us: int, granularity_ms: int) -> int:
+    unit_us = granularity_ms * 1000
+    return -(-active_us // unit_us) * granularity_ms
+
+
+@dataclass
+class Series:
+    identity: SeriesIdentity
+    gpu: str
+    product: str
+    total_x100: int = 0
+    """Cumulative active time in percent-microseconds."""
+    reported_us: int = 0
+    burst_x100: int = 0
+    in_burst: bool = False
+    active_now: bool = False
+    rounded_ms: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRANULARITIES_MS, 0))
+    """Rounded time of closed bursts not yet reported."""
+    bursts: int = 0
+    idle_polls: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.identity.pod_uid, self.identity.container, self.gpu)
+
+    @cached_property
+    def identity_json(self) -> dict[str, Any]:
+        """The identity as checkpoint data, built once (it never changes)."""
+        i = self.identity
+        return {
+            "namespace": i.namespace,
+            "pod": i.pod,
+            "pod_uid": i.pod_uid,
+            "container": i.container,
+            "inference_deployment": i.inference_deployment,
+        }
+
+    def close_burst(self) -> None:
+        burst_us = self.burst_x100 // 100
+        for name, granularity in GRANULARITIES_MS.items():
+            self.rounded_ms[name] += round_up_ms(burst_us, granularity)
+        self.bursts += 1
+        self.burst_x100 = 0
+        self.in_burst = False
+
+
+@dataclass
+class PollResult:
+    samples: int = 0
+    dropped: int = 0
+    unattributed_x100: int = 0
+    unmetered: list[str] = field(default_factory=list)
+    errors: int = 0
+
+
+class Meter:
+    def __init__(self, resolver: Resolver, forget_after_polls: int = 3600) -> None:
+        self.resolver = resolver
+        self.forget_after_polls = forget_after_polls
+        self.series: dict[tuple[str, str, str], Series] = {}
+        self.last_seen_us: dict[str, int] = {}
+        self.unattributed_x100 = 0
+        self.unattributed_reported_us = 0
+        self.unmetered: set[str] = set()
+        self.polls = 0
+
+    def _series(self, identity: SeriesIdentity, gpu: Gpu, device: str | None) -> Series:
+        gpu_id = device or gpu.uuid
+        key = (identity.pod_uid, identity.container, gpu_id)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series(identity, gpu_id, gpu.product)
+        return series
+
+    def poll(
+        self, backend: Backend, on_error: Callable[[Gpu, Exception], None] | None = None
+    ) -> PollResult:
+        """One poll of every GPU; closes the bursts of series that went idle."""
+        result = PollResult()
+        for series in self.series.values():
+            series.active_now = False
+        for gpu in backend.gpus():
+            now = backend.now_us()
+            last = self.last_seen_us.get(gpu.uuid)
+            if last is None:
+                self.last_seen_us[gpu.uuid] = now  # first sight: no period to account yet
+                continue
+            try:
+                samples = backend.utilization(gpu, last)
+                running = backend.running_pids(gpu) if samples else set()
+            except Unmetered:
+                result.unmetered.append(gpu.uuid)
+                self.unmetered.add(gpu.uuid)
+                self.last_seen_us[gpu.uuid] = now
+                continue
+            except Exception as error:  # a driver error on one GPU must not stop the others
+                result.errors += 1
+                if on_error is not None:
+                    on_error(gpu, error)
+                continue
+            self.unmetered.discard(gpu.uuid)
+            # The next period starts at the newest sample the driver gave, not at our own
+            # clock: the driver's samples lag the poll, and time between its last sample
+            # and now would otherwise fall between two periods (measured on an H200).
+            newest = 0
+            for sample in samples:
+                if not self._valid(sample, last, running):
+                    result.dropped += 1
+                    continue
+                result.samples += 1
+                newest = max(newest, sample.timestamp_us)
+                if sample.sm_util == 0:
+                    continue
+                amount = sample.sm_util * (sample.timestamp_us - last)
+                identity = self.resolver(sample.pid)
+                if identity is None:
+                    self.unattributed_x100 += amount
+                    result.unattributed_x100 += amount
+                    continue
+                series = self._series(identity, gpu, sample.device)
+                series.total_x100 += amount
+                series.burst_x100 += amount
+                series.in_burst = True
+                series.active_now = True
+            self.last_seen_us[gpu.uuid] = newest or now
+        self._end_of_poll()
+        return result
+
+    @staticmethod
+    def _valid(sample: ProcessSample, last_us: int, running: set[int]) -> bool:
+        return (
+            0 <= sample.sm_util <= 100 and sample.timestamp_us > last_us and sample.pid in running
+        )
+
+    def _end_of_poll(self) -> None:
+        self.polls += 1
+        stale = []
+        for key, series in self.series.items():
+            if series.active_now:
+                series.idle_polls = 0
+                continue
+            if series.in_burst:
+                series.close_burst()
+            series.idle_polls += 1
+            settled = series.total_x100 // 100 == series.reported_us and series.bursts == 0
+            if settled and series.idle_polls > self.forget_after_polls:
+                stale.append(key)
+        for key in stale:
+            del self.series[key]
+
+    def close_all_bursts(self) -> None:
+        for series in self.series.values():
+            if series.in_burst:
+                series.close_burst()
+
+
+def snapshot(meter: Meter) -> dict[str, Any]:
+    """Everything needed to continue metering after a restart, as JSON-ready data."""
+    return {
+        "polls": meter.polls,
+        "lastSeenUs": dict(meter.last_seen_us),
+        "unattributedX100": meter.unattributed_x100,
+        "unattributedReportedUs": meter.unattributed_reported_us,
+        "series": [
+            {
+                "identity": s.identity_json,
+                "gpu": s.gpu,
+                "product": s.product,
+                "totalX100": s.total_x100,
+                "reportedUs": s.reported_us,
+                "burstX100": s.burst_x100,
+                "inBurst": s.in_burst,
+                "roundedMs": dict(s.rounded_ms),
+                "bursts": s.bursts,
+            }
+            for s in meter.series.values()
+        ],
+    }
+
+
+def restore(meter: Meter, data: dict[str, Any]) -> None:
+    meter.polls = int(data["polls"])
+    meter.last_seen_us = {str(k): int(v) for k, v in data["lastSeenUs"].items()}
+    meter.unattributed_x100 = int(data["unattributedX100"])
+    meter.unattributed_reported_us = int(data["unattributedReportedUs"])
+    meter.series = {}
+    for item in data["series"]:
+        series = Series(
+            identity=SeriesIdentity(**item["identity"]),
+            gpu=str(item["gpu"]),
+            product=str(item["product"]),
+            total_x100=int(item["totalX100"]),
+            reported_us=int(item["reportedUs"]),
+            burst_x100=int(item["burstX100"]),
+            in_burst=bool(item["inBurst"]),
+            rounded_ms={k: int(item["roundedMs"][k]) for k in GRANULARITIES_MS},
+            bursts=int(item["bursts"]),
+        )
+        meter.series[series.key] = series

@@ -1,0 +1,91 @@
+"""From a host PID to its pod: /proc/<pid>/cgroup, then the pods on this node.
+
+The agent watches only the pods bound to its own node (field selector on spec.nodeName)
+and keeps, per pod UID, the namespace, name, container names and container IDs. A PID
+resolves through the cgroup path (pod UID and container ID) to one container; a pod
+with a single container resolves even when the runtime's container ID is not reported
+yet. Anything else is unattributed: reported, never billed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from payper.api.inference_deployment import POD_LABEL
+from payper_agent.cgroups import parse_cgroup
+from payper_agent.meter import SeriesIdentity
+
+
+@dataclass
+class PodInfo:
+    namespace: str
+    name: str
+    uid: str
+    inference_deployment: str | None
+    containers: list[str]
+    by_container_id: dict[str, str] = field(default_factory=dict)
+
+
+def pod_info(obj: Mapping[str, Any]) -> PodInfo:
+    meta, spec, status = obj["metadata"], obj.get("spec", {}), obj.get("status", {})
+    info = PodInfo(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta["uid"],
+        inference_deployment=(meta.get("labels") or {}).get(POD_LABEL),
+        containers=[c["name"] for c in spec.get("containers", [])],
+    )
+    for container_status in status.get("containerStatuses", []) or []:
+        container_id = container_status.get("containerID") or ""
+        _, _, bare = container_id.partition("://")
+        if bare:
+            info.by_container_id[bare] = container_status["name"]
+    return info
+
+
+class PodIndex:
+    def __init__(self) -> None:
+        self.by_uid: dict[str, PodInfo] = {}
+
+    def upsert(self, obj: Mapping[str, Any]) -> None:
+        info = pod_info(obj)
+        self.by_uid[info.uid] = info
+
+    def remove(self, obj: Mapping[str, Any]) -> None:
+        self.by_uid.pop(obj["metadata"]["uid"], None)
+
+    def identity(self, pod_uid: str, container_id: str | None) -> SeriesIdentity | None:
+        pod = self.by_uid.get(pod_uid)
+        if pod is None:
+            return None
+        container = pod.by_container_id.get(container_id or "")
+        if container is None and len(pod.containers) == 1:
+            container = pod.containers[0]
+        if container is None:
+            return None
+        return SeriesIdentity(pod.namespace, pod.name, pod.uid, container, pod.inference_deployment)
+
+
+class PidResolver:
+    """Host PID -> SeriesIdentity, caching the cgroup parse per PID."""
+
+    def __init__(self, cgroup_of: Callable[[int], str | None], pods: PodIndex) -> None:
+        self.cgroup_of = cgroup_of
+        self.pods = pods
+        self._parsed: dict[int, tuple[str, str | None] | None] = {}
+
+    def __call__(self, pid: int) -> SeriesIdentity | None:
+        if pid not in self._parsed:
+            text = self.cgroup_of(pid)
+            parsed = parse_cgroup(text) if text else None
+            self._parsed[pid] = (parsed.pod_uid, parsed.container_id) if parsed else None
+            if len(self._parsed) > 65_536:
+                self._parsed.clear()
+        key = self._parsed[pid]
+        return None if key is None else self.pods.identity(*key)
+
+    def forget_pids_except(self, running: set[int]) -> None:
+        for pid in [p for p in self._parsed if p not in running]:
+            del self._parsed[pid]

@@ -1,0 +1,58 @@
+"""Cutting a usage report from the meter: the deltas since the previous report.
+
+Cutting moves each series' reported marks forward in the same step, so the next report
+starts exactly where this one ended; the caller persists the report and the meter state
+together (see ``payper_agent.store``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from payper.api.billing_record import RoundedMs
+from payper.api.usage import SeriesUsage, UsageReport
+from payper_agent.meter import Meter
+
+
+def cut(
+    meter: Meter, agent_id: str, sequence: int, node: str, start_ms: int, end_ms: int
+) -> UsageReport:
+    series_usage = []
+    for series in meter.series.values():
+        active_us = series.total_x100 // 100 - series.reported_us
+        if active_us == 0 and series.bursts == 0:
+            continue
+        identity = series.identity
+        series_usage.append(
+            SeriesUsage(
+                namespace=identity.namespace,
+                pod=identity.pod,
+                pod_uid=identity.pod_uid,
+                container=identity.container,
+                gpu=series.gpu,
+                gpu_product=series.product,
+                inference_deployment=identity.inference_deployment,
+                active_us=active_us,
+                rounded_ms=RoundedMs.model_validate(series.rounded_ms),
+                bursts=series.bursts,
+            )
+        )
+        series.reported_us += active_us
+        series.rounded_ms = dict.fromkeys(series.rounded_ms, 0)
+        series.bursts = 0
+    unattributed_us = meter.unattributed_x100 // 100 - meter.unattributed_reported_us
+    meter.unattributed_reported_us += unattributed_us
+    return UsageReport(
+        agent_id=agent_id,
+        sequence=sequence,
+        node=node,
+        interval_start_ms=start_ms,
+        interval_end_ms=end_ms,
+        series=series_usage,
+        unattributed_us=unattributed_us,
+        unmetered_gpus=sorted(meter.unmetered),
+    )
+
+
+def report_json(report: UsageReport) -> dict[str, Any]:
+    return report.model_dump(mode="json", by_alias=True)

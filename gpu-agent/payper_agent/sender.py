@@ -1,0 +1,141 @@
+"""Delivering reports: oldest first, in order, each one until the operator acknowledges it.
+
+The operator acknowledges a batch only after applying it durably, answering with the
+highest sequence per agent id it has applied (or recognised as already applied); the
+sender then deletes those files. Failures back off exponentially with jitter and never
+touch sampling. A report the operator rejects as malformed (400) is retried alone, then
+set aside and counted as dropped; reports older than the retention are dropped and
+counted too. Nothing disappears without a metric and a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import ssl
+import time
+from typing import Any
+
+import aiohttp
+
+from payper.identity import TokenFile
+from payper_agent import metrics
+from payper_agent.store import PendingReport, Store
+
+logger = logging.getLogger(__name__)
+MAX_BATCH = 100
+
+
+class Sender:
+    def __init__(
+        self,
+        store: Store,
+        operator_url: str,
+        token: TokenFile,
+        retention_ms: int = 24 * 3600 * 1000,
+        ssl_context: ssl.SSLContext | None = None,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 30.0,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.url = operator_url.rstrip("/") + "/v1/usage"
+        self.token = token
+        self.retention_ms = retention_ms
+        self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.wakeup = asyncio.Event()
+        self.delivered = 0
+
+    def _drop_expired(self) -> None:
+        for pending in self.store.expired(int(time.time() * 1000), self.retention_ms):
+            self._drop(pending, "retention")
+
+    def _drop(self, pending: PendingReport, reason: str) -> None:
+        active_us = 0
+        try:
+            report = self.store.read(pending)
+            active_us = sum(int(s.get("activeUs", 0)) for s in report.get("series", []))
+        except (OSError, ValueError, KeyError):
+            pass
+        metrics.DROPPED_REPORTS.labels(reason).inc()
+        metrics.DROPPED_USAGE_SECONDS.labels(reason).inc(active_us / 1e6)
+        logger.error(
+            "dropping usage report %s (%s): %.3f GPU-seconds will not be billed",
+            pending.path.name,
+            reason,
+            active_us / 1e6,
+        )
+        self.store.reject(pending)
+
+    async def _post(
+        self, session: aiohttp.ClientSession, reports: list[dict[str, Any]]
+    ) -> tuple[int, Any]:
+        body = json.dumps({"reports": reports})
+        headers = {**self.token.header(), "Content-Type": "application/json"}
+        async with session.post(self.url, data=body, headers=headers, ssl=self.ssl) as response:
+            text = await response.text()
+            try:
+                payload: Any = json.loads(text)
+            except ValueError:
+                payload = text
+            return response.status, payload
+
+    async def send_once(self, session: aiohttp.ClientSession, batch_size: int = MAX_BATCH) -> bool:
+        """Send the oldest batch; True if something was acknowledged."""
+        self._drop_expired()
+        pending = self.store.pending()
+        metrics.REPORT_BACKLOG.set(len(pending))
+        if not pending:
+            return False
+        agent_id = pending[0].agent_id
+        batch = [p for p in pending if p.agent_id == agent_id][:batch_size]
+        reports = [self.store.read(p) for p in batch]
+        status, payload = await self._post(session, reports)
+        if status == 200 and isinstance(payload, dict):
+            through = int(payload.get("acked", {}).get(agent_id, 0))
+            removed = self.store.ack(agent_id, through)
+            self.delivered += removed
+            metrics.REPORTS_SENT.labels("acknowledged").inc(removed)
+            metrics.REPORT_BACKLOG.set(len(pending) - removed)
+            if removed == 0:
+                raise RuntimeError(f"operator acknowledged nothing of {agent_id}: {payload}")
+            return True
+        if status in (400, 413):
+            metrics.REPORTS_SENT.labels("rejected").inc()
+            if len(batch) > 1:
+                return await self.send_once(session, batch_size=1)  # find the bad one
+            self._drop(batch[0], f"rejected-{status}")
+            return True
+        metrics.REPORTS_SENT.labels(f"http-{status}").inc()
+        raise RuntimeError(f"operator answered {status}: {payload}")
+
+    async def run(self) -> None:
+        failures = 0
+        async with aiohttp.ClientSession(timeout=self.timeout) as session:
+            while True:
+                try:
+                    if await self.send_once(session):
+                        failures = 0
+                        continue
+                except (
+                    aiohttp.ClientError,
+                    TimeoutError,
+                    OSError,
+                    RuntimeError,
+                    ValueError,
+                ) as error:
+                    failures += 1
+                    delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(failures, 16))
+                    delay *= random.uniform(0.5, 1.0)
+                    logger.warning("sending usage failed (%s); retrying in %.1fs", error, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                self.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), 1.0)

@@ -1,0 +1,64 @@
+"""Usage reports: what a node's agent tells the operator about active GPU time.
+
+Each agent instance has an id and numbers its reports 1, 2, 3, ...; a report carries,
+per series (container x GPU), the deltas observed in its interval. The operator applies
+each (agent id, sequence) at most once, so reports may be resent freely. Reports are
+cut on wall-clock boundaries of the report interval, so one report never straddles two
+billing windows. Times are integer microseconds (active) or milliseconds (rounded).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from payper.api.billing_record import RoundedMs
+from payper.api.common import ApiModel, DnsLabel, ShortString
+
+MAX_SERIES = 4096
+MAX_BATCH = 200
+Micros = Annotated[int, Field(ge=0, le=10**15)]
+
+
+class SeriesUsage(ApiModel):
+    """One container on one GPU during one report interval."""
+
+    namespace: DnsLabel
+    pod: Annotated[str, Field(min_length=1, max_length=253)]
+    pod_uid: ShortString
+    container: DnsLabel
+    gpu: ShortString
+    """GPU UUID (or MIG instance UUID)."""
+    gpu_product: ShortString
+    inference_deployment: DnsLabel | None = None
+    """From the pod's payper.dev/inference-deployment label; None: not billed by Payper."""
+    active_us: Micros = 0
+    rounded_ms: RoundedMs = Field(default_factory=RoundedMs)
+    """Bursts that closed in this interval, each rounded up per granularity."""
+    bursts: Annotated[int, Field(ge=0)] = 0
+
+
+class UsageReport(ApiModel):
+    agent_id: Annotated[str, Field(min_length=1, max_length=64)]
+    sequence: Annotated[int, Field(ge=1)]
+    node: Annotated[str, Field(min_length=1, max_length=253)]
+    interval_start_ms: Annotated[int, Field(ge=0)]
+    interval_end_ms: Annotated[int, Field(ge=0)]
+    series: Annotated[list[SeriesUsage], Field(max_length=MAX_SERIES)] = Field(default_factory=list)
+    unattributed_us: Micros = 0
+    """GPU time of processes that belong to no pod: reported, never billed."""
+    unmetered_gpus: Annotated[list[ShortString], Field(max_length=64)] = Field(default_factory=list)
+    """GPUs the agent could not meter in this interval (e.g. MIG without GPM)."""
+
+    @model_validator(mode="after")
+    def _interval(self) -> UsageReport:
+        if self.interval_end_ms < self.interval_start_ms:
+            raise ValueError("intervalEndMs must not be before intervalStartMs")
+        return self
+
+
+class UsageBatch(ApiModel):
+    """Reports of one agent, oldest first; the operator applies them in sequence order."""
+
+    reports: Annotated[list[UsageReport], Field(min_length=1, max_length=MAX_BATCH)]

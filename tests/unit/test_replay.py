@@ -1,0 +1,196 @@
+"""Replay accuracy: the meter against the truth of known busy intervals.
+
+Truth is the sum of the busy intervals; rounded truth rounds each burst up. The driver
+(simulated) reports integer percents per 1 s poll, so a single poll can be off by up to
+5 ms; over many bursts with random phases these errors cancel, and the acceptance bound
+is 1 % of the total. Bursts are separated by idle gaps of at least two polls, and their
+lengths stay clear of granularity boundaries by more than the quantization, so the
+rounded counters must match the truth exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from payper_agent import replay
+from payper_agent.meter import GRANULARITIES_MS, round_up_ms
+
+POLL_MS = 1000
+
+
+def scenario(processes: list[dict[str, Any]], duration_ms: int, gpus: int = 1) -> replay.Scenario:
+    return replay.Scenario.model_validate(
+        {
+            "pollIntervalMs": POLL_MS,
+            "durationMs": duration_ms,
+            "gpus": [{"uuid": f"GPU-{i}", "product": "NVIDIA H100 80GB HBM3"} for i in range(gpus)],
+            "processes": processes,
+        }
+    )
+
+
+def pod(name: str) -> dict[str, str]:
+    return {"namespace": "team-a", "name": name, "uid": f"uid-{name}", "container": "server"}
+
+
+def duty_cycle(rng: random.Random, burst_ms: int, duty: float, count: int) -> list[list[int]]:
+    """``count`` bursts of ``burst_ms`` with random phases, the given duty cycle overall."""
+    period = int(burst_ms / duty)
+    gap = max(period - burst_ms, 2 * POLL_MS + 1)  # at least two idle polls between bursts
+    intervals, t = [], rng.randrange(0, POLL_MS)
+    for _ in range(count):
+        intervals.append([t, t + burst_ms])
+        t += burst_ms + gap + rng.randrange(0, 200)
+    return intervals
+
+
+def truth(intervals: list[list[int]]) -> tuple[int, dict[str, int]]:
+    active = sum(end - start for start, end in intervals)
+    rounded = {
+        name: sum(round_up_ms((e - s) * 1000, g) for s, e in intervals)
+        for name, g in GRANULARITIES_MS.items()
+    }
+    return active, rounded
+
+
+CASES = [
+    # burst ms, duty cycle, bursts
+    (100, 0.01, 120),
+    (100, 0.25, 200),
+    (250, 0.05, 150),
+    (1_500, 0.10, 60),
+    (2_500, 0.50, 60),
+    (12_300, 0.30, 20),
+    (95_300, 0.60, 6),
+    (150_500, 0.99, 4),
+]
+
+
+@pytest.mark.parametrize(
+    ("burst_ms", "duty", "count"), CASES, ids=[f"{b}ms-{int(d * 100)}%" for b, d, _ in CASES]
+)
+def test_active_time_and_rounded_counters_match_the_truth(
+    burst_ms: int, duty: float, count: int
+) -> None:
+    rng = random.Random(burst_ms * 1000 + count)
+    intervals = duty_cycle(rng, burst_ms, duty, count)
+    end = intervals[-1][1] + 3 * POLL_MS
+    result = replay.run(
+        scenario([{"pid": 10, "gpu": "GPU-0", "pod": pod("p"), "busy": intervals}], end)
+    )
+    (container,) = result["containers"]
+    active, rounded = truth(intervals)
+    assert abs(container["activeMs"] - active) <= 0.01 * active, (container["activeMs"], active)
+    assert container["bursts"] == count
+    assert container["roundedMs"]["1s"] == rounded["1s"]
+    assert container["roundedMs"]["1m"] == rounded["1m"]
+    assert abs(container["roundedMs"]["1ms"] - rounded["1ms"]) <= 0.01 * rounded["1ms"]
+    assert result["unattributedMs"] == 0
+
+
+def test_processes_time_slicing_one_gpu_and_several_gpus() -> None:
+    rng = random.Random(7)
+    a = duty_cycle(rng, 400, 0.2, 80)
+    b = duty_cycle(rng, 700, 0.3, 50)
+    c = duty_cycle(rng, 3_300, 0.5, 20)
+    processes = [
+        {"pid": 1, "gpu": "GPU-0", "pod": pod("a"), "busy": a},
+        {"pid": 2, "gpu": "GPU-0", "pod": pod("b"), "busy": b},
+        {"pid": 3, "gpu": "GPU-1", "pod": pod("c"), "busy": c},
+        {"pid": 4, "gpu": "GPU-1", "busy": [[1_000, 6_000]]},
+    ]
+    end = max(x[-1][1] for x in (a, b, c)) + 3 * POLL_MS
+    result = replay.run(scenario(processes, end, gpus=2))
+    by_pod = {c["pod"]: c for c in result["containers"]}
+    for name, intervals, gpu in (("a", a, "GPU-0"), ("b", b, "GPU-0"), ("c", c, "GPU-1")):
+        active, rounded = truth(intervals)
+        assert by_pod[name]["gpu"] == gpu
+        assert abs(by_pod[name]["activeMs"] - active) <= 0.01 * active
+        assert by_pod[name]["roundedMs"]["1s"] == rounded["1s"]
+    assert result["unattributedMs"] == 5_000
+
+
+def test_the_example_from_the_docs(tmp_path: Path) -> None:
+    path = tmp_path / "scenario.json"
+    path.write_text(
+        json.dumps(
+            {
+                "pollIntervalMs": 1000,
+                "durationMs": 600000,
+                "gpus": [{"uuid": "GPU-1b2c", "product": "NVIDIA H100 80GB HBM3"}],
+                "processes": [
+                    {
+                        "pid": 4242,
+                        "gpu": "GPU-1b2c",
+                        "pod": {
+                            "namespace": "team-a",
+                            "name": "llama-7d9f",
+                            "uid": "0f7c",
+                            "container": "server",
+                        },
+                        "busy": [[1000, 1200], [5000, 7500]],
+                    }
+                ],
+            }
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "payper_agent.main", "replay", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(out) == {
+        "containers": [
+            {
+                "namespace": "team-a",
+                "pod": "llama-7d9f",
+                "container": "server",
+                "gpu": "GPU-1b2c",
+                "activeMs": 2700,
+                "bursts": 2,
+                "roundedMs": {"1ms": 2700, "1s": 4000, "1m": 120000},
+            }
+        ],
+        "unattributedMs": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"gpus": []}, "gpus"),
+        ({"processes": [{"pid": 1, "gpu": "GPU-x", "busy": []}]}, "processes[0].gpu"),
+        ({"processes": [{"pid": 1, "gpu": "GPU-0", "busy": [[5, 2]]}]}, "busy[0]"),
+        ({"durationMs": 0}, "durationMs"),
+        ({"pollIntervalMs": "fast"}, "pollIntervalMs"),
+        ({"extra": 1}, "extra"),
+    ],
+)
+def test_bad_scenarios_name_the_field(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    base = {
+        "pollIntervalMs": 1000,
+        "durationMs": 1000,
+        "gpus": [{"uuid": "GPU-0", "product": "x"}],
+        "processes": [],
+    }
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**base, **change}))
+    with pytest.raises(replay.ScenarioError) as error:
+        replay.load(path)
+    assert message in str(error.value)
+    result = subprocess.run(
+        [sys.executable, "-m", "payper_agent.main", "replay", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
