@@ -36,7 +36,9 @@ FINAL: State = "Final"
 
 MAX_AGENTS = 4096
 MAX_ADJUSTMENTS = 256
+MAX_POD_INTERVALS = 1000
 Millis = Annotated[int, Field(ge=0)]
+Micros = Annotated[int, Field(ge=0)]
 Count = Annotated[int, Field(ge=0)]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 
@@ -74,11 +76,22 @@ class Adjustment(ApiModel):
 
     original_window_start: datetime
     reason: ShortString
+    active_us: Micros = 0
     active_ms: Millis = 0
     billed_ms: Millis = 0
     rounded_ms: RoundedMs = Field(default_factory=RoundedMs)
     bursts: Count = 0
     amount: DecimalString = "0"
+
+
+class PodInterval(ApiModel):
+    """The part of this window during which one pod held its GPUs (scheduled -> gone)."""
+
+    uid: ShortString
+    name: ShortString
+    gpus: Annotated[int, Field(ge=0, le=64)]
+    start_ms: Millis
+    end_ms: Millis
 
 
 class BillingRecordSpec(ApiModel):
@@ -98,7 +111,10 @@ class BillingRecordSpec(ApiModel):
 
 
 class BillingRecordStatus(ApiModel):
+    """Totals include the adjustments; ``adjustments`` shows which part arrived late."""
+
     state: State = OPEN
+    active_us: Micros = 0
     active_ms: Millis = 0
     billed_ms: Millis = 0
     rounded_ms: RoundedMs = Field(default_factory=RoundedMs)
@@ -120,6 +136,9 @@ class BillingRecordStatus(ApiModel):
         ),
     ] = Field(default_factory=dict)
     adjustments: Annotated[list[Adjustment], Field(max_length=MAX_ADJUSTMENTS)] = Field(
+        default_factory=list
+    )
+    pod_intervals: Annotated[list[PodInterval], Field(max_length=MAX_POD_INTERVALS)] = Field(
         default_factory=list
     )
     last_update_time: datetime | None = None

@@ -39,6 +39,7 @@ POD_LABEL = "payper.dev/inference-deployment"
 READY = "Ready"
 SCALED_TO_ZERO = "ScaledToZero"
 DEGRADED = "Degraded"
+PLAN_KNOWN = "PlanKnown"
 
 MAX_CONTAINERS = 32
 MAX_PORTS = 64

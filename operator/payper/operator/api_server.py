@@ -17,6 +17,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from payper.api.demand import DemandSnapshot, Poke
+from payper.api.usage import UsageBatch
+from payper.billing import metrics as billing_metrics
+from payper.billing.ledger import Ledger
 from payper.operator import metrics
 from payper.operator.auth import Caller, Forbidden, TokenVerifier, Unauthenticated, bearer_token
 from payper.operator.controller import Controller, now_ms
@@ -63,8 +66,10 @@ class ApiServer:
         controller: Controller,
         verifier: TokenVerifier,
         is_leader: Callable[[], bool],
+        ledger: Ledger | None = None,
     ) -> None:
         self.controller = controller
+        self.ledger = ledger
         self.verifier = verifier
         self.is_leader = is_leader
         identity = controller.config.identity
@@ -86,14 +91,16 @@ class ApiServer:
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def wrapped(request: web.Request) -> web.Response:
             if not self.is_leader():
-                metrics.DEMAND_REQUESTS.labels(kind, "not_leader").inc()
+                metrics.API_REQUESTS.labels(kind, "not_leader").inc()
                 return error_response(503, "this operator instance is not the leader")
             try:
                 response = await handler(request)
             except HttpError as error:
-                metrics.DEMAND_REQUESTS.labels(kind, str(error.status)).inc()
+                metrics.API_REQUESTS.labels(kind, str(error.status)).inc()
+                if kind == "usage":
+                    billing_metrics.USAGE_REPORTS.labels(f"rejected_{error.status}").inc()
                 return error_response(error.status, error.message)
-            metrics.DEMAND_REQUESTS.labels(kind, "ok").inc()
+            metrics.API_REQUESTS.labels(kind, "ok").inc()
             return response
 
         return wrapped
@@ -103,6 +110,9 @@ class ApiServer:
         snapshot = await parse(request, DemandSnapshot)
         self.controller.demand.record(snapshot, now_ms())
         for entry in snapshot.deployments:
+            self.controller.billing.count_requests(
+                snapshot.gateway, (entry.namespace, entry.name), entry.requests_total
+            )
             if entry.queued > 0:
                 tracked = self.controller.registry.get((entry.namespace, entry.name))
                 if tracked is not None and tracked.replicas == 0:
@@ -121,6 +131,25 @@ class ApiServer:
         tracked = self.controller.registry.get(key)
         return web.json_response({"replicas": tracked.replicas if tracked else None}, status=202)
 
+    async def usage(self, request: web.Request) -> web.Response:
+        caller = await self.caller(request, self.agents)
+        batch = await parse(request, UsageBatch)
+        if caller.node_name is None:
+            raise HttpError(
+                403, "the agent's token is not bound to a pod on a node (use a projected token)"
+            )
+        for report in batch.reports:
+            if report.node != caller.node_name:
+                raise HttpError(
+                    403,
+                    f"report {report.sequence} is about node {report.node!r}, but the caller "
+                    f"runs on {caller.node_name!r}",
+                )
+        if self.ledger is None:
+            raise HttpError(503, "billing is not running")
+        acked = await self.ledger.submit(batch.reports)
+        return web.json_response({"acked": acked})
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
 
@@ -137,4 +166,5 @@ class ApiServer:
         app.router.add_get("/readyz", readyz)
         app.router.add_post("/v1/demand", self.guarded("demand", self.demand))
         app.router.add_post("/v1/poke", self.guarded("poke", self.poke))
+        app.router.add_post("/v1/usage", self.guarded("usage", self.usage))
         return app

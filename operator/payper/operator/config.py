@@ -13,7 +13,8 @@ from typing import Annotated
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from payper.api.common import ApiModel, ShortString, defaulted
+from payper.api.common import ApiModel, DnsLabel, ShortString, defaulted
+from payper.billing.pricing import Plan, default_plans
 from payper.identity import DEFAULT_AUDIENCE
 
 
@@ -68,6 +69,27 @@ class LeaderElectionConfig(ApiModel):
     renew_seconds: Annotated[float, Field(ge=0.2, le=60)] = 2.0
 
 
+class BillingConfig(ApiModel):
+    window_seconds: Annotated[int, Field(ge=10, le=86400)] = 3600
+    """One BillingRecord per deployment (and GPU product) per window."""
+    grace_seconds: Annotated[int, Field(ge=0, le=86400)] = 300
+    """A record becomes Final this long after its window ends; later usage is an adjustment."""
+    flush_interval_seconds: Annotated[float, Field(ge=0.2, le=300)] = 10.0
+    """Each record is written at most once per flush; usage reports are acknowledged after it."""
+    ledger_config_map: ShortString = "payper-usage-ledger"
+    """Per agent id, the last report applied everywhere (in the leader election namespace)."""
+    plans: dict[DnsLabel, Plan] = Field(default_factory=default_plans)
+
+    @field_validator("window_seconds")
+    @classmethod
+    def _window(cls, value: int) -> int:
+        if value % 10 or 86400 % value:
+            raise ValueError(
+                "must be a multiple of 10 s that divides a day (agents report every 10 s)"
+            )
+        return value
+
+
 class OperatorConfig(ApiModel):
     domain: ShortString = "payper.local"
     url_template: ShortString = "http://{name}.{namespace}.{domain}/"
@@ -75,6 +97,7 @@ class OperatorConfig(ApiModel):
     identity: IdentityConfig = defaulted(IdentityConfig)
     autoscaler: AutoscalerConfig = defaulted(AutoscalerConfig)
     leader_election: LeaderElectionConfig = defaulted(LeaderElectionConfig)
+    billing: BillingConfig = defaulted(BillingConfig)
 
     def url(self, namespace: str, name: str) -> str:
         return self.url_template.format(name=name, namespace=namespace, domain=self.domain)

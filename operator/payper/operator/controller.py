@@ -35,7 +35,14 @@ from payper.operator.autoscaler import (
     recommend,
 )
 from payper.operator.config import OperatorConfig
-from payper.operator.state import DemandStore, DemandTotals, Key, Registry, Tracked
+from payper.operator.state import (
+    BillingEvents,
+    DemandStore,
+    DemandTotals,
+    Key,
+    Registry,
+    Tracked,
+)
 
 logger = logging.getLogger(__name__)
 FIELD_MANAGER = "payper-operator"
@@ -61,6 +68,7 @@ class Controller:
         self.config = config
         self.registry = Registry()
         self.demand = DemandStore(int(config.autoscaler.demand_expiry_seconds * 1000))
+        self.billing = BillingEvents()
         self.windows = Windows(
             stable_ms=config.autoscaler.stable_window_seconds * 1000,
             panic_ms=config.autoscaler.panic_window_seconds * 1000,
@@ -157,6 +165,11 @@ class Controller:
         if deployment is None:
             return
         key = (obj["metadata"]["namespace"], deployment)
+        if deleted:
+            gone = self.registry.pods.get(key, {}).get(obj["metadata"]["name"])
+            if gone is not None and gone.scheduled_ms is not None:
+                end = gone.deleting_since_ms or now_ms()
+                self.billing.ended_pods.append((key, gone, min(end, now_ms())))
         self.registry.observe_pod(deployment, obj, deleted)
         tracked = self.registry.get(key)
         if tracked is None:
@@ -170,6 +183,7 @@ class Controller:
             tracked.last_cold_start_ms = duration
             metrics.COLD_START_DURATION.labels(*key).observe(duration / 1000)
             metrics.COLD_STARTS.labels(*key).inc()
+            self.billing.cold_starts[key] = self.billing.cold_starts.get(key, 0) + 1
             logger.info("%s/%s: cold start took %d ms", *key, duration)
 
     # -- autoscaling -----------------------------------------------------------------
@@ -265,7 +279,11 @@ class Controller:
 
     async def _write_status(self, tracked: Tracked, at: int) -> None:
         computed = status.compute(
-            tracked, self.registry.pods_of(tracked.key), self.config.url(*tracked.key), at
+            tracked,
+            self.registry.pods_of(tracked.key),
+            self.config.url(*tracked.key),
+            at,
+            self.config.billing.plans.keys(),
         )
         if computed == tracked.written_status:
             tracked.dirty = False

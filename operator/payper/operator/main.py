@@ -23,6 +23,7 @@ import kopf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from payper.billing.ledger import Ledger
 from payper.kube import Kube
 from payper.operator import config as config_module
 from payper.operator.api_server import ApiServer
@@ -99,7 +100,14 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
     if config.listen.tls_cert_file and config.listen.tls_key_file:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(config.listen.tls_cert_file, config.listen.tls_key_file)
-    api = ApiServer(controller, verifier, lambda: elector.is_leader)
+    ledger = Ledger(
+        kube,
+        config.billing,
+        config.leader_election.namespace,
+        controller.registry,
+        controller.billing,
+    )
+    api = ApiServer(controller, verifier, lambda: elector.is_leader, ledger)
     runners = [
         await _start_site(api.app(), config.listen.api, tls),
         await _start_site(_metrics_app(), config.listen.metrics, None),
@@ -115,8 +123,10 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
     await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
     tasks: list[asyncio.Task[None]] = []
     if acquire.done():
+        await ledger.load()
         kopf_stop = asyncio.Event()
         tasks = [
+            asyncio.create_task(ledger.run(), name="ledger"),
             asyncio.create_task(elector.keep(), name="lease"),
             asyncio.create_task(controller.run(), name="autoscaler"),
             asyncio.create_task(

@@ -31,8 +31,8 @@ SCALE_FROM_ZERO_LATENCY = Histogram(
     "Time from a gateway's poke arriving to the Deployment asking for a replica.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
-DEMAND_REQUESTS = Counter(
-    "payper_demand_requests_total",
-    "Demand snapshots and pokes received from gateways, by kind and result.",
-    ("kind", "result"),
+API_REQUESTS = Counter(
+    "payper_operator_api_requests_total",
+    "Calls to the operator's API (demand, poke, usage), by endpoint and result.",
+    ("endpoint", "result"),
 )

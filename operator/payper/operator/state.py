@@ -39,6 +39,11 @@ class PodView:
     deleting: bool
     unschedulable: str | None
     """The scheduler's message while the pod cannot be placed."""
+    scheduled_ms: int | None = None
+    """When the pod was bound to a node: from then on it holds its GPUs."""
+    deleting_since_ms: int | None = None
+    node: str | None = None
+    gpus: int = 0
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> PodView:
@@ -51,6 +56,13 @@ class PodView:
             if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
             else None
         )
+        spec = obj.get("spec", {})
+        gpus = sum(
+            int(limit)
+            for container in spec.get("containers", [])
+            for name, limit in ((container.get("resources") or {}).get("limits") or {}).items()
+            if name.endswith("/gpu") and str(limit).isdigit()
+        )
         return cls(
             name=meta["name"],
             uid=meta["uid"],
@@ -58,6 +70,14 @@ class PodView:
             ready=ready and status.get("phase") == "Running",
             deleting=meta.get("deletionTimestamp") is not None,
             unschedulable=unschedulable,
+            scheduled_ms=(
+                parse_time_ms(scheduled.get("lastTransitionTime"))
+                if scheduled.get("status") == "True"
+                else None
+            ),
+            deleting_since_ms=parse_time_ms(meta.get("deletionTimestamp")),
+            node=spec.get("nodeName"),
+            gpus=gpus,
         )
 
 
@@ -90,6 +110,31 @@ class Tracked:
     @property
     def key(self) -> Key:
         return (self.namespace, self.name)
+
+
+@dataclass
+class BillingEvents:
+    """What the operator itself observed for the ledger since its last flush."""
+
+    requests: dict[Key, int] = field(default_factory=dict)
+    cold_starts: dict[Key, int] = field(default_factory=dict)
+    ended_pods: list[tuple[Key, PodView, int]] = field(default_factory=list)
+    """Pods that went away: (deployment, pod, end ms)."""
+    _last_requests: dict[tuple[str, Key], int] = field(default_factory=dict)
+
+    def count_requests(self, gateway: str, key: Key, requests_total: int) -> None:
+        previous = self._last_requests.get((gateway, key))
+        self._last_requests[(gateway, key)] = requests_total
+        if previous is None:
+            return  # first sight (or an operator restart): a baseline, not a delta
+        delta = requests_total - previous if requests_total >= previous else requests_total
+        if delta:
+            self.requests[key] = self.requests.get(key, 0) + delta
+
+    def drain(self) -> BillingEvents:
+        drained = BillingEvents(self.requests, self.cold_starts, self.ended_pods)
+        self.requests, self.cold_starts, self.ended_pods = {}, {}, []
+        return drained
 
 
 class Registry:

@@ -7,10 +7,12 @@ so an idle fleet costs no API writes. Conditions follow the Kubernetes conventio
 - ``ScaledToZero``: no replicas by design; the next request starts one.
 - ``Degraded``: something needs the user: ``InvalidSpec``, ``Unschedulable``,
   ``ColdStartTimeout``, ``MaxReplicasReached`` (False with ``AsExpected`` otherwise).
+- ``PlanKnown``: the billing plan exists in the operator's configuration.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,7 +89,13 @@ def _condition(
     }
 
 
-def compute(tracked: Tracked, pods: list[PodView], url: str, now_ms: int) -> dict[str, Any]:
+def compute(
+    tracked: Tracked,
+    pods: list[PodView],
+    url: str,
+    now_ms: int,
+    known_plans: Collection[str] = ("default",),
+) -> dict[str, Any]:
     live = [p for p in pods if not p.deleting]
     ready = sum(1 for p in live if p.ready)
     desired = tracked.replicas or 0

@@ -1,0 +1,1 @@
+"""Billing: pricing plans, the ledger of BillingRecords, and invoices."""

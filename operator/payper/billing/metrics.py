@@ -1,0 +1,52 @@
+"""The ledger's Prometheus metrics: what was billed, per deployment and GPU model.
+
+Counters grow by what each flush newly wrote into BillingRecords, so their rates match
+the records (within a flush interval). Amount counters are floats because Prometheus
+samples are; the records hold the exact decimal amounts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+LABELS = ("namespace", "inference_deployment", "gpu_model")
+
+ACTIVE = Counter(
+    "payper_gpu_active_seconds_total",
+    "GPU time in which the deployment's kernels were executing (what pay-per-compute bills).",
+    LABELS,
+)
+BILLED = Counter(
+    "payper_gpu_billed_seconds_total",
+    "Active GPU time rounded up per burst at the plan's granularity: the billed time.",
+    LABELS,
+)
+ROUNDED = Counter(
+    "payper_gpu_rounded_seconds_total",
+    "Active GPU time rounded up per burst at each standard granularity (1ms, 1s, 1m).",
+    (*LABELS, "granularity"),
+)
+PROVISIONED = Counter(
+    "payper_gpu_provisioned_seconds_total",
+    "GPU time the deployment's pods held their GPUs (scheduled to gone) x GPUs.",
+    LABELS,
+)
+BILLED_AMOUNT = Counter(
+    "payper_billed_amount_total", "Amount billed for active GPU time.", (*LABELS, "currency")
+)
+RESERVED_AMOUNT = Counter(
+    "payper_reserved_equivalent_amount_total",
+    "What the provisioned GPU time would have cost at reserved hourly prices.",
+    (*LABELS, "currency"),
+)
+USAGE_REPORTS = Counter(
+    "payper_usage_reports_total",
+    "Usage reports received from agents, by result.",
+    ("result",),
+)
+USAGE_LAG = Histogram(
+    "payper_usage_report_lag_seconds",
+    "Time from the end of a report's interval to its application in the ledger.",
+    buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 900, 3600, 86400),
+)
+FINALIZED = Counter("payper_billing_records_finalized_total", "BillingRecords that became Final.")

@@ -1,0 +1,178 @@
+"""Billing arithmetic: amounts, record updates, exactly-once, adjustments, plans."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from payper.api.billing_record import BillingRecordSpec
+from payper.billing.pricing import Plan, amount, money, product_key, reserved_amount
+from payper.billing.records import (
+    PodSpan,
+    RecordChange,
+    UsageDelta,
+    apply,
+    iso,
+    record_name,
+    window_start,
+)
+from payper.operator.config import ConfigError, load
+
+SPEC = BillingRecordSpec.model_validate(
+    {
+        "inferenceDeployment": "llm",
+        "account": "team-a",
+        "window": {"start": "2026-11-26T10:00:00Z", "end": "2026-11-26T11:00:00Z"},
+        "plan": "default",
+        "granularity": "1s",
+        "currency": "USD",
+        "pricePerGpuSecond": "0.0012",
+        "reservedPricePerGpuHour": "3.20",
+        "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+    }
+)
+
+
+def usage(
+    agent: str, sequence: int, active_us: int, one_s: int, bursts: int = 1, late: int | None = None
+) -> UsageDelta:
+    return UsageDelta(
+        agent,
+        sequence,
+        active_us,
+        {"1ms": -(-active_us // 1000), "1s": one_s, "1m": 60_000 * bursts},
+        bursts,
+        late,
+    )
+
+
+@pytest.mark.parametrize(
+    ("billed_ms", "price", "expected"),
+    [
+        (1000, "0.0012", "0.001200"),
+        (1, "0.0012", "0.000001"),  # 0.0000012 rounds half-up to 6 places
+        (0, "0.5", "0.000000"),
+        (3_600_000, "0.0012", "4.320000"),
+        (1234, "0.000417", "0.000515"),  # 0.000514578
+        (5, "0.0001", "0.000001"),  # 0.0000005: half up
+    ],
+)
+def test_amount_is_decimal_and_rounds_half_up_once(
+    billed_ms: int, price: str, expected: str
+) -> None:
+    assert money(amount(billed_ms, price)) == expected
+    assert isinstance(amount(billed_ms, price), Decimal)
+
+
+def test_reserved_amount_prices_provisioned_hours() -> None:
+    assert money(reserved_amount(3_600_000, "3.20")) == "3.200000"
+    assert money(reserved_amount(90_000, "3.20")) == "0.080000"
+
+
+def test_a_report_lands_once_whatever_the_retries() -> None:
+    change = RecordChange(usage=[usage("a", 1, 1_500_400, 2000), usage("a", 1, 300_000, 1000)])
+    first, applied = apply({}, SPEC, change, 1000)
+    assert applied == [("a", 1)]
+    assert first["activeUs"] == 1_800_400
+    assert first["activeMs"] == 1800
+    assert first["billedMs"] == 3000
+    assert first["amount"] == "0.003600"
+    assert first["lastAppliedSequence"] == {"a": 1}
+    again, applied_again = apply(first, SPEC, change, 2000)
+    assert applied_again == []
+    assert {k: v for k, v in again.items() if k != "lastUpdateTime"} == {
+        k: v for k, v in first.items() if k != "lastUpdateTime"
+    }
+    more, _ = apply(
+        first,
+        SPEC,
+        RecordChange(usage=[usage("a", 2, 200_000, 1000), usage("b", 1, 100_000, 1000)]),
+        3000,
+    )
+    assert more["activeUs"] == 2_100_400
+    assert more["lastAppliedSequence"] == {"a": 2, "b": 1}
+    assert more["billedMs"] == 5000
+    assert more["activeGpuSeconds"] == "2.100"
+
+
+def test_late_usage_is_an_adjustment_in_the_totals_and_labelled() -> None:
+    original = 1_764_147_600_000
+    status, _ = apply(
+        {}, SPEC, RecordChange(usage=[usage("a", 7, 2_000_000, 2000, late=original)]), 5
+    )
+    (adjustment,) = status["adjustments"]
+    assert adjustment["originalWindowStart"] == iso(original)
+    assert "already final" in adjustment["reason"]
+    assert (adjustment["activeMs"], adjustment["billedMs"], adjustment["amount"]) == (
+        2000,
+        2000,
+        "0.002400",
+    )
+    assert status["activeMs"] == 2000
+    assert status["billedMs"] == 2000
+
+
+def test_provisioned_time_from_pod_spans_is_idempotent() -> None:
+    change = RecordChange(pods={"u1": PodSpan("u1", "llm-0", 2, 1_000, 61_000)})
+    status, _ = apply({"activeUs": 30_000_000}, SPEC, change, 100)
+    assert status["provisionedMs"] == 120_000
+    assert status["idleMs"] == 90_000
+    assert status["reservedEquivalentAmount"] == money(reserved_amount(120_000, "3.20"))
+    longer = RecordChange(pods={"u1": PodSpan("u1", "llm-0", 2, 1_000, 91_000)})
+    again, _ = apply(status, SPEC, longer, 200)
+    again, _ = apply(again, SPEC, longer, 300)
+    assert again["provisionedMs"] == 180_000
+
+
+def test_windows_and_names() -> None:
+    window = 3_600_000
+    assert window_start(1_764_151_234_567, window) == 1_764_151_200_000
+    name = record_name("llm", 1_764_151_200_000, "NVIDIA-H100-80GB-HBM3")
+    assert name.startswith("llm-20251126-100000-")
+    assert name != record_name("llm", 1_764_151_200_000, "NVIDIA-A100")
+    assert product_key("NVIDIA H100 80GB HBM3") == product_key("NVIDIA-H100-80GB-HBM3")
+
+
+def test_plans_pick_the_product_price_or_the_default() -> None:
+    plan = Plan(
+        price_per_gpu_second={"default": "0.001", "NVIDIA H100 80GB HBM3": "0.002"},
+        reserved_price_per_gpu_hour={"default": "2"},
+    )
+    assert plan.price("NVIDIA-H100-80GB-HBM3") == "0.002"
+    assert plan.price("NVIDIA-L4") == "0.001"
+    assert plan.reserved_price("anything") == "2"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        (
+            "billing:\n  plans:\n    gold:\n      pricePerGpuSecond: {h100: '0.1'}\n      reservedPricePerGpuHour: {default: '1'}\n",
+            "billing.plans.gold.pricePerGpuSecond",
+        ),
+        (
+            "billing:\n  plans:\n    gold:\n      granularity: 1h\n      pricePerGpuSecond: {default: '0.1'}\n      reservedPricePerGpuHour: {default: '1'}\n",
+            "billing.plans.gold.granularity",
+        ),
+        (
+            "billing:\n  plans:\n    gold:\n      pricePerGpuSecond: {default: 0.1}\n      reservedPricePerGpuHour: {default: '1'}\n",
+            "billing.plans.gold.pricePerGpuSecond.default",
+        ),
+        (
+            "billing:\n  plans:\n    gold:\n      currency: usd\n      pricePerGpuSecond: {default: '0.1'}\n      reservedPricePerGpuHour: {default: '1'}\n",
+            "billing.plans.gold.currency",
+        ),
+        ("billing:\n  windowSeconds: 7\n", "billing.windowSeconds"),
+        ("billing:\n  plans:\n    Bad_Name: {}\n", "billing.plans.Bad_Name"),
+    ],
+)
+def test_bad_pricing_stops_the_operator_naming_the_key(
+    tmp_path: Path, yaml_text: str, key: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as error:
+        load(path)
+    assert key in str(error.value)
