@@ -60,6 +60,11 @@ class Series:
     """Rounded time of closed bursts not yet reported."""
     bursts: int = 0
     idle_polls: int = 0
+    reported_rounded_ms: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(GRANULARITIES_MS, 0)
+    )
+    """Cumulative rounded time already reported (for audits: the agent's own totals)."""
+    reported_bursts: int = 0
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -214,6 +219,8 @@ def snapshot(meter: Meter) -> dict[str, Any]:
                 "inBurst": s.in_burst,
                 "roundedMs": dict(s.rounded_ms),
                 "bursts": s.bursts,
+                "reportedRoundedMs": dict(s.reported_rounded_ms),
+                "reportedBursts": s.reported_bursts,
             }
             for s in meter.series.values()
         ],
@@ -237,5 +244,9 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             in_burst=bool(item["inBurst"]),
             rounded_ms={k: int(item["roundedMs"][k]) for k in GRANULARITIES_MS},
             bursts=int(item["bursts"]),
+            reported_rounded_ms={
+                k: int(item.get("reportedRoundedMs", {}).get(k, 0)) for k in GRANULARITIES_MS
+            },
+            reported_bursts=int(item.get("reportedBursts", 0)),
         )
         meter.series[series.key] = series

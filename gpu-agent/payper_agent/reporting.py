@@ -38,6 +38,9 @@ def cut(
             )
         )
         series.reported_us += active_us
+        for name, value in series.rounded_ms.items():
+            series.reported_rounded_ms[name] += value
+        series.reported_bursts += series.bursts
         series.rounded_ms = dict.fromkeys(series.rounded_ms, 0)
         series.bursts = 0
     unattributed_us = meter.unattributed_x100 // 100 - meter.unattributed_reported_us

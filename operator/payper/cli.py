@@ -74,6 +74,33 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bill(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from payper.api.billing_record import PLURAL, BillingRecord
+    from payper.api.common import API_VERSION
+    from payper.billing import invoice
+    from payper.kube import Kube, resource_path
+
+    try:
+        start = invoice.parse_time(args.start) if args.start else None
+        end = invoice.parse_time(args.end) if args.end else None
+    except ValueError as error:
+        print(f"payper: --from/--to must be ISO dates or date-times: {error}", file=sys.stderr)
+        return 2
+
+    async def fetch() -> list[BillingRecord]:
+        namespace = None if args.all_namespaces else args.namespace
+        async with Kube.connect(args.kubeconfig) as kube:
+            listing = await kube.list(resource_path(API_VERSION, PLURAL, namespace))
+        return [BillingRecord.model_validate(item) for item in listing["items"]]
+
+    bill = invoice.build(asyncio.run(fetch()), start, end)
+    render = {"table": invoice.as_table, "json": invoice.as_json, "csv": invoice.as_csv}
+    sys.stdout.write(render[args.output](bill))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payper", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     build = cluster_commands.add_parser("build", help="build the control-plane binaries once")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=_cluster_build)
+
+    bill = commands.add_parser("bill", help="an invoice from BillingRecords")
+    scope = bill.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", default="default")
+    scope.add_argument("-A", "--all-namespaces", action="store_true")
+    bill.add_argument("--from", dest="start", help="first window start to include (ISO)")
+    bill.add_argument("--to", dest="end", help="windows starting before this (ISO)")
+    bill.add_argument("-o", "--output", choices=("table", "json", "csv"), default="table")
+    bill.add_argument("--kubeconfig", default=None)
+    bill.set_defaults(func=_bill)
 
     crds = commands.add_parser("crds", help="write (or --check) crds/ from payper.api")
     crds.add_argument("--dir", default="crds")

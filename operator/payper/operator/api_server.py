@@ -117,6 +117,7 @@ class ApiServer:
                 tracked = self.controller.registry.get((entry.namespace, entry.name))
                 if tracked is not None and tracked.replicas == 0:
                     await self.controller.wake(tracked.key)
+        self.controller.billing.saw_gateway(snapshot.gateway)
         return web.json_response({"accepted": len(snapshot.deployments)})
 
     async def poke(self, request: web.Request) -> web.Response:

@@ -121,12 +121,19 @@ class BillingEvents:
     ended_pods: list[tuple[Key, PodView, int]] = field(default_factory=list)
     """Pods that went away: (deployment, pod, end ms)."""
     _last_requests: dict[tuple[str, Key], int] = field(default_factory=dict)
+    _gateways: set[str] = field(default_factory=set)
+
+    def saw_gateway(self, gateway: str) -> None:
+        self._gateways.add(gateway)
 
     def count_requests(self, gateway: str, key: Key, requests_total: int) -> None:
+        """Requests since the gateway's previous snapshot (its counters are cumulative)."""
         previous = self._last_requests.get((gateway, key))
         self._last_requests[(gateway, key)] = requests_total
         if previous is None:
-            return  # first sight (or an operator restart): a baseline, not a delta
+            if gateway not in self._gateways:
+                return  # a gateway this operator has not heard from: a baseline only
+            previous = 0  # a deployment new to a known gateway: all of it is new
         delta = requests_total - previous if requests_total >= previous else requests_total
         if delta:
             self.requests[key] = self.requests.get(key, 0) + delta

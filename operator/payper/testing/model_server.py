@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -31,6 +32,17 @@ from aiohttp import web
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def simulated_gpu() -> str:
+    """Which of its node's simulated GPUs a pod got, as a device plugin would decide.
+
+    Stable per pod: ``GPU-<node>-<n>``, n from the pod UID, among ``PAYPER_SIM_GPUS``
+    (default 8) GPUs per node, the names payper-agent's simulated backend uses.
+    """
+    count = int(os.environ.get("PAYPER_SIM_GPUS", "8"))
+    digest = hashlib.sha256(os.environ.get("POD_UID", "").encode()).digest()
+    return f"GPU-{os.environ.get('NODE_NAME', 'local')}-{digest[0] % count}"
 
 
 class BusyLog:
@@ -174,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default=os.environ.get("POD_IP", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--token-ms", type=int, default=20, help="compute time per streamed token")
-    parser.add_argument("--gpu", default=os.environ.get("PAYPER_SIM_GPU", "GPU-sim-0"))
+    parser.add_argument(
+        "--gpu",
+        default=os.environ.get("PAYPER_SIM_GPU") or simulated_gpu(),
+        help="the simulated GPU this process runs on (default: one of its node's, by pod UID)",
+    )
     args = parser.parse_args(argv)
     sim_dir = os.environ.get("PAYPER_SIM_GPU_DIR")
     server = ModelServer(BusyLog(Path(sim_dir) if sim_dir else None, args.gpu), args.token_ms)

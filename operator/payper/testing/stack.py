@@ -96,6 +96,10 @@ class StackOptions:
     operator_extra: dict[str, Any] = field(default_factory=dict)
     model_server_args: list[str] = field(default_factory=list)
     model_server_env: dict[str, str] = field(default_factory=dict)
+    agents: bool = False
+    """One simulated payper-agent per GPU node, metering the model servers."""
+    gpu_nodes: tuple[str, ...] = ("gpu-node-0", "gpu-node-1")
+    report_interval_s: int = 5
 
 
 class Stack:
@@ -112,6 +116,8 @@ class Stack:
         self.gateway_admin_port = free_port()
         self.operator: Process | None = None
         self.gateway: Process | None = None
+        self.agents: dict[str, Process] = {}
+        self.sim_dir = self.workdir / "sim-gpu"
         self.runner: podrunner.PodRunner | None = None
         self._runner_context: Any = None
 
@@ -272,20 +278,136 @@ class Stack:
             self.cluster.kubeconfig,
             {MODEL_PROFILE: command},
             log_dir=self.workdir / "pods",
-            extra_env=self.options.model_server_env,
+            extra_env={"PAYPER_SIM_GPU_DIR": str(self.sim_dir), **self.options.model_server_env},
         )
         self._runner_context = podrunner.running_in_background(self.runner)
         self._runner_context.__enter__()
 
+    def agent_pod(self, node: str) -> str:
+        """The agent's pod on ``node`` (kwok runs nothing): its token is bound to it."""
+        name = f"payper-agent-{node}"
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": SYSTEM_NAMESPACE,
+                "labels": {"app": "payper-agent"},
+            },
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": "payper-agent",
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{"name": "agent", "image": "payper/agent:local"}],
+            },
+        }
+        self.cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        eventually(
+            lambda: (
+                self.cluster.kubectl(
+                    "get", "pod", name, "-n", SYSTEM_NAMESPACE, "-o", "jsonpath={.status.phase}"
+                ).stdout
+                == "Running"
+            ),
+            30,
+            what=f"{name} running",
+        )
+        return name
+
+    def agent_token_file(self, node: str) -> Path:
+        pod = self.agent_pod(node)
+        token = self.cluster.kubectl(
+            "create",
+            "token",
+            "payper-agent",
+            "-n",
+            SYSTEM_NAMESPACE,
+            f"--audience={AUDIENCE}",
+            "--bound-object-kind=Pod",
+            f"--bound-object-name={pod}",
+            "--duration=24h",
+        ).stdout.strip()
+        path = self.workdir / f"agent-{node}.token"
+        path.write_text(token)
+        return path
+
+    def start_agent(self, node: str) -> Process:
+        process = Process(
+            f"agent-{node}",
+            [
+                sys.executable,
+                "-m",
+                "payper_agent.main",
+                "run",
+                "--node",
+                node,
+                "--backend",
+                "simulated",
+                "--sim-dir",
+                str(self.sim_dir),
+                "--state-dir",
+                str(self.workdir / f"agent-state-{node}"),
+                "--operator-url",
+                self.operator_url,
+                "--token-file",
+                str(self.agent_token_file(node)),
+                "--kubeconfig",
+                str(self.cluster.kubeconfig),
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--report-interval",
+                str(self.options.report_interval_s),
+            ],
+            self.workdir / f"agent-{node}.log",
+            self.env(),
+        )
+        process.start()
+        self.agents[node] = process
+        return process
+
+    def agent_truth(self) -> dict[tuple[str, str], dict[str, int]]:
+        """What the agents measured and reported, per (namespace, deployment): exact integers.
+
+        Read from their checkpoints, so it covers every report ever cut, acknowledged or
+        not; a test compares it with the BillingRecords once the agents have no backlog.
+        """
+        truth: dict[tuple[str, str], dict[str, int]] = {}
+        for node in self.agents:
+            state = json.loads((self.workdir / f"agent-state-{node}" / "state.json").read_text())
+            for series in state["meter"].get("series", []):
+                deployment = series["identity"].get("inference_deployment")
+                if deployment is None:
+                    continue
+                key = (series["identity"]["namespace"], deployment)
+                total = truth.setdefault(
+                    key, {"activeUs": 0, "1ms": 0, "1s": 0, "1m": 0, "bursts": 0}
+                )
+                total["activeUs"] += series["reportedUs"]
+                for granularity in ("1ms", "1s", "1m"):
+                    total[granularity] += series["reportedRoundedMs"][granularity]
+                total["bursts"] += series["reportedBursts"]
+        return truth
+
+    def agent_backlog(self) -> int:
+        """Reports written by the agents and not yet acknowledged by the operator."""
+        return sum(
+            len(list((self.workdir / f"agent-state-{node}" / "reports").glob("*.json")))
+            for node in self.agents
+        )
+
     def start(self) -> Stack:
         self.ensure_system()
+        self.sim_dir.mkdir(parents=True, exist_ok=True)
         self.start_runner()
         self.start_operator()
         self.start_gateway()
+        if self.options.agents:
+            for node in self.options.gpu_nodes:
+                self.start_agent(node)
         return self
 
     def stop(self) -> None:
-        for process in (self.gateway, self.operator):
+        for process in (*self.agents.values(), self.gateway, self.operator):
             if process is not None:
                 process.stop()
         if self._runner_context is not None:
@@ -293,7 +415,8 @@ class Stack:
             self._runner_context = None
 
     def logs(self) -> str:
-        parts = [f"--- {p.name} ---\n{p.tail()}" for p in (self.operator, self.gateway) if p]
+        processes = (self.operator, self.gateway, *self.agents.values())
+        parts = [f"--- {p.name} ---\n{p.tail()}" for p in processes if p]
         return "\n".join(parts)
 
 
