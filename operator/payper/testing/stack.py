@@ -194,7 +194,8 @@ class Stack:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def start_operator(self, identity: str = "operator-0") -> Process:
+    def start_operator(self, identity: str = "operator-0", lead: bool = True) -> Process:
+        """Start payper-operator; with ``lead``, wait until it holds the Lease."""
         process = Process(
             "operator",
             [
@@ -213,10 +214,11 @@ class Stack:
         )
         process.start()
         self.operator = process
+        probe = "readyz" if lead else "healthz"
         eventually(
-            lambda: _http_ok(f"{self.operator_url}/readyz") or (not process.alive() and "dead"),
+            lambda: _http_ok(f"{self.operator_url}/{probe}") or (not process.alive() and "dead"),
             timeout_s=60,
-            what="the operator to lead",
+            what="the operator to lead" if lead else "the operator to answer",
         )
         if not process.alive():
             raise RuntimeError(f"payper-operator exited:\n{process.tail()}")

@@ -1,0 +1,561 @@
+"""Billing end to end: gateway traffic -> simulated GPU time -> agents -> ledger -> records.
+
+The ground truth is what the agents measured and reported (exact integers read from
+their checkpoints); the BillingRecords must equal it exactly, in microseconds, rounded
+milliseconds, bursts and decimal amounts, after every fault below. The agents' truth is
+itself tied to the model servers' real busy time (within the meter's 1 % bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from payper.testing.cluster import ClusterHandle, eventually
+from payper.testing.stack import Stack, StackOptions, inference_deployment, running
+
+H100_PRICE = Decimal("0.0012")  # the default plan, 1 s granularity
+FLUSH = {"billing": {"flushIntervalSeconds": 1}}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    crds_installed: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    options = StackOptions(agents=True, operator_extra=FLUSH)
+    with running(crds_installed, tmp_path_factory.mktemp("billing"), options) as started:
+        yield started
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
+        yield session
+
+
+def records(cluster: ClusterHandle, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(
+        cluster.kubectl("get", "brec", "-n", namespace, "-o", "json").stdout
+    )["items"]
+    return items
+
+
+def record_totals(cluster: ClusterHandle, namespace: str) -> dict[str, dict[str, Any]]:
+    totals: dict[str, dict[str, Any]] = {}
+    for record in records(cluster, namespace):
+        status = record.get("status") or {}
+        total = totals.setdefault(
+            record["spec"]["inferenceDeployment"],
+            {"activeUs": 0, "1ms": 0, "1s": 0, "1m": 0, "bursts": 0, "amount": Decimal(0)},
+        )
+        total["activeUs"] += int(status.get("activeUs", 0))
+        for granularity in ("1ms", "1s", "1m"):
+            total[granularity] += int((status.get("roundedMs") or {}).get(granularity, 0))
+        total["bursts"] += int(status.get("bursts", 0))
+        total["amount"] += Decimal(status.get("amount", "0"))
+    return totals
+
+
+async def settle(stack: Stack) -> None:
+    """Until every burst closed, was reported, delivered and flushed."""
+    await asyncio.sleep(2 * stack.options.report_interval_s + 2)
+    for _ in range(120):
+        if stack.agent_backlog() == 0:
+            break
+        await asyncio.sleep(0.5)
+    assert stack.agent_backlog() == 0, stack.logs()
+    await asyncio.sleep(2.5)  # the flush that applied the last report, and one more
+
+
+def assert_records_equal_truth(stack: Stack, namespace: str, deployments: list[str]) -> None:
+    truth = stack.agent_truth()
+    totals = record_totals(stack.cluster, namespace)
+    for name in deployments:
+        expected = truth[(namespace, name)]
+        assert expected["activeUs"] > 0
+        got = totals[name]
+        assert {k: got[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")} == {
+            k: expected[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")
+        }, name
+        assert got["amount"] == H100_PRICE * expected["1s"] / 1000, name
+
+
+async def traffic(
+    http: aiohttp.ClientSession,
+    stack: Stack,
+    namespace: str,
+    name: str,
+    rng: random.Random,
+    seconds: float,
+) -> list[int]:
+    statuses = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        ms = rng.choice([120, 450, 900, 1600])
+        async with http.post(
+            f"{stack.gateway_url}/{namespace}/{name}/v1/infer", json={"ms": ms}
+        ) as response:
+            statuses.append(response.status)
+        await asyncio.sleep(rng.choice([0.1, 0.5, 2.5, 4.0]))
+    return statuses
+
+
+def model(name: str) -> dict[str, Any]:
+    return inference_deployment(name, idle_timeout_s=120, max_replicas=1)
+
+
+async def test_traffic_becomes_records_equal_to_the_agents_truth(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    rng = random.Random(1)
+    for name in ("alpha", "beta"):
+        stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model(name)))
+    await asyncio.sleep(1)
+    results = await asyncio.gather(
+        traffic(http, stack, namespace, "alpha", rng, 14),
+        traffic(http, stack, namespace, "beta", random.Random(2), 14),
+    )
+    assert {s for r in results for s in r} == {200}
+    await settle(stack)
+    assert_records_equal_truth(stack, namespace, ["alpha", "beta"])
+    # The agents' truth is the model servers' real busy time, to the meter's precision.
+    busy_us = 0
+    for busy_file in stack.sim_dir.glob("*.busy"):
+        identity = json.loads(busy_file.with_suffix(".json").read_text())
+        if identity["pod"]["namespace"] == namespace:
+            for line in busy_file.read_text().split("\n"):
+                parts = line.split()
+                if len(parts) == 2:
+                    busy_us += (int(parts[1]) - int(parts[0])) * 1000
+    measured = sum(v["activeUs"] for k, v in stack.agent_truth().items() if k[0] == namespace)
+    assert abs(measured - busy_us) <= 0.01 * busy_us, (measured, busy_us)
+    ((record, *_),) = [
+        [
+            r
+            for r in records(stack.cluster, namespace)
+            if r["spec"]["inferenceDeployment"] == "alpha"
+        ]
+    ]
+    status = record["status"]
+    assert status["state"] == "Open"
+    assert status["provisionedMs"] > status["activeMs"] > 0
+    assert status["idleMs"] == status["provisionedMs"] - status["activeMs"]
+    assert status["coldStarts"] == 1
+    assert status["requests"] == len(results[0])
+    assert record["spec"]["gpuProduct"] == "NVIDIA-H100-80GB-HBM3"
+    assert record["spec"]["pricePerGpuSecond"] == str(H100_PRICE)
+
+
+async def test_operator_and_agents_killed_mid_flight_lose_and_repeat_nothing(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    rng = random.Random(3)
+    for name in ("gamma", "delta"):
+        stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model(name)))
+    await asyncio.sleep(1)
+
+    async def chaos() -> None:
+        for round_ in range(4):
+            await asyncio.sleep(rng.uniform(2.0, 5.0))
+            if round_ % 2 == 0:
+                assert stack.operator is not None
+                stack.operator.stop(sig=signal.SIGKILL)  # during ingestion or a flush
+                await asyncio.sleep(rng.uniform(0.2, 1.5))
+                await asyncio.to_thread(stack.start_operator)
+            else:
+                node = rng.choice(list(stack.agents))
+                stack.agents[node].stop(sig=signal.SIGKILL)
+                await asyncio.sleep(rng.uniform(0.2, 1.5))
+                await asyncio.to_thread(stack.start_agent, node)
+
+    results = await asyncio.gather(
+        traffic(http, stack, namespace, "gamma", rng, 22),
+        traffic(http, stack, namespace, "delta", random.Random(4), 22),
+        chaos(),
+    )
+    assert {s for r in results[:2] for s in r} == {200}
+    await settle(stack)
+    assert_records_equal_truth(stack, namespace, ["gamma", "delta"])
+
+
+def agent_token(stack: Stack, node: str) -> str:
+    return stack.agent_token_file(node).read_text()
+
+
+def report(
+    agent: str,
+    sequence: int,
+    namespace: str,
+    deployment: str,
+    active_us: int,
+    node: str = "gpu-node-0",
+) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    return {
+        "agentId": agent,
+        "sequence": sequence,
+        "node": node,
+        "intervalStartMs": now - 5000,
+        "intervalEndMs": now,
+        "series": [
+            {
+                "namespace": namespace,
+                "pod": f"{deployment}-0",
+                "podUid": f"uid-{deployment}",
+                "container": "server",
+                "gpu": "GPU-gpu-node-0-0",
+                "gpuProduct": "NVIDIA H100 80GB HBM3",
+                "inferenceDeployment": deployment,
+                "activeUs": active_us,
+                "roundedMs": {
+                    "1ms": -(-active_us // 1000),
+                    "1s": 1000 * -(-active_us // 1_000_000),
+                    "1m": 60000,
+                },
+                "bursts": 1,
+            }
+        ],
+    }
+
+
+async def post_usage(
+    http: aiohttp.ClientSession, stack: Stack, token: str | None, body: Any
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with http.post(
+        stack.operator_url + "/v1/usage",
+        data=data,
+        headers={**headers, "Content-Type": "application/json"},
+    ) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_resends_and_out_of_order_reports_apply_exactly_once(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    token = agent_token(stack, "gpu-node-0")
+    agent = f"test-agent-{namespace[-6:]}"
+    reports = {
+        n: report(agent, n, namespace, "ghost", active_us)
+        for n, active_us in ((1, 1_500_000), (2, 250_000), (3, 2_000_001))
+    }
+    for _ in range(3):  # the same report three times
+        assert await post_usage(http, stack, token, {"reports": [reports[1]]}) == (
+            200,
+            {"acked": {agent: 1}},
+        )
+    # 3 before 2: not applied, not acknowledged, until 2 arrives.
+    assert await post_usage(http, stack, token, {"reports": [reports[3]]}) == (
+        200,
+        {"acked": {agent: 1}},
+    )
+    assert await post_usage(http, stack, token, {"reports": [reports[2]]}) == (
+        200,
+        {"acked": {agent: 2}},
+    )
+    assert await post_usage(
+        http, stack, token, {"reports": [reports[3], reports[2], reports[1]]}
+    ) == (200, {"acked": {agent: 3}})
+    totals = record_totals(stack.cluster, namespace)["ghost"]
+    assert totals["activeUs"] == 3_750_001
+    assert totals["bursts"] == 3
+    assert totals["1s"] == 2000 + 1000 + 3000
+    assert totals["amount"] == H100_PRICE * 6
+
+
+async def test_usage_from_the_wrong_caller_or_payload_changes_nothing(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    agent_node0 = agent_token(stack, "gpu-node-0")
+    unbound = stack.token("payper-agent")  # a valid agent token, bound to no pod
+    gateway = stack.token("payper-gateway")
+    good = {"reports": [report("intruder", 1, namespace, "victim", 9_000_000)]}
+    other_node = {
+        "reports": [report("intruder", 1, namespace, "victim", 9_000_000, node="gpu-node-1")]
+    }
+    malformed = {"reports": [{**report("intruder", 1, namespace, "victim", 1), "sequence": 0}]}
+    oversized = b'{"reports": [' + b" " * (5 * 1024 * 1024) + b"]}"
+    cases = [
+        (None, good, 401, "unauthenticated"),
+        (agent_node0[:-6] + "AAAAAA", good, 401, "unauthenticated"),
+        (gateway, good, 403, "may not call"),
+        (unbound, good, 403, "not bound to a pod"),
+        (agent_node0, other_node, 403, "gpu-node-1"),
+        (agent_node0, malformed, 400, "reports.0.sequence"),
+        (agent_node0, oversized, 413, "payload larger"),
+        (agent_node0, {"reports": []}, 400, "reports"),
+    ]
+    for token, body, status, message in cases:
+        got, payload = await post_usage(http, stack, token, body)
+        assert got == status, (message, payload)
+        assert message in payload["error"]
+    await asyncio.sleep(2)
+    assert records(stack.cluster, namespace) == []
+
+
+BILL_RECORDS = [
+    # deployment, window start, granularity, price/s, reserved/h, activeMs, rounded (1ms, 1s, 1m), provisioned
+    (
+        "chat",
+        "2026-11-20T10:00:00Z",
+        "1s",
+        "0.0012",
+        "3.20",
+        125_500,
+        (125_500, 131_000, 240_000),
+        3_600_000,
+    ),
+    (
+        "chat",
+        "2026-11-20T11:00:00Z",
+        "1s",
+        "0.0012",
+        "3.20",
+        10_250,
+        (10_250, 12_000, 60_000),
+        1_800_000,
+    ),
+    (
+        "vision",
+        "2026-11-20T10:00:00Z",
+        "1ms",
+        "0.0009",
+        "2.50",
+        40_123,
+        (40_123, 52_000, 360_000),
+        900_000,
+    ),
+]
+
+
+def test_payper_bill_matches_a_hand_computed_invoice(
+    cluster_with_records: tuple[ClusterHandle, str], repo: Path
+) -> None:
+    cluster, namespace = cluster_with_records
+    # By hand: chat 10h: billed 131 s x 0.0012 = 0.157200; chat 11h: 12 s -> 0.014400;
+    # vision: 40.123 s x 0.0009 = 0.0361107 -> 0.036111. Total 0.207711.
+    # Per-ms:  125.5*0.0012 + 10.25*0.0012 + 40.123*0.0009 = 0.1506+0.0123+0.0361107 -> 0.150600+0.012300+0.036111 = 0.199011
+    # Per-s:   131*0.0012 + 12*0.0012 + 52*0.0009 = 0.1572+0.0144+0.0468 = 0.218400
+    # Per-min: 240*0.0012 + 60*0.0012 + 360*0.0009 = 0.288+0.072+0.324 = 0.684000
+    # Reserved: 1h x 3.20 + 0.5h x 3.20 + 0.25h x 2.50 = 3.2 + 1.6 + 0.625 = 5.425000
+    # Saving: 5.425000 - 0.207711 = 5.217289 (96.2 %)
+    env = cluster.env()
+
+    def bill(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "payper.cli", "bill", "-n", namespace, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        ).stdout
+
+    data = json.loads(bill("-o", "json"))
+    assert [
+        (ln["inferenceDeployment"], ln["windowStart"], ln["amount"]) for ln in data["lines"]
+    ] == [
+        ("chat", "2026-11-20T10:00:00Z", "0.157200"),
+        ("chat", "2026-11-20T11:00:00Z", "0.014400"),
+        ("vision", "2026-11-20T10:00:00Z", "0.036111"),
+    ]
+    assert data["lines"][0]["activeGpuSeconds"] == "125.500"
+    assert data["lines"][0]["idleGpuSeconds"] == "3474.500"
+    assert data["totals"] == {
+        "USD": {
+            "activeGpuSeconds": "175.873",
+            "billedGpuSeconds": "183.123",
+            "provisionedGpuSeconds": "6300.000",
+            "idleGpuSeconds": "6124.127",
+            "amount": "0.207711",
+            "amountAtGranularity": {"1ms": "0.199011", "1s": "0.218400", "1m": "0.684000"},
+            "reservedEquivalentAmount": "5.425000",
+            "savingVsReserved": "5.217289",
+            "savingPercent": "96.2",
+        }
+    }
+    csv_lines = bill("-o", "csv").strip().split("\n")
+    assert csv_lines[0].startswith("namespace,inference_deployment,window_start")
+    assert csv_lines[3].split(",")[12:] == [
+        "0.036111",
+        "0.036111",
+        "0.046800",
+        "0.324000",
+        "0.625000",
+    ]
+    assert csv_lines[4].split(",")[8:] == [
+        "175.873",
+        "183.123",
+        "6300.000",
+        "6124.127",
+        "0.207711",
+        "0.199011",
+        "0.218400",
+        "0.684000",
+        "5.425000",
+    ]
+    table = bill()
+    assert "amount due:            0.207711 USD" in table
+    assert "saving vs reserved:    5.217289 USD (96.2 %)" in table
+    assert "1m: 0.684000 USD" in table
+    window = json.loads(bill("-o", "json", "--from", "2026-11-20T11:00:00", "--to", "2026-11-21"))
+    assert [ln["windowStart"] for ln in window["lines"]] == ["2026-11-20T11:00:00Z"]
+
+
+@pytest.fixture
+def cluster_with_records(
+    crds_installed: ClusterHandle, namespace: str
+) -> tuple[ClusterHandle, str]:
+    for (
+        deployment,
+        start,
+        granularity,
+        price,
+        reserved,
+        active,
+        rounded,
+        provisioned,
+    ) in BILL_RECORDS:
+        name = f"{deployment}-{start[11:13]}"
+        end = start[:11] + f"{int(start[11:13]) + 1:02d}" + start[13:]
+        body = {
+            "apiVersion": "payper.dev/v1alpha1",
+            "kind": "BillingRecord",
+            "metadata": {"name": name},
+            "spec": {
+                "inferenceDeployment": deployment,
+                "account": namespace,
+                "window": {"start": start, "end": end},
+                "plan": "default",
+                "granularity": granularity,
+                "currency": "USD",
+                "pricePerGpuSecond": price,
+                "reservedPricePerGpuHour": reserved,
+                "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+            },
+        }
+        crds_installed.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+        billed = rounded[{"1ms": 0, "1s": 1, "1m": 2}[granularity]]
+        status = {
+            "state": "Final",
+            "activeMs": active,
+            "activeUs": active * 1000,
+            "billedMs": billed,
+            "roundedMs": {"1ms": rounded[0], "1s": rounded[1], "1m": rounded[2]},
+            "provisionedMs": provisioned,
+            "idleMs": provisioned - active,
+        }
+        crds_installed.kubectl(
+            "patch",
+            "brec",
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": status}),
+        )
+    return crds_installed, namespace
+
+
+# --- a stack with short windows: late usage and a second operator ------------------------
+
+SHORT = {"billing": {"flushIntervalSeconds": 1, "windowSeconds": 20, "graceSeconds": 5}}
+
+
+@pytest.fixture(scope="module")
+def short_stack(
+    crds_installed: ClusterHandle, tmp_path_factory: pytest.TempPathFactory, stack: Stack
+) -> Iterator[Stack]:
+    stack.stop()  # one operator per cluster: the Lease would make a second one wait
+    options = StackOptions(agents=True, operator_extra=SHORT)
+    with running(crds_installed, tmp_path_factory.mktemp("short-windows"), options) as started:
+        yield started
+
+
+async def test_an_operator_away_for_longer_than_a_window_and_grace_loses_nothing(
+    short_stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    stack = short_stack
+    stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("late")))
+    await asyncio.sleep(1)
+    rng = random.Random(5)
+    first = await traffic(http, stack, namespace, "late", rng, 6)
+    assert stack.operator is not None
+    stack.operator.stop(sig=signal.SIGKILL)
+    # The gateway still serves the warm pod; agents keep metering and queue their reports.
+    during = await traffic(http, stack, namespace, "late", rng, 30)
+    await asyncio.to_thread(stack.start_operator)
+    after = await traffic(http, stack, namespace, "late", rng, 4)
+    assert set(first + during + after) == {200}
+    await settle(stack)
+    assert_records_equal_truth(stack, namespace, ["late"])
+    recs = records(stack.cluster, namespace)
+    adjustments = [a for r in recs for a in (r.get("status") or {}).get("adjustments", [])]
+    assert adjustments, "usage of windows closed while the operator was away must be adjustments"
+    finals = [r for r in recs if r["status"]["state"] == "Final"]
+    assert finals
+    for adjustment in adjustments:
+        assert adjustment["activeUs"] > 0
+        assert "already final" in adjustment["reason"]
+
+
+async def test_two_operators_started_at_once_one_leads(
+    short_stack: Stack, namespace: str, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    stack = short_stack
+    stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("twins")))
+    assert stack.operator is not None
+    stack.operator.stop()  # a clean stop gives the Lease back
+    second = Stack(stack.cluster, tmp_path / "second", StackOptions(operator_extra=SHORT))
+    _first, second_process = await asyncio.gather(
+        asyncio.to_thread(stack.start_operator, "operator-0", False),
+        asyncio.to_thread(second.start_operator, "operator-1", False),
+    )
+    try:
+        urls = (stack.operator_url, second.operator_url)
+        eventually(lambda: any(_ready(u) for u in urls), 30, 0.2, "a leader")
+        await asyncio.sleep(2)
+        assert sorted(_ready(u) for u in urls) == [False, True], "exactly one operator leads"
+        standby = second if _ready(stack.operator_url) else stack
+        status, payload = await post_usage(
+            http,
+            standby,
+            agent_token(stack, "gpu-node-0"),
+            {"reports": [report("x", 1, namespace, "y", 5)]},
+        )
+        assert (status, "not the leader" in payload["error"]) == (503, True)
+        statuses = await traffic(http, stack, namespace, "twins", random.Random(6), 8)
+        assert set(statuses) == {200}
+        if standby is stack:  # the agents report to operator-0: let it take over
+            second_process.stop(sig=signal.SIGKILL)
+            eventually(lambda: _ready(stack.operator_url), 40, 0.5, "operator-0 to take over")
+    finally:
+        second_process.stop()
+    await settle(stack)
+    assert_records_equal_truth(stack, namespace, ["twins"])
+    assert "y" not in record_totals(stack.cluster, namespace)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
