@@ -9,10 +9,12 @@ PAYPER := $(BIN)/payper
 PYTEST := $(BIN)/python -m pytest
 CLUSTER_DIR ?= build/cluster
 POD_CIDR ?= 127.1.0.0/16
-CRDS_DIR ?= crds
+CRDS_DIRS ?= crds charts/payper/crds
+DASHBOARDS_DIR ?= charts/payper/dashboards
 
 .PHONY: help venv binaries cluster-up cluster-down cluster-status crds crds-check \
-        lint format test test-unit test-integration clean
+        dashboards dashboards-check docs docs-check generated generated-check \
+        lint format test test-unit test-integration demo images clean
 
 help:
 	@echo "make demo         - the main job: Payper end to end on a local cluster"
@@ -43,11 +45,28 @@ cluster-down: venv
 cluster-status: venv
 	$(PAYPER) cluster status --dir $(CLUSTER_DIR)
 
+# Generated files: the CRDs (top level and the chart's copy), the Grafana dashboards and
+# the configuration reference. Each has a -check twin that fails on drift.
 crds: venv
-	$(PAYPER) crds --dir $(CRDS_DIR)
+	@for dir in $(CRDS_DIRS); do $(PAYPER) crds --dir $$dir || exit 1; done
 
 crds-check: venv
-	$(PAYPER) crds --check --dir $(CRDS_DIR)
+	@for dir in $(CRDS_DIRS); do $(PAYPER) crds --check --dir $$dir || exit 1; done
+
+dashboards: venv
+	$(PAYPER) dashboards --dir $(DASHBOARDS_DIR)
+
+dashboards-check: venv
+	$(PAYPER) dashboards --check --dir $(DASHBOARDS_DIR)
+
+docs: venv
+	$(PAYPER) config-reference --out docs/configuration.md
+
+docs-check: venv
+	$(PAYPER) config-reference --check --out docs/configuration.md
+
+generated: crds dashboards docs
+generated-check: crds-check dashboards-check docs-check
 
 lint: venv
 	$(BIN)/ruff check .
@@ -71,7 +90,7 @@ test-unit: venv
 test-integration: binaries
 	$(call run_tier,tests/integration)
 
-test: crds-check test-unit test-integration
+test: generated-check test-unit test-integration
 
 clean:
 	-$(PAYPER) cluster down --dir $(CLUSTER_DIR)

@@ -101,6 +101,44 @@ def _bill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboards(args: argparse.Namespace) -> int:
+    from payper import dashboards
+
+    directory = Path(args.dir)
+    if args.check:
+        problems = dashboards.drift(directory)
+        if problems:
+            print(problems, file=sys.stderr)
+            print(f"{directory} is stale: run `make dashboards`", file=sys.stderr)
+            return 1
+        print(f"{directory} is up to date")
+        return 0
+    print(f"wrote {dashboards.write(directory)}")
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from payper import chart_docs
+
+    out = Path(args.out)
+    try:
+        if args.check:
+            problems = chart_docs.drift(out)
+            if problems:
+                print(problems, file=sys.stderr)
+                print(f"{out} is stale: run `make docs`", file=sys.stderr)
+                return 1
+            print(f"{out} is up to date")
+            return 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(chart_docs.render())
+    except chart_docs.UndocumentedValueError as error:
+        print(f"payper: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payper", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     bill.add_argument("-o", "--output", choices=("table", "json", "csv"), default="table")
     bill.add_argument("--kubeconfig", default=None)
     bill.set_defaults(func=_bill)
+
+    boards = commands.add_parser("dashboards", help="write (or --check) the Grafana dashboards")
+    boards.add_argument("--dir", default="charts/payper/dashboards")
+    boards.add_argument("--check", action="store_true", help="fail if the files are stale")
+    boards.set_defaults(func=_dashboards)
+
+    reference = commands.add_parser(
+        "config-reference", help="write (or --check) docs/configuration.md from values.yaml"
+    )
+    reference.add_argument("--out", default="docs/configuration.md")
+    reference.add_argument("--check", action="store_true", help="fail if the file is stale")
+    reference.set_defaults(func=_config_reference)
 
     crds = commands.add_parser("crds", help="write (or --check) crds/ from payper.api")
     crds.add_argument("--dir", default="crds")

@@ -37,7 +37,7 @@ from payper.api.billing_record import FINAL, KIND, PLURAL, BillingRecordSpec, Wi
 from payper.api.common import API_VERSION
 from payper.api.usage import UsageReport
 from payper.billing import metrics
-from payper.billing.pricing import UNKNOWN_PLAN, Plan, product_key
+from payper.billing.pricing import UNKNOWN_PLAN, Plan, amount, product_key
 from payper.billing.records import (
     ACCOUNT_LABEL,
     DEPLOYMENT_LABEL,
@@ -399,10 +399,16 @@ class Ledger:
         metrics.BILLED.labels(*labels).inc(grew("billedMs") / 1000)
         metrics.PROVISIONED.labels(*labels).inc(grew("provisionedMs") / 1000)
         for granularity in ("1ms", "1s", "1m"):
-            delta = int(after["roundedMs"][granularity]) - int(
-                (before.get("roundedMs") or {}).get(granularity, 0)
+            now_ms = int(after["roundedMs"][granularity])
+            was_ms = int((before.get("roundedMs") or {}).get(granularity, 0))
+            metrics.ROUNDED.labels(*labels, granularity).inc(max(0, now_ms - was_ms) / 1000)
+            priced = amount(now_ms, spec.price_per_gpu_second) - amount(
+                was_ms, spec.price_per_gpu_second
             )
-            metrics.ROUNDED.labels(*labels, granularity).inc(max(0, delta) / 1000)
+            if priced > 0:
+                metrics.AMOUNT_AT_GRANULARITY.labels(*labels, granularity, spec.currency).inc(
+                    float(priced)
+                )
         # Prometheus samples are floats by definition; the records keep the exact decimals.
         for metric, field in (
             (metrics.BILLED_AMOUNT, "amount"),

@@ -34,6 +34,11 @@ PROVISIONED = Counter(
 BILLED_AMOUNT = Counter(
     "payper_billed_amount_total", "Amount billed for active GPU time.", (*LABELS, "currency")
 )
+AMOUNT_AT_GRANULARITY = Counter(
+    "payper_amount_at_granularity_total",
+    "What the same active GPU time costs when billed per millisecond, second or minute.",
+    (*LABELS, "granularity", "currency"),
+)
 RESERVED_AMOUNT = Counter(
     "payper_reserved_equivalent_amount_total",
     "What the provisioned GPU time would have cost at reserved hourly prices.",
