@@ -103,10 +103,11 @@ def test_payper_k8s_bin_must_hold_every_binary(
         (tmp_path / name).write_text("#!/bin/sh\n")
         (tmp_path / name).chmod(0o755)
     monkeypatch.setenv("PAYPER_K8S_BIN", str(tmp_path))
-    with pytest.raises(binaries.BuildError, match="lacks: helm"):
+    missing = binaries.ALL_BINARIES[-1]
+    with pytest.raises(binaries.BuildError, match=f"lacks: {missing}"):
         binaries.find_bin_dir()
-    (tmp_path / "helm").write_text("#!/bin/sh\n")
-    (tmp_path / "helm").chmod(0o755)
+    (tmp_path / missing).write_text("#!/bin/sh\n")
+    (tmp_path / missing).chmod(0o755)
     assert binaries.find_bin_dir() == tmp_path
     assert binaries.binary("etcd") == str(tmp_path / "etcd")
 

@@ -25,9 +25,11 @@ KUBERNETES_VERSION = "v1.37.2"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.22.0"
+KUBE_SCORE_VERSION = "v1.20.0"
+"""The chart tests' policy check; built into the same directory."""
 
 KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-ALL_BINARIES = (*KUBE_BINARIES, "etcd", "kwok", "helm")
+ALL_BINARIES = (*KUBE_BINARIES, "etcd", "kwok", "helm", "kube-score")
 
 ETCD_WRAPPER = """\
 // Built by payper: etcd's server module has no installable main package.
@@ -261,10 +263,20 @@ def _build_helm(out: Path, work: Path) -> None:
     _run([*cmd, "helm.sh/helm/v3/cmd/helm"], work, "helm build", verbose_build=True)
 
 
+def _build_kube_score(out: Path, work: Path) -> None:
+    _write_module(work, "payper.local/build/kube-score", "")
+    package = "github.com/zegl/kube-score/cmd/kube-score"
+    _run(["go", "get", f"{package}@{KUBE_SCORE_VERSION}"], work, "kube-score get")
+    ldflags = f"-s -w -X main.version={KUBE_SCORE_VERSION}"
+    cmd = ["go", "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(out / "kube-score")]
+    _run([*cmd, package], work, "kube-score build", verbose_build=True)
+
+
 BUILDERS = {
     "etcd": (("etcd",), _build_etcd),
     "kwok": (("kwok",), _build_kwok),
     "helm": (("helm",), _build_helm),
+    "kube-score": (("kube-score",), _build_kube_score),
     "kube": (KUBE_BINARIES, _build_kube),
 }
 

@@ -513,7 +513,13 @@ def _node(
     taints: list[dict[str, str]] | None = None,
     extra_resources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    resources = {"cpu": "32", "memory": "256Gi", "pods": "110", **(extra_resources or {})}
+    resources = {
+        "cpu": "32",
+        "memory": "256Gi",
+        "ephemeral-storage": "1Ti",
+        "pods": "110",
+        **(extra_resources or {}),
+    }
     return {
         "apiVersion": "v1",
         "kind": "Node",
