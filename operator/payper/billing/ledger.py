@@ -242,6 +242,10 @@ class Ledger:
         for (namespace, deployment), count in events.cold_starts.items():
             await self._add_count(changes, namespace, deployment, current, "cold_starts", count)
         await self._pod_spans(changes, events, now)
+        for key, change in changes.items():
+            if change.pods:
+                _, plan = self._plan(key.namespace, key.deployment)
+                metrics.prime(key.namespace, key.deployment, key.product, plan.currency)
 
         failed: set[RecordKey] = set()
         for key, change in changes.items():

@@ -55,3 +55,19 @@ USAGE_LAG = Histogram(
     buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 900, 3600, 86400),
 )
 FINALIZED = Counter("payper_billing_records_finalized_total", "BillingRecords that became Final.")
+
+
+def prime(namespace: str, deployment: str, gpu_model: str, currency: str) -> None:
+    """Create a deployment's series at zero once its pods hold GPUs, before usage flows.
+
+    A counter whose first scraped sample is already above zero loses that first amount in
+    ``increase()``; starting every series at 0 keeps dashboard sums equal to the records.
+    """
+    labels = (namespace, deployment, gpu_model)
+    for counter in (ACTIVE, BILLED, PROVISIONED):
+        counter.labels(*labels).inc(0)
+    for granularity in ("1ms", "1s", "1m"):
+        ROUNDED.labels(*labels, granularity).inc(0)
+        AMOUNT_AT_GRANULARITY.labels(*labels, granularity, currency).inc(0)
+    BILLED_AMOUNT.labels(*labels, currency).inc(0)
+    RESERVED_AMOUNT.labels(*labels, currency).inc(0)

@@ -117,6 +117,7 @@ class Stack:
         self.operator: Process | None = None
         self.gateway: Process | None = None
         self.agents: dict[str, Process] = {}
+        self.agent_ports: dict[str, int] = {}
         self.sim_dir = self.workdir / "sim-gpu"
         self.runner: podrunner.PodRunner | None = None
         self._runner_context: Any = None
@@ -334,6 +335,7 @@ class Stack:
         return path
 
     def start_agent(self, node: str) -> Process:
+        port = self.agent_ports.setdefault(node, free_port())
         process = Process(
             f"agent-{node}",
             [
@@ -356,7 +358,7 @@ class Stack:
                 "--kubeconfig",
                 str(self.cluster.kubeconfig),
                 "--listen",
-                f"127.0.0.1:{free_port()}",
+                f"127.0.0.1:{port}",
                 "--report-interval",
                 str(self.options.report_interval_s),
             ],
@@ -366,6 +368,14 @@ class Stack:
         process.start()
         self.agents[node] = process
         return process
+
+    def scrape_targets(self) -> dict[str, list[str]]:
+        """Prometheus jobs for every running component: job -> host:port list."""
+        return {
+            "payper-operator": [f"127.0.0.1:{self.metrics_port}"],
+            "payper-gateway": [f"127.0.0.1:{self.gateway_admin_port}"],
+            "payper-agent": [f"127.0.0.1:{port}" for port in self.agent_ports.values()],
+        }
 
     def agent_truth(self) -> dict[tuple[str, str], dict[str, int]]:
         """What the agents measured and reported, per (namespace, deployment): exact integers.
