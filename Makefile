@@ -95,3 +95,19 @@ test: generated-check test-unit test-integration
 clean:
 	-$(PAYPER) cluster down --dir $(CLUSTER_DIR)
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache
+
+# Container image (buildah, no daemon): see .ci/build-images.
+images:
+	.ci/build-images
+
+# Pin the image's Python dependencies (hash-checked installs); refresh deliberately.
+lock: venv
+	$(BIN)/pip-compile --quiet --strip-extras --generate-hashes --allow-unsafe \
+	  --output-file=requirements.lock pyproject.toml
+
+# The main job: Payper end to end on a local cluster, narrated (ARGS=--keep leaves it up).
+demo: binaries
+	$(BIN)/python -m payper.demo $(ARGS)
+
+demo-down: venv
+	$(BIN)/python -m payper.demo --down

@@ -138,4 +138,3 @@ def test_spend_and_gpu_seconds_panels_agree_with_the_records(
         ]
     )
     assert abs(exact - float(amount)) < 1e-6
-

@@ -181,3 +181,45 @@ def running_in_background(runner: PodRunner, timeout_s: float = 30.0) -> Iterato
         if main is not None:
             loop.call_soon_threadsafe(main.cancel)
         thread.join(timeout_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m payper.cluster.podrunner``: the runner as a process of its own."""
+    import argparse
+    import shlex
+    import sys
+
+    parser = argparse.ArgumentParser(prog="payper-pod-runner", description=__doc__)
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="a command for pods annotated payper.dev/pod-runner: NAME (repeatable)",
+    )
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--log-dir", type=Path)
+    args = parser.parse_args(argv)
+    profiles = {}
+    for item in args.profile:
+        name, sep, command = item.partition("=")
+        if not sep or not name or not command:
+            parser.error(f"--profile {item!r}: expected NAME=COMMAND")
+        profiles[name] = shlex.split(command)
+    env = dict(item.partition("=")[::2] for item in args.env)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = PodRunner(args.kubeconfig, profiles, args.log_dir, env)
+    loop = asyncio.new_event_loop()
+    main_task = loop.create_task(runner.run())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main_task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        loop.run_until_complete(main_task)
+    loop.close()
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

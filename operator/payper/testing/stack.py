@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -100,6 +101,8 @@ class StackOptions:
     """One simulated payper-agent per GPU node, metering the model servers."""
     gpu_nodes: tuple[str, ...] = ("gpu-node-0", "gpu-node-1")
     report_interval_s: int = 5
+    runner_process: bool = False
+    """Run the pod runner as a process of its own (outlives this one), not a thread."""
 
 
 class Stack:
@@ -120,6 +123,7 @@ class Stack:
         self.agent_ports: dict[str, int] = {}
         self.sim_dir = self.workdir / "sim-gpu"
         self.runner: podrunner.PodRunner | None = None
+        self.runner_process: Process | None = None
         self._runner_context: Any = None
 
     @property
@@ -277,11 +281,29 @@ class Stack:
             "{port}",
             *self.options.model_server_args,
         ]
+        env = {"PAYPER_SIM_GPU_DIR": str(self.sim_dir), **self.options.model_server_env}
+        if self.options.runner_process:
+            self.runner_process = Process(
+                "pod-runner",
+                [
+                    sys.executable,
+                    "-m",
+                    "payper.cluster.podrunner",
+                    "--kubeconfig",
+                    str(self.cluster.kubeconfig),
+                    "--profile",
+                    f"{MODEL_PROFILE}={shlex.join(command)}",
+                    "--log-dir",
+                    str(self.workdir / "pods"),
+                    *(f"--env={key}={value}" for key, value in env.items()),
+                ],
+                self.workdir / "pod-runner.log",
+                self.env(),
+            )
+            self.runner_process.start()
+            return
         self.runner = podrunner.PodRunner(
-            self.cluster.kubeconfig,
-            {MODEL_PROFILE: command},
-            log_dir=self.workdir / "pods",
-            extra_env={"PAYPER_SIM_GPU_DIR": str(self.sim_dir), **self.options.model_server_env},
+            self.cluster.kubeconfig, {MODEL_PROFILE: command}, self.workdir / "pods", env
         )
         self._runner_context = podrunner.running_in_background(self.runner)
         self._runner_context.__enter__()
@@ -418,8 +440,13 @@ class Stack:
                 self.start_agent(node)
         return self
 
+    def processes(self) -> list[Process]:
+        """Every process this stack started (for ``make demo --keep`` to stop later)."""
+        found = [*self.agents.values(), self.gateway, self.operator, self.runner_process]
+        return [p for p in found if p is not None]
+
     def stop(self) -> None:
-        for process in (*self.agents.values(), self.gateway, self.operator):
+        for process in (*self.agents.values(), self.gateway, self.operator, self.runner_process):
             if process is not None:
                 process.stop()
         if self._runner_context is not None:
