@@ -32,7 +32,10 @@ def observed(
     crds_installed: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Stack, Prometheus, str]]:
     workdir = tmp_path_factory.mktemp("dashboards")
-    options = StackOptions(agents=True, operator_extra={"billing": {"flushIntervalSeconds": 1}})
+    # TLS on the operator API, as the chart deploys it: demand and usage both cross it.
+    options = StackOptions(
+        agents=True, tls=True, operator_extra={"billing": {"flushIntervalSeconds": 1}}
+    )
     with running(crds_installed, workdir / "stack", options) as stack:
         prometheus = Prometheus(workdir / "prometheus", stack.scrape_targets()).start()
         try:

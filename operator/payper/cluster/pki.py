@@ -144,3 +144,32 @@ def generate(directory: Path, service_ip: str) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+
+
+def serving_certificate(
+    directory: Path, common_name: str, ips: tuple[str, ...] = ("127.0.0.1",)
+) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for ``ips`` (ca.crt, tls.crt, tls.key), e.g. for the
+    operator's API in local runs, as the chart generates one in a cluster."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = _key()
+    ca_name = _name(f"{common_name}-ca")
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = _key()
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        _builder(_name(common_name), ca_name, key.public_key())
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (directory / "ca.crt", directory / "tls.crt", directory / "tls.key")
+    _write_cert(paths[0], ca_cert)
+    _write_cert(paths[1], cert)
+    _write_key(paths[2], key)
+    return paths

@@ -14,6 +14,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from payper.cluster import podrunner
+from payper.cluster import pki, podrunner
 from payper.testing.cluster import ClusterHandle, eventually
 
 SYSTEM_NAMESPACE = "payper-system"
@@ -40,9 +41,10 @@ def free_port() -> int:
         return port
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, cafile: Path | None = None) -> bool:
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
+        with urllib.request.urlopen(url, timeout=1, context=context) as response:
             return bool(response.status == 200)
     except OSError:
         return False
@@ -102,6 +104,8 @@ class StackOptions:
     gpu_nodes: tuple[str, ...] = ("gpu-node-0", "gpu-node-1")
     report_interval_s: int = 5
     runner_process: bool = False
+    tls: bool = False
+    """Serve the operator's API over TLS (a fresh CA), as the chart does."""
     """Run the pod runner as a process of its own (outlives this one), not a thread."""
 
 
@@ -132,7 +136,21 @@ class Stack:
 
     @property
     def operator_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        scheme = "https" if self.options.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.api_port}"
+
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        """(ca.crt, tls.crt, tls.key) for the operator's API, made once per stack."""
+        directory = self.workdir / "tls"
+        if not (directory / "tls.key").exists():
+            pki.serving_certificate(directory, "payper-operator")
+        return (directory / "ca.crt", directory / "tls.crt", directory / "tls.key")
+
+    def _ca(self) -> Path | None:
+        return self.tls_files()[0] if self.options.tls else None
+
+    def ca_args(self) -> list[str]:
+        return ["--operator-ca", str(self.tls_files()[0])] if self.options.tls else []
 
     @property
     def metrics_url(self) -> str:
@@ -181,12 +199,16 @@ class Stack:
 
     # -- processes ---------------------------------------------------------------------
     def operator_config(self) -> Path:
+        listen: dict[str, Any] = {
+            "api": f"127.0.0.1:{self.api_port}",
+            "metrics": f"127.0.0.1:{self.metrics_port}",
+        }
+        if self.options.tls:
+            _, cert, key = self.tls_files()
+            listen |= {"tlsCertFile": str(cert), "tlsKeyFile": str(key)}
         config = {
             "domain": self.options.domain,
-            "listen": {
-                "api": f"127.0.0.1:{self.api_port}",
-                "metrics": f"127.0.0.1:{self.metrics_port}",
-            },
+            "listen": listen,
             "autoscaler": {
                 "tickSeconds": 1,
                 "stableWindowSeconds": self.options.stable_window_s,
@@ -221,7 +243,10 @@ class Stack:
         self.operator = process
         probe = "readyz" if lead else "healthz"
         eventually(
-            lambda: _http_ok(f"{self.operator_url}/{probe}") or (not process.alive() and "dead"),
+            lambda: (
+                _http_ok(f"{self.operator_url}/{probe}", self._ca())
+                or (not process.alive() and "dead")
+            ),
             timeout_s=60,
             what="the operator to lead" if lead else "the operator to answer",
         )
@@ -244,6 +269,7 @@ class Stack:
                 self.options.domain,
                 "--operator-url",
                 self.operator_url,
+                *self.ca_args(),
                 "--token-file",
                 str(self.token_file("payper-gateway")),
                 "--max-queue",
@@ -375,6 +401,7 @@ class Stack:
                 str(self.workdir / f"agent-state-{node}"),
                 "--operator-url",
                 self.operator_url,
+                *self.ca_args(),
                 "--token-file",
                 str(self.agent_token_file(node)),
                 "--kubeconfig",
