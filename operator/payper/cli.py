@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from payper.cluster import binaries
@@ -57,21 +57,34 @@ def _cluster_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generated(
+    location: Path, check: bool, drift: Callable[[], str], write: Callable[[], list[Path]], how: str
+) -> int:
+    """Write a generated file set, or with ``check`` report how it differs (exit 1)."""
+    if check:
+        problems = drift()
+        if problems:
+            print(problems, file=sys.stderr)
+            print(f"{location} is stale: run `{how}`", file=sys.stderr)
+            return 1
+        print(f"{location} is up to date")
+        return 0
+    for path in write():
+        print(f"wrote {path}")
+    return 0
+
+
 def _crds(args: argparse.Namespace) -> int:
     from payper.api import crds
 
     directory = Path(args.dir)
-    if args.check:
-        problems = crds.drift(directory)
-        if problems:
-            print("\n".join(problems), file=sys.stderr)
-            print(f"{directory} is stale: run `make crds`", file=sys.stderr)
-            return 1
-        print(f"{directory} is up to date")
-        return 0
-    for path in crds.write(directory):
-        print(f"wrote {path}")
-    return 0
+    return _generated(
+        directory,
+        args.check,
+        lambda: "\n".join(crds.drift(directory)),
+        lambda: crds.write(directory),
+        "make crds",
+    )
 
 
 def _bill(args: argparse.Namespace) -> int:
@@ -105,38 +118,30 @@ def _dashboards(args: argparse.Namespace) -> int:
     from payper import dashboards
 
     directory = Path(args.dir)
-    if args.check:
-        problems = dashboards.drift(directory)
-        if problems:
-            print(problems, file=sys.stderr)
-            print(f"{directory} is stale: run `make dashboards`", file=sys.stderr)
-            return 1
-        print(f"{directory} is up to date")
-        return 0
-    print(f"wrote {dashboards.write(directory)}")
-    return 0
+    return _generated(
+        directory,
+        args.check,
+        lambda: dashboards.drift(directory),
+        lambda: [dashboards.write(directory)],
+        "make dashboards",
+    )
 
 
 def _config_reference(args: argparse.Namespace) -> int:
     from payper import chart_docs
 
     out = Path(args.out)
-    try:
-        if args.check:
-            problems = chart_docs.drift(out)
-            if problems:
-                print(problems, file=sys.stderr)
-                print(f"{out} is stale: run `make docs`", file=sys.stderr)
-                return 1
-            print(f"{out} is up to date")
-            return 0
+
+    def write() -> list[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(chart_docs.render())
+        return [out]
+
+    try:
+        return _generated(out, args.check, lambda: chart_docs.drift(out), write, "make docs")
     except chart_docs.UndocumentedValueError as error:
         print(f"payper: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

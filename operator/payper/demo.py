@@ -144,15 +144,6 @@ async def traffic(stack: Stack) -> None:
         say(f"  answered {status}, cold start {headers.get('X-Payper-Cold-Start-Ms')} ms")
 
 
-async def settle(stack: Stack) -> None:
-    await asyncio.sleep(2 * stack.options.report_interval_s + 1)
-    for _ in range(60):
-        if stack.agent_backlog() == 0:
-            break
-        await asyncio.sleep(0.5)
-    await asyncio.sleep(2.5)
-
-
 def chart(stack: Stack, out: Path) -> Path:
     """GPU activity (what ran) against provisioned and billed time, per tenant."""
     import matplotlib
@@ -261,7 +252,7 @@ def run(keep: bool) -> int:
         print(handle.kubectl("get", "infd", "-A").stdout, flush=True)
         asyncio.run(traffic(stack))
         say("waiting for the agents' last reports to reach the ledger")
-        asyncio.run(settle(stack))
+        asyncio.run(stack.settle())
         print(handle.kubectl("get", "infd,brec", "-A").stdout, flush=True)
         bill = subprocess.run(
             [sys.executable, "-m", "payper.cli", "bill", "-A"],

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -40,14 +40,6 @@ def stack(
         yield started
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
-    ) as session:
-        yield session
-
-
 def records(cluster: ClusterHandle, namespace: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = json.loads(
         cluster.kubectl("get", "brec", "-n", namespace, "-o", "json").stdout
@@ -69,17 +61,6 @@ def record_totals(cluster: ClusterHandle, namespace: str) -> dict[str, dict[str,
         total["bursts"] += int(status.get("bursts", 0))
         total["amount"] += Decimal(status.get("amount", "0"))
     return totals
-
-
-async def settle(stack: Stack) -> None:
-    """Until every burst closed, was reported, delivered and flushed."""
-    await asyncio.sleep(2 * stack.options.report_interval_s + 2)
-    for _ in range(120):
-        if stack.agent_backlog() == 0:
-            break
-        await asyncio.sleep(0.5)
-    assert stack.agent_backlog() == 0, stack.logs()
-    await asyncio.sleep(2.5)  # the flush that applied the last report, and one more
 
 
 def assert_records_equal_truth(stack: Stack, namespace: str, deployments: list[str]) -> None:
@@ -131,7 +112,7 @@ async def test_traffic_becomes_records_equal_to_the_agents_truth(
         traffic(http, stack, namespace, "beta", random.Random(2), 14),
     )
     assert {s for r in results for s in r} == {200}
-    await settle(stack)
+    await stack.settle()
     assert_records_equal_truth(stack, namespace, ["alpha", "beta"])
     # The agents' truth is the model servers' real busy time, to the meter's precision.
     busy_us = 0
@@ -189,7 +170,7 @@ async def test_operator_and_agents_killed_mid_flight_lose_and_repeat_nothing(
         chaos(),
     )
     assert {s for r in results[:2] for s in r} == {200}
-    await settle(stack)
+    await stack.settle()
     assert_records_equal_truth(stack, namespace, ["gamma", "delta"])
 
 
@@ -504,7 +485,7 @@ async def test_an_operator_away_for_longer_than_a_window_and_grace_loses_nothing
     await asyncio.to_thread(stack.start_operator)
     after = await traffic(http, stack, namespace, "late", rng, 4)
     assert set(first + during + after) == {200}
-    await settle(stack)
+    await stack.settle()
     assert_records_equal_truth(stack, namespace, ["late"])
     recs = records(stack.cluster, namespace)
     adjustments = [a for r in recs for a in (r.get("status") or {}).get("adjustments", [])]
@@ -548,7 +529,7 @@ async def test_two_operators_started_at_once_one_leads(
             eventually(lambda: _ready(stack.operator_url), 40, 0.5, "operator-0 to take over")
     finally:
         second_process.stop()
-    await settle(stack)
+    await stack.settle()
     assert_records_equal_truth(stack, namespace, ["twins"])
     assert "y" not in record_totals(stack.cluster, namespace)
 

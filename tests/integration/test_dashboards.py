@@ -71,12 +71,7 @@ async def _drive(stack: Stack, namespace: str) -> None:
                 await asyncio.sleep(rng.choice([0.2, 2.5]))
 
         await asyncio.gather(client("vision"), client("chat"))
-    await asyncio.sleep(2 * stack.options.report_interval_s + 2)
-    for _ in range(60):
-        if stack.agent_backlog() == 0:
-            break
-        await asyncio.sleep(0.5)
-    await asyncio.sleep(2.5)
+    await stack.settle()
 
 
 def _expr(query: Query, namespace: str) -> str:

@@ -85,14 +85,6 @@ def condition(
     return None
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
-    ) as session:
-        yield session
-
-
 async def infer(
     http: aiohttp.ClientSession, stack: Stack, namespace: str, name: str, ms: int = 50, **kw: Any
 ) -> tuple[int, dict[str, str], Any]:

@@ -69,18 +69,23 @@ def pod_template(name: str, spec: InferenceDeploymentSpec) -> dict[str, Any]:
     return template
 
 
+def _metadata(name: str, namespace: str, uid: str) -> dict[str, Any]:
+    """What every child carries: its name, the selector label, and its owner."""
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": {**selector_labels(name), **MANAGED_BY},
+        "ownerReferences": [owner_reference(name, uid)],
+    }
+
+
 def deployment(
     name: str, namespace: str, uid: str, spec: InferenceDeploymentSpec, replicas: int
 ) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {**selector_labels(name), **MANAGED_BY},
-            "ownerReferences": [owner_reference(name, uid)],
-        },
+        "metadata": _metadata(name, namespace, uid),
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": selector_labels(name)},
@@ -100,12 +105,7 @@ def service(name: str, namespace: str, uid: str, spec: InferenceDeploymentSpec) 
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {**selector_labels(name), **MANAGED_BY},
-            "ownerReferences": [owner_reference(name, uid)],
-        },
+        "metadata": _metadata(name, namespace, uid),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(name),

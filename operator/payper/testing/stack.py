@@ -8,6 +8,7 @@ each other with real ServiceAccount tokens minted by the API server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -455,6 +456,17 @@ class Stack:
             len(list((self.workdir / f"agent-state-{node}" / "reports").glob("*.json")))
             for node in self.agents
         )
+
+    async def settle(self, flush_s: float = 2.5, limit_s: float = 60) -> None:
+        """Until every burst closed, was reported, delivered and flushed into records."""
+        await asyncio.sleep(2 * self.options.report_interval_s + 2)
+        for _ in range(int(limit_s * 2)):  # the backlog is files on disk: poll it
+            if not self.agent_backlog():
+                break
+            await asyncio.sleep(0.5)
+        if self.agent_backlog():
+            raise AssertionError(f"the agents' reports were not acknowledged:\n{self.logs()}")
+        await asyncio.sleep(flush_s)  # the flush that applied the last report, and one more
 
     def start(self) -> Stack:
         self.ensure_system()
