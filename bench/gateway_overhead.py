@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -33,10 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from payper.cluster.local import ClusterConfig, LocalCluster
-from payper.testing.cluster import ClusterHandle, eventually
+from payper.cluster.local import ClusterConfig
+from payper.testing.cluster import ClusterHandle, eventually, local_cluster
 from payper.testing.stack import free_port
 
+CRDS = Path(__file__).resolve().parents[1] / "crds"
 NAMESPACE = "bench"
 NAME = "echo"
 SMALL_BODY = "x" * 96
@@ -180,6 +180,155 @@ def wrk(host: str, port: int, path: str, seconds: int, connections: int = 32) ->
     return float(match.group(1))
 
 
+def run(
+    handle: ClusterHandle,
+    scratch: Path,
+    args: argparse.Namespace,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    """Latency at a fixed rate, then throughput, for each path: direct, nginx, payper."""
+    handle.install_crds(CRDS)
+    handle.kubectl("create", "namespace", NAMESPACE)
+    infd = {
+        "apiVersion": "payper.dev/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": NAME, "namespace": NAMESPACE},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {"name": "s", "image": "nginx", "ports": [{"containerPort": 8000}]}
+                    ]
+                }
+            }
+        },
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{NAME}-0",
+            "namespace": NAMESPACE,
+            "labels": {"payper.dev/inference-deployment": NAME},
+        },
+        "spec": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "nodeName": "gpu-node-0",
+            "containers": [{"name": "s", "image": "nginx", "ports": [{"containerPort": 8000}]}],
+        },
+    }
+    handle.apply_items([infd, pod])
+
+    def pod_ip() -> str | None:
+        got = handle.get_json("pod", f"{NAME}-0", "-n", NAMESPACE)
+        ready = any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in got["status"].get("conditions", [])
+        )
+        return got["status"].get("podIP") if ready else None
+
+    ip = eventually(pod_ip, 30, what="the pod's IP")
+    backend = f"{ip}:8000"
+    (scratch / "backend.conf").write_text(nginx_backend_conf(scratch, backend))
+    proxy_port, gateway_port, admin_port = free_port(), free_port(), free_port()
+    (scratch / "proxy.conf").write_text(nginx_proxy_conf(scratch, proxy_port, backend))
+    token = scratch / "token"
+    token.write_text("unused")
+    processes.append(
+        subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "0",
+                "nginx",
+                "-c",
+                str(scratch / "backend.conf"),
+                "-e",
+                str(scratch / "backend.err"),
+            ]
+        )
+    )
+    processes.append(
+        subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "1",
+                "nginx",
+                "-c",
+                str(scratch / "proxy.conf"),
+                "-e",
+                str(scratch / "proxy.err"),
+            ]
+        )
+    )
+    gateway_log = (scratch / "gateway.log").open("wb")
+    processes.append(
+        subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "1",
+                sys.executable,
+                "-m",
+                "payper.gateway.main",
+                "--listen",
+                f"127.0.0.1:{gateway_port}",
+                "--admin-listen",
+                f"127.0.0.1:{admin_port}",
+                "--operator-url",
+                f"http://127.0.0.1:{free_port()}",
+                "--token-file",
+                str(token),
+                "--kubeconfig",
+                str(handle.kubeconfig),
+                "--log-level",
+                "ERROR",
+            ],
+            stdout=gateway_log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    )
+    time.sleep(1.5)
+    prefix = f"/{NAMESPACE}/{NAME}"
+    backend_port = 8000
+
+    def routes(kind: str) -> dict[str, tuple[str, int, str]]:
+        return {
+            "direct": (ip, backend_port, f"/{kind}"),
+            "nginx": ("127.0.0.1", proxy_port, f"/{kind}"),
+            "payper": ("127.0.0.1", gateway_port, f"{prefix}/{kind}"),
+        }
+
+    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    print(f"fixed rate: {args.rate:.0f} req/s for {args.seconds:.0f} s per path; latency in ms\n")
+    print(f"{'kind':<8}{'path':<8}{'p50':>8}{'p99':>8}{'added p50':>11}{'added p99':>11}")
+    results = {}
+    for kind in ("small", "stream"):
+        for path_name, (host, port, path) in routes(kind).items():
+            latencies = asyncio.run(fixed_rate(host, port, path, args.rate, args.seconds))
+            results[(kind, path_name)] = (
+                percentile(latencies, 0.5),
+                percentile(latencies, 0.99),
+            )
+        base50, base99 = results[(kind, "direct")]
+        for path_name in ("direct", "nginx", "payper"):
+            p50, p99 = results[(kind, path_name)]
+            added = f"{p50 - base50:>11.3f}{p99 - base99:>11.3f}"
+            print(f"{kind:<8}{path_name:<8}{p50:>8.3f}{p99:>8.3f}{added}")
+    print(f"\nmax throughput, proxy on one core (wrk -t1 -c32, {args.wrk_seconds} s), req/s")
+    print(f"{'kind':<8}{'direct':>10}{'nginx':>10}{'payper':>10}{'payper/nginx':>14}")
+    for kind in ("small", "stream"):
+        direct, through_nginx, through_payper = (
+            wrk(host, port, path, args.wrk_seconds) for host, port, path in routes(kind).values()
+        )
+        ratio = through_payper / through_nginx
+        print(
+            f"{kind:<8}{direct:>10.0f}{through_nginx:>10.0f}{through_payper:>10.0f}{ratio:>14.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=200)
@@ -191,163 +340,11 @@ def main() -> None:
             sys.exit(f"{tool} is required (Debian: nginx-light, wrk, util-linux)")
     scratch = Path(tempfile.mkdtemp(prefix="payper-bench-gw-"))
     (scratch / "tmp").mkdir()
-    cluster = LocalCluster(scratch / "cluster")
     processes: list[subprocess.Popen[bytes]] = []
+    config = ClusterConfig(pod_cidr="127.6.0.0/16", cold_start_ms=0)
     try:
-        kubeconfig = cluster.up(ClusterConfig(pod_cidr="127.6.0.0/16", cold_start_ms=0))
-        handle = ClusterHandle(kubeconfig, "127.6.0.0/16", 0)
-        repo = Path(__file__).resolve().parents[1]
-        handle.kubectl("apply", "-f", str(repo / "crds"))
-        handle.kubectl("wait", "--for=condition=Established", "crd", "--all")
-        handle.kubectl("create", "namespace", NAMESPACE)
-        infd = {
-            "apiVersion": "payper.dev/v1alpha1",
-            "kind": "InferenceDeployment",
-            "metadata": {"name": NAME, "namespace": NAMESPACE},
-            "spec": {
-                "template": {
-                    "spec": {
-                        "containers": [
-                            {"name": "s", "image": "nginx", "ports": [{"containerPort": 8000}]}
-                        ]
-                    }
-                }
-            },
-        }
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": f"{NAME}-0",
-                "namespace": NAMESPACE,
-                "labels": {"payper.dev/inference-deployment": NAME},
-            },
-            "spec": {
-                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
-                "nodeName": "gpu-node-0",
-                "containers": [{"name": "s", "image": "nginx", "ports": [{"containerPort": 8000}]}],
-            },
-        }
-        handle.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [infd, pod]}),
-        )
-
-        def pod_ip() -> str | None:
-            got = json.loads(
-                handle.kubectl("get", "pod", f"{NAME}-0", "-n", NAMESPACE, "-o", "json").stdout
-            )
-            ready = any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in got["status"].get("conditions", [])
-            )
-            return got["status"].get("podIP") if ready else None
-
-        ip = eventually(pod_ip, 30, what="the pod's IP")
-        backend = f"{ip}:8000"
-        (scratch / "backend.conf").write_text(nginx_backend_conf(scratch, backend))
-        proxy_port, gateway_port, admin_port = free_port(), free_port(), free_port()
-        (scratch / "proxy.conf").write_text(nginx_proxy_conf(scratch, proxy_port, backend))
-        token = scratch / "token"
-        token.write_text("unused")
-        processes.append(
-            subprocess.Popen(
-                [
-                    "taskset",
-                    "-c",
-                    "0",
-                    "nginx",
-                    "-c",
-                    str(scratch / "backend.conf"),
-                    "-e",
-                    str(scratch / "backend.err"),
-                ]
-            )
-        )
-        processes.append(
-            subprocess.Popen(
-                [
-                    "taskset",
-                    "-c",
-                    "1",
-                    "nginx",
-                    "-c",
-                    str(scratch / "proxy.conf"),
-                    "-e",
-                    str(scratch / "proxy.err"),
-                ]
-            )
-        )
-        gateway_log = (scratch / "gateway.log").open("wb")
-        processes.append(
-            subprocess.Popen(
-                [
-                    "taskset",
-                    "-c",
-                    "1",
-                    sys.executable,
-                    "-m",
-                    "payper.gateway.main",
-                    "--listen",
-                    f"127.0.0.1:{gateway_port}",
-                    "--admin-listen",
-                    f"127.0.0.1:{admin_port}",
-                    "--operator-url",
-                    f"http://127.0.0.1:{free_port()}",
-                    "--token-file",
-                    str(token),
-                    "--kubeconfig",
-                    str(kubeconfig),
-                    "--log-level",
-                    "ERROR",
-                ],
-                stdout=gateway_log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        )
-        time.sleep(1.5)
-        prefix = f"/{NAMESPACE}/{NAME}"
-        backend_port = 8000
-
-        def routes(kind: str) -> dict[str, tuple[str, int, str]]:
-            return {
-                "direct": (ip, backend_port, f"/{kind}"),
-                "nginx": ("127.0.0.1", proxy_port, f"/{kind}"),
-                "payper": ("127.0.0.1", gateway_port, f"{prefix}/{kind}"),
-            }
-
-        print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
-        print(
-            f"fixed rate: {args.rate:.0f} req/s for {args.seconds:.0f} s per path; latency in ms\n"
-        )
-        print(f"{'kind':<8}{'path':<8}{'p50':>8}{'p99':>8}{'added p50':>11}{'added p99':>11}")
-        results = {}
-        for kind in ("small", "stream"):
-            for path_name, (host, port, path) in routes(kind).items():
-                latencies = asyncio.run(fixed_rate(host, port, path, args.rate, args.seconds))
-                results[(kind, path_name)] = (
-                    percentile(latencies, 0.5),
-                    percentile(latencies, 0.99),
-                )
-            base50, base99 = results[(kind, "direct")]
-            for path_name in ("direct", "nginx", "payper"):
-                p50, p99 = results[(kind, path_name)]
-                added = f"{p50 - base50:>11.3f}{p99 - base99:>11.3f}"
-                print(f"{kind:<8}{path_name:<8}{p50:>8.3f}{p99:>8.3f}{added}")
-        print(f"\nmax throughput, proxy on one core (wrk -t1 -c32, {args.wrk_seconds} s), req/s")
-        print(f"{'kind':<8}{'direct':>10}{'nginx':>10}{'payper':>10}{'payper/nginx':>14}")
-        for kind in ("small", "stream"):
-            direct, through_nginx, through_payper = (
-                wrk(host, port, path, args.wrk_seconds)
-                for host, port, path in routes(kind).values()
-            )
-            ratio = through_payper / through_nginx
-            print(
-                f"{kind:<8}{direct:>10.0f}{through_nginx:>10.0f}{through_payper:>10.0f}{ratio:>14.2f}"
-            )
+        with local_cluster(scratch / "cluster", config) as handle:
+            run(handle, scratch, args, processes)
     except BaseException:
         print((scratch / "gateway.log").read_text()[-3000:], file=sys.stderr)
         raise
@@ -359,7 +356,6 @@ def main() -> None:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
-        cluster.down()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import aiohttp
 
-from payper.cluster.local import ClusterConfig, LocalCluster
+from payper.cluster.local import ClusterConfig
 from payper.kube import Kube
-from payper.testing.cluster import ClusterHandle
+from payper.testing.cluster import local_cluster
 from payper.testing.stack import Stack, StackOptions
 
+CRDS = Path(__file__).resolve().parents[1] / "crds"
 NAMESPACE = "bench-usage"
 DEPLOYMENTS = 200
 SERIES = 32
@@ -135,53 +136,49 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     args = parser.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="payper-bench-usage-") as scratch:
-        cluster = LocalCluster(Path(scratch) / "cluster")
-        try:
-            kubeconfig = cluster.up(ClusterConfig(pod_cidr="127.10.0.0/16"))
-            handle = ClusterHandle(kubeconfig, "127.10.0.0/16", 3000)
-            repo = Path(__file__).resolve().parents[1]
-            handle.kubectl("apply", "-f", str(repo / "crds"))
-            handle.kubectl("wait", "--for=condition=Established", "crd", "--all")
-            handle.kubectl("create", "namespace", NAMESPACE)
-            stack = Stack(
-                handle,
-                Path(scratch) / "stack",
-                StackOptions(operator_extra={"billing": {"flushIntervalSeconds": 10}}),
+    config = ClusterConfig(pod_cidr="127.10.0.0/16")
+    with (
+        tempfile.TemporaryDirectory(prefix="payper-bench-usage-") as scratch,
+        local_cluster(Path(scratch) / "cluster", config) as handle,
+    ):
+        handle.install_crds(CRDS)
+        handle.kubectl("create", "namespace", NAMESPACE)
+        stack = Stack(
+            handle,
+            Path(scratch) / "stack",
+            StackOptions(operator_extra={"billing": {"flushIntervalSeconds": 10}}),
+        )
+        stack.ensure_system()
+        tokens = {node: stack.agent_token_file(node).read_text() for node in NODES}
+        for size in [int(x) for x in args.fleets.split(",")]:
+            operator = stack.start_operator()
+            assert operator.popen is not None
+            subprocess.run(
+                ["taskset", "-acp", "1", str(operator.popen.pid)],
+                check=True,
+                capture_output=True,
             )
-            stack.ensure_system()
-            tokens = {node: stack.agent_token_file(node).read_text() for node in NODES}
-            for size in [int(x) for x in args.fleets.split(",")]:
-                operator = stack.start_operator()
-                assert operator.popen is not None
-                subprocess.run(
-                    ["taskset", "-acp", "1", str(operator.popen.pid)],
-                    check=True,
-                    capture_output=True,
-                )
 
-                pid = operator.popen.pid
+            pid = operator.popen.pid
 
-                async def measured(
-                    size: int = size, pid: int = pid
-                ) -> tuple[dict[str, float], float, float, float]:
-                    async with Kube.connect(kubeconfig) as kube:
-                        warm = asyncio.create_task(
-                            fleet(stack.operator_url, tokens, size, args.seconds + 20)
-                        )
-                        await asyncio.sleep(20)  # every agent has reported; the first flushes ran
-                        cpu0, writes0, t0 = cpu_seconds(pid), await writes(kube), time.monotonic()
-                        result = await warm
-                        cpu1, writes1, t1 = cpu_seconds(pid), await writes(kube), time.monotonic()
-                    elapsed = t1 - t0
-                    cpu_share = (cpu1 - cpu0) / elapsed
-                    return result, cpu_share, (writes1 - writes0) / elapsed, rss_mib(pid)
+            async def measured(
+                size: int = size, pid: int = pid
+            ) -> tuple[dict[str, float], float, float, float]:
+                async with handle.kube() as kube:
+                    warm = asyncio.create_task(
+                        fleet(stack.operator_url, tokens, size, args.seconds + 20)
+                    )
+                    await asyncio.sleep(20)  # every agent has reported; the first flushes ran
+                    cpu0, writes0, t0 = cpu_seconds(pid), await writes(kube), time.monotonic()
+                    result = await warm
+                    cpu1, writes1, t1 = cpu_seconds(pid), await writes(kube), time.monotonic()
+                elapsed = t1 - t0
+                cpu_share = (cpu1 - cpu0) / elapsed
+                return result, cpu_share, (writes1 - writes0) / elapsed, rss_mib(pid)
 
-                result, cpu, writes_per_s, rss = asyncio.run(measured())
-                rows.append((size, cpu, rss, writes_per_s, result))
-                operator.stop()
-        finally:
-            cluster.down()
+            result, cpu, writes_per_s, rss = asyncio.run(measured())
+            rows.append((size, cpu, rss, writes_per_s, result))
+            operator.stop()
     bound = DEPLOYMENTS / 10
     print(f"fleet: agents x {SERIES} series every {REPORT_EVERY_S} s, {DEPLOYMENTS} deployments")
     print("agents  reports/s  cpu(1 core)  RSS MiB  writes/s  bound  ack p50 s  ack max s  unacked")

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from payper.cluster.local import ClusterConfig, LocalCluster
+from payper.cluster.local import ClusterConfig
 from payper.kube import Kube, resource_path
-from payper.testing.cluster import ClusterHandle
+from payper.testing.cluster import local_cluster
 from payper.testing.stack import Stack, inference_deployment
 
+CRDS = Path(__file__).resolve().parents[1] / "crds"
 NAMESPACE = "bench-scale"
 GOALS = {"reconcile_s": 60.0, "rss_mib": 300.0, "tick_ms": 20.0}
 
@@ -70,52 +70,41 @@ def main() -> None:
     parser.add_argument("--deployments", type=int, default=1000)
     parser.add_argument("--steady-seconds", type=int, default=60)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="payper-bench-scale-") as scratch:
-        cluster = LocalCluster(Path(scratch) / "cluster")
+    with (
+        tempfile.TemporaryDirectory(prefix="payper-bench-scale-") as scratch,
+        local_cluster(Path(scratch) / "cluster", ClusterConfig(pod_cidr="127.8.0.0/16")) as handle,
+    ):
+        handle.install_crds(CRDS)
+        handle.kubectl("create", "namespace", NAMESPACE)
+        for start in range(0, args.deployments, 200):
+            items = []
+            for index in range(start, min(args.deployments, start + 200)):
+                manifest = inference_deployment(f"d-{index:04d}", runner=False)
+                manifest["metadata"]["namespace"] = NAMESPACE
+                items.append(manifest)
+            handle.apply_items(items, verb="create", timeout=300)
+        stack = Stack(handle, Path(scratch) / "stack")
+        stack.ensure_system()
+        started = time.monotonic()
+        operator = stack.start_operator()
         try:
-            kubeconfig = cluster.up(ClusterConfig(pod_cidr="127.8.0.0/16"))
-            handle = ClusterHandle(kubeconfig, "127.8.0.0/16", 3000)
-            repo = Path(__file__).resolve().parents[1]
-            handle.kubectl("apply", "-f", str(repo / "crds"))
-            handle.kubectl("wait", "--for=condition=Established", "crd", "--all")
-            handle.kubectl("create", "namespace", NAMESPACE)
-            for start in range(0, args.deployments, 200):
-                items = []
-                for index in range(start, min(args.deployments, start + 200)):
-                    manifest = inference_deployment(f"d-{index:04d}", runner=False)
-                    manifest["metadata"]["namespace"] = NAMESPACE
-                    items.append(manifest)
-                handle.kubectl(
-                    "create",
-                    "-f",
-                    "-",
-                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
-                    timeout=300,
+            assert operator.popen is not None
+            done, total = 0, args.deployments
+            while done < total:
+                time.sleep(1)
+                done, total = asyncio.run(reconciled(handle.kubeconfig))
+                print(
+                    f"  {time.monotonic() - started:6.1f}s  {done}/{total} reconciled",
+                    flush=True,
                 )
-            stack = Stack(handle, Path(scratch) / "stack")
-            stack.ensure_system()
-            started = time.monotonic()
-            operator = stack.start_operator()
-            try:
-                assert operator.popen is not None
-                done, total = 0, args.deployments
-                while done < total:
-                    time.sleep(1)
-                    done, total = asyncio.run(reconciled(kubeconfig))
-                    print(
-                        f"  {time.monotonic() - started:6.1f}s  {done}/{total} reconciled",
-                        flush=True,
-                    )
-                reconcile_s = time.monotonic() - started
-                first = tick_totals(stack.metrics_url)
-                time.sleep(args.steady_seconds)
-                second = tick_totals(stack.metrics_url)
-                tick_ms = (second[0] - first[0]) / max(1.0, second[1] - first[1]) * 1000
-                rss_now, rss_peak = rss_mib(operator.popen.pid)
-            finally:
-                stack.stop()
+            reconcile_s = time.monotonic() - started
+            first = tick_totals(stack.metrics_url)
+            time.sleep(args.steady_seconds)
+            second = tick_totals(stack.metrics_url)
+            tick_ms = (second[0] - first[0]) / max(1.0, second[1] - first[1]) * 1000
+            rss_now, rss_peak = rss_mib(operator.popen.pid)
         finally:
-            cluster.down()
+            stack.stop()
     print(f"deployments: {args.deployments}")
     report("all reconciled after operator start", reconcile_s, "s", "reconcile_s")
     print(f"operator RSS now: {rss_now:.0f} MiB")

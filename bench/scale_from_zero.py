@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -20,11 +19,12 @@ from pathlib import Path
 
 import aiohttp
 
-from payper.cluster.local import ClusterConfig, LocalCluster
+from payper.cluster.local import ClusterConfig
 from payper.kube import Kube, resource_path
-from payper.testing.cluster import ClusterHandle
+from payper.testing.cluster import local_cluster
 from payper.testing.stack import Stack, inference_deployment
 
+CRDS = Path(__file__).resolve().parents[1] / "crds"
 NAMESPACE = "bench-zero"
 GOAL_P99_MS = 100.0
 
@@ -70,38 +70,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=30)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="payper-bench-zero-") as scratch:
-        cluster = LocalCluster(Path(scratch) / "cluster")
+    config = ClusterConfig(pod_cidr="127.7.0.0/16", cold_start_ms=60_000)
+    with (
+        tempfile.TemporaryDirectory(prefix="payper-bench-zero-") as scratch,
+        local_cluster(Path(scratch) / "cluster", config) as handle,
+    ):
+        handle.install_crds(CRDS)
+        handle.kubectl("create", "namespace", NAMESPACE)
+        names = [f"zero-{i:03d}" for i in range(args.trials)]
+        items = []
+        for name in names:
+            manifest = inference_deployment(name, idle_timeout_s=3600, runner=False)
+            manifest["metadata"]["namespace"] = NAMESPACE
+            items.append(manifest)
+        handle.apply_items(items)
+        stack = Stack(handle, Path(scratch) / "stack")
+        stack.ensure_system()
+        stack.start_operator()
+        stack.start_gateway()
         try:
-            kubeconfig = cluster.up(ClusterConfig(pod_cidr="127.7.0.0/16", cold_start_ms=60_000))
-            handle = ClusterHandle(kubeconfig, "127.7.0.0/16", 60_000)
-            repo = Path(__file__).resolve().parents[1]
-            handle.kubectl("apply", "-f", str(repo / "crds"))
-            handle.kubectl("wait", "--for=condition=Established", "crd", "--all")
-            handle.kubectl("create", "namespace", NAMESPACE)
-            names = [f"zero-{i:03d}" for i in range(args.trials)]
-            items = []
-            for name in names:
-                manifest = inference_deployment(name, idle_timeout_s=3600, runner=False)
-                manifest["metadata"]["namespace"] = NAMESPACE
-                items.append(manifest)
-            handle.kubectl(
-                "apply",
-                "-f",
-                "-",
-                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
-            )
-            stack = Stack(handle, Path(scratch) / "stack")
-            stack.ensure_system()
-            stack.start_operator()
-            stack.start_gateway()
-            try:
-                time.sleep(3)  # every deployment reconciled and seen by the gateway
-                latencies = asyncio.run(measure(stack, kubeconfig, names))
-            finally:
-                stack.stop()
+            time.sleep(3)  # every deployment reconciled and seen by the gateway
+            latencies = asyncio.run(measure(stack, handle.kubeconfig, names))
         finally:
-            cluster.down()
+            stack.stop()
     p50, p99 = statistics.median(latencies), percentile(latencies, 0.99)
     print(f"trials: {len(latencies)}")
     print("first held request -> Deployment spec.replicas=1, in ms:")

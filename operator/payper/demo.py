@@ -151,7 +151,7 @@ def chart(stack: Stack, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = json.loads(stack.cluster.kubectl("get", "brec", "-A", "-o", "json").stdout)["items"]
+    records = stack.cluster.get_json("brec", "-A")["items"]
     busy: dict[str, list[tuple[int, int]]] = {ns: [] for ns in TENANTS}
     for path in stack.sim_dir.glob("*.busy"):
         identity = json.loads(path.with_suffix(".json").read_text())
@@ -220,8 +220,7 @@ def run(keep: bool) -> int:
     try:
         ready_s = cluster.timings.get("nodes ready", 0)
         say(f"cluster ready ({ready_s:.1f}s): 2 GPU nodes x 8 H100, 1 CPU node")
-        handle.kubectl("apply", "-f", "crds/")
-        handle.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        handle.install_crds(Path("crds"))
         say("CRDs installed; starting payper-operator, payper-gateway, the pod runner, 2 agents")
         stack = Stack(
             handle,
@@ -241,12 +240,7 @@ def run(keep: bool) -> int:
             ).start()
         for namespace in TENANTS:
             handle.kubectl("create", "namespace", namespace, check=False)
-        handle.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": deployments()}),
-        )
+        handle.apply_items(deployments())
         time.sleep(2)
         say("two tenants' InferenceDeployments, both scaled to zero:")
         print(handle.kubectl("get", "infd", "-A").stdout, flush=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from payper.cluster.local import ClusterConfig, LocalCluster
-from payper.testing.cluster import ClusterHandle
+from payper.cluster.local import ClusterConfig
+from payper.testing.cluster import ClusterHandle, local_cluster
 
 TEST_POD_CIDR = "127.2.0.0/16"
 TEST_COLD_START_MS = 1500
@@ -33,26 +33,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
     if external:
         yield ClusterHandle(Path(external), TEST_POD_CIDR, TEST_COLD_START_MS)
         return
-    local = LocalCluster(tmp_path_factory.mktemp("cluster"))
     config = ClusterConfig(pod_cidr=TEST_POD_CIDR, cold_start_ms=TEST_COLD_START_MS)
-    kubeconfig = local.up(config)
-    try:
-        yield ClusterHandle(kubeconfig, config.pod_cidr, config.cold_start_ms)
-    finally:
-        local.down()
+    with local_cluster(tmp_path_factory.mktemp("cluster"), config) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="session")
 def crds_installed(cluster: ClusterHandle, repo: Path) -> ClusterHandle:
-    cluster.kubectl("apply", "-f", str(repo / "crds"))
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "-l",
-        "app.kubernetes.io/part-of=payper",
-        "--timeout=60s",
-    )
+    cluster.install_crds(repo / "crds")
     return cluster
 
 

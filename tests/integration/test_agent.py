@@ -143,9 +143,7 @@ async def gpu_pod(cluster: ClusterHandle, namespace: str) -> dict[str, Any]:
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
     uid = eventually(
-        lambda: json.loads(
-            cluster.kubectl("get", "pod", "model-0", "-n", namespace, "-o", "json").stdout
-        )["metadata"]["uid"],
+        lambda: cluster.get_json("pod", "model-0", "-n", namespace)["metadata"]["uid"],
         20,
     )
     return {"namespace": namespace, "name": "model-0", "uid": uid, "container": "server"}

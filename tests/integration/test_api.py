@@ -113,7 +113,7 @@ INVALID = [
 def test_crds_established_and_examples_apply(
     crds_installed: ClusterHandle, repo: Path, namespace: str
 ) -> None:
-    crds = json.loads(crds_installed.kubectl("get", "crd", "-o", "json").stdout)["items"]
+    crds = crds_installed.get_json("crd")["items"]
     ours = {c["metadata"]["name"]: c for c in crds if c["spec"]["group"] == "payper.dev"}
     assert set(ours) == {"inferencedeployments.payper.dev", "billingrecords.payper.dev"}
     for crd in ours.values():
@@ -162,9 +162,7 @@ def test_valid_probe_is_accepted_and_defaulted(
     crds_installed: ClusterHandle, namespace: str
 ) -> None:
     crds_installed.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(VALID))
-    stored = json.loads(
-        crds_installed.kubectl("get", "infd", "probe", "-n", namespace, "-o", "json").stdout
-    )
+    stored = crds_installed.get_json("infd", "probe", "-n", namespace)
     assert stored["spec"]["gpu"] == {"count": 1, "resource": "nvidia.com/gpu"}
     assert stored["spec"]["billing"] == {"plan": "default"}
     assert stored["spec"]["scaling"]["idleTimeoutSeconds"] == 300
@@ -213,7 +211,7 @@ def test_final_billing_record_cannot_be_modified(
     )
     assert _patch_status(crds_installed, namespace, {"activeMs": 2500}).returncode == 0
     assert _patch_status(crds_installed, namespace, {"state": "Final"}).returncode == 0
-    before = crds_installed.kubectl("get", "brec", "-n", namespace, "-o", "json").stdout
+    before = crds_installed.get_json("brec", "-n", namespace)["items"][0]["status"]
 
     for change in ({"activeMs": 9999}, {"state": "Open"}, {"amount": "1.00"}):
         result = _patch_status(crds_installed, namespace, change)
@@ -232,9 +230,9 @@ def test_final_billing_record_cannot_be_modified(
     )
     assert spec_change.returncode != 0
     assert "spec is immutable" in spec_change.stderr
-    after = crds_installed.kubectl("get", "brec", "-n", namespace, "-o", "json").stdout
-    assert json.loads(after)["items"][0]["status"] == json.loads(before)["items"][0]["status"]
-    assert json.loads(after)["items"][0]["status"]["activeMs"] == 2500
+    after = crds_installed.get_json("brec", "-n", namespace)["items"][0]["status"]
+    assert after == before
+    assert after["activeMs"] == 2500
 
 
 @pytest.mark.parametrize(

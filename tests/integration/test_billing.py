@@ -41,9 +41,7 @@ def stack(
 
 
 def records(cluster: ClusterHandle, namespace: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = json.loads(
-        cluster.kubectl("get", "brec", "-n", namespace, "-o", "json").stdout
-    )["items"]
+    items: list[dict[str, Any]] = cluster.get_json("brec", "-n", namespace)["items"]
     return items
 
 

@@ -188,17 +188,10 @@ def test_restricted_security_context_except_the_agent() -> None:
 
 
 def _pods(cluster: ClusterHandle, namespace: str, component: str) -> list[dict[str, Any]]:
-    out = cluster.kubectl(
-        "get",
-        "pods",
-        "-n",
-        namespace,
-        "-l",
-        f"app.kubernetes.io/component={component}",
-        "-o",
-        "json",
-    ).stdout
-    return [p for p in json.loads(out)["items"] if p["metadata"].get("deletionTimestamp") is None]
+    pods = cluster.get_json(
+        "pods", "-n", namespace, "-l", f"app.kubernetes.io/component={component}"
+    )
+    return [p for p in pods["items"] if p["metadata"].get("deletionTimestamp") is None]
 
 
 def _ready(pod: dict[str, Any]) -> bool:
@@ -376,14 +369,7 @@ def test_each_service_account_can_do_only_what_its_component_needs(
             doc["metadata"]["name"] = f"{namespace}-{doc['metadata']['name']}"
             if doc["kind"] == "ClusterRoleBinding":
                 doc["roleRef"]["name"] = f"{namespace}-{doc['roleRef']['name']}"
-    cluster.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
-    )
+    cluster.apply_items(rbac, "-n", namespace)
     try:
         permissions = _permissions(cluster, namespace, f"pp-payper-{component}")
         allowed, forbidden = EXPECTED[component]

@@ -51,8 +51,9 @@ def _deployment(
 
 
 def _pods(cluster: ClusterHandle, namespace: str, app: str) -> list[dict[str, Any]]:
-    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", f"app={app}", "-o", "json").stdout
-    items: list[dict[str, Any]] = json.loads(out)["items"]
+    items: list[dict[str, Any]] = cluster.get_json("pods", "-n", namespace, "-l", f"app={app}")[
+        "items"
+    ]
     return items
 
 
@@ -64,7 +65,7 @@ def _condition_time(pod: dict[str, Any], type_: str) -> datetime | None:
 
 
 def test_fake_gpu_nodes_are_ready_and_labelled(cluster: ClusterHandle) -> None:
-    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    nodes = cluster.get_json("nodes")["items"]
     gpu = [n for n in nodes if n["metadata"]["labels"].get("nvidia.com/gpu.present") == "true"]
     cpu = [n for n in nodes if n not in gpu]
     assert len(gpu) == 2 and len(cpu) == 1

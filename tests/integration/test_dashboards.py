@@ -115,9 +115,7 @@ def test_spend_and_gpu_seconds_panels_agree_with_the_records(
     observed: tuple[Stack, Prometheus, str],
 ) -> None:
     stack, prometheus, namespace = observed
-    records = json.loads(
-        stack.cluster.kubectl("get", "brec", "-n", namespace, "-o", "json").stdout
-    )["items"]
+    records = stack.cluster.get_json("brec", "-n", namespace)["items"]
     amount = sum(Decimal(r["status"]["amount"]) for r in records)
     active_s = sum(int(r["status"]["activeUs"]) for r in records) / 1e6
     assert amount > 0

@@ -44,19 +44,12 @@ def spec_replicas(cluster: ClusterHandle, namespace: str, name: str) -> int | No
 
 
 def ready_pods(cluster: ClusterHandle, namespace: str, name: str) -> int:
-    out = cluster.kubectl(
-        "get",
-        "pods",
-        "-n",
-        namespace,
-        "-l",
-        f"payper.dev/inference-deployment={name}",
-        "-o",
-        "json",
-    ).stdout
+    pods = cluster.get_json(
+        "pods", "-n", namespace, "-l", f"payper.dev/inference-deployment={name}"
+    )
     return sum(
         1
-        for pod in json.loads(out)["items"]
+        for pod in pods["items"]
         if pod["metadata"].get("deletionTimestamp") is None
         and any(
             c["type"] == "Ready" and c["status"] == "True"
@@ -314,18 +307,9 @@ async def test_request_body_streams_and_a_disconnect_cancels_upstream(
             await echoed.put(chunk)
     assert received == b"part-0;part-1;part-2;"
 
-    pod = json.loads(
-        cluster.kubectl(
-            "get",
-            "pods",
-            "-n",
-            namespace,
-            "-l",
-            "payper.dev/inference-deployment=pipe",
-            "-o",
-            "json",
-        ).stdout
-    )["items"][0]
+    pod = cluster.get_json("pods", "-n", namespace, "-l", "payper.dev/inference-deployment=pipe")[
+        "items"
+    ][0]
     stats_url = f"http://{pod['status']['podIP']}:8000/stats"
     async with http.get(stats_url) as r:
         before = (await r.json())["cancelled"]

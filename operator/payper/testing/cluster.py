@@ -6,16 +6,19 @@ type, so acceptance tests use it verbatim) and the async ``payper.kube`` client.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from payper.cluster import binaries
+from payper.cluster.local import ClusterConfig, LocalCluster
 from payper.kube import Kube
 
 T = TypeVar("T")
@@ -48,6 +51,35 @@ class ClusterHandle:
             )
         return result
 
+    def get_json(self, *args: str) -> Any:
+        """``kubectl get ARGS -o json``, parsed."""
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply_items(
+        self, items: list[dict[str, Any]], *args: str, verb: str = "apply", timeout: float = 60
+    ) -> None:
+        """Send manifests in one ``kubectl VERB -f -`` call, as a List."""
+        self.kubectl(
+            verb,
+            *args,
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+            timeout=timeout,
+        )
+
+    def install_crds(self, crds_dir: Path) -> None:
+        """Apply Payper's CRDs and wait until the API server serves them."""
+        self.kubectl("apply", "-f", str(crds_dir))
+        self.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "-l",
+            "app.kubernetes.io/part-of=payper",
+            "--timeout=60s",
+        )
+
     def kube(self) -> Kube:
         return Kube.connect(self.kubeconfig)
 
@@ -55,6 +87,17 @@ class ClusterHandle:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self.kubectl("create", "namespace", name)
         return name
+
+
+@contextmanager
+def local_cluster(directory: Path, config: ClusterConfig) -> Iterator[ClusterHandle]:
+    """A fresh local cluster in ``directory``, taken down on the way out."""
+    local = LocalCluster(directory)
+    kubeconfig = local.up(config)
+    try:
+        yield ClusterHandle(kubeconfig, config.pod_cidr, config.cold_start_ms)
+    finally:
+        local.down()
 
 
 def eventually(

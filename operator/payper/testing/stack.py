@@ -173,12 +173,7 @@ class Stack:
                 for name in ("payper-operator", "payper-gateway", "payper-agent")
             ),
         ]
-        self.cluster.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifest}),
-        )
+        self.cluster.apply_items(manifest)
 
     def token(
         self, service_account: str, namespace: str = SYSTEM_NAMESPACE, audience: str = AUDIENCE
