@@ -17,57 +17,22 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from payper.testing.cluster import ClusterHandle, eventually
 from payper.testing.stack import free_port
+from payper.testing.usage_receiver import UsageReceiver
 
 NODE = "gpu-node-0"
 GPU = f"GPU-{NODE}-0"
 POLL_S = 1.0
 
 
-@dataclass
-class Receiver:
-    port: int = field(default_factory=free_port)
-    last: dict[str, int] = field(default_factory=dict)
-    applied: list[dict[str, Any]] = field(default_factory=list)
-    runner: web.AppRunner | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        for report in body["reports"]:
-            agent, sequence = report["agentId"], report["sequence"]
-            last = self.last.get(agent, 0)
-            if sequence <= last:
-                continue
-            if sequence != last + 1:
-                break
-            self.last[agent] = sequence
-            self.applied.append(report)
-        return web.json_response({"acked": dict(self.last)})
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/usage", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    def active_us(self) -> int:
-        return sum(s["activeUs"] for r in self.applied for s in r["series"])
-
-    def agent_ids(self) -> list[str]:
-        return sorted({r["agentId"] for r in self.applied})
-
-
 def start_agent(
-    cluster: ClusterHandle, sim_dir: Path, state_dir: Path, receiver: Receiver, log: Path
+    cluster: ClusterHandle, sim_dir: Path, state_dir: Path, receiver: UsageReceiver, log: Path
 ) -> subprocess.Popen[bytes]:
     token = state_dir.parent / f"{state_dir.name}.token"
     token.write_text("not-checked-by-the-test-receiver")
@@ -156,7 +121,7 @@ async def test_sigkilled_agent_totals_equal_an_undisturbed_run(
     sim_dir = tmp_path / "sim"
     sim_dir.mkdir()
     process = subprocess.Popen(["sleep", "600"])  # noqa: ASYNC220 - stands in for a model server PID
-    receivers = {"steady": Receiver(), "killed": Receiver()}
+    receivers = {"steady": UsageReceiver(), "killed": UsageReceiver()}
     for receiver in receivers.values():
         await receiver.start()
     agents: dict[str, subprocess.Popen[bytes]] = {}
@@ -228,5 +193,4 @@ async def test_sigkilled_agent_totals_equal_an_undisturbed_run(
         process.kill()
         process.wait()
         for receiver in receivers.values():
-            if receiver.runner is not None:
-                await receiver.runner.cleanup()
+            await receiver.stop()

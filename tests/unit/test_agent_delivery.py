@@ -1,8 +1,7 @@
 """The agent's disk and its sender: exactly once, in order, through failures.
 
-The receiver here is a small local stand-in for the operator's usage endpoint with the
-same contract: apply reports in sequence order, remember the last applied sequence per
-agent durably, answer with it. It fails, times out and restarts at random.
+The receiver is ``payper.testing.usage_receiver``, a local stand-in for the operator's
+usage endpoint with the same contract; here it fails, times out and restarts at random.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from payper.identity import TokenFile
 from payper.testing.stack import free_port
+from payper.testing.usage_receiver import UsageReceiver
 from payper_agent.agent import Agent, AgentSettings
 from payper_agent.meter import SeriesIdentity
 from payper_agent.sender import Sender
@@ -51,47 +51,25 @@ def report(agent_id: str, sequence: int, active_us: int = 1000) -> dict[str, Any
     }
 
 
-class FlakyReceiver:
+class FlakyReceiver(UsageReceiver):
+    """Fails, times out after applying, or drops the connection after applying, at random."""
+
     def __init__(self, rng: random.Random) -> None:
+        super().__init__()
         self.rng = rng
-        self.last: dict[str, int] = {}
-        self.applied: list[tuple[str, int]] = []
-        self.port = free_port()
-        self.runner: web.AppRunner | None = None
         self.restarts = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         roll = self.rng.random()
         if roll < 0.15:
             return web.json_response({"error": "flaky"}, status=500)
-        body = await request.json()
-        for item in body["reports"]:
-            agent, sequence = item["agentId"], item["sequence"]
-            last = self.last.get(agent, 0)
-            if sequence <= last:
-                continue  # a resend: recognised as applied
-            if sequence != last + 1:
-                break  # a gap: apply nothing beyond it
-            self.last[agent] = sequence
-            self.applied.append((agent, sequence))
+        self.apply(await request.json())
         if roll < 0.25:
             await asyncio.sleep(2)  # applied, but the answer comes after the client gave up
         if roll < 0.32 and request.transport is not None:
             request.transport.close()  # applied, then the connection dies
             return web.Response()
-        return web.json_response({"acked": dict(self.last)})
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/usage", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        return self.acked()
 
 
 async def test_every_report_is_applied_exactly_once_in_order(tmp_path: Path) -> None:
@@ -136,7 +114,9 @@ async def test_every_report_is_applied_exactly_once_in_order(tmp_path: Path) -> 
     task.cancel()
     await asyncio.gather(task, monkey, return_exceptions=True)
     await receiver.stop()
-    assert receiver.applied == [("agent-a", s) for s in range(1, total + 1)]
+    assert [(r["agentId"], r["sequence"]) for r in receiver.applied] == [
+        ("agent-a", s) for s in range(1, total + 1)
+    ]
     assert store.pending() == []
     assert receiver.restarts >= 1
 
