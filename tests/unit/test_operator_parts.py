@@ -15,6 +15,7 @@ from payper.operator.autoscaler import Decision, Policy, Reason
 from payper.operator.config import ConfigError, load
 from payper.operator.state import DemandStore, PodView, Tracked
 
+PLANS = ("default", "gold")
 SPEC = InferenceDeploymentSpec.model_validate(
     {
         "template": {
@@ -99,6 +100,7 @@ def _conditions(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
                 "Ready": ("False", "ScaledToZero"),
                 "ScaledToZero": ("True", "Idle"),
                 "Degraded": ("False", "AsExpected"),
+                "PlanKnown": ("True", "Configured"),
             },
         ),
         (
@@ -135,7 +137,7 @@ def test_status_conditions(
 ) -> None:
     now = 10_000 + 300_000  # the default cold start timeout is 300 s
     tracked = _tracked(replicas, **extra)
-    result = status.compute(tracked, pods, "http://llm.ns.x/", now)
+    result = status.compute(tracked, pods, "http://llm.ns.x/", now, PLANS)
     conditions = _conditions(result)
     for type_, value in expected.items():
         assert conditions[type_] == value
@@ -144,20 +146,38 @@ def test_status_conditions(
     assert all(c["observedGeneration"] == 3 for c in result["conditions"])
 
 
+def test_an_unknown_plan_gets_a_condition_naming_it() -> None:
+    tracked = _tracked(0)
+    assert tracked.spec is not None
+    tracked.spec = tracked.spec.model_copy(
+        update={"billing": tracked.spec.billing.model_copy(update={"plan": "platinum"})}
+    )
+    plan = next(
+        c
+        for c in status.compute(tracked, [], "u", 1_000, PLANS)["conditions"]
+        if c["type"] == "PlanKnown"
+    )
+    assert (plan["status"], plan["reason"]) == ("False", "UnknownPlan")
+    assert "'platinum'" in plan["message"] and "default, gold" in plan["message"]
+    tracked.invalid, tracked.spec = "spec.billing.plan: bad", None
+    conditions = _conditions(status.compute(tracked, [], "u", 2_000, PLANS))
+    assert "PlanKnown" not in conditions, "an invalid spec names no plan"
+
+
 def test_condition_time_changes_only_when_the_status_flips() -> None:
     tracked = _tracked(0)
-    first = status.compute(tracked, [], "u", 1_000_000)
-    later = status.compute(tracked, [], "u", 2_000_000)
+    first = status.compute(tracked, [], "u", 1_000_000, PLANS)
+    later = status.compute(tracked, [], "u", 2_000_000, PLANS)
     assert first == later
     tracked.replicas = 1
-    flipped = status.compute(tracked, [_pod("a", True)], "u", 3_000_000)
+    flipped = status.compute(tracked, [_pod("a", True)], "u", 3_000_000, PLANS)
     ready = next(c for c in flipped["conditions"] if c["type"] == "Ready")
     assert ready["lastTransitionTime"] == status.iso(3_000_000)
 
 
 def test_status_times_are_integer_based() -> None:
     tracked = _tracked(1, last_cold_start_ms=2345, last_request_ms=1_764_000_012_345)
-    result = status.compute(tracked, [], "u", 1_764_000_020_000)
+    result = status.compute(tracked, [], "u", 1_764_000_020_000, PLANS)
     assert result["lastColdStartSeconds"] == "2.345"
     assert result["lastRequestTime"] == status.iso(1_764_000_010_000)
 

@@ -7,7 +7,8 @@ so an idle fleet costs no API writes. Conditions follow the Kubernetes conventio
 - ``ScaledToZero``: no replicas by design; the next request starts one.
 - ``Degraded``: something needs the user: ``InvalidSpec``, ``Unschedulable``,
   ``ColdStartTimeout``, ``MaxReplicasReached`` (False with ``AsExpected`` otherwise).
-- ``PlanKnown``: the billing plan exists in the operator's configuration.
+- ``PlanKnown``: ``spec.billing.plan`` exists in the operator's configuration. False
+  (``UnknownPlan``) does not stop metering: usage is still recorded, priced at zero.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
-from payper.api.inference_deployment import DEGRADED, READY, SCALED_TO_ZERO
+from payper.api.inference_deployment import DEGRADED, PLAN_KNOWN, READY, SCALED_TO_ZERO
 from payper.operator.autoscaler import Reason
 from payper.operator.state import PodView, Tracked
 
@@ -69,6 +70,21 @@ def _degraded(tracked: Tracked, pods: list[PodView], now_ms: int) -> tuple[str, 
     return None
 
 
+def _plan_known(tracked: Tracked, known_plans: Collection[str]) -> tuple[bool, str, str] | None:
+    if tracked.spec is None:
+        return None  # an invalid spec names no plan; Degraded says why
+    plan = tracked.spec.billing.plan
+    if plan in known_plans:
+        return True, "Configured", f"plan {plan!r} prices this deployment's usage"
+    return (
+        False,
+        "UnknownPlan",
+        f"spec.billing.plan {plan!r} is not in the operator's configuration (configured: "
+        f"{', '.join(sorted(known_plans))}): usage is still recorded, priced at zero; "
+        "configure the plan or change spec.billing.plan.",
+    )
+
+
 def _condition(
     tracked: Tracked, type_: str, status: bool, reason: str, message: str, now_ms: int
 ) -> dict[str, Any]:
@@ -94,7 +110,7 @@ def compute(
     pods: list[PodView],
     url: str,
     now_ms: int,
-    known_plans: Collection[str] = ("default",),
+    known_plans: Collection[str],
 ) -> dict[str, Any]:
     live = [p for p in pods if not p.deleting]
     ready = sum(1 for p in live if p.ready)
@@ -127,6 +143,9 @@ def compute(
             now_ms,
         ),
     ]
+    plan_known = _plan_known(tracked, known_plans)
+    if plan_known is not None:
+        conditions.append(_condition(tracked, PLAN_KNOWN, *plan_known, now_ms))
     status: dict[str, Any] = {
         "conditions": conditions,
         "observedGeneration": tracked.generation,
