@@ -297,3 +297,34 @@ async def test_a_dead_endpoint_ends_in_502(gateway: tuple[int, Targets]) -> None
         port, b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n", limit_s=10
     )
     assert data.startswith(b"HTTP/1.1 502")
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\n\r\nabcde",
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n",
+    ],
+)
+async def test_a_request_body_survives_a_retry_on_another_endpoint(
+    gateway: tuple[int, Targets], framing: bytes
+) -> None:
+    port, targets = gateway
+    live = {
+        "metadata": {"namespace": "ns", "name": "p"},
+        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    targets.remove_pod("m", live)
+    targets.upsert_pod(  # tried first: nothing listens there
+        "m",
+        {
+            "metadata": {"namespace": "ns", "name": "dead"},
+            "status": {"podIP": "127.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]},
+        },
+    )
+    targets.upsert_pod("m", live)
+    echoed = await exchange(
+        port, b"POST /ns/m/echo HTTP/1.1\r\nHost: g\r\nConnection: close\r\n" + framing, limit_s=10
+    )
+    assert echoed.startswith(b"HTTP/1.1 200 OK")
+    assert echoed.endswith(b"5\r\nabcde\r\n0\r\n\r\n")

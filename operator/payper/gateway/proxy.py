@@ -75,6 +75,24 @@ def _connection_tokens(value: bytes | None) -> set[bytes]:
     return {token.strip().lower() for token in value.split(b",")} if value else set()
 
 
+RequestBody = bytes | AsyncIterator[bytes] | None
+
+
+async def request_body(request: Request) -> tuple[RequestBody, bytes]:
+    """The body to send upstream and its framing header: small bodies are read whole.
+
+    A streamed body is an iterator that a failed connection attempt leaves untouched, so
+    either kind can be sent again to another endpoint.
+    """
+    if not request.expects_body:
+        return None, b"Content-Length: 0"
+    length = request.content_length
+    if length is not None and length <= SMALL_BODY:
+        body = await request.read()
+        return body, b"Content-Length: %d" % len(body)
+    return request.body_chunks(), b"Transfer-Encoding: chunked"
+
+
 def request_head(
     request: Request, target: Target, address: str, path: str, framing: bytes
 ) -> bytes:
@@ -173,6 +191,7 @@ class Gateway:
         self, request: Request, responder: Responder, found: Route, target: Target, started: float
     ) -> None:
         cold_start_ms: int | None = None
+        body, framing = await request_body(request)  # read once: a retry sends it again
         for _ in range(MAX_ATTEMPTS):
             endpoint = target.pick()
             if endpoint is None and target.endpoints:
@@ -188,7 +207,9 @@ class Gateway:
                     cold_start_ms = int((time.monotonic() - started) * 1000)
                     target.meters.queue_wait.observe(cold_start_ms / 1000)
             try:
-                await self._forward(request, responder, found, endpoint, target, cold_start_ms)
+                await self._forward(
+                    request, responder, found, endpoint, target, cold_start_ms, body, framing
+                )
                 return
             except UpstreamUnreachable:
                 endpoint.quarantine()
@@ -245,17 +266,9 @@ class Gateway:
         endpoint: Endpoint,
         target: Target,
         cold_start_ms: int | None,
+        body: RequestBody,
+        framing: bytes,
     ) -> None:
-        body: bytes | AsyncIterator[bytes] | None = None
-        framing = b"Content-Length: 0"
-        if request.expects_body:
-            length = request.content_length
-            if length is not None and length <= SMALL_BODY:
-                body = await request.read()
-                framing = b"Content-Length: %d" % len(body)
-            else:
-                body = request.body_chunks()
-                framing = b"Transfer-Encoding: chunked"
         head = request_head(request, target, endpoint.address, found.path, framing)
         endpoint.in_flight += 1
         upstream: UpstreamResponse | None = None
