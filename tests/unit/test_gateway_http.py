@@ -328,3 +328,16 @@ async def test_a_request_body_survives_a_retry_on_another_endpoint(
     )
     assert echoed.startswith(b"HTTP/1.1 200 OK")
     assert echoed.endswith(b"5\r\nabcde\r\n0\r\n\r\n")
+
+
+async def test_an_unread_body_awaiting_100_continue_closes_after_the_answer(
+    gateway: tuple[int, Targets],
+) -> None:
+    port, _ = gateway
+    data = await exchange(  # the client holds the body back until it hears 100 Continue
+        port,
+        b"POST /ns/absent/x HTTP/1.1\r\nHost: g\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n",
+    )
+    assert data.startswith(b"HTTP/1.1 404")
+    assert b"100 Continue" not in data, "no invitation to send a body after the final answer"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -59,6 +58,8 @@ class Request:
     expects_body: bool
     content_length: int | None
     _connection: _Connection = field(repr=False)
+    _continue_pending: bool = False
+    """The client sent ``Expect: 100-continue`` and waits for it before sending the body."""
     _body: collections.deque[bytes | None] = field(default_factory=collections.deque)
     _body_event: asyncio.Event = field(default_factory=asyncio.Event)
     _consumed: bool = False
@@ -71,7 +72,9 @@ class Request:
         return None
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
-        self._connection.send_continue(self)
+        if self._continue_pending:
+            self._continue_pending = False
+            self._connection.send_continue()
         while True:
             while not self._body:
                 if self._connection.closed:
@@ -214,13 +217,15 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         length: int | None = None
-        chunked = False
+        chunked = expect_continue = False
         for name, value in self._headers:
             lowered = name.lower()
             if lowered == b"content-length":
                 length = int(value)
             elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
+            elif lowered == b"expect" and value.lower() == b"100-continue":
+                expect_continue = True
         request = Request(
             method=parser.get_method().decode("latin-1"),
             target=self._url.decode("latin-1"),
@@ -231,6 +236,7 @@ class _Connection(asyncio.Protocol):
             expects_body=chunked or bool(length),
             content_length=length,
             _connection=self,
+            _continue_pending=expect_continue and (chunked or bool(length)),
         )
         self.requests.append(request)
         self._request_ready.set()
@@ -260,9 +266,8 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.resume_reading()
 
-    def send_continue(self, request: Request) -> None:
-        expect = request.header(b"expect")
-        if expect and expect.lower() == "100-continue" and self.transport is not None:
+    def send_continue(self) -> None:
+        if self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def write(self, data: bytes) -> None:
@@ -298,12 +303,11 @@ class _Connection(asyncio.Protocol):
                 responder = Responder(self, request)
                 await self.handler(request, responder)
                 if not request._consumed and request.expects_body:
+                    if request._continue_pending:
+                        break  # the client holds back a body nobody will read: close
                     # Unread body: drain it so the next request parses from its start.
                     async for _ in request.body_chunks():
                         pass
-                elif not request._consumed:
-                    while request._body and request._body[0] is not None:
-                        request._body.popleft()
                 self.requests.popleft()
                 self._current = None
                 if not request.keep_alive:
@@ -321,13 +325,3 @@ class _Connection(asyncio.Protocol):
 async def serve(handler: Handler, host: str, port: int, backlog: int = 1024) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: _Connection(handler), host, port, backlog=backlog)
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Handler, host: str, port: int) -> AsyncIterator[asyncio.Server]:
-    server = await serve(handler, host, port)
-    try:
-        yield server
-    finally:
-        server.close()
-        await server.wait_closed()
