@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from payper.clock import now_ms
 from payper_agent import metrics, reporting
 from payper_agent.backends import Backend, Gpu
 from payper_agent.meter import Meter, Resolver, restore, snapshot
@@ -36,7 +37,7 @@ class Agent:
         settings: AgentSettings,
         backend: Backend,
         resolver: Resolver,
-        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.settings = settings
         self.backend = backend

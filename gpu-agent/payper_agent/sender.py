@@ -16,11 +16,11 @@ import json
 import logging
 import random
 import ssl
-import time
 from typing import Any
 
 import aiohttp
 
+from payper.clock import now_ms
 from payper.identity import TokenFile
 from payper_agent import metrics
 from payper_agent.store import PendingReport, Store
@@ -53,7 +53,7 @@ class Sender:
         self.delivered = 0
 
     def _drop_expired(self) -> None:
-        for pending in self.store.expired(int(time.time() * 1000), self.retention_ms):
+        for pending in self.store.expired(now_ms(), self.retention_ms):
             self._drop(pending, "retention")
 
     def _drop(self, pending: PendingReport, reason: str) -> None:

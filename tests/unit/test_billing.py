@@ -14,10 +14,10 @@ from payper.billing.records import (
     RecordChange,
     UsageDelta,
     apply,
-    iso,
     record_name,
     window_start,
 )
+from payper.clock import iso
 from payper.operator.config import ConfigError, load
 
 SPEC = BillingRecordSpec.model_validate(

@@ -9,11 +9,12 @@ import pytest
 
 from payper.api.demand import DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import InferenceDeploymentSpec
+from payper.clock import iso
 from payper.operator import builders, status
 from payper.operator.auth import Caller, Forbidden, Unauthenticated, bearer_token
 from payper.operator.autoscaler import Decision, Policy, Reason
 from payper.operator.config import ConfigError, load
-from payper.operator.state import DemandStore, PodView, Tracked
+from payper.operator.state import DemandStore, DemandTotals, PodView, Tracked
 
 PLANS = ("default", "gold")
 SPEC = InferenceDeploymentSpec.model_validate(
@@ -172,14 +173,14 @@ def test_condition_time_changes_only_when_the_status_flips() -> None:
     tracked.replicas = 1
     flipped = status.compute(tracked, [_pod("a", True)], "u", 3_000_000, PLANS)
     ready = next(c for c in flipped["conditions"] if c["type"] == "Ready")
-    assert ready["lastTransitionTime"] == status.iso(3_000_000)
+    assert ready["lastTransitionTime"] == iso(3_000_000)
 
 
 def test_status_times_are_integer_based() -> None:
     tracked = _tracked(1, last_cold_start_ms=2345, last_request_ms=1_764_000_012_345)
     result = status.compute(tracked, [], "u", 1_764_000_020_000, PLANS)
     assert result["lastColdStartSeconds"] == "2.345"
-    assert result["lastRequestTime"] == status.iso(1_764_000_010_000)
+    assert result["lastRequestTime"] == iso(1_764_000_010_000)
 
 
 def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
@@ -207,6 +208,9 @@ def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
     assert (totals[("ns", "a")].in_flight, totals[("ns", "a")].queued) == (5, 1)
     assert totals[("ns", "a")].last_request_ms == 10_950
     assert totals[("ns", "b")].queued == 1
+    for key in (("ns", "a"), ("ns", "b")):
+        assert store.totals_for(key, now_ms=12_000) == totals[key], "a poke sees the same sum"
+    assert store.totals_for(("ns", "absent"), now_ms=12_000) == DemandTotals()
     later = store.aggregate(now_ms=15_500)  # g1 expired (5.5 s old)
     assert later[("ns", "a")].in_flight == 3
     store.record(DemandSnapshot(gateway="g3", deployments=[]), now_ms=15_600)

@@ -20,7 +20,7 @@ from typing import Any
 
 from payper.api.billing_record import BillingRecord
 from payper.billing.pricing import amount, money, reserved_amount
-from payper.billing.records import parse_iso
+from payper.clock import parse_iso
 
 GRANULARITIES = ("1ms", "1s", "1m")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from decimal import Decimal
@@ -47,11 +46,10 @@ from payper.billing.records import (
     RecordKey,
     UsageDelta,
     apply,
-    iso,
-    parse_iso,
     window_label,
     window_start,
 )
+from payper.clock import iso, now_ms, parse_iso
 from payper.kube import ApiError, Kube, resource_path
 from payper.operator.config import BillingConfig
 from payper.operator.state import BillingEvents, Key, PodView, Registry
@@ -59,10 +57,6 @@ from payper.operator.state import BillingEvents, Key, PodView, Registry
 logger = logging.getLogger(__name__)
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MAX_CONFLICT_RETRIES = 6
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Ledger:
@@ -73,7 +67,7 @@ class Ledger:
         namespace: str,
         registry: Registry,
         events: BillingEvents,
-        clock: Callable[[], int] = wall_ms,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self.kube = kube
         self.config = config

@@ -17,18 +17,11 @@ from typing import Any
 
 from payper.api.billing_record import GRANULARITY_MS, BillingRecordSpec
 from payper.billing.pricing import amount, money, reserved_amount
+from payper.clock import iso
 
 WINDOW_LABEL = "payper.dev/window-start"
 DEPLOYMENT_LABEL = "payper.dev/inference-deployment"
 ACCOUNT_LABEL = "payper.dev/account"
-
-
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(value: str) -> int:
-    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def window_start(ms: int, window_ms: int) -> int:

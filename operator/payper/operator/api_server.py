@@ -20,9 +20,10 @@ from payper.api.demand import DemandSnapshot, Poke
 from payper.api.usage import UsageBatch
 from payper.billing import metrics as billing_metrics
 from payper.billing.ledger import Ledger
+from payper.clock import now_ms
 from payper.operator import metrics
 from payper.operator.auth import Caller, Forbidden, TokenVerifier, Unauthenticated, bearer_token
-from payper.operator.controller import Controller, now_ms
+from payper.operator.controller import Controller
 
 logger = logging.getLogger(__name__)
 MAX_BODY = 4 * 1024 * 1024
@@ -126,11 +127,11 @@ class ApiServer:
         poke = await parse(request, Poke)
         key = (poke.namespace, poke.name)
         self.controller.demand.poke(poke.gateway, key, now_ms())
-        if not await self.controller.wake(key):
+        tracked = await self.controller.wake(key)
+        if tracked is None:
             raise HttpError(404, f"InferenceDeployment {poke.namespace}/{poke.name} is not known")
         metrics.SCALE_FROM_ZERO_LATENCY.observe(time.perf_counter() - started)
-        tracked = self.controller.registry.get(key)
-        return web.json_response({"replicas": tracked.replicas if tracked else None}, status=202)
+        return web.json_response({"replicas": tracked.replicas}, status=202)
 
     async def usage(self, request: web.Request) -> web.Response:
         caller = await self.caller(request, self.agents)

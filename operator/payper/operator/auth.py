@@ -19,7 +19,6 @@ from payper.kube import Kube
 
 SA_PREFIX = "system:serviceaccount:"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
-POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 NEGATIVE_CACHE_S = 5.0
 
 
@@ -35,7 +34,6 @@ class Forbidden(Exception):  # noqa: N818 - maps to HTTP 403
 class Caller:
     username: str
     node_name: str | None = None
-    pod_name: str | None = None
 
     @property
     def service_account(self) -> str | None:
@@ -67,7 +65,6 @@ class TokenVerifier:
         self.audience = audience
         self.cache_s = cache_s
         self._cache: dict[bytes, tuple[float, Caller | None]] = {}
-        self.reviews = 0
 
     async def verify(self, token: str) -> Caller:
         digest = hashlib.sha256(token.encode()).digest()
@@ -85,7 +82,6 @@ class TokenVerifier:
                 "spec": {"token": token, "audiences": [self.audience]},
             },
         )
-        self.reviews += 1
         status = review.get("status", {})
         if not status.get("authenticated") or self.audience not in (status.get("audiences") or []):
             if len(self._cache) > 100_000:
@@ -97,7 +93,6 @@ class TokenVerifier:
         caller = Caller(
             username=user.get("username", ""),
             node_name=_first(extra, NODE_NAME_EXTRA),
-            pod_name=_first(extra, POD_NAME_EXTRA),
         )
         self._cache[digest] = (now + self.cache_s, caller)
         return caller

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import PLURAL, POD_LABEL, InferenceDeploymentSpec
+from payper.clock import now_ms
 from payper.kube import ApiError, Kube, resource_path
 from payper.operator import builders, metrics, status
 from payper.operator.autoscaler import (
@@ -32,7 +33,6 @@ from payper.operator.autoscaler import (
     Sample,
     Windows,
     decide,
-    recommend,
 )
 from payper.operator.config import OperatorConfig
 from payper.operator.state import (
@@ -46,10 +46,6 @@ from payper.operator.state import (
 
 logger = logging.getLogger(__name__)
 FIELD_MANAGER = "payper-operator"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class InvalidSpec(Exception):  # noqa: N818 - a state of the object, reported as a condition
@@ -73,7 +69,6 @@ class Controller:
             stable_ms=config.autoscaler.stable_window_seconds * 1000,
             panic_ms=config.autoscaler.panic_window_seconds * 1000,
         )
-        self.last_tick_s = 0.0
 
     # -- children ------------------------------------------------------------------
     async def reconcile(self, body: Mapping[str, Any], resumed: bool) -> None:
@@ -187,15 +182,14 @@ class Controller:
             logger.info("%s/%s: cold start took %d ms", *key, duration)
 
     # -- autoscaling -----------------------------------------------------------------
-    async def wake(self, key: Key) -> bool:
-        """A gateway holds a request for ``key``: evaluate it now. False if unknown."""
+    async def wake(self, key: Key) -> Tracked | None:
+        """A gateway holds a request for ``key``: evaluate it now. None if unknown."""
         tracked = self.registry.get(key)
         if tracked is None:
-            return False
-        await self.evaluate(
-            tracked, self.demand.aggregate(now_ms()).get(key, DemandTotals()), now_ms()
-        )
-        return True
+            return None
+        at = now_ms()
+        await self.evaluate(tracked, self.demand.totals_for(key, at), at)
+        return tracked
 
     async def tick(self) -> None:
         started = time.perf_counter()
@@ -207,8 +201,7 @@ class Controller:
                 await self.evaluate(tracked, totals.get(tracked.key, idle), at)
             except ApiError as error:
                 logger.warning("%s/%s: %s", *tracked.key, error)
-        self.last_tick_s = time.perf_counter() - started
-        metrics.TICK_DURATION.observe(self.last_tick_s)
+        metrics.TICK_DURATION.observe(time.perf_counter() - started)
 
     async def evaluate(self, tracked: Tracked, demand: DemandTotals, at: int) -> None:
         if tracked.policy is None or tracked.replicas is None:
@@ -250,9 +243,7 @@ class Controller:
             decision = decide(
                 policy, self.windows, observation, tracked.samples, tracked.recommendations
             )
-            tracked.recommendations.append(
-                Sample(at, recommend(policy, self.windows, observation, tracked.samples))
-            )
+            tracked.recommendations.append(Sample(at, decision.wanted))
             tracked.last_decision = decision
             if decision.desired != tracked.replicas and tracked.invalid is None:
                 await self._scale(tracked, decision, at)

@@ -11,11 +11,11 @@ import asyncio
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from payper.api.demand import DemandSnapshot
+from payper.api.demand import DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import InferenceDeploymentSpec
+from payper.clock import parse_iso
 from payper.operator.autoscaler import Decision, Policy, Sample
 
 Key = tuple[str, str]
@@ -23,9 +23,7 @@ HISTORY = 4096
 
 
 def parse_time_ms(value: str | None) -> int | None:
-    if not value:
-        return None
-    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+    return parse_iso(value) if value else None
 
 
 @dataclass
@@ -175,41 +173,70 @@ class DemandTotals:
     queued: int = 0
     last_request_ms: int | None = None
 
+    def add(self, entry: DeploymentDemand, received_ms: int) -> None:
+        self.in_flight += entry.in_flight
+        self.queued += entry.queued
+        if entry.ms_since_last_request is not None:
+            self.seen_request(received_ms - entry.ms_since_last_request)
+
+    def add_poke(self, at_ms: int) -> None:
+        self.queued = max(self.queued, 1)
+        self.seen_request(at_ms)
+
+    def seen_request(self, at_ms: int) -> None:
+        self.last_request_ms = max(self.last_request_ms or at_ms, at_ms)
+
 
 class DemandStore:
-    """The latest snapshot of each gateway, plus pokes not yet covered by a snapshot."""
+    """The latest snapshot of each gateway, plus pokes not yet covered by a snapshot.
+
+    Snapshots are kept indexed by deployment, so a poke totals one deployment's demand
+    without walking every gateway's whole fleet.
+    """
 
     def __init__(self, expiry_ms: int) -> None:
         self.expiry_ms = expiry_ms
-        self._snapshots: dict[str, tuple[int, DemandSnapshot]] = {}
+        self._snapshots: dict[str, tuple[int, dict[Key, DeploymentDemand]]] = {}
         self._pokes: dict[tuple[str, Key], int] = {}
 
     def record(self, snapshot: DemandSnapshot, now_ms: int) -> None:
-        self._snapshots[snapshot.gateway] = (now_ms, snapshot)
+        entries = {(e.namespace, e.name): e for e in snapshot.deployments}
+        self._snapshots[snapshot.gateway] = (now_ms, entries)
         for poke_key in [k for k in self._pokes if k[0] == snapshot.gateway]:
             del self._pokes[poke_key]
 
     def poke(self, gateway: str, key: Key, now_ms: int) -> None:
         self._pokes[(gateway, key)] = now_ms
 
-    def aggregate(self, now_ms: int) -> dict[Key, DemandTotals]:
-        totals: dict[Key, DemandTotals] = {}
-        for gateway, (received, snapshot) in list(self._snapshots.items()):
+    def _fresh(self, now_ms: int) -> None:
+        """Forget snapshots and pokes older than the expiry."""
+        for gateway, (received, _) in list(self._snapshots.items()):
             if now_ms - received > self.expiry_ms:
                 del self._snapshots[gateway]
-                continue
-            for entry in snapshot.deployments:
-                total = totals.setdefault((entry.namespace, entry.name), DemandTotals())
-                total.in_flight += entry.in_flight
-                total.queued += entry.queued
-                if entry.ms_since_last_request is not None:
-                    last = received - entry.ms_since_last_request
-                    total.last_request_ms = max(total.last_request_ms or last, last)
-        for (gateway, key), at in list(self._pokes.items()):
+        for poke_key, at in list(self._pokes.items()):
             if now_ms - at > self.expiry_ms:
-                del self._pokes[(gateway, key)]
-                continue
-            total = totals.setdefault(key, DemandTotals())
-            total.queued = max(total.queued, 1)
-            total.last_request_ms = max(total.last_request_ms or at, at)
+                del self._pokes[poke_key]
+
+    def aggregate(self, now_ms: int) -> dict[Key, DemandTotals]:
+        """Every deployment's demand, summed over the gateways (for a tick)."""
+        self._fresh(now_ms)
+        totals: dict[Key, DemandTotals] = {}
+        for received, entries in self._snapshots.values():
+            for key, entry in entries.items():
+                totals.setdefault(key, DemandTotals()).add(entry, received)
+        for (_, key), at in self._pokes.items():
+            totals.setdefault(key, DemandTotals()).add_poke(at)
         return totals
+
+    def totals_for(self, key: Key, now_ms: int) -> DemandTotals:
+        """One deployment's demand, summed over the gateways (for a poke)."""
+        self._fresh(now_ms)
+        total = DemandTotals()
+        for received, entries in self._snapshots.values():
+            entry = entries.get(key)
+            if entry is not None:
+                total.add(entry, received)
+        for (_, poked), at in self._pokes.items():
+            if poked == key:
+                total.add_poke(at)
+        return total

@@ -14,19 +14,15 @@ so an idle fleet costs no API writes. Conditions follow the Kubernetes conventio
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import UTC, datetime
 from typing import Any
 
 from payper.api.inference_deployment import DEGRADED, PLAN_KNOWN, READY, SCALED_TO_ZERO
+from payper.clock import iso
 from payper.operator.autoscaler import Reason
 from payper.operator.state import PodView, Tracked
 
 LAST_REQUEST_RESOLUTION_MS = 5_000
 """lastRequestTime moves in steps of 5 s, so busy deployments do not write status every tick."""
-
-
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _degraded(tracked: Tracked, pods: list[PodView], now_ms: int) -> tuple[str, str] | None:

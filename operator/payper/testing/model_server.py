@@ -22,16 +22,13 @@ import hashlib
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+from payper.clock import now_ms
 
 
 def simulated_gpu() -> str:

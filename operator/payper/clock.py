@@ -1,0 +1,22 @@
+"""Wall-clock time as integer milliseconds, and its RFC 3339 form on the Kubernetes API.
+
+Payper keeps time as integer milliseconds everywhere; these are the one clock and the
+only conversions to and from the API's timestamps (whole seconds, UTC, ``Z``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(value: str) -> int:
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
