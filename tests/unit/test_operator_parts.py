@@ -83,7 +83,7 @@ def _tracked(replicas: int, **kw: Any) -> Tracked:
 
 
 def _pod(name: str, ready: bool, created_ms: int = 0, unschedulable: str | None = None) -> PodView:
-    return PodView(name, name, created_ms, ready, False, unschedulable)
+    return PodView(name, name, created_ms, ready, unschedulable)
 
 
 def _conditions(result: dict[str, Any]) -> dict[str, tuple[str, str]]:

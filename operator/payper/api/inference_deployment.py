@@ -34,6 +34,8 @@ SHORT_NAMES = ("infd",)
 
 # Every pod of an InferenceDeployment carries this label, with the deployment's name.
 POD_LABEL = "payper.dev/inference-deployment"
+# The node label (NVIDIA GPU feature discovery) that spec.gpu.product selects on.
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 # Condition types written to status.
 READY = "Ready"

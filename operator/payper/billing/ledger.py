@@ -34,6 +34,7 @@ from typing import Any
 
 from payper.api.billing_record import FINAL, KIND, PLURAL, BillingRecordSpec, Window
 from payper.api.common import API_VERSION
+from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.usage import UsageReport
 from payper.billing import metrics
 from payper.billing.pricing import UNKNOWN_PLAN, Plan, amount, product_key
@@ -55,7 +56,6 @@ from payper.operator.config import BillingConfig
 from payper.operator.state import BillingEvents, Key, PodView, Registry
 
 logger = logging.getLogger(__name__)
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MAX_CONFLICT_RETRIES = 6
 
 

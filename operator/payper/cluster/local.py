@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.cluster import binaries, kwok, pki
 from payper.kube import ApiError, Kube, resource_path
 
@@ -37,7 +38,6 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 DEFAULT_GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")

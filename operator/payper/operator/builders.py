@@ -10,11 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from payper.api.common import API_VERSION
-from payper.api.inference_deployment import KIND, POD_LABEL, InferenceDeploymentSpec
+from payper.api.inference_deployment import (
+    GPU_PRODUCT_LABEL,
+    KIND,
+    POD_LABEL,
+    InferenceDeploymentSpec,
+)
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "payper"}
 GPU_TAINT_KEY = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 SERVICE_PORT = 80
 
 

@@ -224,10 +224,11 @@ class Controller:
             while tracked.samples and tracked.samples[0].at_ms <= at - self.windows.stable_ms:
                 tracked.samples.popleft()
             policy = tracked.policy
+            timeout_ms = tracked.cold_start_timeout_ms
             starting = sum(
                 1
                 for p in pods
-                if not p.ready and not p.deleting and at - p.created_ms <= _cold_start_ms(tracked)
+                if not p.ready and not p.deleting and at - p.created_ms <= timeout_ms
             )
             observation = Observation(
                 now_ms=at,
@@ -300,7 +301,3 @@ class Controller:
             except Exception:
                 logger.exception("autoscaler tick failed")
             await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
-
-
-def _cold_start_ms(tracked: Tracked) -> int:
-    return (tracked.spec.scaling.cold_start_timeout_seconds if tracked.spec else 300) * 1000

@@ -34,7 +34,6 @@ class PodView:
     uid: str
     created_ms: int
     ready: bool
-    deleting: bool
     unschedulable: str | None
     """The scheduler's message while the pod cannot be placed."""
     scheduled_ms: int | None = None
@@ -42,6 +41,10 @@ class PodView:
     deleting_since_ms: int | None = None
     node: str | None = None
     gpus: int = 0
+
+    @property
+    def deleting(self) -> bool:
+        return self.deleting_since_ms is not None
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> PodView:
@@ -66,7 +69,6 @@ class PodView:
             uid=meta["uid"],
             created_ms=parse_time_ms(meta.get("creationTimestamp")) or 0,
             ready=ready and status.get("phase") == "Running",
-            deleting=meta.get("deletionTimestamp") is not None,
             unschedulable=unschedulable,
             scheduled_ms=(
                 parse_time_ms(scheduled.get("lastTransitionTime"))
@@ -108,6 +110,11 @@ class Tracked:
     @property
     def key(self) -> Key:
         return (self.namespace, self.name)
+
+    @property
+    def cold_start_timeout_ms(self) -> int:
+        """How long a pod may take to become ready (the spec's default while unknown)."""
+        return (self.spec.scaling.cold_start_timeout_seconds if self.spec else 300) * 1000
 
 
 @dataclass

@@ -16,9 +16,14 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from payper.api.inference_deployment import DEGRADED, PLAN_KNOWN, READY, SCALED_TO_ZERO
+from payper.api.inference_deployment import (
+    DEGRADED,
+    GPU_PRODUCT_LABEL,
+    PLAN_KNOWN,
+    READY,
+    SCALED_TO_ZERO,
+)
 from payper.clock import iso
-from payper.operator.autoscaler import Reason
 from payper.operator.state import PodView, Tracked
 
 LAST_REQUEST_RESOLUTION_MS = 5_000
@@ -34,16 +39,15 @@ def _degraded(tracked: Tracked, pods: list[PodView], now_ms: int) -> tuple[str, 
         if pod.unschedulable:
             detail = f"spec.gpu asks for {spec.gpu.count} x {spec.gpu.resource}" if spec else ""
             if spec is not None and spec.gpu.product:
-                detail += f" on nodes labelled nvidia.com/gpu.product={spec.gpu.product}"
+                detail += f" on nodes labelled {GPU_PRODUCT_LABEL}={spec.gpu.product}"
             return (
                 "Unschedulable",
                 f"pod {pod.name} cannot be scheduled: {pod.unschedulable} ({detail}). Free GPUs, "
                 "add nodes, or change spec.gpu.",
             )
     if spec is not None:
-        timeout_ms = spec.scaling.cold_start_timeout_seconds * 1000
         for pod in live:
-            if not pod.ready and now_ms - pod.created_ms > timeout_ms:
+            if not pod.ready and now_ms - pod.created_ms > tracked.cold_start_timeout_ms:
                 return (
                     "ColdStartTimeout",
                     f"pod {pod.name} is not ready after coldStartTimeoutSeconds "
@@ -53,7 +57,7 @@ def _degraded(tracked: Tracked, pods: list[PodView], now_ms: int) -> tuple[str, 
     decision = tracked.last_decision
     if (
         decision is not None
-        and decision.reason == Reason.MAX_REPLICAS
+        and decision.limited_by_max
         and spec is not None
         and decision.wanted > spec.scaling.max_replicas
     ):
