@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from payper.api.billing_record import GRANULARITY_MS
 from payper_agent.backends import Backend, Gpu, ProcessSample, Unmetered
-
-GRANULARITIES_MS = {"1ms": 1, "1s": 1_000, "1m": 60_000}
 
 
 @dataclass(frozen=True)
@@ -56,12 +55,12 @@ class Series:
     burst_x100: int = 0
     in_burst: bool = False
     active_now: bool = False
-    rounded_ms: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRANULARITIES_MS, 0))
+    rounded_ms: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRANULARITY_MS, 0))
     """Rounded time of closed bursts not yet reported."""
     bursts: int = 0
     idle_polls: int = 0
     reported_rounded_ms: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(GRANULARITIES_MS, 0)
+        default_factory=lambda: dict.fromkeys(GRANULARITY_MS, 0)
     )
     """Cumulative rounded time already reported (for audits: the agent's own totals)."""
     reported_bursts: int = 0
@@ -84,7 +83,7 @@ class Series:
 
     def close_burst(self) -> None:
         burst_us = self.burst_x100 // 100
-        for name, granularity in GRANULARITIES_MS.items():
+        for name, granularity in GRANULARITY_MS.items():
             self.rounded_ms[name] += round_up_ms(burst_us, granularity)
         self.bursts += 1
         self.burst_x100 = 0
@@ -242,10 +241,10 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             reported_us=int(item["reportedUs"]),
             burst_x100=int(item["burstX100"]),
             in_burst=bool(item["inBurst"]),
-            rounded_ms={k: int(item["roundedMs"][k]) for k in GRANULARITIES_MS},
+            rounded_ms={k: int(item["roundedMs"][k]) for k in GRANULARITY_MS},
             bursts=int(item["bursts"]),
             reported_rounded_ms={
-                k: int(item.get("reportedRoundedMs", {}).get(k, 0)) for k in GRANULARITIES_MS
+                k: int(item.get("reportedRoundedMs", {}).get(k, 0)) for k in GRANULARITY_MS
             },
             reported_bursts=int(item.get("reportedBursts", 0)),
         )

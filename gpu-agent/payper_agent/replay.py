@@ -16,8 +16,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from payper.api.billing_record import GRANULARITY_MS
+from payper.api.common import field_errors
 from payper_agent.backends import Gpu
-from payper_agent.meter import GRANULARITIES_MS, Meter, SeriesIdentity
+from payper_agent.meter import Meter, SeriesIdentity
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend
 
 MAX_DURATION_MS = 31 * 24 * 3600 * 1000
@@ -85,11 +87,8 @@ def load(path: Path) -> Scenario:
     try:
         return Scenario.model_validate(raw)
     except ValidationError as error:
-        lines = [f"invalid scenario {path}:"]
-        for item in error.errors():
-            where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-            lines.append(f"  {where}: {item['msg']}")
-        raise ScenarioError("\n".join(lines)) from error
+        lines = [f"  {line}" for line in field_errors(error)]
+        raise ScenarioError("\n".join([f"invalid scenario {path}:", *lines])) from error
 
 
 def run(scenario: Scenario) -> dict[str, Any]:
@@ -128,7 +127,7 @@ def run(scenario: Scenario) -> dict[str, Any]:
                 "gpu": series.gpu,
                 "activeMs": _ms(series.total_x100),
                 "bursts": series.bursts,
-                "roundedMs": {name: series.rounded_ms[name] for name in GRANULARITIES_MS},
+                "roundedMs": {name: series.rounded_ms[name] for name in GRANULARITY_MS},
             }
         )
     return {"containers": containers, "unattributedMs": _ms(meter.unattributed_x100)}

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from payper.api.billing_record import GRANULARITY_MS
 from payper_agent import replay
-from payper_agent.meter import GRANULARITIES_MS, round_up_ms
+from payper_agent.meter import round_up_ms
 
 POLL_MS = 1000
 
@@ -55,7 +56,7 @@ def truth(intervals: list[list[int]]) -> tuple[int, dict[str, int]]:
     active = sum(end - start for start, end in intervals)
     rounded = {
         name: sum(round_up_ms((e - s) * 1000, g) for s, e in intervals)
-        for name, g in GRANULARITIES_MS.items()
+        for name, g in GRANULARITY_MS.items()
     }
     return active, rounded
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic.alias_generators import to_camel
 
 GROUP = "payper.dev"
@@ -92,6 +92,14 @@ class ObjectMeta(OpenApiModel):
     resource_version: str | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
+
+
+def field_errors(error: ValidationError, root: str = "(top level)") -> list[str]:
+    """Each problem as ``path.to.field: message``; ``root`` names an empty path."""
+    return [
+        f"{'.'.join(str(part) for part in item['loc']) or root}: {item['msg']}"
+        for item in error.errors()
+    ]
 
 
 def defaulted(model: type[M]) -> Any:

@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from payper.api.billing_record import BillingRecord
+from payper.api.billing_record import GRANULARITY_MS, BillingRecord
 from payper.billing.pricing import amount, money, reserved_amount
 from payper.clock import parse_iso
-
-GRANULARITIES = ("1ms", "1s", "1m")
 
 
 def signed(value: Decimal) -> str:
@@ -61,7 +59,7 @@ class Totals:
     amount: Decimal = Decimal(0)
     reserved: Decimal = Decimal(0)
     at_granularity: dict[str, Decimal] = field(
-        default_factory=lambda: dict.fromkeys(GRANULARITIES, Decimal(0))
+        default_factory=lambda: dict.fromkeys(GRANULARITY_MS, Decimal(0))
     )
 
     @property
@@ -111,7 +109,7 @@ def build(
                 reserved=reserved_amount(status.provisioned_ms, spec.reserved_price_per_gpu_hour),
                 at_granularity={
                     g: amount(status.rounded_ms.at(g), spec.price_per_gpu_second)
-                    for g in GRANULARITIES
+                    for g in GRANULARITY_MS
                 },
             )
         )
@@ -125,7 +123,7 @@ def build(
         total.idle_ms += line.idle_ms
         total.amount += line.amount
         total.reserved += line.reserved
-        for g in GRANULARITIES:
+        for g in GRANULARITY_MS:
             total.at_granularity[g] += line.at_granularity[g]
     return Invoice(lines, dict(totals))
 
@@ -147,7 +145,7 @@ def as_json(invoice: Invoice) -> str:
             "idleGpuSeconds": seconds(ln.idle_ms),
             "amount": money(ln.amount),
             "reservedEquivalentAmount": money(ln.reserved),
-            "amountAtGranularity": {g: money(ln.at_granularity[g]) for g in GRANULARITIES},
+            "amountAtGranularity": {g: money(ln.at_granularity[g]) for g in GRANULARITY_MS},
         }
 
     totals = {
@@ -157,7 +155,7 @@ def as_json(invoice: Invoice) -> str:
             "provisionedGpuSeconds": seconds(t.provisioned_ms),
             "idleGpuSeconds": seconds(t.idle_ms),
             "amount": money(t.amount),
-            "amountAtGranularity": {g: money(t.at_granularity[g]) for g in GRANULARITIES},
+            "amountAtGranularity": {g: money(t.at_granularity[g]) for g in GRANULARITY_MS},
             "reservedEquivalentAmount": money(t.reserved),
             "savingVsReserved": signed(t.saving),
             "savingPercent": str(t.saving_percent),
@@ -208,7 +206,7 @@ def as_csv(invoice: Invoice) -> str:
                 seconds(ln.provisioned_ms),
                 seconds(ln.idle_ms),
                 money(ln.amount),
-                *(money(ln.at_granularity[g]) for g in GRANULARITIES),
+                *(money(ln.at_granularity[g]) for g in GRANULARITY_MS),
                 money(ln.reserved),
             ]
         )
@@ -228,7 +226,7 @@ def as_csv(invoice: Invoice) -> str:
                 seconds(t.provisioned_ms),
                 seconds(t.idle_ms),
                 money(t.amount),
-                *(money(t.at_granularity[g]) for g in GRANULARITIES),
+                *(money(t.at_granularity[g]) for g in GRANULARITY_MS),
                 money(t.reserved),
             ]
         )
@@ -279,7 +277,7 @@ def as_table(invoice: Invoice) -> str:
             f"(idle, not billed: {seconds(t.idle_ms)} s)",
             f"  amount due:            {money(t.amount)} {currency}",
             "  the same work billed per millisecond / second / minute:",
-            *(f"    {g:>3}: {money(t.at_granularity[g])} {currency}" for g in GRANULARITIES),
+            *(f"    {g:>3}: {money(t.at_granularity[g])} {currency}" for g in GRANULARITY_MS),
             f"  reserved GPUs for the same provisioned time: {money(t.reserved)} {currency}",
             f"  saving vs reserved:    {signed(t.saving)} {currency} ({t.saving_percent} %)",
         ]

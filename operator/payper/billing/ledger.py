@@ -32,7 +32,14 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from payper.api.billing_record import FINAL, KIND, PLURAL, BillingRecordSpec, Window
+from payper.api.billing_record import (
+    FINAL,
+    GRANULARITY_MS,
+    KIND,
+    PLURAL,
+    BillingRecordSpec,
+    Window,
+)
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.usage import UsageReport
@@ -396,7 +403,7 @@ class Ledger:
         metrics.ACTIVE.labels(*labels).inc(grew("activeUs") / 1e6)
         metrics.BILLED.labels(*labels).inc(grew("billedMs") / 1000)
         metrics.PROVISIONED.labels(*labels).inc(grew("provisionedMs") / 1000)
-        for granularity in ("1ms", "1s", "1m"):
+        for granularity in GRANULARITY_MS:
             now_ms = int(after["roundedMs"][granularity])
             was_ms = int((before.get("roundedMs") or {}).get(granularity, 0))
             metrics.ROUNDED.labels(*labels, granularity).inc(max(0, now_ms - was_ms) / 1000)

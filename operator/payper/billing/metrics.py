@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from payper.api.billing_record import GRANULARITY_MS
+
 LABELS = ("namespace", "inference_deployment", "gpu_model")
 
 ACTIVE = Counter(
@@ -66,7 +68,7 @@ def prime(namespace: str, deployment: str, gpu_model: str, currency: str) -> Non
     labels = (namespace, deployment, gpu_model)
     for counter in (ACTIVE, BILLED, PROVISIONED):
         counter.labels(*labels).inc(0)
-    for granularity in ("1ms", "1s", "1m"):
+    for granularity in GRANULARITY_MS:
         ROUNDED.labels(*labels, granularity).inc(0)
         AMOUNT_AT_GRANULARITY.labels(*labels, granularity, currency).inc(0)
     BILLED_AMOUNT.labels(*labels, currency).inc(0)

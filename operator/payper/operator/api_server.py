@@ -16,6 +16,7 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from payper.api.common import field_errors
 from payper.api.demand import DemandSnapshot, Poke
 from payper.api.usage import UsageBatch
 from payper.billing import metrics as billing_metrics
@@ -42,11 +43,7 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 def validation_message(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors()[:5]:
-        where = ".".join(str(p) for p in item["loc"]) or "(body)"
-        parts.append(f"{where}: {item['msg']}")
-    return "invalid payload: " + "; ".join(parts)
+    return "invalid payload: " + "; ".join(field_errors(error, root="(body)")[:5])
 
 
 async def parse(request: web.Request, model: type[M]) -> M:

@@ -13,7 +13,7 @@ from typing import Annotated
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from payper.api.common import ApiModel, DnsLabel, ShortString, defaulted
+from payper.api.common import ApiModel, DnsLabel, ShortString, defaulted, field_errors
 from payper.billing.pricing import Plan, default_plans
 from payper.identity import DEFAULT_AUDIENCE
 
@@ -104,11 +104,8 @@ class OperatorConfig(ApiModel):
 
 
 def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"invalid operator configuration in {source}:"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {key}: {item['msg']}")
-    return "\n".join(lines)
+    lines = [f"  {line}" for line in field_errors(error)]
+    return "\n".join([f"invalid operator configuration in {source}:", *lines])
 
 
 def load(path: Path | None) -> OperatorConfig:

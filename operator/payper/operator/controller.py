@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from payper.api.common import API_VERSION
+from payper.api.common import API_VERSION, field_errors
 from payper.api.inference_deployment import PLURAL, POD_LABEL, InferenceDeploymentSpec
 from payper.clock import now_ms
 from payper.kube import ApiError, Kube, resource_path
@@ -53,9 +53,7 @@ class InvalidSpec(Exception):  # noqa: N818 - a state of the object, reported as
 
 
 def _spec_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return f"spec.{where}: {first['msg']}"
+    return "spec." + field_errors(error, root="")[0]
 
 
 class Controller:

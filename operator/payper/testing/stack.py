@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from payper.api.billing_record import GRANULARITY_MS
 from payper.cluster import pki, podrunner
 from payper.testing.cluster import ClusterHandle, eventually
 
@@ -440,7 +441,7 @@ class Stack:
                     key, {"activeUs": 0, "1ms": 0, "1s": 0, "1m": 0, "bursts": 0}
                 )
                 total["activeUs"] += series["reportedUs"]
-                for granularity in ("1ms", "1s", "1m"):
+                for granularity in GRANULARITY_MS:
                     total[granularity] += series["reportedRoundedMs"][granularity]
                 total["bursts"] += series["reportedBursts"]
         return truth
