@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from payper import http_sites
 from payper.identity import TokenFile
 from payper_agent import replay
 from payper_agent.agent import Agent, AgentSettings
@@ -137,16 +137,10 @@ async def run(args: argparse.Namespace) -> int:
         ready = informer.synced.is_set()
         return web.Response(status=200 if ready else 503, text="ok" if ready else "syncing pods")
 
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, _, port = args.listen.rpartition(":")
-    await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
+    app.router.add_get("/metrics", http_sites.metrics)
+    runner = await http_sites.start_site(app, args.listen)
 
     tasks = [asyncio.create_task(informer.run()), asyncio.create_task(sender.run())]
     stop = asyncio.Event()

@@ -21,8 +21,8 @@ from typing import Any
 
 import uvloop
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from payper import http_sites
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import PLURAL, POD_LABEL
 from payper.gateway import server
@@ -33,11 +33,6 @@ from payper.identity import TokenFile
 from payper.kube import Informer, Kube, resource_path
 
 logger = logging.getLogger("payper.gateway")
-
-
-def _host_port(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host or "0.0.0.0", int(port)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -126,18 +121,15 @@ async def serve(args: argparse.Namespace) -> None:
         synced = all(w.synced.is_set() for w in watches)
         return web.Response(status=200 if synced else 503, text="ok" if synced else "syncing")
 
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     admin = web.Application()
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)
-    admin.router.add_get("/metrics", metrics_handler)
+    admin.router.add_get("/metrics", http_sites.metrics)
 
-    admin_runner = web.AppRunner(admin, access_log=None)
-    await admin_runner.setup()
-    await web.TCPSite(admin_runner, *_host_port(args.admin_listen)).start()
-    tenant_server = await server.serve(gateway.handle, *_host_port(args.listen), backlog=4096)
+    admin_runner = await http_sites.start_site(admin, args.admin_listen)
+    tenant_server = await server.serve(
+        gateway.handle, *http_sites.host_port(args.listen), backlog=4096
+    )
     await asyncio.gather(*(w.synced.wait() for w in watches))
     tasks.append(asyncio.create_task(reporter.run()))
     logger.info("payper-gateway serving on %s (admin %s)", args.listen, args.admin_listen)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import kopf
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from payper import http_sites
 from payper.billing.ledger import Ledger
 from payper.kube import Kube
 from payper.operator import config as config_module
@@ -48,27 +48,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _host_port(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host or "0.0.0.0", int(port)
-
-
-async def _start_site(
-    app: web.Application, address: str, tls: ssl.SSLContext | None
-) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, port = _host_port(address)
-    await web.TCPSite(runner, host, port, ssl_context=tls).start()
-    return runner
-
-
 def _metrics_app() -> web.Application:
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", http_sites.metrics)
     return app
 
 
@@ -109,8 +91,8 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
     )
     api = ApiServer(controller, verifier, lambda: elector.is_leader, ledger)
     runners = [
-        await _start_site(api.app(), config.listen.api, tls),
-        await _start_site(_metrics_app(), config.listen.metrics, None),
+        await http_sites.start_site(api.app(), config.listen.api, tls),
+        await http_sites.start_site(_metrics_app(), config.listen.metrics),
     ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
