@@ -90,7 +90,6 @@ class Ledger:
         self._queue: list[tuple[list[UsageReport], asyncio.Future[dict[str, int]]]] = []
         self._nodes: dict[str, str] = {}
         self._ledger_version: str | None = None
-        self.flushes = 0
 
     # -- start -------------------------------------------------------------------------
     @property
@@ -155,11 +154,12 @@ class Ledger:
             metrics.USAGE_LAG.observe(max(0, now - report.interval_end_ms) / 1000)
         return accepted
 
-    async def _product(self, pod: PodView, key: Key) -> str:
+    async def _product(self, pod: PodView | None, key: Key) -> str:
+        """The product the deployment asks for, else the one its pod's node carries."""
         tracked = self.registry.get(key)
         if tracked is not None and tracked.spec is not None and tracked.spec.gpu.product:
             return product_key(tracked.spec.gpu.product)
-        if pod.node is None:
+        if pod is None or pod.node is None:
             return "unknown"
         if pod.node not in self._nodes:
             node = await self.kube.get_or_none(resource_path("v1", "nodes", name=pod.node))
@@ -238,10 +238,20 @@ class Ledger:
         changes, touched = self._usage_changes(accepted, now)
         events = self.events.drain()
         current = window_start(now, self.window_ms)
-        for (namespace, deployment), count in events.requests.items():
-            await self._add_count(changes, namespace, deployment, current, "requests", count)
-        for (namespace, deployment), count in events.cold_starts.items():
-            await self._add_count(changes, namespace, deployment, current, "cold_starts", count)
+        products: dict[tuple[str, str, int], str] = {}
+        for key in changes:
+            products.setdefault((key.namespace, key.deployment, key.window_start_ms), key.product)
+        for field, counts in (("requests", events.requests), ("cold_starts", events.cold_starts)):
+            for (namespace, deployment), count in counts.items():
+                product = products.get((namespace, deployment, current))
+                if product is None:
+                    pods = self.registry.pods.get((namespace, deployment), {})
+                    pod = next(iter(pods.values()), None)
+                    product = await self._product(pod, (namespace, deployment))
+                    products[(namespace, deployment, current)] = product
+                # Counts go to the deployment's record for its product (or any open one).
+                change = changes[RecordKey(namespace, deployment, current, product)]
+                setattr(change, field, getattr(change, field) + count)
         await self._pod_spans(changes, events, now)
         for key, change in changes.items():
             if change.pods:
@@ -271,40 +281,6 @@ class Ledger:
         if advanced:
             await self._save_progress()
         await self._finalize(now)
-        self.flushes += 1
-
-    async def _add_count(
-        self,
-        changes: dict[RecordKey, RecordChange],
-        namespace: str,
-        deployment: str,
-        window: int,
-        field: str,
-        count: int,
-    ) -> None:
-        """Counts go to the deployment's record for the product it runs on (or any open one)."""
-        product = None
-        for key in changes:
-            if (key.namespace, key.deployment, key.window_start_ms) == (
-                namespace,
-                deployment,
-                window,
-            ):
-                product = key.product
-                break
-        if product is None:
-            pods = self.registry.pods.get((namespace, deployment), {})
-            pod = next(iter(pods.values()), None)
-            product = await self._product(pod, (namespace, deployment)) if pod else None
-        if product is None:
-            tracked = self.registry.get((namespace, deployment))
-            product = (
-                product_key(tracked.spec.gpu.product)
-                if tracked and tracked.spec and tracked.spec.gpu.product
-                else "unknown"
-            )
-        change = changes[RecordKey(namespace, deployment, window, product)]
-        setattr(change, field, getattr(change, field) + count)
 
     # -- records -----------------------------------------------------------------------
     def _plan(self, namespace: str, deployment: str) -> tuple[str, Plan]:

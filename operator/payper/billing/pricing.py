@@ -19,8 +19,8 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from payper.api.billing_record import GRANULARITY_MS, Granularity
-from payper.api.common import ApiModel, DecimalString, DnsLabel
+from payper.api.billing_record import Granularity
+from payper.api.common import ApiModel, DecimalString
 
 AMOUNT_PLACES = 6
 QUANTUM = Decimal(1).scaleb(-AMOUNT_PLACES)
@@ -73,10 +73,6 @@ class Plan(ApiModel):
         table = self.reserved_price_per_gpu_hour
         return table.get(product_key(product), table[DEFAULT_PRODUCT])
 
-    @property
-    def granularity_ms(self) -> int:
-        return GRANULARITY_MS[self.granularity]
-
 
 UNKNOWN_PLAN = Plan(
     price_per_gpu_second={DEFAULT_PRODUCT: "0"},
@@ -94,6 +90,3 @@ def default_plans() -> dict[str, Plan]:
             reserved_price_per_gpu_hour={DEFAULT_PRODUCT: "2.50", "NVIDIA-H100-80GB-HBM3": "3.20"},
         )
     }
-
-
-PlanName = DnsLabel

@@ -77,9 +77,6 @@ class RecordChange:
     cold_starts: int = 0
     pods: dict[str, PodSpan] = field(default_factory=dict)
 
-    def empty(self) -> bool:
-        return not self.usage and not self.requests and not self.cold_starts and not self.pods
-
 
 def _rounded(status: dict[str, Any]) -> dict[str, int]:
     found = status.get("roundedMs") or {}
