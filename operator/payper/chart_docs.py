@@ -8,13 +8,14 @@ promises every value is documented.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from payper import generated
 
 VALUES = Path("charts/payper/values.yaml")
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.\-]+):(?P<rest>.*)$")
@@ -97,15 +98,4 @@ def render(values_path: Path = VALUES) -> str:
 
 
 def drift(out: Path, values_path: Path = VALUES) -> str:
-    actual = out.read_text() if out.exists() else ""
-    wanted = render(values_path)
-    if actual == wanted:
-        return ""
-    return (
-        "".join(
-            difflib.unified_diff(
-                actual.splitlines(True), wanted.splitlines(True), str(out), "generated"
-            )
-        )
-        or f"{out} is missing"
-    )
+    return generated.drift(out, render(values_path))

@@ -10,11 +10,12 @@ grafana-foundation-sdk is a development dependency: only this generator imports 
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from payper import generated
 
 SELECTOR = 'namespace=~"$namespace", inference_deployment=~"$deployment"'
 UID = "payper-billing"
@@ -323,15 +324,4 @@ def write(directory: Path) -> Path:
 
 
 def drift(directory: Path) -> str:
-    path = directory / FILE_NAME
-    actual = path.read_text() if path.exists() else ""
-    wanted = render()
-    if actual == wanted:
-        return ""
-    diff = difflib.unified_diff(
-        actual.splitlines(keepends=True),
-        wanted.splitlines(keepends=True),
-        str(path),
-        f"{path} (generated)",
-    )
-    return "".join(diff) or f"{path} is missing"
+    return generated.drift(directory / FILE_NAME, render())

@@ -10,7 +10,6 @@ parts of core types with ``x-kubernetes-preserve-unknown-fields``.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from payper import generated
 from payper.api import billing_record, inference_deployment
 from payper.api.common import GROUP, VERSION
 
@@ -198,17 +198,9 @@ def drift(directory: Path) -> list[str]:
     problems = []
     expected_names = {d.file_name for d in KINDS}
     for definition in KINDS:
-        path = directory / definition.file_name
-        actual = path.read_text() if path.exists() else ""
-        wanted = render(definition)
-        if actual != wanted:
-            diff = difflib.unified_diff(
-                actual.splitlines(keepends=True),
-                wanted.splitlines(keepends=True),
-                fromfile=str(path),
-                tofile=f"{path} (generated)",
-            )
-            problems.append("".join(diff) or f"{path} is missing")
+        problem = generated.drift(directory / definition.file_name, render(definition))
+        if problem:
+            problems.append(problem)
     for extra in sorted(directory.glob("*.yaml")):
         if extra.name not in expected_names:
             problems.append(f"{extra} is not generated from payper.api; remove it")
