@@ -14,6 +14,11 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def seconds(ms: int) -> str:
+    """Milliseconds as exact decimal seconds (``1234`` -> ``"1.234"``), for the API and bills."""
+    return f"{ms // 1000}.{ms % 1000:03d}"
+
+
 def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

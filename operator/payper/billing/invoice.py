@@ -20,15 +20,11 @@ from typing import Any
 
 from payper.api.billing_record import GRANULARITY_MS, BillingRecord
 from payper.billing.pricing import amount, money, reserved_amount
-from payper.clock import parse_iso
+from payper.clock import parse_iso, seconds
 
 
 def signed(value: Decimal) -> str:
     return money(value) if value >= 0 else "-" + money(-value)
-
-
-def seconds(ms: int) -> str:
-    return f"{ms // 1000}.{ms % 1000:03d}"
 
 
 @dataclass
@@ -128,6 +124,15 @@ def build(
     return Invoice(lines, dict(totals))
 
 
+def _gpu_seconds(figures: Line | Totals) -> dict[str, str]:
+    return {
+        "activeGpuSeconds": seconds(figures.active_ms),
+        "billedGpuSeconds": seconds(figures.billed_ms),
+        "provisionedGpuSeconds": seconds(figures.provisioned_ms),
+        "idleGpuSeconds": seconds(figures.idle_ms),
+    }
+
+
 def as_json(invoice: Invoice) -> str:
     def line(ln: Line) -> dict[str, Any]:
         return {
@@ -139,10 +144,7 @@ def as_json(invoice: Invoice) -> str:
             "plan": ln.plan,
             "granularity": ln.granularity,
             "currency": ln.currency,
-            "activeGpuSeconds": seconds(ln.active_ms),
-            "billedGpuSeconds": seconds(ln.billed_ms),
-            "provisionedGpuSeconds": seconds(ln.provisioned_ms),
-            "idleGpuSeconds": seconds(ln.idle_ms),
+            **_gpu_seconds(ln),
             "amount": money(ln.amount),
             "reservedEquivalentAmount": money(ln.reserved),
             "amountAtGranularity": {g: money(ln.at_granularity[g]) for g in GRANULARITY_MS},
@@ -150,10 +152,7 @@ def as_json(invoice: Invoice) -> str:
 
     totals = {
         currency: {
-            "activeGpuSeconds": seconds(t.active_ms),
-            "billedGpuSeconds": seconds(t.billed_ms),
-            "provisionedGpuSeconds": seconds(t.provisioned_ms),
-            "idleGpuSeconds": seconds(t.idle_ms),
+            **_gpu_seconds(t),
             "amount": money(t.amount),
             "amountAtGranularity": {g: money(t.at_granularity[g]) for g in GRANULARITY_MS},
             "reservedEquivalentAmount": money(t.reserved),
@@ -186,6 +185,16 @@ CSV_COLUMNS = [
 ]
 
 
+def _csv_figures(figures: Line | Totals) -> list[str]:
+    """The columns from ``active_gpu_s`` on, the same for a line and a total."""
+    return [
+        *_gpu_seconds(figures).values(),
+        money(figures.amount),
+        *(money(figures.at_granularity[g]) for g in GRANULARITY_MS),
+        money(figures.reserved),
+    ]
+
+
 def as_csv(invoice: Invoice) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -201,13 +210,7 @@ def as_csv(invoice: Invoice) -> str:
                 ln.plan,
                 ln.granularity,
                 ln.currency,
-                seconds(ln.active_ms),
-                seconds(ln.billed_ms),
-                seconds(ln.provisioned_ms),
-                seconds(ln.idle_ms),
-                money(ln.amount),
-                *(money(ln.at_granularity[g]) for g in GRANULARITY_MS),
-                money(ln.reserved),
+                *_csv_figures(ln),
             ]
         )
     for currency, t in sorted(invoice.totals.items()):
@@ -221,13 +224,7 @@ def as_csv(invoice: Invoice) -> str:
                 "",
                 "",
                 currency,
-                seconds(t.active_ms),
-                seconds(t.billed_ms),
-                seconds(t.provisioned_ms),
-                seconds(t.idle_ms),
-                money(t.amount),
-                *(money(t.at_granularity[g]) for g in GRANULARITY_MS),
-                money(t.reserved),
+                *_csv_figures(t),
             ]
         )
     return out.getvalue()

@@ -17,7 +17,7 @@ from typing import Any
 
 from payper.api.billing_record import GRANULARITY_MS, BillingRecordSpec
 from payper.billing.pricing import amount, money, reserved_amount
-from payper.clock import iso
+from payper.clock import iso, seconds
 
 WINDOW_LABEL = "payper.dev/window-start"
 DEPLOYMENT_LABEL = "payper.dev/inference-deployment"
@@ -134,7 +134,7 @@ def apply(
             "state": out.get("state", "Open"),
             "activeUs": active_us,
             "activeMs": active_ms,
-            "activeGpuSeconds": f"{active_ms // 1000}.{active_ms % 1000:03d}",
+            "activeGpuSeconds": seconds(active_ms),
             "roundedMs": rounded,
             "billedMs": billed,
             "bursts": bursts,

@@ -23,7 +23,7 @@ from payper.api.inference_deployment import (
     READY,
     SCALED_TO_ZERO,
 )
-from payper.clock import iso
+from payper.clock import iso, seconds
 from payper.operator.state import PodView, Tracked
 
 LAST_REQUEST_RESOLUTION_MS = 5_000
@@ -158,6 +158,5 @@ def compute(
         step = tracked.last_request_ms // LAST_REQUEST_RESOLUTION_MS * LAST_REQUEST_RESOLUTION_MS
         status["lastRequestTime"] = iso(step)
     if tracked.last_cold_start_ms is not None:
-        ms = tracked.last_cold_start_ms
-        status["lastColdStartSeconds"] = f"{ms // 1000}.{ms % 1000:03d}"
+        status["lastColdStartSeconds"] = seconds(tracked.last_cold_start_ms)
     return status
