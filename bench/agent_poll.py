@@ -37,7 +37,7 @@ def main() -> None:
 
     import payper_agent.main  # noqa: F401 - the agent's imports, for an honest RSS
     from payper_agent.agent import Agent, AgentSettings
-    from payper_agent.meter import Meter, SeriesIdentity
+    from payper_agent.meter import KnownPids, Meter, SeriesIdentity
     from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend, fake_gpus
 
     rng = random.Random(1)
@@ -64,7 +64,7 @@ def main() -> None:
             poll()  # type: ignore[operator]
         return (time.process_time() - started) * 1000 / polls
 
-    meter = Meter(identities.get)
+    meter = Meter(KnownPids(identities))
     meter_ms = measure(lambda: meter.poll(backend), args.polls)
 
     with tempfile.TemporaryDirectory() as state:
@@ -72,7 +72,7 @@ def main() -> None:
         agent = Agent(
             AgentSettings("node", Path(state), 1.0, 10),
             backend,
-            identities.get,
+            KnownPids(identities),
             clock_ms=lambda: clock[0],
         )
 

@@ -66,7 +66,7 @@ def worker(busy_ms: int, period_ms: int, seconds: float) -> None:
 def run_scenario(name: str, busy_ms: int, period_ms: int, seconds: float) -> dict[str, object]:
     import pynvml
 
-    from payper_agent.meter import Meter, SeriesIdentity
+    from payper_agent.meter import KnownPids, Meter, SeriesIdentity
     from payper_agent.nvml import APIS, NvmlBackend
 
     backends = {api: NvmlBackend(pynvml, api=api) for api in APIS}
@@ -78,10 +78,7 @@ def run_scenario(name: str, busy_ms: int, period_ms: int, seconds: float) -> dic
     assert process.stdout is not None
     identity = SeriesIdentity("check", name, name, "worker")
 
-    def resolve(pid: int) -> SeriesIdentity | None:
-        return identity if pid == process.pid else None
-
-    meters = {api: Meter(resolve) for api in backends}
+    meters = {api: Meter(KnownPids({process.pid: identity})) for api in backends}
     raw: dict[str, list[list[int]]] = {api: [] for api in backends}
     errors: dict[str, list[str]] = {api: [] for api in backends}
     stop = threading.Event()

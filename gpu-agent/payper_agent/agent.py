@@ -66,9 +66,7 @@ class Agent:
 
     def poll_once(self) -> None:
         started = time.perf_counter()
-        refresh = getattr(self.backend, "refresh", None)
-        if refresh is not None:
-            refresh()
+        self.backend.refresh()
         result = self.meter.poll(self.backend, self._nvml_error)
         metrics.DROPPED_SAMPLES.inc(result.dropped)
         for gpu in self.backend.gpus():
@@ -79,33 +77,34 @@ class Agent:
             logger.warning(
                 "unmetered GPUs this poll (not billed, see the report): %s", result.unmetered
             )
-        reported = self._maybe_report()
-        self.store.save(self._checkpoint(), durable=reported)
+        written = self._maybe_report()
+        self.store.save(written or self._checkpoint(), durable=written is not None)
         self.last_poll_monotonic = time.monotonic()
         metrics.POLL_DURATION.observe(time.perf_counter() - started)
 
-    def _maybe_report(self) -> bool:
-        """Cut a report at a boundary; True if one was written."""
+    def _maybe_report(self) -> Checkpoint | None:
+        """Cut a report at a boundary; the state written with it, if one was written."""
         interval_ms = self.settings.report_interval_s * 1000
         boundary = self.clock_ms() // interval_ms * interval_ms
         if self.last_report_end_ms is None:
             self.last_report_end_ms = boundary
-            return False
+            return None
         if boundary <= self.last_report_end_ms:
-            return False
+            return None
         start = max(self.last_report_end_ms, boundary - interval_ms)
         report = reporting.cut(
             self.meter, self.agent_id, self.next_sequence, self.settings.node, start, boundary
         )
         self.last_report_end_ms = boundary
         if not report.series and not report.unattributed_us and not report.unmetered_gpus:
-            return False  # nothing happened: no report, and no sequence number used
+            return None  # nothing happened: no report, and no sequence number used
         for series in report.series:
             metrics.ACTIVE_SECONDS.labels(
                 series.namespace, series.pod, series.container, series.gpu
             ).inc(series.active_us / 1e6)
         metrics.UNATTRIBUTED_SECONDS.inc(report.unattributed_us / 1e6)
         self.next_sequence += 1
-        self.store.write_report(reporting.report_json(report), self._checkpoint())
+        state_after = self._checkpoint()
+        self.store.write_report(reporting.report_json(report), state_after)
         self.on_report()
-        return True
+        return state_after

@@ -37,6 +37,10 @@ class Unmetered(Exception):  # noqa: N818 - a state of a GPU, reported, not a cr
 
 
 class Backend(Protocol):
+    def refresh(self) -> None:
+        """Called before every poll, to pick up what changed since the last one."""
+        ...
+
     def gpus(self) -> list[Gpu]: ...
 
     def now_us(self) -> int:

@@ -13,14 +13,17 @@ counters: what per-ms, per-second and per-minute billing would charge for the sa
 
 Garbage is dropped, never guessed: samples with smUtil > 100, for PIDs not running on
 that GPU, or with timestamps not after the last one seen.
+
+After each poll the resolver forgets the PIDs no GPU reported running: a PID the kernel
+hands to a new process must be resolved afresh, never billed to the container it had.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from payper.api.billing_record import GRANULARITY_MS
 from payper_agent.backends import Backend, Gpu, ProcessSample, Unmetered
@@ -35,8 +38,27 @@ class SeriesIdentity:
     inference_deployment: str | None = None
 
 
-Resolver = Callable[[int], SeriesIdentity | None]
-"""Host PID -> the container it runs in, or None for a process outside any pod."""
+class Resolver(Protocol):
+    def __call__(self, pid: int) -> SeriesIdentity | None:
+        """Host PID -> the container it runs in, or None for a process outside any pod."""
+        ...
+
+    def forget_pids_except(self, running: set[int]) -> None:
+        """Drop what is cached about the PIDs not in ``running`` (a PID can be reused)."""
+        ...
+
+
+@dataclass(frozen=True)
+class KnownPids:
+    """A resolver for PIDs whose containers are known up front (replay, benchmarks)."""
+
+    identities: Mapping[int, SeriesIdentity]
+
+    def __call__(self, pid: int) -> SeriesIdentity | None:
+        return self.identities.get(pid)
+
+    def forget_pids_except(self, running: set[int]) -> None:
+        return None
 
 
 def round_up_ms(active_us: int, granularity_ms: int) -> int:
@@ -94,9 +116,7 @@ class Series:
 class PollResult:
     samples: int = 0
     dropped: int = 0
-    unattributed_x100: int = 0
     unmetered: list[str] = field(default_factory=list)
-    errors: int = 0
 
 
 class Meter:
@@ -123,6 +143,7 @@ class Meter:
     ) -> PollResult:
         """One poll of every GPU; closes the bursts of series that went idle."""
         result = PollResult()
+        running_anywhere: set[int] = set()
         for series in self.series.values():
             series.active_now = False
         for gpu in backend.gpus():
@@ -140,11 +161,11 @@ class Meter:
                 self.last_seen_us[gpu.uuid] = now
                 continue
             except Exception as error:  # a driver error on one GPU must not stop the others
-                result.errors += 1
                 if on_error is not None:
                     on_error(gpu, error)
                 continue
             self.unmetered.discard(gpu.uuid)
+            running_anywhere |= running
             # The next period starts at the newest sample the driver gave, not at our own
             # clock: the driver's samples lag the poll, and time between its last sample
             # and now would otherwise fall between two periods (measured on an H200).
@@ -161,7 +182,6 @@ class Meter:
                 identity = self.resolver(sample.pid)
                 if identity is None:
                     self.unattributed_x100 += amount
-                    result.unattributed_x100 += amount
                     continue
                 series = self._series(identity, gpu, sample.device)
                 series.total_x100 += amount
@@ -169,6 +189,7 @@ class Meter:
                 series.in_burst = True
                 series.active_now = True
             self.last_seen_us[gpu.uuid] = newest or now
+        self.resolver.forget_pids_except(running_anywhere)
         self._end_of_poll()
         return result
 

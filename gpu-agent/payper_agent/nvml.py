@@ -125,6 +125,9 @@ class NvmlBackend:
         return self._devices[gpu.index]
 
     # -- Backend ------------------------------------------------------------------------
+    def refresh(self) -> None:
+        return None  # the driver is asked afresh on every call
+
     def gpus(self) -> list[Gpu]:
         return [d.gpu for d in self._devices]
 

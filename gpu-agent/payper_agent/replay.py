@@ -19,7 +19,7 @@ from pydantic.alias_generators import to_camel
 from payper.api.billing_record import GRANULARITY_MS
 from payper.api.common import field_errors
 from payper_agent.backends import Gpu
-from payper_agent.meter import Meter, SeriesIdentity
+from payper_agent.meter import KnownPids, Meter, SeriesIdentity
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend
 
 MAX_DURATION_MS = 31 * 24 * 3600 * 1000
@@ -105,7 +105,7 @@ def run(scenario: Scenario) -> dict[str, Any]:
                 pod.namespace, pod.name, pod.uid, pod.container, pod.inference_deployment
             )
         backend.processes[process.pid] = SimProcess(process.pid, process.gpu, intervals, None)
-    meter = Meter(identities.get, forget_after_polls=2**62)
+    meter = Meter(KnownPids(identities), forget_after_polls=2**62)
     step = scenario.poll_interval_ms * 1000
     end = scenario.duration_ms * 1000
     backend.clock_us = 0

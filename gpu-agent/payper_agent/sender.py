@@ -50,11 +50,14 @@ class Sender:
         self.backoff_cap_s = backoff_cap_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.wakeup = asyncio.Event()
-        self.delivered = 0
 
-    def _drop_expired(self) -> None:
-        for pending in self.store.expired(now_ms(), self.retention_ms):
-            self._drop(pending, "retention")
+    def _drop_expired(self, pending: list[PendingReport]) -> list[PendingReport]:
+        """Drop the reports past retention; the rest, still in sending order."""
+        expired = self.store.expired(pending, now_ms(), self.retention_ms)
+        for report in expired:
+            self._drop(report, "retention")
+        gone = {report.path for report in expired}
+        return [report for report in pending if report.path not in gone]
 
     def _drop(self, pending: PendingReport, reason: str) -> None:
         active_us = 0
@@ -88,8 +91,7 @@ class Sender:
 
     async def send_once(self, session: aiohttp.ClientSession, batch_size: int = MAX_BATCH) -> bool:
         """Send the oldest batch; True if something was acknowledged."""
-        self._drop_expired()
-        pending = self.store.pending()
+        pending = self._drop_expired(self.store.pending())
         metrics.REPORT_BACKLOG.set(len(pending))
         if not pending:
             return False
@@ -99,8 +101,7 @@ class Sender:
         status, payload = await self._post(session, reports)
         if status == 200 and isinstance(payload, dict):
             through = int(payload.get("acked", {}).get(agent_id, 0))
-            removed = self.store.ack(agent_id, through)
-            self.delivered += removed
+            removed = self.store.ack(pending, agent_id, through)
             metrics.REPORTS_SENT.labels("acknowledged").inc(removed)
             metrics.REPORT_BACKLOG.set(len(pending) - removed)
             if removed == 0:

@@ -101,6 +101,9 @@ class SimulatedBackend:
         self.processes: dict[int, SimProcess] = {}
         self.clock_us = 0
 
+    def refresh(self) -> None:
+        return None  # the caller changes the processes directly
+
     def gpus(self) -> list[Gpu]:
         return self._gpus
 

@@ -170,9 +170,10 @@ class Store:
         data: dict[str, Any] = json.loads(pending.path.read_bytes())["report"]
         return data
 
-    def ack(self, agent_id: str, through: int) -> int:
+    def ack(self, pending_reports: list[PendingReport], agent_id: str, through: int) -> int:
+        """Delete the agent's reports up to ``through``; how many there were."""
         removed = 0
-        for pending in self.pending():
+        for pending in pending_reports:
             if pending.agent_id == agent_id and pending.sequence <= through:
                 pending.path.unlink(missing_ok=True)
                 removed += 1
@@ -181,9 +182,12 @@ class Store:
     def reject(self, pending: PendingReport) -> None:
         os.replace(pending.path, self.rejected / pending.path.name)
 
-    def expired(self, now_ms: int, retention_ms: int) -> list[PendingReport]:
+    def expired(
+        self, pending_reports: list[PendingReport], now_ms: int, retention_ms: int
+    ) -> list[PendingReport]:
+        """Those past retention, or unreadable."""
         old = []
-        for pending in self.pending():
+        for pending in pending_reports:
             try:
                 if self.read(pending)["intervalEndMs"] < now_ms - retention_ms:
                     old.append(pending)

@@ -20,7 +20,7 @@ from payper.identity import TokenFile
 from payper.testing.stack import free_port
 from payper.testing.usage_receiver import UsageReceiver
 from payper_agent.agent import Agent, AgentSettings
-from payper_agent.meter import SeriesIdentity
+from payper_agent.meter import KnownPids, SeriesIdentity
 from payper_agent.sender import Sender
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend, fake_gpus
 from payper_agent.store import Checkpoint, Store
@@ -175,8 +175,8 @@ def test_reports_past_retention_are_dropped_and_counted(tmp_path: Path) -> None:
     sender = Sender(store, "http://127.0.0.1:9", TokenFile(tmp_path / "token"), retention_ms=1000)
     before = metrics.DROPPED_REPORTS.labels("retention")._value.get()
     before_s = metrics.DROPPED_USAGE_SECONDS.labels("retention")._value.get()
-    sender._drop_expired()
-    assert [p.sequence for p in store.pending()] == [2]
+    kept = sender._drop_expired(store.pending())
+    assert [p.sequence for p in kept] == [p.sequence for p in store.pending()] == [2]
     assert metrics.DROPPED_REPORTS.labels("retention")._value.get() - before == 1
     assert metrics.DROPPED_USAGE_SECONDS.labels("retention")._value.get() - before_s == 3.0
 
@@ -186,7 +186,7 @@ def _agent(directory: Path, backend: SimulatedBackend, clock: list[int]) -> Agen
     return Agent(
         AgentSettings("node-a", directory, poll_interval_s=1.0, report_interval_s=10),
         backend,
-        lambda pid: identity,
+        KnownPids({7: identity}),
         clock_ms=lambda: clock[0],
     )
 

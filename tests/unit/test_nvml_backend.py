@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from payper_agent.backends import ProcessSample, Unmetered
-from payper_agent.meter import Meter, SeriesIdentity
+from payper_agent.meter import KnownPids, Meter, SeriesIdentity
 from payper_agent.nvml import PROCESS_UTILIZATION, PROCESSES_UTILIZATION_INFO, NvmlBackend
 
 
@@ -237,7 +237,7 @@ def test_garbage_samples_are_dropped_by_the_meter() -> None:
     nvml = FakeNvml([device])
     backend = NvmlBackend(nvml)  # type: ignore[arg-type]
     identity = SeriesIdentity("ns", "p", "uid", "c")
-    meter = Meter(lambda pid: identity)
+    meter = Meter(KnownPids({5: identity}))
     meter.last_seen_us["GPU-a"] = 1_000_000
     result = meter.poll(backend)
     assert result.samples == 1
@@ -260,7 +260,7 @@ def test_mig_without_gpm_is_unmetered_never_zero() -> None:
     assert gpu.mig
     with pytest.raises(Unmetered):
         backend.utilization(gpu, 0)
-    meter = Meter(lambda pid: None)
+    meter = Meter(KnownPids({}))
     meter.poll(backend)
     result = meter.poll(backend)
     assert result.unmetered == ["GPU-mig"]
