@@ -48,7 +48,6 @@ class _MigInstance:
     handle: Any
     gpu_instance_id: int
     previous: Any = None
-    previous_us: int = 0
 
 
 @dataclass
@@ -170,7 +169,7 @@ class NvmlBackend:
             current = nvml.nvmlGpmSampleAlloc()
             nvml.nvmlGpmMigSampleGet(device.handle, instance.gpu_instance_id, current)
             now = self.now_us()
-            previous, instance.previous, instance.previous_us = instance.previous, current, now
+            previous, instance.previous = instance.previous, current
             if previous is None:
                 continue
             request = nvml.c_nvmlGpmMetricsGet_t()

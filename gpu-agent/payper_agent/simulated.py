@@ -52,9 +52,6 @@ class Intervals:
             index += 1
         return total
 
-    def total(self) -> int:
-        return sum(end - start for start, end in zip(self.starts, self.ends, strict=True))
-
 
 def busy_percent(intervals: Intervals, last_us: int, now_us: int) -> int:
     period = now_us - last_us

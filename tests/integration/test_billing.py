@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from payper.loopback import http_ok
 from payper.testing.cluster import ClusterHandle, eventually
 from payper.testing.stack import Stack, StackOptions, inference_deployment, running
 
@@ -536,10 +536,10 @@ async def test_two_operators_started_at_once_one_leads(
     )
     try:
         urls = (stack.operator_url, second.operator_url)
-        eventually(lambda: any(_ready(u) for u in urls), 30, 0.2, "a leader")
+        eventually(lambda: any(_leads(u) for u in urls), 30, 0.2, "a leader")
         await asyncio.sleep(2)
-        assert sorted(_ready(u) for u in urls) == [False, True], "exactly one operator leads"
-        standby = second if _ready(stack.operator_url) else stack
+        assert sorted(_leads(u) for u in urls) == [False, True], "exactly one operator leads"
+        standby = second if _leads(stack.operator_url) else stack
         status, payload = await post_usage(
             http,
             standby,
@@ -551,7 +551,7 @@ async def test_two_operators_started_at_once_one_leads(
             # The gateway and the agents call operator-0 (in a cluster a Service routes to
             # whichever pod is ready, the leader): let it take over before any traffic.
             second_process.stop(sig=signal.SIGKILL)
-            eventually(lambda: _ready(stack.operator_url), 40, 0.5, "operator-0 to take over")
+            eventually(lambda: _leads(stack.operator_url), 40, 0.5, "operator-0 to take over")
         statuses = await traffic(http, stack, namespace, "twins", random.Random(6), 8)
         assert set(statuses) == {200}
     finally:
@@ -561,9 +561,5 @@ async def test_two_operators_started_at_once_one_leads(
     assert "y" not in record_totals(stack.cluster, namespace)
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+def _leads(operator_url: str) -> bool:
+    return http_ok(f"{operator_url}/readyz")  # only the leader is ready

@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from payper.cluster import podrunner
 from payper.cluster.local import LocalCluster
+from payper.loopback import get_text
 from payper.testing.cluster import ClusterHandle, eventually
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,14 +137,6 @@ def test_pods_that_want_more_gpus_than_any_node_has_stay_pending(
     assert "nodeName" not in pod["spec"]
 
 
-def _http_get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return str(response.read().decode())
-    except OSError:
-        return None
-
-
 def test_pod_runner_serves_on_the_pod_ip_and_stops_with_the_pod(
     cluster: ClusterHandle, namespace: str, tmp_path: Any
 ) -> None:
@@ -177,11 +169,11 @@ def test_pod_runner_serves_on_the_pod_ip_and_stops_with_the_pod(
             what="a pod IP",
         )
         url = f"http://{pod['status']['podIP']}:8000/hello.txt"
-        assert eventually(lambda: _http_get(url), timeout_s=20, what=url) == "served from a pod IP"
+        assert eventually(lambda: get_text(url), timeout_s=20, what=url) == "served from a pod IP"
         entry = runner.running[f"{namespace}/{pod['metadata']['name']}"]
         cluster.kubectl("delete", "deployment", "served", "-n", namespace)
         eventually(lambda: entry.process.returncode is not None, timeout_s=20, what="process exit")
-        assert _http_get(url) is None
+        assert get_text(url) is None
 
 
 def test_garbage_collection_removes_owned_objects(cluster: ClusterHandle, namespace: str) -> None:

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import yaml
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.cluster import binaries, kwok, pki
 from payper.kube import ApiError, Kube, resource_path
+from payper.loopback import free_port, get_text
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
@@ -88,13 +88,6 @@ class ClusterState:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2))
         os.replace(tmp, path)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _b64(path: Path) -> str:
@@ -160,7 +153,7 @@ class LocalCluster:
             shutil.rmtree(self.directory / stale, ignore_errors=True)
         started = time.monotonic()
         pki.generate(self.pki_dir, SERVICE_IP)
-        ports = {"etcd": _free_port(), "etcd-peer": _free_port(), "apiserver": _free_port()}
+        ports = {"etcd": free_port(), "etcd-peer": free_port(), "apiserver": free_port()}
         state = ClusterState(config=config, ports=ports)
         self._write_kubeconfigs(ports["apiserver"])
         (self.directory / "kwok.yaml").write_text(
@@ -305,16 +298,11 @@ class LocalCluster:
             )
 
     def _wait_etcd(self, port: int, deadline: float) -> None:
-        import urllib.request
-
         while time.monotonic() < deadline:
             self._check_alive("etcd")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if json.loads(r.read()).get("health") == "true":
-                        return
-            except OSError:
-                pass
+            health = get_text(f"http://127.0.0.1:{port}/health")
+            if health is not None and json.loads(health).get("health") == "true":
+                return
             time.sleep(0.1)
         raise ClusterError("etcd did not become healthy in time:\n" + self._log_tail("etcd"))
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
+from payper.loopback import free_port, http_ok
 from payper.testing.cluster import eventually
-from payper.testing.stack import Process, free_port
+from payper.testing.stack import Process
 
 
 class PrometheusError(RuntimeError):
@@ -68,7 +69,7 @@ class Prometheus:
             {},
         )
         self.process.start()
-        eventually(self._ready, 30, 0.2, "Prometheus to start")
+        eventually(lambda: http_ok(f"{self.url}/-/ready"), 30, 0.2, "Prometheus to start")
         # Ready is not scraping yet: wait for a first successful scrape of every target.
         eventually(self._all_scraped, 30, 0.2, "a first scrape of every target")
         return self
@@ -77,13 +78,6 @@ class Prometheus:
         up = self.targets_up()
         expected = sum(len(hosts) for hosts in self.targets.values())
         return len(up) == expected and all(up.values())
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})

@@ -14,12 +14,8 @@ import json
 import os
 import shlex
 import signal
-import socket
-import ssl
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,27 +25,12 @@ import yaml
 
 from payper.api.billing_record import GRANULARITY_MS
 from payper.cluster import pki, podrunner
+from payper.identity import DEFAULT_AUDIENCE
+from payper.loopback import free_port, http_ok
 from payper.testing.cluster import ClusterHandle, eventually
 
 SYSTEM_NAMESPACE = "payper-system"
-AUDIENCE = "payper-operator"
 MODEL_PROFILE = "model"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _http_ok(url: str, cafile: Path | None = None) -> bool:
-    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
-    try:
-        with urllib.request.urlopen(url, timeout=1, context=context) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 @dataclass
@@ -106,9 +87,9 @@ class StackOptions:
     gpu_nodes: tuple[str, ...] = ("gpu-node-0", "gpu-node-1")
     report_interval_s: int = 5
     runner_process: bool = False
+    """Run the pod runner as a process of its own (outlives this one), not a thread."""
     tls: bool = False
     """Serve the operator's API over TLS (a fresh CA), as the chart does."""
-    """Run the pod runner as a process of its own (outlives this one), not a thread."""
 
 
 class Stack:
@@ -177,8 +158,13 @@ class Stack:
         self.cluster.apply_items(manifest)
 
     def token(
-        self, service_account: str, namespace: str = SYSTEM_NAMESPACE, audience: str = AUDIENCE
+        self,
+        service_account: str,
+        namespace: str = SYSTEM_NAMESPACE,
+        audience: str = DEFAULT_AUDIENCE,
+        bound_pod: str | None = None,
     ) -> str:
+        bound = ["--bound-object-kind=Pod", f"--bound-object-name={bound_pod}"] if bound_pod else []
         return self.cluster.kubectl(
             "create",
             "token",
@@ -186,6 +172,7 @@ class Stack:
             "-n",
             namespace,
             f"--audience={audience}",
+            *bound,
             "--duration=24h",
         ).stdout.strip()
 
@@ -241,7 +228,7 @@ class Stack:
         probe = "readyz" if lead else "healthz"
         eventually(
             lambda: (
-                _http_ok(f"{self.operator_url}/{probe}", self._ca())
+                http_ok(f"{self.operator_url}/{probe}", self._ca())
                 or (not process.alive() and "dead")
             ),
             timeout_s=60,
@@ -283,7 +270,7 @@ class Stack:
         self.gateway = process
         eventually(
             lambda: (
-                _http_ok(f"http://127.0.0.1:{self.gateway_admin_port}/readyz")
+                http_ok(f"http://127.0.0.1:{self.gateway_admin_port}/readyz")
                 or (not process.alive() and "dead")
             ),
             timeout_s=30,
@@ -363,21 +350,12 @@ class Stack:
         return name
 
     def agent_token_file(self, node: str) -> Path:
-        pod = self.agent_pod(node)
-        token = self.cluster.kubectl(
-            "create",
-            "token",
-            "payper-agent",
-            "-n",
-            SYSTEM_NAMESPACE,
-            f"--audience={AUDIENCE}",
-            "--bound-object-kind=Pod",
-            f"--bound-object-name={pod}",
-            "--duration=24h",
-        ).stdout.strip()
         path = self.workdir / f"agent-{node}.token"
-        path.write_text(token)
+        path.write_text(self.token("payper-agent", bound_pod=self.agent_pod(node)))
         return path
+
+    def agent_state_dir(self, node: str) -> Path:
+        return self.workdir / f"agent-state-{node}"
 
     def start_agent(self, node: str) -> Process:
         port = self.agent_ports.setdefault(node, free_port())
@@ -395,7 +373,7 @@ class Stack:
                 "--sim-dir",
                 str(self.sim_dir),
                 "--state-dir",
-                str(self.workdir / f"agent-state-{node}"),
+                str(self.agent_state_dir(node)),
                 "--operator-url",
                 self.operator_url,
                 *self.ca_args(),
@@ -431,7 +409,7 @@ class Stack:
         """
         truth: dict[tuple[str, str], dict[str, int]] = {}
         for node in self.agents:
-            state = json.loads((self.workdir / f"agent-state-{node}" / "state.json").read_text())
+            state = json.loads((self.agent_state_dir(node) / "state.json").read_text())
             for series in state["meter"].get("series", []):
                 deployment = series["identity"].get("inference_deployment")
                 if deployment is None:
@@ -449,7 +427,7 @@ class Stack:
     def agent_backlog(self) -> int:
         """Reports written by the agents and not yet acknowledged by the operator."""
         return sum(
-            len(list((self.workdir / f"agent-state-{node}" / "reports").glob("*.json")))
+            len(list((self.agent_state_dir(node) / "reports").glob("*.json")))
             for node in self.agents
         )
 
@@ -481,9 +459,8 @@ class Stack:
         return [p for p in found if p is not None]
 
     def stop(self) -> None:
-        for process in (*self.agents.values(), self.gateway, self.operator, self.runner_process):
-            if process is not None:
-                process.stop()
+        for process in self.processes():
+            process.stop()
         if self._runner_context is not None:
             self._runner_context.__exit__(None, None, None)
             self._runner_context = None
@@ -560,11 +537,3 @@ def inference_deployment(
         "metadata": {"name": name},
         "spec": spec,
     }
-
-
-def wait_for(probe: Any, timeout_s: float, what: str) -> Any:
-    return eventually(probe, timeout_s=timeout_s, what=what)
-
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)
