@@ -79,60 +79,81 @@ def _builder(
     )
 
 
+@dataclass(frozen=True)
+class _Authority:
+    key: ec.EllipticCurvePrivateKey
+    name: x509.Name
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, common_name: str) -> _Authority:
+        key = _key()
+        name = _name(common_name)
+        cert = (
+            _builder(name, name, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, name, cert)
+
+    def issue(
+        self,
+        subject: x509.Name,
+        usage: x509.ObjectIdentifier,
+        dns_names: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """A fresh key and its certificate for ``usage`` (server or client auth)."""
+        key = _key()
+        builder = _builder(subject, self.name, key.public_key()).add_extension(
+            x509.ExtendedKeyUsage([usage]), critical=False
+        )
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return key, builder.sign(self.key, hashes.SHA256())
+
+
 def generate(directory: Path, service_ip: str) -> None:
     """Write ca, apiserver, one client pair per CLIENTS entry, and the sa signing pair."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca_key = _key()
-    ca_name = _name("payper-local-ca")
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    _write_key(directory / "ca.key", ca_key)
-    _write_cert(directory / "ca.crt", ca_cert)
+    ca = _Authority.create("payper-local-ca")
+    _write_key(directory / "ca.key", ca.key)
+    _write_cert(directory / "ca.crt", ca.cert)
 
-    server_key = _key()
-    names: list[x509.GeneralName] = [
-        x509.DNSName(n)
-        for n in (
+    server_key, server_cert = ca.issue(
+        _name("kube-apiserver"),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        dns_names=(
             "localhost",
             "kubernetes",
             "kubernetes.default",
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
-        )
-    ]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip)]
-    server_cert = (
-        _builder(_name("kube-apiserver"), ca_name, server_key.public_key())
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        ),
+        ips=("127.0.0.1", service_ip),
     )
     _write_key(directory / "apiserver.key", server_key)
     _write_cert(directory / "apiserver.crt", server_cert)
 
     for identity in CLIENTS:
-        key = _key()
-        cert = (
-            _builder(_name(identity.common_name, identity.organizations), ca_name, key.public_key())
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256())
+        key, cert = ca.issue(
+            _name(identity.common_name, identity.organizations), ExtendedKeyUsageOID.CLIENT_AUTH
         )
         _write_key(directory / f"{identity.file_stem}.key", key)
         _write_cert(directory / f"{identity.file_stem}.crt", cert)
@@ -152,24 +173,12 @@ def serving_certificate(
     """A CA and a server certificate for ``ips`` (ca.crt, tls.crt, tls.key), e.g. for the
     operator's API in local runs, as the chart generates one in a cluster."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca_key = _key()
-    ca_name = _name(f"{common_name}-ca")
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = _key()
-    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    cert = (
-        _builder(_name(common_name), ca_name, key.public_key())
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    ca = _Authority.create(f"{common_name}-ca")
+    key, cert = ca.issue(
+        _name(common_name), ExtendedKeyUsageOID.SERVER_AUTH, dns_names=("localhost",), ips=ips
     )
     paths = (directory / "ca.crt", directory / "tls.crt", directory / "tls.key")
-    _write_cert(paths[0], ca_cert)
+    _write_cert(paths[0], ca.cert)
     _write_cert(paths[1], cert)
     _write_key(paths[2], key)
     return paths
