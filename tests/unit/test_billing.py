@@ -6,9 +6,18 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from kubernetes.client import Configuration
 
 from payper.api.billing_record import BillingRecordSpec
-from payper.billing.pricing import Plan, amount, money, product_key, reserved_amount
+from payper.billing.ledger import Ledger
+from payper.billing.pricing import (
+    UNKNOWN_PRODUCT,
+    Plan,
+    amount,
+    money,
+    product_key,
+    reserved_amount,
+)
 from payper.billing.records import (
     PodSpan,
     RecordChange,
@@ -18,7 +27,9 @@ from payper.billing.records import (
     window_start,
 )
 from payper.clock import iso
-from payper.operator.config import ConfigError, load
+from payper.kube import Credentials, Kube
+from payper.operator.config import BillingConfig, ConfigError, load
+from payper.operator.state import BillingEvents, PodView, Registry
 
 SPEC = BillingRecordSpec.model_validate(
     {
@@ -176,3 +187,16 @@ def test_bad_pricing_stops_the_operator_naming_the_key(
     with pytest.raises(ConfigError) as error:
         load(path)
     assert key in str(error.value)
+
+
+async def test_counts_wait_for_a_product_then_are_filed_after_a_window_and_grace() -> None:
+    # No pod is on a node, so the ledger never calls the API (nothing listens there).
+    kube = Kube(Credentials("https://127.0.0.1:1", False, Configuration()))
+    config = BillingConfig(window_seconds=60, grace_seconds=30)
+    ledger = Ledger(kube, config, "payper-system", Registry(), BillingEvents())
+    key = ("team-a", "llm")
+    ledger.registry.pods[key] = {"u": PodView("llm-0", "u", 0, False, "0/3 nodes fit")}
+    assert await ledger._count_product(key, now=1_000) is None
+    assert await ledger._count_product(key, now=1_000 + 89_999) is None
+    assert await ledger._count_product(key, now=1_000 + 90_000) == UNKNOWN_PRODUCT
+    assert await ledger._count_product(key, now=1_000 + 90_001) is None, "a new wait begins"

@@ -20,6 +20,9 @@ Provisioned GPU time is kept per pod inside each record as the span of that wind
 which the pod held its GPUs (scheduled -> gone), so re-applying it is harmless and a
 restart continues the spans of pods that still run. Request and cold-start counts are the
 operator's own observations and best effort across an operator crash; GPU time is exact.
+Counts that arrive before the GPU product is known (a first request, counted before its
+pod lands on a node) wait for it, up to a window and its grace, rather than opening a
+record for an unknown product.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.usage import UsageReport
 from payper.billing import metrics
-from payper.billing.pricing import UNKNOWN_PLAN, Plan, amount, product_key
+from payper.billing.pricing import UNKNOWN_PLAN, UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.records import (
     ACCOUNT_LABEL,
     DEPLOYMENT_LABEL,
@@ -89,6 +92,8 @@ class Ledger:
         """Open records as last read or written, by (namespace, name)."""
         self._queue: list[tuple[list[UsageReport], asyncio.Future[dict[str, int]]]] = []
         self._nodes: dict[str, str] = {}
+        self._unplaced_since: dict[Key, int] = {}
+        """Deployments whose counts wait for a known GPU product, since when (ms)."""
         self._ledger_version: str | None = None
 
     # -- start -------------------------------------------------------------------------
@@ -160,12 +165,26 @@ class Ledger:
         if tracked is not None and tracked.spec is not None and tracked.spec.gpu.product:
             return product_key(tracked.spec.gpu.product)
         if pod is None or pod.node is None:
-            return "unknown"
+            return UNKNOWN_PRODUCT
         if pod.node not in self._nodes:
             node = await self.kube.get_or_none(resource_path("v1", "nodes", name=pod.node))
             labels = (node or {}).get("metadata", {}).get("labels") or {}
-            self._nodes[pod.node] = product_key(labels.get(GPU_PRODUCT_LABEL, "unknown"))
+            self._nodes[pod.node] = product_key(labels.get(GPU_PRODUCT_LABEL, UNKNOWN_PRODUCT))
         return self._nodes[pod.node]
+
+    async def _count_product(self, key: Key, now: int) -> str | None:
+        """The product a deployment's request and cold-start counts go under; None: hold
+        them for a later flush, as no pod of it is on a node yet."""
+        pods = self.registry.pods.get(key, {}).values()
+        product = await self._product(next((p for p in pods if p.node is not None), None), key)
+        if product != UNKNOWN_PRODUCT:
+            self._unplaced_since.pop(key, None)
+            return product
+        since = self._unplaced_since.setdefault(key, now)
+        if now - since < self.window_ms + self.grace_ms:
+            return None
+        self._unplaced_since.pop(key, None)  # no pod ever landed: file them as they are
+        return product
 
     async def _pod_spans(
         self, changes: dict[RecordKey, RecordChange], events: BillingEvents, now: int
@@ -241,16 +260,19 @@ class Ledger:
         products: dict[tuple[str, str, int], str] = {}
         for key in changes:
             products.setdefault((key.namespace, key.deployment, key.window_start_ms), key.product)
-        for field, counts in (("requests", events.requests), ("cold_starts", events.cold_starts)):
-            for (namespace, deployment), count in counts.items():
-                product = products.get((namespace, deployment, current))
+        for field, counts, held in (
+            ("requests", events.requests, self.events.requests),
+            ("cold_starts", events.cold_starts, self.events.cold_starts),
+        ):
+            for deployment, count in counts.items():
+                product = products.get((*deployment, current))
                 if product is None:
-                    pods = self.registry.pods.get((namespace, deployment), {})
-                    pod = next(iter(pods.values()), None)
-                    product = await self._product(pod, (namespace, deployment))
-                    products[(namespace, deployment, current)] = product
-                # Counts go to the deployment's record for its product (or any open one).
-                change = changes[RecordKey(namespace, deployment, current, product)]
+                    product = await self._count_product(deployment, now)
+                    if product is None:  # counted again at the next flush
+                        held[deployment] = held.get(deployment, 0) + count
+                        continue
+                    products[(*deployment, current)] = product
+                change = changes[RecordKey(*deployment, current, product)]
                 setattr(change, field, getattr(change, field) + count)
         await self._pod_spans(changes, events, now)
         for key, change in changes.items():

@@ -25,11 +25,12 @@ from payper.api.common import ApiModel, DecimalString
 AMOUNT_PLACES = 6
 QUANTUM = Decimal(1).scaleb(-AMOUNT_PLACES)
 DEFAULT_PRODUCT = "default"
+UNKNOWN_PRODUCT = "unknown"
 
 
 def product_key(name: str) -> str:
     """NVML says "NVIDIA H100 80GB HBM3", the node label "NVIDIA-H100-80GB-HBM3": one key."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-") or "unknown"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-") or UNKNOWN_PRODUCT
 
 
 def amount(billed_ms: int, price_per_gpu_second: str) -> Decimal:
