@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
+from payper.loopback import free_port, http_ok
 from payper.testing.cluster import ClusterHandle, eventually
-from payper.testing.stack import free_port
 from payper.testing.usage_receiver import UsageReceiver
 
 NODE = "gpu-node-0"
@@ -32,7 +32,12 @@ POLL_S = 1.0
 
 
 def start_agent(
-    cluster: ClusterHandle, sim_dir: Path, state_dir: Path, receiver: UsageReceiver, log: Path
+    cluster: ClusterHandle,
+    sim_dir: Path,
+    state_dir: Path,
+    receiver: UsageReceiver,
+    log: Path,
+    port: int | None = None,
 ) -> subprocess.Popen[bytes]:
     token = state_dir.parent / f"{state_dir.name}.token"
     token.write_text("not-checked-by-the-test-receiver")
@@ -58,7 +63,7 @@ def start_agent(
                 "--kubeconfig",
                 str(cluster.kubeconfig),
                 "--listen",
-                f"127.0.0.1:{free_port()}",
+                f"127.0.0.1:{port or free_port()}",
                 "--poll-interval",
                 str(POLL_S),
                 "--report-interval",
@@ -126,11 +131,14 @@ async def test_sigkilled_agent_totals_equal_an_undisturbed_run(
         await receiver.start()
     agents: dict[str, subprocess.Popen[bytes]] = {}
     try:
+        ports = {name: free_port() for name in receivers}
         for name, receiver in receivers.items():
             agents[name] = start_agent(
-                cluster, sim_dir, tmp_path / name, receiver, tmp_path / f"{name}.log"
+                cluster, sim_dir, tmp_path / name, receiver, tmp_path / f"{name}.log", ports[name]
             )
-        await asyncio.sleep(4)  # both synced their pod watch and polled at least once
+        readyz = [f"http://127.0.0.1:{port}/readyz" for port in ports.values()]
+        eventually(lambda: all(http_ok(url) for url in readyz), 60, 0.1, "agents ready")
+        await asyncio.sleep(2 * POLL_S)  # both synced their pod watch and polled at least once
         start_ms = int(time.time() * 1000) + 1_000
         truth_us = write_schedule(sim_dir, process.pid, gpu_pod, start_ms, rng)
         kills = 0

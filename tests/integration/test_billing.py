@@ -104,9 +104,7 @@ async def test_traffic_becomes_records_equal_to_the_agents_truth(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:
     rng = random.Random(1)
-    for name in ("alpha", "beta"):
-        stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model(name)))
-    await asyncio.sleep(1)
+    stack.deploy(namespace, model("alpha"), model("beta"))
     results = await asyncio.gather(
         traffic(http, stack, namespace, "alpha", rng, 14),
         traffic(http, stack, namespace, "beta", random.Random(2), 14),
@@ -150,8 +148,7 @@ async def test_counts_before_a_pod_lands_go_to_the_product_it_lands_on(
     until the spec asks for fewer GPUs); the count waits for the node's product instead of
     opening a record for an unknown one."""
     body = inference_deployment("landing", gpus=9, max_replicas=1, idle_timeout_s=120)
-    stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
-    await asyncio.sleep(1)
+    stack.deploy(namespace, body)
     request = asyncio.create_task(
         http.post(f"{stack.gateway_url}/{namespace}/landing/v1/infer", json={"ms": 50})
     )
@@ -181,9 +178,7 @@ async def test_operator_and_agents_killed_mid_flight_lose_and_repeat_nothing(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:
     rng = random.Random(3)
-    for name in ("gamma", "delta"):
-        stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model(name)))
-    await asyncio.sleep(1)
+    stack.deploy(namespace, model("gamma"), model("delta"))
 
     async def chaos() -> None:
         for round_ in range(4):
@@ -214,7 +209,7 @@ async def test_an_unknown_plan_gets_a_condition_and_its_usage_is_still_recorded(
 ) -> None:
     manifest = model("unpriced")
     manifest["spec"]["billing"] = {"plan": "platinum"}
-    stack.cluster.apply_items([manifest], "-n", namespace)
+    stack.deploy(namespace, manifest)
 
     def plan_condition() -> dict[str, Any] | None:
         got = stack.cluster.get_json("infd", "unpriced", "-n", namespace)
@@ -224,7 +219,6 @@ async def test_an_unknown_plan_gets_a_condition_and_its_usage_is_still_recorded(
     condition = eventually(plan_condition, 30, 0.2, "the PlanKnown condition")
     assert (condition["status"], condition["reason"]) == ("False", "UnknownPlan")
     assert "'platinum'" in condition["message"]
-    await asyncio.sleep(1)
     statuses = await traffic(http, stack, namespace, "unpriced", random.Random(4), 6)
     assert set(statuses) == {200}
     await stack.settle()
@@ -536,8 +530,7 @@ async def test_an_operator_away_for_longer_than_a_window_and_grace_loses_nothing
     short_stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:
     stack = short_stack
-    stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("late")))
-    await asyncio.sleep(1)
+    stack.deploy(namespace, model("late"))
     rng = random.Random(5)
     first = await traffic(http, stack, namespace, "late", rng, 6)
     assert stack.operator is not None
@@ -563,7 +556,7 @@ async def test_two_operators_started_at_once_one_leads(
     short_stack: Stack, namespace: str, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     stack = short_stack
-    stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("twins")))
+    stack.deploy(namespace, model("twins"))
     assert stack.operator is not None
     stack.operator.stop()  # a clean stop gives the Lease back
     second = Stack(stack.cluster, tmp_path / "second", StackOptions(operator_extra=SHORT))

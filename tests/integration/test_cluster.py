@@ -112,7 +112,7 @@ def test_gpu_pods_schedule_on_gpu_nodes_and_become_ready_after_the_cold_start(
             4.0 if pod["metadata"]["labels"]["app"] == "slow" else cluster.cold_start_ms / 1000
         )
         # Condition times have one-second resolution.
-        assert expected - 1.0 <= delay <= expected + 2.0, (pod["metadata"]["name"], delay)
+        assert expected - 1.0 <= delay <= expected + 3.0, (pod["metadata"]["name"], delay)
 
 
 def test_pods_that_want_more_gpus_than_any_node_has_stay_pending(

@@ -9,7 +9,6 @@ panels must agree with the BillingRecords; and every exposition passes promtool.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 import urllib.request
@@ -48,16 +47,10 @@ def observed(
 
 
 async def _drive(stack: Stack, namespace: str) -> None:
-    for name in ("vision", "chat"):
-        stack.cluster.kubectl(
-            "apply",
-            "-n",
-            namespace,
-            "-f",
-            "-",
-            input=json.dumps(inference_deployment(name, idle_timeout_s=120, max_replicas=1)),
-        )
-    await asyncio.sleep(1)
+    stack.deploy(
+        namespace,
+        *(inference_deployment(n, idle_timeout_s=120, max_replicas=1) for n in ("vision", "chat")),
+    )
     rng = random.Random(9)
     async with aiohttp.ClientSession() as http:
 

@@ -7,6 +7,7 @@ import base64
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from payper.gateway.routing import Route, route
 from payper.gateway.targets import Target, TargetGone, Targets
@@ -158,3 +159,24 @@ def test_an_invalid_spec_removes_the_route() -> None:
     broken["spec"]["scaling"]["coldStartTimeoutSeconds"] = 0
     targets.upsert_deployment(broken)
     assert targets.get(("ns", "llm")) is None
+
+
+def _series(name: str) -> set[tuple[str, ...]]:
+    """The label sets of one gateway metric's samples, as /metrics would show them."""
+    return {
+        tuple(sample.labels.values())
+        for family in REGISTRY.collect()
+        if family.name == name
+        for sample in family.samples
+    }
+
+
+def test_a_routed_deployment_has_series_from_zero_until_it_is_removed() -> None:
+    targets = Targets()
+    targets.upsert_deployment(_deployment("metered"))
+    assert ("ns", "metered") in _series("payper_gateway_requests_in_flight")
+    targets.get(("ns", "metered")).meters.answered(200)  # type: ignore[union-attr]
+    assert ("ns", "metered", "200") in _series("payper_gateway_requests")
+    targets.remove_deployment(("ns", "metered"))
+    assert ("ns", "metered") not in _series("payper_gateway_requests_in_flight")
+    assert ("ns", "metered", "200") not in _series("payper_gateway_requests")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from payper.gateway import server
 from payper.gateway.proxy import Gateway, GatewaySettings
@@ -275,11 +276,16 @@ async def test_malformed_requests_get_400_and_unknown_routes_404(
         port, b"GET /ns/m/small HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
     )
     assert huge.startswith(b"HTTP/1.1 400")
+    unrouted = REGISTRY.get_sample_value("payper_gateway_unrouted_requests_total") or 0
     missing = await exchange(
         port, b"GET /ns/absent/x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
     )
     assert missing.startswith(b"HTTP/1.1 404")
     assert b'"status": 404' in missing
+    # Counted without the client's names as labels: they would be unbounded series.
+    assert REGISTRY.get_sample_value("payper_gateway_unrouted_requests_total") == unrouted + 1
+    labels = {"namespace": "ns", "inference_deployment": "absent", "code": "404"}
+    assert REGISTRY.get_sample_value("payper_gateway_requests_total", labels) is None
     health = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
     assert health.endswith(b"ok")
 

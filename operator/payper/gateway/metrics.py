@@ -34,6 +34,11 @@ UPSTREAM_ERRORS = Counter(
     "Requests whose upstream connection failed (answered 502 or cut).",
     LABELS,
 )
+UNROUTED = Counter(
+    "payper_gateway_unrouted_requests_total",
+    "Requests for no known InferenceDeployment (answered 404). Unlabelled: the names in "
+    "them come from clients.",
+)
 POKES = Counter(
     "payper_gateway_pokes_total",
     "Scale-from-zero pokes sent to the operator, by result.",
@@ -42,7 +47,11 @@ POKES = Counter(
 
 
 class TargetMeters:
-    """The metric children of one deployment, resolved once (``labels()`` is not free)."""
+    """The metric children of one deployment, resolved once (``labels()`` is not free).
+
+    They exist from the moment the gateway routes the deployment (so ``increase()`` starts
+    from zero) until it stops routing it.
+    """
 
     def __init__(self, namespace: str, name: str) -> None:
         self.labels = (namespace, name)
@@ -58,3 +67,9 @@ class TargetMeters:
         if counter is None:
             counter = self._by_code[code] = REQUESTS.labels(*self.labels, str(code))
         counter.inc()
+
+    def remove(self) -> None:
+        for metric in (IN_FLIGHT, QUEUED, DURATION, QUEUE_WAIT, UPSTREAM_ERRORS):
+            metric.remove(*self.labels)
+        for code in self._by_code:
+            REQUESTS.remove(*self.labels, str(code))

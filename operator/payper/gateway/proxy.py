@@ -155,11 +155,12 @@ class Gateway:
             if request.target == "/healthz":
                 await responder.send(200, [("Content-Type", "text/plain")], b"ok")
                 return
+            metrics.UNROUTED.inc()
             await send_error(responder, 404, "no InferenceDeployment matches this host or path")
             return
         target = self.targets.get(found.key)
         if target is None:
-            metrics.REQUESTS.labels(found.namespace, found.name, "404").inc()
+            metrics.UNROUTED.inc()
             await send_error(
                 responder, 404, f"InferenceDeployment {found.namespace}/{found.name} not found"
             )

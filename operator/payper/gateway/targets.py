@@ -59,14 +59,10 @@ class Target:
     """time.monotonic() of the last request's arrival."""
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     gone: bool = False
-    _meters: metrics.TargetMeters | None = None
+    meters: metrics.TargetMeters = field(init=False)
 
-    @property
-    def meters(self) -> metrics.TargetMeters:
-        """This deployment's metric children, looked up once instead of per request."""
-        if self._meters is None:
-            self._meters = metrics.TargetMeters(self.namespace, self.name)
-        return self._meters
+    def __post_init__(self) -> None:
+        self.meters = metrics.TargetMeters(self.namespace, self.name)
 
     def pick(self) -> Endpoint | None:
         """The reachable ready endpoint with the fewest requests in flight."""
@@ -146,6 +142,7 @@ class Targets:
         if target is not None:
             target.gone = True
             target.ready_event.set()
+            target.meters.remove()
 
     def upsert_pod(self, deployment: str, obj: Mapping[str, Any]) -> None:
         meta, status = obj["metadata"], obj.get("status", {})

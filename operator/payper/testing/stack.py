@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from payper.api.billing_record import GRANULARITY_MS
 from payper.cluster import pki, podrunner
 from payper.identity import DEFAULT_AUDIENCE
-from payper.loopback import free_port, http_ok
+from payper.loopback import free_port, get_text, http_ok
 from payper.testing.cluster import ClusterHandle, eventually
 
 SYSTEM_NAMESPACE = "payper-system"
@@ -141,6 +142,27 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         return {**self.cluster.env(), "PYTHONUNBUFFERED": "1"}
+
+    # -- deployments -------------------------------------------------------------------
+    def routes(self, namespace: str, name: str) -> bool:
+        """Whether the gateway routes this InferenceDeployment yet (its series exist)."""
+        metrics = get_text(f"http://127.0.0.1:{self.gateway_admin_port}/metrics") or ""
+        wanted = {"namespace": namespace, "inference_deployment": name}
+        return any(
+            sample.labels == wanted
+            for family in text_string_to_metric_families(metrics)
+            if family.name == "payper_gateway_requests_in_flight"
+            for sample in family.samples
+        )
+
+    def deploy(self, namespace: str, *manifests: dict[str, Any]) -> None:
+        """Apply manifests; return once the gateway routes every InferenceDeployment in
+        them, so a request sent next cannot race the gateway's watch into a 404."""
+        self.cluster.apply_items(list(manifests), "-n", namespace)
+        names = [m["metadata"]["name"] for m in manifests if m["kind"] == "InferenceDeployment"]
+        eventually(
+            lambda: all(self.routes(namespace, name) for name in names), 20, 0.05, f"routes {names}"
+        )
 
     # -- identities --------------------------------------------------------------------
     def ensure_system(self) -> None:
