@@ -334,8 +334,11 @@ async def test_routing_headers_and_errors(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:
     cluster = stack.cluster
-    stack.deploy(namespace, inference_deployment("web", min_replicas=1))
-    stack.deploy(namespace, inference_deployment("hollow", min_replicas=1, runner=False))
+    stack.deploy(
+        namespace,
+        inference_deployment("web", min_replicas=1),
+        inference_deployment("hollow", min_replicas=1, runner=False),
+    )
     eventually(lambda: ready_pods(cluster, namespace, "web") == 1, 20, what="web ready")
     eventually(lambda: ready_pods(cluster, namespace, "hollow") == 1, 20, what="hollow ready")
     await asyncio.sleep(0.5)

@@ -161,22 +161,14 @@ def test_an_invalid_spec_removes_the_route() -> None:
     assert targets.get(("ns", "llm")) is None
 
 
-def _series(name: str) -> set[tuple[str, ...]]:
-    """The label sets of one gateway metric's samples, as /metrics would show them."""
-    return {
-        tuple(sample.labels.values())
-        for family in REGISTRY.collect()
-        if family.name == name
-        for sample in family.samples
-    }
-
-
 def test_a_routed_deployment_has_series_from_zero_until_it_is_removed() -> None:
+    labels = {"namespace": "ns", "inference_deployment": "metered"}
+    answered = {**labels, "code": "200"}
     targets = Targets()
     targets.upsert_deployment(_deployment("metered"))
-    assert ("ns", "metered") in _series("payper_gateway_requests_in_flight")
+    assert REGISTRY.get_sample_value("payper_gateway_requests_in_flight", labels) == 0
     targets.get(("ns", "metered")).meters.answered(200)  # type: ignore[union-attr]
-    assert ("ns", "metered", "200") in _series("payper_gateway_requests")
+    assert REGISTRY.get_sample_value("payper_gateway_requests_total", answered) == 1
     targets.remove_deployment(("ns", "metered"))
-    assert ("ns", "metered") not in _series("payper_gateway_requests_in_flight")
-    assert ("ns", "metered", "200") not in _series("payper_gateway_requests")
+    assert REGISTRY.get_sample_value("payper_gateway_requests_in_flight", labels) is None
+    assert REGISTRY.get_sample_value("payper_gateway_requests_total", answered) is None

@@ -144,25 +144,23 @@ class Stack:
         return {**self.cluster.env(), "PYTHONUNBUFFERED": "1"}
 
     # -- deployments -------------------------------------------------------------------
-    def routes(self, namespace: str, name: str) -> bool:
-        """Whether the gateway routes this InferenceDeployment yet (its series exist)."""
+    def routed(self, namespace: str) -> set[str]:
+        """The InferenceDeployments of a namespace the gateway routes (their series exist)."""
         metrics = get_text(f"http://127.0.0.1:{self.gateway_admin_port}/metrics") or ""
-        wanted = {"namespace": namespace, "inference_deployment": name}
-        return any(
-            sample.labels == wanted
+        return {
+            sample.labels["inference_deployment"]
             for family in text_string_to_metric_families(metrics)
             if family.name == "payper_gateway_requests_in_flight"
             for sample in family.samples
-        )
+            if sample.labels.get("namespace") == namespace
+        }
 
     def deploy(self, namespace: str, *manifests: dict[str, Any]) -> None:
         """Apply manifests; return once the gateway routes every InferenceDeployment in
         them, so a request sent next cannot race the gateway's watch into a 404."""
         self.cluster.apply_items(list(manifests), "-n", namespace)
-        names = [m["metadata"]["name"] for m in manifests if m["kind"] == "InferenceDeployment"]
-        eventually(
-            lambda: all(self.routes(namespace, name) for name in names), 20, 0.05, f"routes {names}"
-        )
+        names = {m["metadata"]["name"] for m in manifests if m["kind"] == "InferenceDeployment"}
+        eventually(lambda: names <= self.routed(namespace), 20, 0.05, f"routes to {names}")
 
     # -- identities --------------------------------------------------------------------
     def ensure_system(self) -> None:
