@@ -223,15 +223,13 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
     eventually(lambda: all_ready(2), 60, 0.5, "every workload Ready")
     agent_nodes = {p["spec"]["nodeName"] for p in _pods(cluster, namespace, "agent")}
     assert agent_nodes == {"gpu-node-0", "gpu-node-1"}, "the agent runs on GPU nodes only"
-    secret = cluster.kubectl(
-        "get",
-        "secret",
-        "pp-payper-operator-tls",
-        "-n",
-        namespace,
-        "-o",
-        "jsonpath={.data.tls\\.crt}",
-    ).stdout
+
+    def certificate() -> str:
+        jsonpath = "jsonpath={.data.tls\\.crt}"
+        name = "pp-payper-operator-tls"
+        return str(cluster.kubectl("get", "secret", name, "-n", namespace, "-o", jsonpath).stdout)
+
+    secret = certificate()
 
     helm(
         cluster,
@@ -256,15 +254,7 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
         "jsonpath={.data.config\\.yaml}",
     ).stdout
     assert yaml.safe_load(config)["billing"]["flushIntervalSeconds"] == 5
-    again = cluster.kubectl(
-        "get",
-        "secret",
-        "pp-payper-operator-tls",
-        "-n",
-        namespace,
-        "-o",
-        "jsonpath={.data.tls\\.crt}",
-    ).stdout
+    again = certificate()
     assert again == secret, "the generated certificate survives an upgrade"
 
     helm(cluster, "uninstall", "pp", "-n", namespace, "--wait")
