@@ -14,15 +14,25 @@ DASHBOARDS_DIR ?= charts/payper/dashboards
 
 .PHONY: help venv binaries cluster-up cluster-down cluster-status crds crds-check \
         dashboards dashboards-check docs docs-check generated generated-check \
-        lint format test test-unit test-integration demo images clean
+        lint format test test-deps test-unit test-integration demo images clean \
+        bench-deps
 
 help:
 	@echo "make demo         - the main job: Payper end to end on a local cluster"
 	@echo "make test         - every test tier (unit, then integration on a local cluster)"
 	@echo "make lint         - ruff (lint + format check) and mypy --strict"
+	@echo "make bench-deps   - the Debian packages bench/ needs (nginx, wrk)"
 	@echo "make cluster-up   - start the local cluster (CLUSTER_DIR=$(CLUSTER_DIR))"
 	@echo "make cluster-down - stop it"
 	@echo "make crds         - regenerate crds/ from payper.api; make crds-check fails on drift"
+
+# Debian packages the test tiers and the benchmarks need: installed when missing (as
+# root), otherwise a stop at once with the exact command to run.
+test-deps:
+	.ci/debian-deps .ci/test-packages
+
+bench-deps: venv
+	.ci/debian-deps bench/debian-packages
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 venv: $(VENV)/.installed
@@ -37,7 +47,7 @@ binaries: venv
 	$(PAYPER) cluster build
 
 cluster-up: binaries
-	$(PAYPER) cluster up --dir $(CLUSTER_DIR) --pod-cidr $(POD_CIDR)
+	$(PAYPER) cluster up --dir $(CLUSTER_DIR) --pod-cidr $(POD_CIDR) --crds crds
 
 cluster-down: venv
 	$(PAYPER) cluster down --dir $(CLUSTER_DIR)
@@ -90,7 +100,7 @@ test-unit: venv
 test-integration: binaries
 	$(call run_tier,tests/integration)
 
-test: generated-check test-unit test-integration
+test: test-deps lint generated-check test-unit test-integration
 
 clean:
 	-$(PAYPER) cluster down --dir $(CLUSTER_DIR)
