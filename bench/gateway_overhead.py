@@ -187,7 +187,6 @@ def run(
     processes: list[subprocess.Popen[bytes]],
 ) -> None:
     """Latency at a fixed rate, then throughput, for each path: direct, nginx, payper."""
-    handle.install_crds(CRDS)
     handle.kubectl("create", "namespace", NAMESPACE)
     infd = {
         "apiVersion": "payper.dev/v1alpha1",
@@ -341,7 +340,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="payper-bench-gw-"))
     (scratch / "tmp").mkdir()
     processes: list[subprocess.Popen[bytes]] = []
-    config = ClusterConfig(pod_cidr="127.6.0.0/16", cold_start_ms=0)
+    config = ClusterConfig(pod_cidr="127.6.0.0/16", cold_start_ms=0, crds_dir=str(CRDS))
     try:
         with local_cluster(scratch / "cluster", config) as handle:
             run(handle, scratch, args, processes)

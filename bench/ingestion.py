@@ -136,12 +136,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     args = parser.parse_args()
     rows = []
-    config = ClusterConfig(pod_cidr="127.10.0.0/16")
+    config = ClusterConfig(pod_cidr="127.10.0.0/16", crds_dir=str(CRDS))
     with (
         tempfile.TemporaryDirectory(prefix="payper-bench-usage-") as scratch,
         local_cluster(Path(scratch) / "cluster", config) as handle,
     ):
-        handle.install_crds(CRDS)
         handle.kubectl("create", "namespace", NAMESPACE)
         stack = Stack(
             handle,

@@ -72,9 +72,10 @@ def main() -> None:
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="payper-bench-scale-") as scratch,
-        local_cluster(Path(scratch) / "cluster", ClusterConfig(pod_cidr="127.8.0.0/16")) as handle,
+        local_cluster(
+            Path(scratch) / "cluster", ClusterConfig(pod_cidr="127.8.0.0/16", crds_dir=str(CRDS))
+        ) as handle,
     ):
-        handle.install_crds(CRDS)
         handle.kubectl("create", "namespace", NAMESPACE)
         for start in range(0, args.deployments, 200):
             items = []

@@ -70,12 +70,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=30)
     args = parser.parse_args()
-    config = ClusterConfig(pod_cidr="127.7.0.0/16", cold_start_ms=60_000)
+    config = ClusterConfig(pod_cidr="127.7.0.0/16", cold_start_ms=60_000, crds_dir=str(CRDS))
     with (
         tempfile.TemporaryDirectory(prefix="payper-bench-zero-") as scratch,
         local_cluster(Path(scratch) / "cluster", config) as handle,
     ):
-        handle.install_crds(CRDS)
         handle.kubectl("create", "namespace", NAMESPACE)
         names = [f"zero-{i:03d}" for i in range(args.trials)]
         items = []

@@ -22,6 +22,7 @@ def _cluster_up(args: argparse.Namespace) -> int:
         gpu_product=args.gpu_product,
         cold_start_ms=args.cold_start_ms,
         pod_cidr=args.pod_cidr,
+        crds_dir=args.crds,
     )
     cluster = LocalCluster(args.dir)
     kubeconfig = cluster.up(config, timeout_s=args.timeout)
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default pod Ready delay (annotation payper.dev/cold-start-delay overrides)",
     )
     up.add_argument("--pod-cidr", default=defaults.pod_cidr, help="loopback range for pod IPs")
+    up.add_argument(
+        "--crds", help="a directory of CRD manifests to serve before the controllers start"
+    )
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
     up.set_defaults(func=_cluster_up)
     for name, func, text in (

@@ -213,15 +213,14 @@ def run(keep: bool) -> int:
     shutil.rmtree(DEMO_DIR / "stack", ignore_errors=True)
     cluster = LocalCluster(CLUSTER_DIR)
     say("starting the local cluster: etcd, kube-apiserver, controller-manager, scheduler, kwok")
-    kubeconfig = cluster.up(ClusterConfig(pod_cidr=POD_CIDR, cold_start_ms=3000))
+    kubeconfig = cluster.up(ClusterConfig(pod_cidr=POD_CIDR, cold_start_ms=3000, crds_dir="crds"))
     handle = ClusterHandle(kubeconfig, POD_CIDR, 3000)
     stack: Stack | None = None
     prometheus = None
     try:
         ready_s = cluster.timings.get("nodes ready", 0)
         say(f"cluster ready ({ready_s:.1f}s): 2 GPU nodes x 8 H100, 1 CPU node")
-        handle.install_crds(Path("crds"))
-        say("CRDs installed; starting payper-operator, payper-gateway, the pod runner, 2 agents")
+        say("CRDs served; starting payper-operator, payper-gateway, the pod runner, 2 agents")
         stack = Stack(
             handle,
             DEMO_DIR / "stack",

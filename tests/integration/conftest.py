@@ -20,6 +20,7 @@ from payper.testing.cluster import ClusterHandle, local_cluster
 
 TEST_POD_CIDR = "127.2.0.0/16"
 TEST_COLD_START_MS = 1500
+CRDS = Path(__file__).resolve().parents[2] / "crds"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -33,7 +34,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
     if external:
         yield ClusterHandle(Path(external), TEST_POD_CIDR, TEST_COLD_START_MS)
         return
-    config = ClusterConfig(pod_cidr=TEST_POD_CIDR, cold_start_ms=TEST_COLD_START_MS)
+    # Payper's CRDs are served before the controller-manager starts, so its garbage
+    # collector cascades their deletion from the first test on (see payper.cluster.local).
+    config = ClusterConfig(
+        pod_cidr=TEST_POD_CIDR, cold_start_ms=TEST_COLD_START_MS, crds_dir=str(CRDS)
+    )
     with local_cluster(tmp_path_factory.mktemp("cluster"), config) as handle:
         yield handle
 

@@ -24,6 +24,7 @@ import pytest
 
 from payper.loopback import free_port, http_ok
 from payper.testing.cluster import ClusterHandle, eventually
+from payper.testing.stack import scraped_sum
 from payper.testing.usage_receiver import UsageReceiver
 
 NODE = "gpu-node-0"
@@ -138,7 +139,16 @@ async def test_sigkilled_agent_totals_equal_an_undisturbed_run(
             )
         readyz = [f"http://127.0.0.1:{port}/readyz" for port in ports.values()]
         eventually(lambda: all(http_ok(url) for url in readyz), 60, 0.1, "agents ready")
-        await asyncio.sleep(2 * POLL_S)  # both synced their pod watch and polled at least once
+        # Both synced their pod watch (ready) and polled at least once.
+        polled = [f"http://127.0.0.1:{port}/metrics" for port in ports.values()]
+        eventually(
+            lambda: all(
+                scraped_sum(url, "payper_agent_poll_duration_seconds_count") for url in polled
+            ),
+            30,
+            0.1,
+            "a first poll",
+        )
         start_ms = int(time.time() * 1000) + 1_000
         truth_us = write_schedule(sim_dir, process.pid, gpu_pod, start_ms, rng)
         kills = 0

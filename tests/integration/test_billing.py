@@ -158,7 +158,10 @@ async def test_counts_before_a_pod_lands_go_to_the_product_it_lands_on(
         return any(p["status"].get("phase") == "Pending" for p in pods["items"])
 
     await asyncio.to_thread(eventually, pending_pod, 20, 0.2, "an unschedulable pod")
-    await asyncio.sleep(3)  # snapshots and flushes have brought the count to the ledger
+    # The held request's count reaches the ledger (a demand snapshot, then a flush) while
+    # the pod is still pending: two flushes from now, the second after a snapshot.
+    flushes = stack.flushes()
+    await asyncio.to_thread(eventually, lambda: stack.flushes() >= flushes + 2, 20, 0.2, "flushes")
     gpu = json.dumps({"spec": {"gpu": {"count": 1}}})
     stack.cluster.kubectl("patch", "infd", "landing", "-n", namespace, "--type=merge", "-p", gpu)
     async with await request as response:

@@ -40,7 +40,7 @@ def observed(
         try:
             namespace = crds_installed.namespace("dash")
             asyncio.run(_drive(stack, namespace))
-            time.sleep(3)  # a few more scrapes after the last flush
+            prometheus.wait_for_scrapes_after(time.time())  # the state after the last flush
             yield stack, prometheus, namespace
         finally:
             prometheus.stop()

@@ -140,8 +140,9 @@ async def test_burst_scales_out_and_idle_returns_to_zero(
     assert spec_replicas(cluster, namespace, "burst") == 3
     # Held requests went to the first ready pod; now all three are up, and the gateway
     # spreads the next burst over them (least requests in flight).
-    await asyncio.to_thread(eventually, lambda: ready_pods(cluster, namespace, "burst") == 3, 20)
-    await asyncio.sleep(0.5)
+    await asyncio.to_thread(
+        eventually, lambda: stack.gateway_endpoints(namespace).get("burst") == 3, 20
+    )
     results = await asyncio.gather(
         *(infer(http, stack, namespace, "burst", ms=1000) for _ in range(3))
     )
@@ -333,15 +334,16 @@ async def test_request_body_streams_and_a_disconnect_cancels_upstream(
 async def test_routing_headers_and_errors(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:
-    cluster = stack.cluster
     stack.deploy(
         namespace,
         inference_deployment("web", min_replicas=1),
         inference_deployment("hollow", min_replicas=1, runner=False),
     )
-    eventually(lambda: ready_pods(cluster, namespace, "web") == 1, 20, what="web ready")
-    eventually(lambda: ready_pods(cluster, namespace, "hollow") == 1, 20, what="hollow ready")
-    await asyncio.sleep(0.5)
+    eventually(
+        lambda: stack.gateway_endpoints(namespace) == {"web": 1, "hollow": 1},
+        20,
+        what="the gateway sends to web's and hollow's ready pods",
+    )
     headers = {
         "Host": f"web.{namespace}.payper.local",
         "Connection": "keep-alive, X-Hop",

@@ -41,11 +41,20 @@ def test_kwok_configuration_simulates_cold_starts_with_a_per_pod_override() -> N
         "node-heartbeat",
         "pod-create",
         "pod-ready",
+        "pod-ready-listening",
         "pod-delete",
     }
-    delay = stages["pod-ready"]["delay"]
-    assert delay["durationMilliseconds"] == 2500
-    assert kwok.COLD_START_ANNOTATION in delay["durationFrom"]["expressionFrom"]
+    for name in ("pod-ready", "pod-ready-listening"):
+        delay = stages[name]["delay"]
+        assert delay["durationMilliseconds"] == 2500
+        assert kwok.COLD_START_ANNOTATION in delay["durationFrom"]["expressionFrom"]
+    # A pod the runner serves is never Ready on the timer alone: only once it listens.
+    timer = {e["key"]: e for e in stages["pod-ready"]["selector"]["matchExpressions"]}
+    runner_key = f'.metadata.annotations["{podrunner.ANNOTATION}"]'
+    assert timer[runner_key]["operator"] == "DoesNotExist"
+    listening = {e["key"]: e for e in stages["pod-ready-listening"]["selector"]["matchExpressions"]}
+    listening_key = f'.metadata.annotations["{podrunner.LISTENING_ANNOTATION}"]'
+    assert listening[listening_key] == {"key": listening_key, "operator": "In", "values": ["true"]}
     assert "podIP: {{ PodIPWith" in stages["pod-create"]["next"]["statusTemplate"]
     assert stages["pod-delete"]["next"] == {"delete": True}
 
@@ -161,3 +170,35 @@ async def test_pod_runner_follows_the_pod_lifecycle(tmp_path: Path) -> None:
     assert runner.running == {}
     await runner.on_event("ADDED", _pod(ip="127.9.0.9", profile="unknown"))
     assert runner.running == {}
+
+
+async def test_pod_runner_announces_a_pod_only_once_its_process_listens(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    # Binds only once the test creates the file: the runner must not announce before.
+    server = (
+        "import os, socket, sys, time\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "s = socket.create_server((sys.argv[1], int(sys.argv[2])))\n"
+        "time.sleep(60)\n"
+    )
+    runner = podrunner.PodRunner(
+        None,
+        {"serve": [sys.executable, "-c", server, "{ip}", "{port}"], "crash": ["false"]},
+        listen_timeout_s=30,
+    )
+    try:
+        await runner.on_event("ADDED", _pod(ip="127.9.0.10", profile="serve"))
+        entry = runner.running["ns/p"]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(entry.listening.wait(), 0.5)
+        go.write_text("")
+        await asyncio.wait_for(entry.listening.wait(), 20)
+        await runner.on_event("DELETED", _pod(ip="127.9.0.10", profile="serve"))
+        # A process that exits without listening is never announced.
+        await runner.on_event("ADDED", _pod(ip="127.9.0.11", uid="u3", profile="crash"))
+        crashed = runner.running["ns/p"]
+        assert crashed.probe is not None
+        await asyncio.wait_for(crashed.probe, 20)
+        assert not crashed.listening.is_set()
+    finally:
+        await runner.on_event("DELETED", _pod(ip="127.9.0.11", uid="u3"))

@@ -244,7 +244,8 @@ class Ledger:
         """Apply what arrived; answer every waiting request, whatever happens."""
         queued, self._queue = self._queue, []
         try:
-            await self._flush([r for batch, _ in queued for r in batch], self.clock())
+            with metrics.FLUSH_DURATION.time():
+                await self._flush([r for batch, _ in queued for r in batch], self.clock())
         finally:
             for batch, future in queued:
                 if not future.done():

@@ -56,6 +56,12 @@ USAGE_LAG = Histogram(
     "Time from the end of a report's interval to its application in the ledger.",
     buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 900, 3600, 86400),
 )
+FLUSH_DURATION = Histogram(
+    "payper_billing_flush_duration_seconds",
+    "Time one ledger flush takes (records written, progress saved); near the flush "
+    "interval means the ledger is falling behind.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 FINALIZED = Counter("payper_billing_records_finalized_total", "BillingRecords that became Final.")
 
 

@@ -5,6 +5,10 @@ IP from a loopback range as soon as it is bound to a node, then becomes Ready af
 delay that simulates a model server's cold start (default from the cluster's config,
 overridden per pod by the ``payper.dev/cold-start-delay`` annotation, a Go duration such
 as ``2500ms``). Pods on loopback IPs let a test bind a real process where the pod is.
+
+A pod that the pod runner serves (annotated ``payper.dev/pod-runner``) is not Ready on a
+timer: its delay starts only once the runner has seen its process accept connections and
+annotated the pod, so nothing ever routes to a Ready pod whose server is still starting.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 import yaml
 
 from payper.cluster.binaries import KUBERNETES_VERSION
+from payper.cluster.podrunner import ANNOTATION as POD_RUNNER_ANNOTATION
+from payper.cluster.podrunner import LISTENING_ANNOTATION
 
 COLD_START_ANNOTATION = "payper.dev/cold-start-delay"
 MANAGED_LABEL = "payper.dev/kwok-node"
@@ -146,8 +152,22 @@ def _in(key: str, *values: str) -> dict[str, Any]:
     return {"key": key, "operator": "In", "values": list(values)}
 
 
+def _annotation(key: str) -> str:
+    return f'.metadata.annotations["{key}"]'
+
+
 def stages(cold_start_ms: int) -> list[dict[str, Any]]:
     ready_condition = '.status.conditions.[] | select( .type == "Ready" ) | .status'
+    becomes_ready = [
+        _absent(".metadata.deletionTimestamp"),
+        _in(".status.phase", "Pending"),
+        _in('.status.conditions.[] | select( .type == "Initialized" ) | .status', "True"),
+        _absent(".status.containerStatuses.[].state.running.startedAt"),
+    ]
+    cold_start = {
+        "durationMilliseconds": cold_start_ms,
+        "durationFrom": {"expressionFrom": _annotation(COLD_START_ANNOTATION)},
+    }
     return [
         _stage(
             "node-initialize",
@@ -168,22 +188,21 @@ def stages(cold_start_ms: int) -> list[dict[str, Any]]:
             [_absent(".metadata.deletionTimestamp"), _absent(".status.podIP")],
             {"statusTemplate": _POD_STATUS_CREATED},
         ),
+        # Pods with nothing behind them: Ready after the cold-start delay.
         _stage(
             "pod-ready",
             "Pod",
-            [
-                _absent(".metadata.deletionTimestamp"),
-                _in(".status.phase", "Pending"),
-                _in('.status.conditions.[] | select( .type == "Initialized" ) | .status', "True"),
-                _absent(".status.containerStatuses.[].state.running.startedAt"),
-            ],
+            [*becomes_ready, _absent(_annotation(POD_RUNNER_ANNOTATION))],
             {"statusTemplate": _POD_STATUS_READY},
-            delay={
-                "durationMilliseconds": cold_start_ms,
-                "durationFrom": {
-                    "expressionFrom": f'.metadata.annotations["{COLD_START_ANNOTATION}"]'
-                },
-            },
+            delay=cold_start,
+        ),
+        # Pods the pod runner serves: the delay starts once their process listens.
+        _stage(
+            "pod-ready-listening",
+            "Pod",
+            [*becomes_ready, _in(_annotation(LISTENING_ANNOTATION), "true")],
+            {"statusTemplate": _POD_STATUS_READY},
+            delay=cold_start,
         ),
         _stage(
             "pod-delete",

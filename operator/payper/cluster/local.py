@@ -10,6 +10,11 @@ class, in a directory of its own, so tests never disturb a developer's cluster.
 
 Everything listens on 127.0.0.1 with ports chosen at start; ``state.json`` in the
 cluster directory records them with the PIDs.
+
+CRDs given in the configuration are installed before the controller-manager starts: its
+garbage collector discovers resource types at start and then only every 30 s, so owned
+objects of a CRD installed later are not collected for up to that long. Installed first,
+the collector knows them from its first discovery and deletion cascades at once.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class ClusterConfig:
     cpu_nodes: int = 1
     cold_start_ms: int = 3000
     pod_cidr: str = "127.1.0.0/16"
+    crds_dir: str | None = None
+    """CRD manifests (``*.yaml``) served before the controller-manager starts."""
 
     def validate(self) -> None:
         if not 0 <= self.gpu_nodes <= 100:
@@ -65,6 +72,8 @@ class ClusterConfig:
             raise ClusterError(f"cold_start_ms must be 0..600000, got {self.cold_start_ms}")
         if not self.pod_cidr.startswith("127."):
             raise ClusterError(f"pod_cidr must be a loopback range (127.x), got {self.pod_cidr}")
+        if self.crds_dir is not None and not sorted(Path(self.crds_dir).glob("*.yaml")):
+            raise ClusterError(f"crds_dir {self.crds_dir} holds no *.yaml manifests")
 
 
 @dataclass
@@ -170,6 +179,10 @@ class LocalCluster:
                 elif name == "kube-apiserver":
                     asyncio.run(self._wait_apiserver(deadline))
                     self.timings["apiserver ready"] = time.monotonic() - started
+                    if config.crds_dir is not None:
+                        crds = _manifests(Path(config.crds_dir))
+                        asyncio.run(self._install_crds(crds, deadline))
+                        self.timings["crds served"] = time.monotonic() - started
             asyncio.run(self._register_nodes(config, deadline))
             self.timings["nodes ready"] = time.monotonic() - started
         except BaseException:
@@ -318,6 +331,28 @@ class LocalCluster:
                         raise ClusterError(
                             "kube-apiserver not ready in time:\n" + self._log_tail("kube-apiserver")
                         ) from None
+
+    async def _install_crds(self, crds: list[dict[str, Any]], deadline: float) -> None:
+        """Apply the CRDs and return once discovery serves every one of them."""
+        crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+        async with Kube.connect(self.kubeconfig) as kube:
+            for crd in crds:
+                await kube.apply(f"{crd_path}/{crd['metadata']['name']}", crd, "payper-cluster")
+            for crd in crds:
+                group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
+                versions = [v["name"] for v in crd["spec"]["versions"] if v.get("served")]
+                while True:
+                    served = [
+                        await kube.get_or_none(f"/apis/{group}/{version}") for version in versions
+                    ]
+                    if all(
+                        doc and plural in {r["name"] for r in doc.get("resources", [])}
+                        for doc in served
+                    ):
+                        break
+                    if time.monotonic() > deadline:
+                        raise ClusterError(f"CRD {crd['metadata']['name']} not served in time")
+                    await asyncio.sleep(0.1)
 
     def node_manifests(self, config: ClusterConfig) -> list[dict[str, Any]]:
         nodes = []
@@ -485,6 +520,15 @@ def _pids_mentioning(marker: str) -> list[int]:
         if entry.name.isdigit()
         and int(entry.name) not in skip
         and _pid_alive(int(entry.name), marker)
+    ]
+
+
+def _manifests(directory: Path) -> list[dict[str, Any]]:
+    return [
+        document
+        for path in sorted(directory.glob("*.yaml"))
+        for document in yaml.safe_load_all(path.read_text())
+        if document
     ]
 
 

@@ -6,6 +6,12 @@ the pod's IP and stops it (SIGTERM, then SIGKILL) when the pod is deleted or sta
 terminating. So the gateway really proxies to a process at ``podIP:port``, and the demo
 and end-to-end tests exercise the whole request path with no container runtime.
 
+kwok's readiness is a timer, which a process that is still starting would race. So the
+runner probes ``podIP:port`` (a TCP connect, as a kubelet's tcpSocket probe does) and
+annotates the pod ``payper.dev/pod-runner-listening: "true"`` once the process accepts
+connections; kwok's stage for runner pods waits for that annotation before its
+cold-start delay starts, so such a pod is never Ready while nothing listens.
+
 A command is a list of arguments with ``{ip}``, ``{port}``, ``{namespace}``, ``{name}``,
 ``{uid}`` and ``{node}`` placeholders; the process also gets ``POD_IP``, ``POD_NAME``,
 ``POD_NAMESPACE``, ``POD_UID``, ``NODE_NAME`` and ``PORT`` in its environment.
@@ -20,14 +26,16 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from payper.kube import Informer, Kube, resource_path
+from payper.kube import ApiError, Informer, Kube, resource_path
 
 ANNOTATION = "payper.dev/pod-runner"
+LISTENING_ANNOTATION = "payper.dev/pod-runner-listening"
 DEFAULT_PORT = 8000
+PROBE_INTERVAL_S = 0.02
 logger = logging.getLogger(__name__)
 
 
@@ -35,7 +43,10 @@ logger = logging.getLogger(__name__)
 class RunningPod:
     uid: str
     ip: str
+    port: int
     process: asyncio.subprocess.Process
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    probe: asyncio.Task[None] | None = None
 
 
 def pod_port(pod: Mapping[str, Any]) -> int:
@@ -53,14 +64,17 @@ class PodRunner:
         log_dir: Path | None = None,
         extra_env: Mapping[str, str] | None = None,
         stop_grace_s: float = 5.0,
+        listen_timeout_s: float = 60.0,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.profiles = {name: list(cmd) for name, cmd in profiles.items()}
         self.log_dir = log_dir
         self.extra_env = dict(extra_env or {})
         self.stop_grace_s = stop_grace_s
+        self.listen_timeout_s = listen_timeout_s
         self.running: dict[str, RunningPod] = {}
         self.started = 0
+        self.kube: Kube | None = None
 
     def _command(self, pod: Mapping[str, Any], profile: str) -> list[str]:
         meta, status = pod["metadata"], pod["status"]
@@ -102,14 +116,61 @@ class PodRunner:
         finally:
             if output is not asyncio.subprocess.DEVNULL:
                 output.close()
-        self.running[key] = RunningPod(uid=meta["uid"], ip=status["podIP"], process=process)
+        entry = RunningPod(uid=meta["uid"], ip=status["podIP"], port=pod_port(pod), process=process)
+        entry.probe = asyncio.create_task(self._announce_when_listening(key, pod, entry))
+        self.running[key] = entry
         self.started += 1
         logger.info("pod runner: started %s (%s) on %s", key, profile, status["podIP"])
+
+    async def _announce_when_listening(
+        self, key: str, pod: Mapping[str, Any], entry: RunningPod
+    ) -> None:
+        """Probe until the process accepts a connection, then annotate the pod for kwok.
+
+        Gives up (logged; the pod stays not Ready) when the process exits first or does
+        not listen within ``listen_timeout_s``.
+        """
+        deadline = asyncio.get_running_loop().time() + self.listen_timeout_s
+        while entry.process.returncode is None:
+            try:
+                _, writer = await asyncio.open_connection(entry.ip, entry.port)
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    logger.warning(
+                        "pod runner: %s not listening on %s:%d after %.0fs",
+                        key,
+                        entry.ip,
+                        entry.port,
+                        self.listen_timeout_s,
+                    )
+                    return
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                continue
+            writer.close()
+            entry.listening.set()
+            if self.kube is not None:
+                meta = pod["metadata"]
+                annotation = {"uid": meta["uid"], "annotations": {LISTENING_ANNOTATION: "true"}}
+                try:
+                    await self.kube.patch(
+                        resource_path("v1", "pods", meta["namespace"], meta["name"]),
+                        {"metadata": annotation},
+                    )
+                except ApiError as error:  # deleted, or replaced by a pod of the same name
+                    logger.warning("pod runner: cannot annotate %s: %s", key, error)
+                    return
+            logger.info("pod runner: %s listens on %s:%d", key, entry.ip, entry.port)
+            return
+        logger.warning("pod runner: %s exited (%s) before listening", key, entry.process.returncode)
 
     async def _stop(self, key: str) -> None:
         entry = self.running.pop(key, None)
         if entry is None:
             return
+        if entry.probe is not None:
+            entry.probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await entry.probe
         process = entry.process
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -141,6 +202,7 @@ class PodRunner:
 
     async def run(self, ready: threading.Event | None = None) -> None:
         async with Kube.connect(self.kubeconfig) as kube:
+            self.kube = kube
             informer = Informer(kube, resource_path("v1", "pods"), self.on_event)
             task = asyncio.create_task(informer.run())
             try:

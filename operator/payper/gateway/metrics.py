@@ -23,6 +23,11 @@ QUEUED = Gauge(
     "Requests held while their deployment has no ready endpoint.",
     LABELS,
 )
+READY_ENDPOINTS = Gauge(
+    "payper_gateway_ready_endpoints",
+    "Ready pods the gateway sends the deployment's requests to.",
+    LABELS,
+)
 QUEUE_WAIT = Histogram(
     "payper_gateway_queue_wait_seconds",
     "How long held requests waited for a ready endpoint (cold starts).",
@@ -57,6 +62,7 @@ class TargetMeters:
         self.labels = (namespace, name)
         self.in_flight = IN_FLIGHT.labels(namespace, name)
         self.queued = QUEUED.labels(namespace, name)
+        self.ready_endpoints = READY_ENDPOINTS.labels(namespace, name)
         self.duration = DURATION.labels(namespace, name)
         self.queue_wait = QUEUE_WAIT.labels(namespace, name)
         self.upstream_errors = UPSTREAM_ERRORS.labels(namespace, name)
@@ -69,7 +75,7 @@ class TargetMeters:
         counter.inc()
 
     def remove(self) -> None:
-        for metric in (IN_FLIGHT, QUEUED, DURATION, QUEUE_WAIT, UPSTREAM_ERRORS):
+        for metric in (IN_FLIGHT, QUEUED, READY_ENDPOINTS, DURATION, QUEUE_WAIT, UPSTREAM_ERRORS):
             metric.remove(*self.labels)
         for code in self._by_code:
             REQUESTS.remove(*self.labels, str(code))

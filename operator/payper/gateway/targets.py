@@ -193,6 +193,7 @@ class Targets:
             current = target.endpoints.get(pod)
             if current is None or current.address != address:
                 target.endpoints[pod] = Endpoint(pod, address)
+        target.meters.ready_endpoints.set(len(target.endpoints))
         if target.endpoints:
             target.ready_event.set()
 

@@ -8,11 +8,13 @@ given directory.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,12 @@ import yaml
 from payper.loopback import free_port, http_ok
 from payper.testing.cluster import eventually
 from payper.testing.stack import Process
+
+
+def _epoch_s(timestamp: str) -> float:
+    """Prometheus's RFC 3339 times carry nanoseconds; datetime takes microseconds."""
+    trimmed = re.sub(r"(\.\d{6})\d+", r"\1", timestamp).replace("Z", "+00:00")
+    return datetime.fromisoformat(trimmed).timestamp()
 
 
 class PrometheusError(RuntimeError):
@@ -88,10 +96,25 @@ class Prometheus:
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
 
-    def targets_up(self) -> dict[str, bool]:
+    def _active_targets(self) -> list[dict[str, Any]]:
         with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as response:
-            active = json.loads(response.read())["data"]["activeTargets"]
-        return {t["scrapeUrl"]: t["health"] == "up" for t in active}
+            active: list[dict[str, Any]] = json.loads(response.read())["data"]["activeTargets"]
+        return active
+
+    def targets_up(self) -> dict[str, bool]:
+        return {t["scrapeUrl"]: t["health"] == "up" for t in self._active_targets()}
+
+    def wait_for_scrapes_after(self, since_s: float, timeout_s: float = 30) -> None:
+        """Until every target was scraped, successfully, at least one interval after
+        ``since_s`` (epoch seconds): what queries see then includes the state at that time."""
+
+        def scraped() -> bool:
+            return all(
+                t["health"] == "up" and _epoch_s(t["lastScrape"]) > since_s + self.interval_s
+                for t in self._active_targets()
+            )
+
+        eventually(scraped, timeout_s, 0.2, f"scrapes after {since_s}")
 
     def stop(self) -> None:
         if self.process is not None:

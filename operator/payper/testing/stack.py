@@ -25,6 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from payper.api.billing_record import GRANULARITY_MS
+from payper.clock import now_ms
 from payper.cluster import pki, podrunner
 from payper.identity import DEFAULT_AUDIENCE
 from payper.loopback import free_port, get_text, http_ok
@@ -32,6 +33,19 @@ from payper.testing.cluster import ClusterHandle, eventually
 
 SYSTEM_NAMESPACE = "payper-system"
 MODEL_PROFILE = "model"
+AGENT_POLL_MS = 1000
+
+
+def scraped_sum(url: str, sample: str) -> float:
+    """The sum of a sample's values over all its series at a /metrics URL (0 if absent or
+    unreachable: counters a test waits on only grow)."""
+    metrics = get_text(url) or ""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == sample
+    )
 
 
 @dataclass
@@ -144,16 +158,21 @@ class Stack:
         return {**self.cluster.env(), "PYTHONUNBUFFERED": "1"}
 
     # -- deployments -------------------------------------------------------------------
-    def routed(self, namespace: str) -> set[str]:
-        """The InferenceDeployments of a namespace the gateway routes (their series exist)."""
+    def gateway_endpoints(self, namespace: str) -> dict[str, int]:
+        """Ready endpoints per InferenceDeployment of a namespace that the gateway routes
+        (its series exist exactly while it routes the deployment)."""
         metrics = get_text(f"http://127.0.0.1:{self.gateway_admin_port}/metrics") or ""
         return {
-            sample.labels["inference_deployment"]
+            sample.labels["inference_deployment"]: int(sample.value)
             for family in text_string_to_metric_families(metrics)
-            if family.name == "payper_gateway_requests_in_flight"
+            if family.name == "payper_gateway_ready_endpoints"
             for sample in family.samples
             if sample.labels.get("namespace") == namespace
         }
+
+    def routed(self, namespace: str) -> set[str]:
+        """The InferenceDeployments of a namespace the gateway routes."""
+        return set(self.gateway_endpoints(namespace))
 
     def deploy(self, namespace: str, *manifests: dict[str, Any]) -> None:
         """Apply manifests; return once the gateway routes every InferenceDeployment in
@@ -405,6 +424,8 @@ class Stack:
                 f"127.0.0.1:{port}",
                 "--report-interval",
                 str(self.options.report_interval_s),
+                "--poll-interval",
+                str(AGENT_POLL_MS / 1000),
             ],
             self.workdir / f"agent-{node}.log",
             self.env(),
@@ -451,16 +472,44 @@ class Stack:
             for node in self.agents
         )
 
-    async def settle(self, flush_s: float = 2.5, limit_s: float = 60) -> None:
-        """Until every burst closed, was reported, delivered and flushed into records."""
-        await asyncio.sleep(2 * self.options.report_interval_s + 2)
-        for _ in range(int(limit_s * 2)):  # the backlog is files on disk: poll it
-            if not self.agent_backlog():
-                break
-            await asyncio.sleep(0.5)
-        if self.agent_backlog():
-            raise AssertionError(f"the agents' reports were not acknowledged:\n{self.logs()}")
-        await asyncio.sleep(flush_s)  # the flush that applied the last report, and one more
+    def flushes(self) -> int:
+        """Ledger flushes the running operator has completed (its flush histogram's count)."""
+        return int(scraped_sum(self.metrics_url, "payper_billing_flush_duration_seconds_count"))
+
+    def agents_reported_since(self, since_ms: int) -> bool:
+        """Every agent has cut its reports up to at least ``since_ms``."""
+        for node in self.agents:
+            path = self.agent_state_dir(node) / "state.json"
+            try:
+                end = json.loads(path.read_text()).get("lastReportEndMs")
+            except (OSError, ValueError):  # not written yet, or replaced mid-read
+                return False
+            if end is None or end < since_ms:
+                return False
+        return True
+
+    async def settle(self, limit_s: float = 60) -> None:
+        """Until every burst closed, was reported, delivered and applied to the records.
+
+        Conditions, not timers: each agent has cut a report after two polls that came
+        after this call (so a burst still open then is closed and in a report); no report
+        waits for acknowledgement (the operator acknowledges only what its records
+        hold); and the ledger completed two flushes after that, the one that may have
+        been running and one that also took the gateway's last demand snapshot.
+        """
+        since_ms = now_ms() + 2 * AGENT_POLL_MS
+
+        def delivered() -> bool:
+            return self.agents_reported_since(since_ms) and not self.agent_backlog()
+
+        try:
+            await asyncio.to_thread(eventually, delivered, limit_s, 0.2, "reports applied")
+            flushes = self.flushes()
+            await asyncio.to_thread(
+                eventually, lambda: self.flushes() >= flushes + 2, limit_s, 0.2, "two flushes"
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.logs()}") from None
 
     def start(self) -> Stack:
         self.ensure_system()
