@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PAYPER := $(BIN)/payper
+PAYPER_DEV := $(BIN)/payper-dev
 PYTEST := $(BIN)/python -m pytest
 CLUSTER_DIR ?= build/cluster
 POD_CIDR ?= 127.1.0.0/16
@@ -20,7 +20,7 @@ DASHBOARDS_DIR ?= charts/payper/dashboards
 help:
 	@echo "make demo         - the main job: Payper end to end on a local cluster"
 	@echo "make test         - every test tier (unit, then integration on a local cluster)"
-	@echo "make lint         - ruff (lint + format check) and mypy --strict"
+	@echo "make lint         - ruff (lint + format check), mypy --strict, import contracts"
 	@echo "make bench-deps   - the Debian packages bench/ needs (nginx, wrk)"
 	@echo "make cluster-up   - start the local cluster (CLUSTER_DIR=$(CLUSTER_DIR))"
 	@echo "make cluster-down - stop it"
@@ -36,44 +36,44 @@ bench-deps: venv
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml devtools/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./devtools
 	touch $@
 
 # Control-plane binaries, built once from the Go module proxy into ~/.cache/payper.
 binaries: venv
-	$(PAYPER) cluster build
+	$(PAYPER_DEV) cluster build
 
 cluster-up: binaries
-	$(PAYPER) cluster up --dir $(CLUSTER_DIR) --pod-cidr $(POD_CIDR) --crds crds
+	$(PAYPER_DEV) cluster up --dir $(CLUSTER_DIR) --pod-cidr $(POD_CIDR) --crds crds
 
 cluster-down: venv
-	$(PAYPER) cluster down --dir $(CLUSTER_DIR)
+	$(PAYPER_DEV) cluster down --dir $(CLUSTER_DIR)
 
 cluster-status: venv
-	$(PAYPER) cluster status --dir $(CLUSTER_DIR)
+	$(PAYPER_DEV) cluster status --dir $(CLUSTER_DIR)
 
 # Generated files: the CRDs (top level and the chart's copy), the Grafana dashboards and
 # the configuration reference. Each has a -check twin that fails on drift.
 crds: venv
-	@for dir in $(CRDS_DIRS); do $(PAYPER) crds --dir $$dir || exit 1; done
+	@for dir in $(CRDS_DIRS); do $(PAYPER_DEV) crds --dir $$dir || exit 1; done
 
 crds-check: venv
-	@for dir in $(CRDS_DIRS); do $(PAYPER) crds --check --dir $$dir || exit 1; done
+	@for dir in $(CRDS_DIRS); do $(PAYPER_DEV) crds --check --dir $$dir || exit 1; done
 
 dashboards: venv
-	$(PAYPER) dashboards --dir $(DASHBOARDS_DIR)
+	$(PAYPER_DEV) dashboards --dir $(DASHBOARDS_DIR)
 
 dashboards-check: venv
-	$(PAYPER) dashboards --check --dir $(DASHBOARDS_DIR)
+	$(PAYPER_DEV) dashboards --check --dir $(DASHBOARDS_DIR)
 
 docs: venv
-	$(PAYPER) config-reference --out docs/configuration.md
+	$(PAYPER_DEV) config-reference --out docs/configuration.md
 
 docs-check: venv
-	$(PAYPER) config-reference --check --out docs/configuration.md
+	$(PAYPER_DEV) config-reference --check --out docs/configuration.md
 
 generated: crds dashboards docs
 generated-check: crds-check dashboards-check docs-check
@@ -82,6 +82,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: venv
 	$(BIN)/ruff check --fix .
@@ -103,7 +104,7 @@ test-integration: binaries
 test: test-deps lint generated-check test-unit test-integration
 
 clean:
-	-$(PAYPER) cluster down --dir $(CLUSTER_DIR)
+	-$(PAYPER_DEV) cluster down --dir $(CLUSTER_DIR)
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache
 
 # Container image (buildah, no daemon): see .ci/build-images.
@@ -117,7 +118,7 @@ lock: venv
 
 # The main job: Payper end to end on a local cluster, narrated (ARGS=--keep leaves it up).
 demo: binaries
-	$(BIN)/python -m payper.demo $(ARGS)
+	$(PAYPER_DEV) demo $(ARGS)
 
 demo-down: venv
-	$(BIN)/python -m payper.demo --down
+	$(PAYPER_DEV) demo --down

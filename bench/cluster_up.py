@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from payper.cluster.local import ClusterConfig, LocalCluster
+from payper_dev.cluster.local import ClusterConfig, LocalCluster
 
 GOAL_S = 20.0
 

@@ -18,7 +18,9 @@ import time
 
 def build(env: dict[str, str]) -> float:
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "payper.cli", "cluster", "build"], env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "payper_dev.cli", "cluster", "build"], env=env, check=True
+    )
     return time.monotonic() - started
 
 

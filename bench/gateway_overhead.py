@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from payper.cluster.local import ClusterConfig
-from payper.testing.cluster import ClusterHandle, eventually, local_cluster
-from payper.testing.stack import free_port
+from payper_dev.cluster.local import ClusterConfig
+from payper_dev.testing.cluster import ClusterHandle, eventually, local_cluster
+from payper_dev.testing.stack import free_port
 
 CRDS = Path(__file__).resolve().parents[1] / "crds"
 NAMESPACE = "bench"

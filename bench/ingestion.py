@@ -28,10 +28,10 @@ from pathlib import Path
 
 import aiohttp
 
-from payper.cluster.local import ClusterConfig
 from payper.kube import Kube
-from payper.testing.cluster import local_cluster
-from payper.testing.stack import Stack, StackOptions
+from payper_dev.cluster.local import ClusterConfig
+from payper_dev.testing.cluster import local_cluster
+from payper_dev.testing.stack import Stack, StackOptions
 
 CRDS = Path(__file__).resolve().parents[1] / "crds"
 NAMESPACE = "bench-usage"

@@ -21,10 +21,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from payper.cluster.local import ClusterConfig
 from payper.kube import Kube, resource_path
-from payper.testing.cluster import local_cluster
-from payper.testing.stack import Stack, inference_deployment
+from payper_dev.cluster.local import ClusterConfig
+from payper_dev.testing.cluster import local_cluster
+from payper_dev.testing.stack import Stack, inference_deployment
 
 CRDS = Path(__file__).resolve().parents[1] / "crds"
 NAMESPACE = "bench-scale"

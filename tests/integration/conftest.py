@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from payper.cluster.local import ClusterConfig
-from payper.testing.cluster import ClusterHandle, local_cluster
+from payper_dev.cluster.local import ClusterConfig
+from payper_dev.testing.cluster import ClusterHandle, local_cluster
 
 TEST_POD_CIDR = "127.2.0.0/16"
 TEST_COLD_START_MS = 1500
@@ -35,7 +35,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
         yield ClusterHandle(Path(external), TEST_POD_CIDR, TEST_COLD_START_MS)
         return
     # Payper's CRDs are served before the controller-manager starts, so its garbage
-    # collector cascades their deletion from the first test on (see payper.cluster.local).
+    # collector cascades their deletion from the first test on (see payper_dev.cluster.local).
     config = ClusterConfig(
         pod_cidr=TEST_POD_CIDR, cold_start_ms=TEST_COLD_START_MS, crds_dir=str(CRDS)
     )

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from payper.loopback import free_port, http_ok
-from payper.testing.cluster import ClusterHandle, eventually
-from payper.testing.stack import scraped_sum
-from payper.testing.usage_receiver import UsageReceiver
+from payper_dev.loopback import free_port, http_ok
+from payper_dev.testing.cluster import ClusterHandle, eventually
+from payper_dev.testing.stack import scraped_sum
+from payper_dev.testing.usage_receiver import UsageReceiver
 
 NODE = "gpu-node-0"
 GPU = f"GPU-{NODE}-0"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from payper.testing.cluster import ClusterHandle
+from payper_dev.testing.cluster import ClusterHandle
 
 VALID: dict[str, Any] = {
     "apiVersion": "payper.dev/v1alpha1",

@@ -24,9 +24,9 @@ import aiohttp
 import pytest
 
 from payper.api.inference_deployment import POD_LABEL
-from payper.loopback import http_ok
-from payper.testing.cluster import ClusterHandle, eventually
-from payper.testing.stack import Stack, StackOptions, inference_deployment, running
+from payper_dev.loopback import http_ok
+from payper_dev.testing.cluster import ClusterHandle, eventually
+from payper_dev.testing.stack import Stack, StackOptions, inference_deployment, running
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 H100_PRICE = Decimal("0.0012")  # the default plan, 1 s granularity

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from payper.cluster import binaries
-from payper.testing.cluster import ClusterHandle, eventually
+from payper_dev.cluster import binaries
+from payper_dev.testing.cluster import ClusterHandle, eventually
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "payper"
 ACCEPTED_WARNINGS = (

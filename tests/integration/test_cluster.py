@@ -10,10 +10,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from payper.cluster import podrunner
-from payper.cluster.local import LocalCluster
-from payper.loopback import get_text
-from payper.testing.cluster import ClusterHandle, eventually
+from payper_dev.cluster import podrunner
+from payper_dev.cluster.local import LocalCluster
+from payper_dev.loopback import get_text
+from payper_dev.testing.cluster import ClusterHandle, eventually
 
 REPO = Path(__file__).resolve().parents[2]
 

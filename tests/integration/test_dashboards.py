@@ -18,10 +18,10 @@ from decimal import Decimal
 import aiohttp
 import pytest
 
-from payper.dashboards import PANELS, Query
-from payper.testing.cluster import ClusterHandle
-from payper.testing.prometheus import Prometheus, check_metrics
-from payper.testing.stack import Stack, StackOptions, inference_deployment, running
+from payper_dev.dashboards import PANELS, Query
+from payper_dev.testing.cluster import ClusterHandle
+from payper_dev.testing.prometheus import Prometheus, check_metrics
+from payper_dev.testing.stack import Stack, StackOptions, inference_deployment, running
 
 SUBSTITUTIONS = {"$__rate_interval": "30s", "$__range": "15m", "$__interval": "15s"}
 

@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from payper.testing.cluster import ClusterHandle, eventually
-from payper.testing.stack import Stack, inference_deployment, running
+from payper_dev.testing.cluster import ClusterHandle, eventually
+from payper_dev.testing.stack import Stack, inference_deployment, running
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The agent's disk and its sender: exactly once, in order, through failures.
 
-The receiver is ``payper.testing.usage_receiver``, a local stand-in for the operator's
+The receiver is ``payper_dev.testing.usage_receiver``, a local stand-in for the operator's
 usage endpoint with the same contract; here it fails, times out and restarts at random.
 """
 
@@ -17,13 +17,13 @@ import pytest
 from aiohttp import web
 
 from payper.identity import TokenFile
-from payper.testing.stack import free_port
-from payper.testing.usage_receiver import UsageReceiver
 from payper_agent.agent import Agent, AgentSettings
 from payper_agent.meter import KnownPids, SeriesIdentity
 from payper_agent.sender import Sender
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend, fake_gpus
 from payper_agent.store import Checkpoint, Store
+from payper_dev.testing.stack import free_port
+from payper_dev.testing.usage_receiver import UsageReceiver
 
 NOW_MS = int(time.time() * 1000)
 

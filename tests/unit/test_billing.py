@@ -9,6 +9,8 @@ import pytest
 from kubernetes.client import Configuration
 
 from payper.api.billing_record import BillingRecordSpec
+from payper.billing.config import BillingConfig
+from payper.billing.events import BillingEvents
 from payper.billing.ledger import Ledger
 from payper.billing.pricing import (
     UNKNOWN_PRODUCT,
@@ -28,8 +30,9 @@ from payper.billing.records import (
 )
 from payper.clock import iso
 from payper.kube import Credentials, Kube
-from payper.operator.config import BillingConfig, ConfigError, load
-from payper.operator.state import BillingEvents, PodView, Registry
+from payper.observed import PodView
+from payper.operator.config import ConfigError, load
+from payper.operator.state import Registry
 
 SPEC = BillingRecordSpec.model_validate(
     {
@@ -193,9 +196,10 @@ async def test_counts_wait_for_a_product_then_are_filed_after_a_window_and_grace
     # No pod is on a node, so the ledger never calls the API (nothing listens there).
     kube = Kube(Credentials("https://127.0.0.1:1", False, Configuration()))
     config = BillingConfig(window_seconds=60, grace_seconds=30)
-    ledger = Ledger(kube, config, "payper-system", Registry(), BillingEvents())
+    registry = Registry()
+    ledger = Ledger(kube, config, "payper-system", registry, BillingEvents())
     key = ("team-a", "llm")
-    ledger.registry.pods[key] = {"u": PodView("llm-0", "u", 0, False, "0/3 nodes fit")}
+    registry.pods[key] = {"u": PodView("llm-0", "u", 0, False, "0/3 nodes fit")}
     assert await ledger._count_product(key, now=1_000) is None
     assert await ledger._count_product(key, now=1_000 + 89_999) is None
     assert await ledger._count_product(key, now=1_000 + 90_000) == UNKNOWN_PRODUCT

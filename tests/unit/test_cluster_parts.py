@@ -12,8 +12,8 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from payper.cluster import binaries, kwok, pki, podrunner
-from payper.cluster.local import ClusterConfig, ClusterError, LocalCluster
+from payper_dev.cluster import binaries, kwok, pki, podrunner
+from payper_dev.cluster.local import ClusterConfig, ClusterError, LocalCluster
 
 
 @pytest.mark.parametrize(

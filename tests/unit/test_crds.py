@@ -12,8 +12,8 @@ import pytest
 import yaml
 from pydantic import Field
 
-from payper.api import crds
 from payper.api.inference_deployment import InferenceDeploymentSpec, ScalingSpec
+from payper_dev import crds
 
 REPO = Path(__file__).resolve().parents[2]
 

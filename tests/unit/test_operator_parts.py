@@ -10,11 +10,12 @@ import pytest
 from payper.api.demand import DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import InferenceDeploymentSpec
 from payper.clock import iso
+from payper.observed import PodView
 from payper.operator import builders, status
 from payper.operator.auth import Caller, Forbidden, Unauthenticated, bearer_token
 from payper.operator.autoscaler import Decision, Policy, Reason
 from payper.operator.config import ConfigError, load
-from payper.operator.state import DemandStore, DemandTotals, PodView, Tracked
+from payper.operator.state import DemandStore, DemandTotals, Tracked
 
 PLANS = ("default", "gold")
 SPEC = InferenceDeploymentSpec.model_validate(

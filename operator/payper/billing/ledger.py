@@ -47,6 +47,8 @@ from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.usage import UsageReport
 from payper.billing import metrics
+from payper.billing.config import BillingConfig
+from payper.billing.events import BillingEvents, Observed
 from payper.billing.pricing import UNKNOWN_PLAN, UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.records import (
     ACCOUNT_LABEL,
@@ -62,8 +64,7 @@ from payper.billing.records import (
 )
 from payper.clock import iso, now_ms, parse_iso
 from payper.kube import ApiError, Kube, resource_path
-from payper.operator.config import BillingConfig
-from payper.operator.state import BillingEvents, Key, PodView, Registry
+from payper.observed import Key, PodView
 
 logger = logging.getLogger(__name__)
 MAX_CONFLICT_RETRIES = 6
@@ -75,14 +76,14 @@ class Ledger:
         kube: Kube,
         config: BillingConfig,
         namespace: str,
-        registry: Registry,
+        observed: Observed,
         events: BillingEvents,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.kube = kube
         self.config = config
         self.namespace = namespace
-        self.registry = registry
+        self.observed = observed
         self.events = events
         self.clock = clock
         self.window_ms = config.window_seconds * 1000
@@ -161,9 +162,9 @@ class Ledger:
 
     async def _product(self, pod: PodView | None, key: Key) -> str:
         """The product the deployment asks for, else the one its pod's node carries."""
-        tracked = self.registry.get(key)
-        if tracked is not None and tracked.spec is not None and tracked.spec.gpu.product:
-            return product_key(tracked.spec.gpu.product)
+        spec = self.observed.spec_of(key)
+        if spec is not None and spec.gpu.product:
+            return product_key(spec.gpu.product)
         if pod is None or pod.node is None:
             return UNKNOWN_PRODUCT
         if pod.node not in self._nodes:
@@ -175,7 +176,7 @@ class Ledger:
     async def _count_product(self, key: Key, now: int) -> str | None:
         """The product a deployment's request and cold-start counts go under; None: hold
         them for a later flush, as no pod of it is on a node yet."""
-        pods = self.registry.pods.get(key, {}).values()
+        pods = self.observed.pods.get(key, {}).values()
         product = await self._product(next((p for p in pods if p.node is not None), None), key)
         if product != UNKNOWN_PRODUCT:
             self._unplaced_since.pop(key, None)
@@ -190,7 +191,7 @@ class Ledger:
         self, changes: dict[RecordKey, RecordChange], events: BillingEvents, now: int
     ) -> None:
         spans: list[tuple[Key, PodView, int]] = list(events.ended_pods)
-        for (namespace, deployment), pods in self.registry.pods.items():
+        for (namespace, deployment), pods in self.observed.pods.items():
             for pod in pods.values():
                 if pod.scheduled_ms is not None and pod.gpus > 0:
                     spans.append(((namespace, deployment), pod, now))
@@ -307,8 +308,8 @@ class Ledger:
 
     # -- records -----------------------------------------------------------------------
     def _plan(self, namespace: str, deployment: str) -> tuple[str, Plan]:
-        tracked = self.registry.get((namespace, deployment))
-        name = tracked.spec.billing.plan if tracked and tracked.spec else "default"
+        spec = self.observed.spec_of((namespace, deployment))
+        name = spec.billing.plan if spec else "default"
         return name, self.config.plans.get(name, UNKNOWN_PLAN)
 
     def _new_record(self, key: RecordKey) -> dict[str, Any]:

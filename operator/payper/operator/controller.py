@@ -23,8 +23,10 @@ from pydantic import ValidationError
 
 from payper.api.common import API_VERSION, field_errors
 from payper.api.inference_deployment import PLURAL, POD_LABEL, InferenceDeploymentSpec
+from payper.billing.events import BillingEvents
 from payper.clock import now_ms
 from payper.kube import ApiError, Kube, resource_path
+from payper.observed import Key
 from payper.operator import builders, metrics, status
 from payper.operator.autoscaler import (
     Decision,
@@ -35,14 +37,7 @@ from payper.operator.autoscaler import (
     decide,
 )
 from payper.operator.config import OperatorConfig
-from payper.operator.state import (
-    BillingEvents,
-    DemandStore,
-    DemandTotals,
-    Key,
-    Registry,
-    Tracked,
-)
+from payper.operator.state import DemandStore, DemandTotals, Registry, Tracked
 
 logger = logging.getLogger(__name__)
 FIELD_MANAGER = "payper-operator"

@@ -15,70 +15,10 @@ from typing import Any
 
 from payper.api.demand import DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import InferenceDeploymentSpec
-from payper.clock import parse_iso
+from payper.observed import Key, PodView
 from payper.operator.autoscaler import Decision, Policy, Sample
 
-Key = tuple[str, str]
 HISTORY = 4096
-
-
-def parse_time_ms(value: str | None) -> int | None:
-    return parse_iso(value) if value else None
-
-
-@dataclass
-class PodView:
-    """What the operator needs from one pod."""
-
-    name: str
-    uid: str
-    created_ms: int
-    ready: bool
-    unschedulable: str | None
-    """The scheduler's message while the pod cannot be placed."""
-    scheduled_ms: int | None = None
-    """When the pod was bound to a node: from then on it holds its GPUs."""
-    deleting_since_ms: int | None = None
-    node: str | None = None
-    gpus: int = 0
-
-    @property
-    def deleting(self) -> bool:
-        return self.deleting_since_ms is not None
-
-    @classmethod
-    def from_object(cls, obj: Mapping[str, Any]) -> PodView:
-        meta, status = obj["metadata"], obj.get("status", {})
-        conditions = {c.get("type"): c for c in status.get("conditions", []) or []}
-        ready = conditions.get("Ready", {}).get("status") == "True"
-        scheduled = conditions.get("PodScheduled", {})
-        unschedulable = (
-            scheduled.get("message") or "unschedulable"
-            if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
-            else None
-        )
-        spec = obj.get("spec", {})
-        gpus = sum(
-            int(limit)
-            for container in spec.get("containers", [])
-            for name, limit in ((container.get("resources") or {}).get("limits") or {}).items()
-            if name.endswith("/gpu") and str(limit).isdigit()
-        )
-        return cls(
-            name=meta["name"],
-            uid=meta["uid"],
-            created_ms=parse_time_ms(meta.get("creationTimestamp")) or 0,
-            ready=ready and status.get("phase") == "Running",
-            unschedulable=unschedulable,
-            scheduled_ms=(
-                parse_time_ms(scheduled.get("lastTransitionTime"))
-                if scheduled.get("status") == "True"
-                else None
-            ),
-            deleting_since_ms=parse_time_ms(meta.get("deletionTimestamp")),
-            node=spec.get("nodeName"),
-            gpus=gpus,
-        )
 
 
 @dataclass
@@ -117,38 +57,6 @@ class Tracked:
         return (self.spec.scaling.cold_start_timeout_seconds if self.spec else 300) * 1000
 
 
-@dataclass
-class BillingEvents:
-    """What the operator itself observed for the ledger since its last flush."""
-
-    requests: dict[Key, int] = field(default_factory=dict)
-    cold_starts: dict[Key, int] = field(default_factory=dict)
-    ended_pods: list[tuple[Key, PodView, int]] = field(default_factory=list)
-    """Pods that went away: (deployment, pod, end ms)."""
-    _last_requests: dict[tuple[str, Key], int] = field(default_factory=dict)
-    _gateways: set[str] = field(default_factory=set)
-
-    def saw_gateway(self, gateway: str) -> None:
-        self._gateways.add(gateway)
-
-    def count_requests(self, gateway: str, key: Key, requests_total: int) -> None:
-        """Requests since the gateway's previous snapshot (its counters are cumulative)."""
-        previous = self._last_requests.get((gateway, key))
-        self._last_requests[(gateway, key)] = requests_total
-        if previous is None:
-            if gateway not in self._gateways:
-                return  # a gateway this operator has not heard from: a baseline only
-            previous = 0  # a deployment new to a known gateway: all of it is new
-        delta = requests_total - previous if requests_total >= previous else requests_total
-        if delta:
-            self.requests[key] = self.requests.get(key, 0) + delta
-
-    def drain(self) -> BillingEvents:
-        drained = BillingEvents(self.requests, self.cold_starts, self.ended_pods)
-        self.requests, self.cold_starts, self.ended_pods = {}, {}, []
-        return drained
-
-
 class Registry:
     def __init__(self) -> None:
         self.tracked: dict[Key, Tracked] = {}
@@ -159,6 +67,10 @@ class Registry:
 
     def get(self, key: Key) -> Tracked | None:
         return self.tracked.get(key)
+
+    def spec_of(self, key: Key) -> InferenceDeploymentSpec | None:
+        tracked = self.tracked.get(key)
+        return tracked.spec if tracked is not None else None
 
     def pods_of(self, key: Key) -> list[PodView]:
         return list(self.pods.get(key, {}).values())

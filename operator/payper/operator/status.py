@@ -24,7 +24,8 @@ from payper.api.inference_deployment import (
     SCALED_TO_ZERO,
 )
 from payper.clock import iso, seconds
-from payper.operator.state import PodView, Tracked
+from payper.observed import PodView
+from payper.operator.state import Tracked
 
 LAST_REQUEST_RESOLUTION_MS = 5_000
 """lastRequestTime moves in steps of 5 s, so busy deployments do not write status every tick."""

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from payper.cluster import binaries
-from payper.cluster.local import ClusterConfig, LocalCluster
 from payper.kube import Kube
+from payper_dev.cluster import binaries
+from payper_dev.cluster.local import ClusterConfig, LocalCluster
 
 T = TypeVar("T")
 

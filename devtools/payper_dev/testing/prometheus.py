@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from payper.loopback import free_port, http_ok
-from payper.testing.cluster import eventually
-from payper.testing.stack import Process
+from payper_dev.loopback import free_port, http_ok
+from payper_dev.testing.cluster import eventually
+from payper_dev.testing.stack import Process
 
 
 def _epoch_s(timestamp: str) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from payper import generated
+from payper_dev import generated
 
 VALUES = Path("charts/payper/values.yaml")
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.\-]+):(?P<rest>.*)$")

@@ -246,7 +246,7 @@ def running_in_background(runner: PodRunner, timeout_s: float = 30.0) -> Iterato
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m payper.cluster.podrunner``: the runner as a process of its own."""
+    """``python -m payper_dev.cluster.podrunner``: the runner as a process of its own."""
     import argparse
     import shlex
     import sys

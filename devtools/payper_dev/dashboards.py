@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from payper import generated
+from payper_dev import generated
 
 SELECTOR = 'namespace=~"$namespace", inference_deployment=~"$deployment"'
 UID = "payper-billing"

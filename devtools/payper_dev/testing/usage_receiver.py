@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from payper.loopback import free_port
+from payper_dev.loopback import free_port
 
 
 class UsageReceiver:

@@ -26,10 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from payper.api.billing_record import GRANULARITY_MS
 from payper.clock import now_ms
-from payper.cluster import pki, podrunner
 from payper.identity import DEFAULT_AUDIENCE
-from payper.loopback import free_port, get_text, http_ok
-from payper.testing.cluster import ClusterHandle, eventually
+from payper_dev.cluster import pki, podrunner
+from payper_dev.loopback import free_port, get_text, http_ok
+from payper_dev.testing.cluster import ClusterHandle, eventually
 
 SYSTEM_NAMESPACE = "payper-system"
 MODEL_PROFILE = "model"
@@ -323,7 +323,7 @@ class Stack:
         command = [
             sys.executable,
             "-m",
-            "payper.testing.model_server",
+            "payper_dev.testing.model_server",
             "--host",
             "{ip}",
             "--port",
@@ -337,7 +337,7 @@ class Stack:
                 [
                     sys.executable,
                     "-m",
-                    "payper.cluster.podrunner",
+                    "payper_dev.cluster.podrunner",
                     "--kubeconfig",
                     str(self.cluster.kubeconfig),
                     "--profile",

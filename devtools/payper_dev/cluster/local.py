@@ -35,9 +35,9 @@ from typing import Any
 import yaml
 
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
-from payper.cluster import binaries, kwok, pki
 from payper.kube import ApiError, Kube, resource_path
-from payper.loopback import free_port, get_text
+from payper_dev.cluster import binaries, kwok, pki
+from payper_dev.loopback import free_port, get_text
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"

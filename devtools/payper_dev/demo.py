@@ -14,7 +14,6 @@ Prometheus and how to stop it all (``make demo-down``).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -23,16 +22,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from payper.cluster import binaries
-from payper.cluster.local import ClusterConfig, LocalCluster
-from payper.testing.cluster import ClusterHandle
-from payper.testing.stack import Stack, StackOptions, inference_deployment
+from payper_dev.cluster import binaries
+from payper_dev.cluster.local import ClusterConfig, LocalCluster
+from payper_dev.testing.cluster import ClusterHandle
+from payper_dev.testing.stack import Stack, StackOptions, inference_deployment
 
 DEMO_DIR = Path("build/demo")
 CLUSTER_DIR = Path("build/demo/cluster")
@@ -232,7 +230,7 @@ def run(keep: bool) -> int:
         )
         stack.start()
         if shutil.which("prometheus"):
-            from payper.testing.prometheus import Prometheus
+            from payper_dev.testing.prometheus import Prometheus
 
             prometheus = Prometheus(
                 DEMO_DIR / "prometheus", stack.scrape_targets(), interval_s=2
@@ -301,15 +299,3 @@ def down() -> int:
     LocalCluster(CLUSTER_DIR).down()
     print("demo stopped")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="payper-demo", description=__doc__)
-    parser.add_argument("--keep", action="store_true", help="leave it running afterwards")
-    parser.add_argument("--down", action="store_true", help="stop a demo kept with --keep")
-    args = parser.parse_args(argv)
-    return down() if args.down else run(args.keep)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

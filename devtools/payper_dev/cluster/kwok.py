@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from payper.cluster.binaries import KUBERNETES_VERSION
-from payper.cluster.podrunner import ANNOTATION as POD_RUNNER_ANNOTATION
-from payper.cluster.podrunner import LISTENING_ANNOTATION
+from payper_dev.cluster.binaries import KUBERNETES_VERSION
+from payper_dev.cluster.podrunner import ANNOTATION as POD_RUNNER_ANNOTATION
+from payper_dev.cluster.podrunner import LISTENING_ANNOTATION
 
 COLD_START_ANNOTATION = "payper.dev/cold-start-delay"
 MANAGED_LABEL = "payper.dev/kwok-node"
