@@ -23,10 +23,15 @@ import aiohttp
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
+from payper.api.common import ApiModel
+
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
 logger = logging.getLogger(__name__)
+STRICT = {"fieldValidation": "Strict"}
+WARNINGS_ENV = "PAYPER_API_WARNINGS"
+"""``error`` turns every warning the API server sends into an ApiError (the tests set it)."""
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
@@ -178,6 +183,11 @@ class Kube:
                 payload = raw.decode(errors="replace")
             if response.status >= 400:
                 raise ApiError(response.status, payload, method, path)
+            warnings = response.headers.getall("Warning", [])
+            if warnings:
+                logger.warning("Kubernetes API warning on %s %s: %s", method, path, warnings)
+                if os.environ.get(WARNINGS_ENV) == "error":
+                    raise ApiError(299, {"message": "; ".join(warnings)}, method, path)
             return payload
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
@@ -197,8 +207,20 @@ class Kube:
     async def replace(self, path: str, body: Mapping[str, Any]) -> Any:
         return await self.request("PUT", path, body=body)
 
-    async def patch(self, path: str, body: Any, patch_type: str = MERGE_PATCH) -> Any:
-        return await self.request("PATCH", path, body=body, content_type=patch_type)
+    async def patch(
+        self,
+        path: str,
+        body: Any,
+        patch_type: str = MERGE_PATCH,
+        params: Mapping[str, str] | None = None,
+    ) -> Any:
+        return await self.request("PATCH", path, body=body, params=params, content_type=patch_type)
+
+    async def write_status(self, path: str, status: ApiModel) -> Any:
+        """Merge-patch a status subresource with a typed status, serialised here and only
+        here; strict field validation turns a field the CRD does not know into an error
+        instead of a silent prune."""
+        return await self.patch(path, {"status": status.to_wire()}, params=STRICT)
 
     async def apply(
         self, path: str, body: Mapping[str, Any], field_manager: str, force: bool = True

@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from payper.api.common import API_VERSION
+from payper.api.inference_deployment import PLURAL, InferenceDeploymentStatus
+from payper.kube import ApiError, resource_path
 from payper_dev.testing.cluster import ClusterHandle
 
 VALID: dict[str, Any] = {
@@ -254,3 +257,24 @@ def test_billing_record_spec_validation(
     )
     assert result.returncode != 0
     assert f"spec.{field}" in result.stderr
+
+
+class _MisspeltStatus(InferenceDeploymentStatus):
+    """A status model with a field the CRD does not have (what a typo would produce)."""
+
+    ready_replica: int = 1
+
+
+async def test_status_writes_are_strict_so_an_unknown_field_is_an_error(
+    crds_installed: ClusterHandle, namespace: str
+) -> None:
+    crds_installed.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(VALID))
+    path = resource_path(API_VERSION, PLURAL, namespace, "probe", "status")
+    async with crds_installed.kube() as kube:
+        await kube.write_status(path, InferenceDeploymentStatus(replicas=2))
+        with pytest.raises(ApiError) as refused:
+            await kube.write_status(path, _MisspeltStatus(replicas=3))
+        assert refused.value.status in (400, 422)
+        assert "readyReplica" in json.dumps(refused.value.body)
+        written = await kube.get(resource_path(API_VERSION, PLURAL, namespace, "probe"))
+    assert written["status"]["replicas"] == 2, "nothing of the refused write was applied"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from payper.api.demand import DemandSnapshot, DeploymentDemand
-from payper.api.inference_deployment import InferenceDeploymentSpec
+from payper.api.inference_deployment import InferenceDeploymentSpec, InferenceDeploymentStatus
 from payper.clock import iso
 from payper.observed import PodView
 from payper.operator import builders, status
@@ -74,6 +77,9 @@ def test_builders_are_deterministic() -> None:
     assert service["spec"]["selector"] == {"payper.dev/inference-deployment": "llm"}
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def _tracked(replicas: int, **kw: Any) -> Tracked:
     tracked = Tracked(
         "ns", "llm", "uid", 3, spec=SPEC, policy=Policy.from_spec(SPEC.scaling), replicas=replicas
@@ -87,8 +93,8 @@ def _pod(name: str, ready: bool, created_ms: int = 0, unschedulable: str | None 
     return PodView(name, name, created_ms, ready, unschedulable)
 
 
-def _conditions(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    return {c["type"]: (c["status"], c["reason"]) for c in result["conditions"]}
+def _conditions(result: InferenceDeploymentStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in result.conditions}
 
 
 @pytest.mark.parametrize(
@@ -143,9 +149,9 @@ def test_status_conditions(
     conditions = _conditions(result)
     for type_, value in expected.items():
         assert conditions[type_] == value
-    assert result["desiredReplicas"] == replicas
-    assert result["readyReplicas"] == sum(p.ready for p in pods)
-    assert all(c["observedGeneration"] == 3 for c in result["conditions"])
+    assert result.desired_replicas == replicas
+    assert result.ready_replicas == sum(p.ready for p in pods)
+    assert all(c.observed_generation == 3 for c in result.conditions)
 
 
 def test_an_unknown_plan_gets_a_condition_naming_it() -> None:
@@ -154,13 +160,10 @@ def test_an_unknown_plan_gets_a_condition_naming_it() -> None:
     tracked.spec = tracked.spec.model_copy(
         update={"billing": tracked.spec.billing.model_copy(update={"plan": "platinum"})}
     )
-    plan = next(
-        c
-        for c in status.compute(tracked, [], "u", 1_000, PLANS)["conditions"]
-        if c["type"] == "PlanKnown"
-    )
-    assert (plan["status"], plan["reason"]) == ("False", "UnknownPlan")
-    assert "'platinum'" in plan["message"] and "default, gold" in plan["message"]
+    plan = status.compute(tracked, [], "u", 1_000, PLANS).condition("PlanKnown")
+    assert plan is not None
+    assert (plan.status, plan.reason) == ("False", "UnknownPlan")
+    assert "'platinum'" in plan.message and "default, gold" in plan.message
     tracked.invalid, tracked.spec = "spec.billing.plan: bad", None
     conditions = _conditions(status.compute(tracked, [], "u", 2_000, PLANS))
     assert "PlanKnown" not in conditions, "an invalid spec names no plan"
@@ -169,17 +172,24 @@ def test_an_unknown_plan_gets_a_condition_naming_it() -> None:
 def test_condition_time_changes_only_when_the_status_flips() -> None:
     tracked = _tracked(0)
     first = status.compute(tracked, [], "u", 1_000_000, PLANS)
+    tracked.written_status = first  # what the controller does once the write succeeded
     later = status.compute(tracked, [], "u", 2_000_000, PLANS)
     assert first == later
     tracked.replicas = 1
     flipped = status.compute(tracked, [_pod("a", True)], "u", 3_000_000, PLANS)
-    ready = next(c for c in flipped["conditions"] if c["type"] == "Ready")
-    assert ready["lastTransitionTime"] == iso(3_000_000)
+    ready = flipped.condition("Ready")
+    assert ready is not None
+    assert ready.to_wire()["lastTransitionTime"] == iso(3_000_000)
+    zero = flipped.condition("ScaledToZero")
+    assert zero is not None and zero.status == "False"
+    assert zero.to_wire()["lastTransitionTime"] == iso(3_000_000)
+    degraded = flipped.condition("Degraded")
+    assert degraded is not None and degraded.to_wire()["lastTransitionTime"] == iso(1_000_000)
 
 
 def test_status_times_are_integer_based() -> None:
     tracked = _tracked(1, last_cold_start_ms=2345, last_request_ms=1_764_000_012_345)
-    result = status.compute(tracked, [], "u", 1_764_000_020_000, PLANS)
+    result = status.compute(tracked, [], "u", 1_764_000_020_000, PLANS).to_wire()
     assert result["lastColdStartSeconds"] == "2.345"
     assert result["lastRequestTime"] == iso(1_764_000_010_000)
 
@@ -249,3 +259,25 @@ def test_callers_and_bearer_tokens() -> None:
     for bad in (None, "", "Basic abc", "Bearer  "):
         with pytest.raises(Unauthenticated):
             bearer_token(bad)
+
+
+def test_a_misspelt_status_field_is_an_error_not_a_silent_prune(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="readyReplica"):
+        InferenceDeploymentStatus.model_validate({"readyReplica": 1})
+    # Status writers build the model, so mypy --strict (with the pydantic plugin, as
+    # `make lint` runs it) catches the typo before anything runs.
+    snippet = tmp_path / "misspelt.py"
+    snippet.write_text(
+        "from payper.api.inference_deployment import InferenceDeploymentStatus\n"
+        "InferenceDeploymentStatus(ready_replica=1)\n"
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(REPO / "pyproject.toml"), str(snippet)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert checked.returncode == 1, checked.stdout
+    assert 'Unexpected keyword argument "ready_replica"' in checked.stdout

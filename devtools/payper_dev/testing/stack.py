@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from payper.api.billing_record import GRANULARITY_MS
 from payper.clock import now_ms
 from payper.identity import DEFAULT_AUDIENCE
+from payper.kube import WARNINGS_ENV
 from payper_dev.cluster import pki, podrunner
 from payper_dev.loopback import free_port, get_text, http_ok
 from payper_dev.testing.cluster import ClusterHandle, eventually
@@ -155,7 +156,8 @@ class Stack:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def env(self) -> dict[str, str]:
-        return {**self.cluster.env(), "PYTHONUNBUFFERED": "1"}
+        # An API server warning (an unknown field, a deprecated API) fails loudly here.
+        return {**self.cluster.env(), "PYTHONUNBUFFERED": "1", WARNINGS_ENV: "error"}
 
     # -- deployments -------------------------------------------------------------------
     def gateway_endpoints(self, namespace: str) -> dict[str, int]:

@@ -274,9 +274,9 @@ class Controller:
             tracked.dirty = False
             return
         try:
-            await self.kube.patch(
+            await self.kube.write_status(
                 resource_path(API_VERSION, PLURAL, tracked.namespace, tracked.name, "status"),
-                {"status": computed},
+                computed,
             )
         except ApiError as error:
             if error.not_found:

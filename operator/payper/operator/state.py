@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from payper.api.demand import DemandSnapshot, DeploymentDemand
-from payper.api.inference_deployment import InferenceDeploymentSpec
+from payper.api.inference_deployment import InferenceDeploymentSpec, InferenceDeploymentStatus
 from payper.observed import Key, PodView
 from payper.operator.autoscaler import Decision, Policy, Sample
 
@@ -40,11 +40,10 @@ class Tracked:
     """When the current scale-up from zero was decided; cleared once a pod is ready."""
     last_cold_start_ms: int | None = None
     last_decision: Decision | None = None
-    written_status: dict[str, Any] | None = None
+    written_status: InferenceDeploymentStatus | None = None
+    """The status as last written; conditions keep its transition times until they flip."""
     dirty: bool = True
     """Something changed since status was last written (pods, spec, demand)."""
-    conditions_since: dict[tuple[str, str], str] = field(default_factory=dict)
-    """(type, status) -> lastTransitionTime, so a condition keeps its time until it flips."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property

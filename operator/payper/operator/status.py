@@ -1,7 +1,10 @@
 """An InferenceDeployment's status, computed from what the operator observed.
 
 Pure: the scaler calls ``compute`` every tick and writes the result only when it changed,
-so an idle fleet costs no API writes. Conditions follow the Kubernetes conventions:
+so an idle fleet costs no API writes. The result is the typed status model, serialised
+once, at the client boundary. A condition keeps the ``lastTransitionTime`` of the status
+last written as long as its own status does not flip (as ``meta.SetStatusCondition``
+does). Conditions follow the Kubernetes conventions:
 
 - ``Ready``: serving now (at least one ready replica); False says why not.
 - ``ScaledToZero``: no replicas by design; the next request starts one.
@@ -14,14 +17,15 @@ so an idle fleet costs no API writes. Conditions follow the Kubernetes conventio
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
+from payper.api.common import Condition
 from payper.api.inference_deployment import (
     DEGRADED,
     GPU_PRODUCT_LABEL,
     PLAN_KNOWN,
     READY,
     SCALED_TO_ZERO,
+    InferenceDeploymentStatus,
 )
 from payper.clock import iso, seconds
 from payper.observed import PodView
@@ -88,22 +92,21 @@ def _plan_known(tracked: Tracked, known_plans: Collection[str]) -> tuple[bool, s
 
 def _condition(
     tracked: Tracked, type_: str, status: bool, reason: str, message: str, now_ms: int
-) -> dict[str, Any]:
+) -> Condition:
     value = "True" if status else "False"
-    since = tracked.conditions_since.get((type_, value))
-    if since is None:
-        since = iso(now_ms)
-        tracked.conditions_since = {
-            k: v for k, v in tracked.conditions_since.items() if k[0] != type_
-        } | {(type_, value): since}
-    return {
-        "type": type_,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-        "observedGeneration": tracked.generation,
-    }
+    before = tracked.written_status.condition(type_) if tracked.written_status else None
+    return Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=(
+            before.last_transition_time
+            if before is not None and before.status == value
+            else iso(now_ms)
+        ),
+        observed_generation=tracked.generation,
+    )
 
 
 def compute(
@@ -112,7 +115,7 @@ def compute(
     url: str,
     now_ms: int,
     known_plans: Collection[str],
-) -> dict[str, Any]:
+) -> InferenceDeploymentStatus:
     live = [p for p in pods if not p.deleting]
     ready = sum(1 for p in live if p.ready)
     desired = tracked.replicas or 0
@@ -147,17 +150,20 @@ def compute(
     plan_known = _plan_known(tracked, known_plans)
     if plan_known is not None:
         conditions.append(_condition(tracked, PLAN_KNOWN, *plan_known, now_ms))
-    status: dict[str, Any] = {
-        "conditions": conditions,
-        "observedGeneration": tracked.generation,
-        "replicas": len(live),
-        "readyReplicas": ready,
-        "desiredReplicas": desired,
-        "url": url,
-    }
-    if tracked.last_request_ms is not None:
-        step = tracked.last_request_ms // LAST_REQUEST_RESOLUTION_MS * LAST_REQUEST_RESOLUTION_MS
-        status["lastRequestTime"] = iso(step)
-    if tracked.last_cold_start_ms is not None:
-        status["lastColdStartSeconds"] = seconds(tracked.last_cold_start_ms)
-    return status
+    last_request = tracked.last_request_ms
+    return InferenceDeploymentStatus(
+        conditions=conditions,
+        observed_generation=tracked.generation,
+        replicas=len(live),
+        ready_replicas=ready,
+        desired_replicas=desired,
+        url=url,
+        last_request_time=(
+            None
+            if last_request is None
+            else iso(last_request // LAST_REQUEST_RESOLUTION_MS * LAST_REQUEST_RESOLUTION_MS)
+        ),
+        last_cold_start_seconds=(
+            None if tracked.last_cold_start_ms is None else seconds(tracked.last_cold_start_ms)
+        ),
+    )
