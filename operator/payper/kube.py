@@ -216,6 +216,13 @@ class Kube:
     ) -> Any:
         return await self.request("PATCH", path, body=body, params=params, content_type=patch_type)
 
+    async def replace_status(self, path: str, obj: Mapping[str, Any], status: ApiModel) -> Any:
+        """Replace a status subresource (optimistic concurrency on ``obj``'s
+        resourceVersion) with a typed status, serialised here; strict as below."""
+        return await self.request(
+            "PUT", path, body={**obj, "status": status.to_wire()}, params=STRICT
+        )
+
     async def write_status(self, path: str, status: ApiModel) -> Any:
         """Merge-patch a status subresource with a typed status, serialised here and only
         here; strict field validation turns a field the CRD does not know into an error

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from kubernetes.client import Configuration
 
-from payper.api.billing_record import BillingRecordSpec
+from payper.api.billing_record import BillingRecordSpec, BillingRecordStatus, RoundedMs
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents
 from payper.billing.ledger import Ledger
@@ -26,6 +26,7 @@ from payper.billing.records import (
     UsageDelta,
     apply,
     record_name,
+    same_totals,
     window_start,
 )
 from payper.clock import iso
@@ -56,7 +57,9 @@ def usage(
         agent,
         sequence,
         active_us,
-        {"1ms": -(-active_us // 1000), "1s": one_s, "1m": 60_000 * bursts},
+        RoundedMs(
+            per_millisecond=-(-active_us // 1000), per_second=one_s, per_minute=60_000 * bursts
+        ),
         bursts,
         late,
     )
@@ -87,57 +90,60 @@ def test_reserved_amount_prices_provisioned_hours() -> None:
 
 def test_a_report_lands_once_whatever_the_retries() -> None:
     change = RecordChange(usage=[usage("a", 1, 1_500_400, 2000), usage("a", 1, 300_000, 1000)])
-    first, applied = apply({}, SPEC, change, 1000)
+    first, applied = apply(BillingRecordStatus(), SPEC, change, 1000)
     assert applied == [("a", 1)]
-    assert first["activeUs"] == 1_800_400
-    assert first["activeMs"] == 1800
-    assert first["billedMs"] == 3000
-    assert first["amount"] == "0.003600"
-    assert first["lastAppliedSequence"] == {"a": 1}
+    assert first.active_us == 1_800_400
+    assert first.active_ms == 1800
+    assert first.billed_ms == 3000
+    assert first.amount == "0.003600"
+    assert first.last_applied_sequence == {"a": 1}
     again, applied_again = apply(first, SPEC, change, 2000)
     assert applied_again == []
-    assert {k: v for k, v in again.items() if k != "lastUpdateTime"} == {
-        k: v for k, v in first.items() if k != "lastUpdateTime"
-    }
+    assert same_totals(again, first)
+    assert again.to_wire() == {**first.to_wire(), "lastUpdateTime": iso(2000)}
     more, _ = apply(
         first,
         SPEC,
         RecordChange(usage=[usage("a", 2, 200_000, 1000), usage("b", 1, 100_000, 1000)]),
         3000,
     )
-    assert more["activeUs"] == 2_100_400
-    assert more["lastAppliedSequence"] == {"a": 2, "b": 1}
-    assert more["billedMs"] == 5000
-    assert more["activeGpuSeconds"] == "2.100"
+    assert more.active_us == 2_100_400
+    assert more.last_applied_sequence == {"a": 2, "b": 1}
+    assert more.billed_ms == 5000
+    assert more.active_gpu_seconds == "2.100"
+    assert not same_totals(more, first)
 
 
 def test_late_usage_is_an_adjustment_in_the_totals_and_labelled() -> None:
     original = 1_764_147_600_000
     status, _ = apply(
-        {}, SPEC, RecordChange(usage=[usage("a", 7, 2_000_000, 2000, late=original)]), 5
+        BillingRecordStatus(),
+        SPEC,
+        RecordChange(usage=[usage("a", 7, 2_000_000, 2000, late=original)]),
+        5,
     )
-    (adjustment,) = status["adjustments"]
-    assert adjustment["originalWindowStart"] == iso(original)
-    assert "already final" in adjustment["reason"]
-    assert (adjustment["activeMs"], adjustment["billedMs"], adjustment["amount"]) == (
+    (adjustment,) = status.adjustments
+    assert adjustment.to_wire()["originalWindowStart"] == iso(original)
+    assert "already final" in adjustment.reason
+    assert (adjustment.active_ms, adjustment.billed_ms, adjustment.amount) == (
         2000,
         2000,
         "0.002400",
     )
-    assert status["activeMs"] == 2000
-    assert status["billedMs"] == 2000
+    assert status.active_ms == 2000
+    assert status.billed_ms == 2000
 
 
 def test_provisioned_time_from_pod_spans_is_idempotent() -> None:
     change = RecordChange(pods={"u1": PodSpan("u1", "llm-0", 2, 1_000, 61_000)})
-    status, _ = apply({"activeUs": 30_000_000}, SPEC, change, 100)
-    assert status["provisionedMs"] == 120_000
-    assert status["idleMs"] == 90_000
-    assert status["reservedEquivalentAmount"] == money(reserved_amount(120_000, "3.20"))
+    status, _ = apply(BillingRecordStatus(active_us=30_000_000), SPEC, change, 100)
+    assert status.provisioned_ms == 120_000
+    assert status.idle_ms == 90_000
+    assert status.reserved_equivalent_amount == money(reserved_amount(120_000, "3.20"))
     longer = RecordChange(pods={"u1": PodSpan("u1", "llm-0", 2, 1_000, 91_000)})
     again, _ = apply(status, SPEC, longer, 200)
     again, _ = apply(again, SPEC, longer, 300)
-    assert again["provisionedMs"] == 180_000
+    assert again.provisioned_ms == 180_000
 
 
 def test_windows_and_names() -> None:

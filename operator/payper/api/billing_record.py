@@ -70,6 +70,13 @@ class RoundedMs(ApiModel):
             granularity
         ]
 
+    def __add__(self, other: RoundedMs) -> RoundedMs:
+        return RoundedMs(
+            per_millisecond=self.per_millisecond + other.per_millisecond,
+            per_second=self.per_second + other.per_second,
+            per_minute=self.per_minute + other.per_minute,
+        )
+
 
 class Adjustment(ApiModel):
     """Usage that arrived after its own window was Final, billed in this open window."""

@@ -41,6 +41,7 @@ from payper.api.billing_record import (
     KIND,
     PLURAL,
     BillingRecordSpec,
+    BillingRecordStatus,
     Window,
 )
 from payper.api.common import API_VERSION
@@ -59,6 +60,7 @@ from payper.billing.records import (
     RecordKey,
     UsageDelta,
     apply,
+    same_totals,
     window_label,
     window_start,
 )
@@ -233,7 +235,7 @@ class Ledger:
                         agent_id=report.agent_id,
                         sequence=report.sequence,
                         active_us=series.active_us,
-                        rounded_ms=series.rounded_ms.to_wire(),
+                        rounded_ms=series.rounded_ms,
                         bursts=series.bursts,
                         original_window_ms=observed if late else None,
                     )
@@ -366,20 +368,21 @@ class Ledger:
         for _ in range(MAX_CONFLICT_RETRIES):
             if record is None:
                 record = await self._get_or_create(key)
-            status = record.get("status") or {}
-            if status.get("state") == FINAL:
+            status = BillingRecordStatus.model_validate(record.get("status") or {})
+            if status.state == FINAL:
                 # Cannot happen for a window still open by our clock; never write a Final record.
                 logger.error("record %s/%s is Final; its usage stays unacknowledged", *cache_key)
                 raise ApiError(409, {"reason": "Final"}, "APPLY", key.name)
             spec = BillingRecordSpec.model_validate(record["spec"])
             updated, _ = apply(status, spec, change, now)
-            if _same(updated, status):
+            if same_totals(updated, status):
                 self.records[cache_key] = record
                 return  # a resend already in this record, or no change at all
-            body = {**record, "status": updated}
             try:
-                record = await self.kube.replace(
-                    resource_path(API_VERSION, PLURAL, key.namespace, key.name, "status"), body
+                record = await self.kube.replace_status(
+                    resource_path(API_VERSION, PLURAL, key.namespace, key.name, "status"),
+                    record,
+                    updated,
                 )
             except ApiError as error:
                 if error.conflict:
@@ -393,19 +396,21 @@ class Ledger:
         raise ApiError(409, {"reason": "Conflict"}, "APPLY", f"{key.name}: too many conflicts")
 
     def _count(
-        self, key: RecordKey, spec: BillingRecordSpec, before: dict[str, Any], after: dict[str, Any]
+        self,
+        key: RecordKey,
+        spec: BillingRecordSpec,
+        before: BillingRecordStatus,
+        after: BillingRecordStatus,
     ) -> None:
         labels = (key.namespace, key.deployment, key.product)
-
-        def grew(field: str) -> int:
-            return max(0, int(after.get(field, 0)) - int(before.get(field, 0)))
-
-        metrics.ACTIVE.labels(*labels).inc(grew("activeUs") / 1e6)
-        metrics.BILLED.labels(*labels).inc(grew("billedMs") / 1000)
-        metrics.PROVISIONED.labels(*labels).inc(grew("provisionedMs") / 1000)
+        metrics.ACTIVE.labels(*labels).inc(max(0, after.active_us - before.active_us) / 1e6)
+        metrics.BILLED.labels(*labels).inc(max(0, after.billed_ms - before.billed_ms) / 1000)
+        metrics.PROVISIONED.labels(*labels).inc(
+            max(0, after.provisioned_ms - before.provisioned_ms) / 1000
+        )
         for granularity in GRANULARITY_MS:
-            now_ms = int(after["roundedMs"][granularity])
-            was_ms = int((before.get("roundedMs") or {}).get(granularity, 0))
+            now_ms = after.rounded_ms.at(granularity)
+            was_ms = before.rounded_ms.at(granularity)
             metrics.ROUNDED.labels(*labels, granularity).inc(max(0, now_ms - was_ms) / 1000)
             priced = amount(now_ms, spec.price_per_gpu_second) - amount(
                 was_ms, spec.price_per_gpu_second
@@ -415,11 +420,15 @@ class Ledger:
                     float(priced)
                 )
         # Prometheus samples are floats by definition; the records keep the exact decimals.
-        for metric, field in (
-            (metrics.BILLED_AMOUNT, "amount"),
-            (metrics.RESERVED_AMOUNT, "reservedEquivalentAmount"),
+        for metric, was, now in (
+            (metrics.BILLED_AMOUNT, before.amount, after.amount),
+            (
+                metrics.RESERVED_AMOUNT,
+                before.reserved_equivalent_amount,
+                after.reserved_equivalent_amount,
+            ),
         ):
-            money_delta = Decimal(after[field]) - Decimal(before.get(field, "0"))
+            money_delta = Decimal(now) - Decimal(was)
             if money_delta > 0:
                 metric.labels(*labels, spec.currency).inc(float(money_delta))
 
@@ -456,18 +465,18 @@ class Ledger:
             start = parse_iso(record["spec"]["window"]["start"])
             if not self._closed(start, now):
                 continue
-            status = dict(record.get("status") or {})
-            if status.get("state") == FINAL:
+            status = BillingRecordStatus.model_validate(record.get("status") or {})
+            if status.state == FINAL:
                 self.records.pop(cache_key)
                 continue
             spec = BillingRecordSpec.model_validate(record["spec"])
             updated, _ = apply(status, spec, RecordChange(), now)
-            updated["state"] = FINAL
-            updated["finalizedAt"] = iso(now)
+            final = updated.model_copy(update={"state": FINAL, "finalized_at": iso(now)})
             try:
-                await self.kube.replace(
+                await self.kube.replace_status(
                     resource_path(API_VERSION, PLURAL, cache_key[0], cache_key[1], "status"),
-                    {**record, "status": updated},
+                    record,
+                    BillingRecordStatus.model_validate(final.model_dump()),
                 )
             except ApiError as error:
                 if error.conflict:
@@ -478,10 +487,3 @@ class Ledger:
             self.records.pop(cache_key)
             metrics.FINALIZED.inc()
             logger.info("record %s/%s is Final", *cache_key)
-
-
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Equal statuses apart from the time of the update."""
-    return {k: v for k, v in a.items() if k != "lastUpdateTime"} == {
-        k: v for k, v in b.items() if k != "lastUpdateTime"
-    }

@@ -13,9 +13,14 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
-from payper.api.billing_record import GRANULARITY_MS, BillingRecordSpec
+from payper.api.billing_record import (
+    Adjustment,
+    BillingRecordSpec,
+    BillingRecordStatus,
+    PodInterval,
+    RoundedMs,
+)
 from payper.billing.pricing import amount, money, reserved_amount
 from payper.clock import iso, seconds
 
@@ -55,7 +60,7 @@ class UsageDelta:
     agent_id: str
     sequence: int
     active_us: int
-    rounded_ms: dict[str, int]
+    rounded_ms: RoundedMs
     bursts: int
     original_window_ms: int | None = None
     """Set when the usage belongs to a window that was already closed: an adjustment."""
@@ -78,106 +83,104 @@ class RecordChange:
     pods: dict[str, PodSpan] = field(default_factory=dict)
 
 
-def _rounded(status: dict[str, Any]) -> dict[str, int]:
-    found = status.get("roundedMs") or {}
-    return {g: int(found.get(g, 0)) for g in GRANULARITY_MS}
+def _millis(active_us: int) -> int:
+    return (active_us + 500) // 1000
 
 
 def apply(
-    status: dict[str, Any], spec: BillingRecordSpec, change: RecordChange, now_ms: int
-) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    status: BillingRecordStatus, spec: BillingRecordSpec, change: RecordChange, now_ms: int
+) -> tuple[BillingRecordStatus, list[tuple[str, int]]]:
     """The record's next status, and the (agent, sequence) pairs newly applied to it."""
-    out = dict(status)
-    last = dict(out.get("lastAppliedSequence") or {})
-    active_us = int(out.get("activeUs", 0))
-    rounded = _rounded(out)
-    bursts = int(out.get("bursts", 0))
-    adjustments = {a["originalWindowStart"]: dict(a) for a in out.get("adjustments") or []}
+    last = dict(status.last_applied_sequence)
+    active_us = status.active_us
+    rounded = status.rounded_ms
+    bursts = status.bursts
+    adjustments = {a.original_window_start: a for a in status.adjustments}
     applied: list[tuple[str, int]] = []
 
     by_report: dict[tuple[str, int], list[UsageDelta]] = defaultdict(list)
     for delta in change.usage:
         by_report[(delta.agent_id, delta.sequence)].append(delta)
     for (agent, sequence), deltas in sorted(by_report.items()):
-        if sequence <= int(last.get(agent, 0)):
+        if sequence <= last.get(agent, 0):
             continue  # already in this record: a resend, or a retry after a lost answer
         for delta in deltas:
             active_us += delta.active_us
-            for g in GRANULARITY_MS:
-                rounded[g] += delta.rounded_ms.get(g, 0)
+            rounded += delta.rounded_ms
             bursts += delta.bursts
             if delta.original_window_ms is not None:
                 _adjust(adjustments, delta, spec)
         last[agent] = sequence
         applied.append((agent, sequence))
 
-    pods = {p["uid"]: dict(p) for p in out.get("podIntervals") or []}
+    pods = {p.uid: p for p in status.pod_intervals}
     for span in change.pods.values():
         current = pods.get(span.uid)
-        if current is None:
-            pods[span.uid] = {
-                "uid": span.uid,
-                "name": span.name,
-                "gpus": span.gpus,
-                "startMs": span.start_ms,
-                "endMs": span.end_ms,
-            }
-        else:
-            current["startMs"] = min(int(current["startMs"]), span.start_ms)
-            current["endMs"] = max(int(current["endMs"]), span.end_ms)
+        pods[span.uid] = PodInterval(
+            uid=span.uid,
+            name=span.name if current is None else current.name,
+            gpus=span.gpus if current is None else current.gpus,
+            start_ms=span.start_ms if current is None else min(current.start_ms, span.start_ms),
+            end_ms=span.end_ms if current is None else max(current.end_ms, span.end_ms),
+        )
 
-    provisioned = sum((int(p["endMs"]) - int(p["startMs"])) * int(p["gpus"]) for p in pods.values())
-    active_ms = (active_us + 500) // 1000
-    billed = rounded[spec.granularity]
-    out.update(
-        {
-            "state": out.get("state", "Open"),
-            "activeUs": active_us,
-            "activeMs": active_ms,
-            "activeGpuSeconds": seconds(active_ms),
-            "roundedMs": rounded,
-            "billedMs": billed,
+    provisioned = sum((p.end_ms - p.start_ms) * p.gpus for p in pods.values())
+    active_ms = _millis(active_us)
+    billed = rounded.at(spec.granularity)
+    updated = status.model_copy(
+        update={
+            "active_us": active_us,
+            "active_ms": active_ms,
+            "active_gpu_seconds": seconds(active_ms),
+            "rounded_ms": rounded,
+            "billed_ms": billed,
             "bursts": bursts,
-            "requests": int(out.get("requests", 0)) + change.requests,
-            "coldStarts": int(out.get("coldStarts", 0)) + change.cold_starts,
-            "provisionedMs": provisioned,
-            "idleMs": max(0, provisioned - active_ms),
+            "requests": status.requests + change.requests,
+            "cold_starts": status.cold_starts + change.cold_starts,
+            "provisioned_ms": provisioned,
+            "idle_ms": max(0, provisioned - active_ms),
             "amount": money(amount(billed, spec.price_per_gpu_second)),
-            "reservedEquivalentAmount": money(
+            "reserved_equivalent_amount": money(
                 reserved_amount(provisioned, spec.reserved_price_per_gpu_hour)
             ),
-            "lastAppliedSequence": last,
+            "last_applied_sequence": last,
             "adjustments": [adjustments[k] for k in sorted(adjustments)],
-            "podIntervals": sorted(pods.values(), key=lambda p: (p["startMs"], p["uid"])),
-            "lastUpdateTime": iso(now_ms),
+            "pod_intervals": sorted(pods.values(), key=lambda p: (p.start_ms, p.uid)),
+            "last_update_time": datetime.fromtimestamp(now_ms / 1000, UTC),
         }
     )
-    return out, applied
+    # model_copy does not validate: validating the result keeps every constraint of the
+    # CRD (bounds, patterns, list sizes) checked here, before the API server sees it.
+    return BillingRecordStatus.model_validate(updated.model_dump()), applied
+
+
+def same_totals(a: BillingRecordStatus, b: BillingRecordStatus) -> bool:
+    """Equal statuses apart from the time of the update."""
+    return a.model_copy(update={"last_update_time": None}) == b.model_copy(
+        update={"last_update_time": None}
+    )
 
 
 def _adjust(
-    adjustments: dict[str, dict[str, Any]], delta: UsageDelta, spec: BillingRecordSpec
+    adjustments: dict[datetime, Adjustment], delta: UsageDelta, spec: BillingRecordSpec
 ) -> None:
     assert delta.original_window_ms is not None
-    key = iso(delta.original_window_ms)
-    entry = adjustments.setdefault(
-        key,
-        {
-            "originalWindowStart": key,
-            "reason": f"late usage for the window starting {key}, which was already final",
-            "activeUs": 0,
-            "activeMs": 0,
-            "billedMs": 0,
-            "roundedMs": dict.fromkeys(GRANULARITY_MS, 0),
-            "bursts": 0,
-            "amount": "0",
-        },
+    start = datetime.fromtimestamp(delta.original_window_ms / 1000, UTC)
+    entry = adjustments.get(start) or Adjustment(
+        original_window_start=start,
+        reason=f"late usage for the window starting {iso(delta.original_window_ms)}, "
+        "which was already final",
     )
-    entry["activeUs"] = int(entry["activeUs"]) + delta.active_us
-    entry["activeMs"] = (entry["activeUs"] + 500) // 1000
-    entry["roundedMs"] = {
-        g: int(entry["roundedMs"].get(g, 0)) + delta.rounded_ms.get(g, 0) for g in GRANULARITY_MS
-    }
-    entry["billedMs"] = entry["roundedMs"][spec.granularity]
-    entry["bursts"] = int(entry["bursts"]) + delta.bursts
-    entry["amount"] = money(amount(entry["billedMs"], spec.price_per_gpu_second))
+    active_us = entry.active_us + delta.active_us
+    rounded = entry.rounded_ms + delta.rounded_ms
+    billed = rounded.at(spec.granularity)
+    adjustments[start] = entry.model_copy(
+        update={
+            "active_us": active_us,
+            "active_ms": _millis(active_us),
+            "rounded_ms": rounded,
+            "billed_ms": billed,
+            "bursts": entry.bursts + delta.bursts,
+            "amount": money(amount(billed, spec.price_per_gpu_second)),
+        }
+    )
