@@ -8,9 +8,11 @@ import pytest
 
 from payper.operator.autoscaler import (
     Decision,
+    History,
     Observation,
     Policy,
     Reason,
+    Recommendation,
     Sample,
     Windows,
     decide,
@@ -181,7 +183,7 @@ ROWS = [
 def test_decide(row: Row) -> None:
     samples = [Sample(NOW - (len(row.history) - i) * 1000, c) for i, c in enumerate(row.history)]
     samples.append(Sample(NOW, row.in_flight + row.queued))
-    recent = [Sample(NOW - ago, replicas) for ago, replicas in row.recommendations]
+    recent = [Recommendation(NOW - ago, replicas) for ago, replicas in row.recommendations]
     obs = Observation(
         now_ms=NOW,
         current=row.current,
@@ -199,3 +201,30 @@ def test_max_replicas_decision_reports_what_demand_wanted() -> None:
     decision = decide(POLICY, WINDOWS, obs, [Sample(NOW, 40)], [])
     assert decision == Decision(5, Reason.MAX_REPLICAS, 10)
     assert decision.limited_by_max
+
+
+def test_history_keeps_only_its_windows_and_owns_the_scale_down_delay() -> None:
+    policy = Policy(0, 10, 10, idle_timeout_ms=600_000, scale_down_delay_ms=5_000)
+    windows = Windows(stable_ms=10_000, panic_ms=2_000)
+    history = History()
+
+    def tick(at_ms: int, in_flight: int) -> Decision:
+        observation = Observation(at_ms, 1, 0, in_flight, 0, last_request_ms=at_ms)
+        return history.decide(policy, windows, observation)
+
+    assert tick(1_000, 50).desired == 5  # a burst: the panic window scales up at once
+    for at in range(2_000, 5_001, 1_000):
+        assert tick(at, 0).desired == 5, "the scale-down delay holds the burst's size"
+    lower = tick(6_000, 0)
+    assert lower.desired < 5 and lower.reason == Reason.SCALE_DOWN_DELAY
+    for at in range(7_000, 40_001, 1_000):
+        last = tick(at, 0)
+    assert (last.desired, last.reason) == (1, Reason.WAITING_FOR_IDLE_TIMEOUT)
+    # Only the windows are kept: the stable window's samples, the delay's recommendations.
+    assert [s.at_ms for s in history.samples] == list(range(31_000, 40_001, 1_000))
+    assert [r.at_ms for r in history.recommendations] == list(range(36_000, 40_001, 1_000))
+
+    restarted = History()
+    restarted.seed(100_000, 3)
+    quiet = Observation(100_500, 3, 0, 0, 0, last_request_ms=100_000)
+    assert restarted.decide(policy, windows, quiet).desired == 3, "a restart keeps a warm size"

@@ -1,7 +1,9 @@
 """The autoscaler's decision: how many replicas a deployment should have right now.
 
-A pure function of the scaling policy, one observation (replicas, readiness, demand
-from the gateways) and the recent history, so every rule is a row in a unit-test table:
+``decide`` is a pure function of the scaling policy, one observation (replicas,
+readiness, demand from the gateways) and the recent history, so every rule is a row in a
+unit-test table. Each deployment's history (its windows) lives in one ``History`` that
+only ``History.decide`` extends and trims, so the controller keeps no window state:
 
 - desired = ceil(concurrency / targetConcurrency), clamped to [minReplicas, maxReplicas];
 - a burst scales up at once: the short *panic* window's average counts as soon as it
@@ -20,8 +22,9 @@ Times are integer milliseconds.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from payper.api.inference_deployment import ScalingSpec
@@ -75,6 +78,14 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Recommendation:
+    """Replicas the demand asked for at one tick (kept for the scale-down delay)."""
+
+    at_ms: int
+    replicas: int
+
+
+@dataclass(frozen=True)
 class Observation:
     now_ms: int
     current: int
@@ -120,13 +131,12 @@ def decide(
     windows: Windows,
     obs: Observation,
     samples: Sequence[Sample],
-    recent: Sequence[Sample],
+    recent: Sequence[Recommendation],
 ) -> Decision:
     """The replicas to run now.
 
     ``samples``: concurrency history (the current tick included). ``recent``: earlier
-    *recommendations* (``Sample.concurrency`` holds a replica count), used for the
-    scale-down delay.
+    recommendations, used for the scale-down delay.
     """
     wanted = recommend(policy, windows, obs, samples)
     idle = obs.in_flight == 0 and obs.queued == 0
@@ -138,7 +148,7 @@ def decide(
     if idle and (idle_for is None or idle_for >= policy.idle_timeout_ms):
         target, reason = 0, Reason.IDLE_TIMEOUT if obs.current > 0 else Reason.IDLE
     else:
-        held = [r.concurrency for r in recent if r.at_ms > obs.now_ms - policy.scale_down_delay_ms]
+        held = [r.replicas for r in recent if r.at_ms > obs.now_ms - policy.scale_down_delay_ms]
         target = max([wanted, *held])
         reason = Reason.SCALE_DOWN_DELAY if target > wanted else Reason.DEMAND
         if target == 0 and obs.current > 0:
@@ -156,3 +166,35 @@ def _bounded(policy: Policy, target: int, wanted: int, reason: Reason) -> Decisi
     if target < policy.min_replicas:
         return Decision(policy.min_replicas, Reason.MIN_REPLICAS, wanted)
     return Decision(target, reason, wanted)
+
+
+HISTORY = 4096
+"""At most this many samples and recommendations per deployment (a tick a second: more
+than an hour), whatever the windows: memory per deployment stays bounded."""
+
+
+@dataclass
+class History:
+    """One deployment's scaler windows: concurrency over the stable window and
+    recommendations over the scale-down delay."""
+
+    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    recommendations: deque[Recommendation] = field(default_factory=lambda: deque(maxlen=HISTORY))
+
+    def seed(self, at_ms: int, replicas: int) -> None:
+        """After a restart: the running size counts as a recent recommendation, so the
+        scale-down delay starts over instead of shrinking a warm deployment at once."""
+        self.recommendations.append(Recommendation(at_ms, replicas))
+
+    def decide(self, policy: Policy, windows: Windows, obs: Observation) -> Decision:
+        """Record this tick's concurrency, forget what left the windows, decide, and
+        remember the recommendation."""
+        self.samples.append(Sample(obs.now_ms, obs.in_flight + obs.queued))
+        while self.samples and self.samples[0].at_ms <= obs.now_ms - windows.stable_ms:
+            self.samples.popleft()
+        delay = policy.scale_down_delay_ms
+        while self.recommendations and self.recommendations[0].at_ms <= obs.now_ms - delay:
+            self.recommendations.popleft()
+        decision = decide(policy, windows, obs, self.samples, self.recommendations)
+        self.recommendations.append(Recommendation(obs.now_ms, decision.wanted))
+        return decision

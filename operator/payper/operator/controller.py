@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,14 +28,7 @@ from payper.clock import now_ms
 from payper.kube import ApiError, Kube, resource_path
 from payper.observed import Key
 from payper.operator import builders, metrics, status
-from payper.operator.autoscaler import (
-    Decision,
-    Observation,
-    Policy,
-    Sample,
-    Windows,
-    decide,
-)
+from payper.operator.autoscaler import Decision, Observation, Policy, Windows
 from payper.operator.config import OperatorConfig
 from payper.operator.state import DemandStore, DemandTotals, Registry, Tracked
 
@@ -52,9 +45,12 @@ def _spec_error(error: ValidationError) -> str:
 
 
 class Controller:
-    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+    def __init__(
+        self, kube: Kube, config: OperatorConfig, clock: Callable[[], int] = now_ms
+    ) -> None:
         self.kube = kube
         self.config = config
+        self.clock = clock  # wall-clock ms, injected as the ledger's is
         self.registry = Registry()
         self.demand = DemandStore(int(config.autoscaler.demand_expiry_seconds * 1000))
         self.billing = BillingEvents()
@@ -105,9 +101,9 @@ class Controller:
             return
         tracked.replicas = int(existing.get("spec", {}).get("replicas", 0))
         if tracked.replicas > 0:
-            at = now_ms()
+            at = self.clock()
             tracked.last_request_ms = at
-            tracked.recommendations.append(Sample(at, tracked.replicas))
+            tracked.history.seed(at, tracked.replicas)
         logger.info(
             "%s/%s: recovered at %d replicas%s",
             *tracked.key,
@@ -156,8 +152,8 @@ class Controller:
         if deleted:
             gone = self.registry.pods.get(key, {}).get(obj["metadata"]["name"])
             if gone is not None and gone.scheduled_ms is not None:
-                end = gone.deleting_since_ms or now_ms()
-                self.billing.ended_pods.append((key, gone, min(end, now_ms())))
+                end = gone.deleting_since_ms or self.clock()
+                self.billing.ended_pods.append((key, gone, min(end, self.clock())))
         self.registry.observe_pod(deployment, obj, deleted)
         tracked = self.registry.get(key)
         if tracked is None:
@@ -166,7 +162,7 @@ class Controller:
         if tracked.scale_from_zero_ms is None:
             return
         if any(p.ready and not p.deleting for p in self.registry.pods_of(key)):
-            duration = now_ms() - tracked.scale_from_zero_ms
+            duration = self.clock() - tracked.scale_from_zero_ms
             tracked.scale_from_zero_ms = None
             tracked.last_cold_start_ms = duration
             metrics.COLD_START_DURATION.labels(*key).observe(duration / 1000)
@@ -180,13 +176,13 @@ class Controller:
         tracked = self.registry.get(key)
         if tracked is None:
             return None
-        at = now_ms()
+        at = self.clock()
         await self.evaluate(tracked, self.demand.totals_for(key, at), at)
         return tracked
 
     async def tick(self) -> None:
         started = time.perf_counter()
-        at = now_ms()
+        at = self.clock()
         totals = self.demand.aggregate(at)
         idle = DemandTotals()
         for tracked in self.registry:
@@ -212,10 +208,6 @@ class Controller:
         if not busy and not tracked.dirty and tracked.replicas == 0 and not pods:
             return  # the common case of a large fleet: idle at zero, nothing to do
         async with tracked.lock:
-            sample = Sample(at, demand.in_flight + demand.queued)
-            tracked.samples.append(sample)
-            while tracked.samples and tracked.samples[0].at_ms <= at - self.windows.stable_ms:
-                tracked.samples.popleft()
             policy = tracked.policy
             timeout_ms = tracked.cold_start_timeout_ms
             starting = sum(
@@ -231,13 +223,7 @@ class Controller:
                 queued=demand.queued,
                 last_request_ms=tracked.last_request_ms,
             )
-            delay = policy.scale_down_delay_ms
-            while tracked.recommendations and tracked.recommendations[0].at_ms <= at - delay:
-                tracked.recommendations.popleft()
-            decision = decide(
-                policy, self.windows, observation, tracked.samples, tracked.recommendations
-            )
-            tracked.recommendations.append(Sample(at, decision.wanted))
+            decision = tracked.history.decide(policy, self.windows, observation)
             tracked.last_decision = decision
             if decision.desired != tracked.replicas and tracked.invalid is None:
                 await self._scale(tracked, decision, at)

@@ -8,7 +8,6 @@ source of truth. Mutated only from the operator's event loop.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +15,7 @@ from typing import Any
 from payper.api.demand import DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import InferenceDeploymentSpec, InferenceDeploymentStatus
 from payper.observed import Key, PodView
-from payper.operator.autoscaler import Decision, Policy, Sample
-
-HISTORY = 4096
+from payper.operator.autoscaler import Decision, History, Policy
 
 
 @dataclass
@@ -33,8 +30,7 @@ class Tracked:
     """Why the spec cannot be served (InvalidSpec), or None."""
     replicas: int | None = None
     """The Deployment's spec.replicas as last applied or read; None until known."""
-    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    recommendations: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    history: History = field(default_factory=History)
     last_request_ms: int | None = None
     scale_from_zero_ms: int | None = None
     """When the current scale-up from zero was decided; cleared once a pod is ready."""
