@@ -10,48 +10,20 @@ yet. Anything else is unattributed: reported, never billed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from payper.api.inference_deployment import POD_LABEL
+from payper.observed import PodView
 from payper_agent.cgroups import parse_cgroup
 from payper_agent.meter import SeriesIdentity
 
 
-@dataclass
-class PodInfo:
-    namespace: str
-    name: str
-    uid: str
-    inference_deployment: str | None
-    containers: list[str]
-    by_container_id: dict[str, str] = field(default_factory=dict)
-
-
-def pod_info(obj: Mapping[str, Any]) -> PodInfo:
-    meta, spec, status = obj["metadata"], obj.get("spec", {}), obj.get("status", {})
-    info = PodInfo(
-        namespace=meta["namespace"],
-        name=meta["name"],
-        uid=meta["uid"],
-        inference_deployment=(meta.get("labels") or {}).get(POD_LABEL),
-        containers=[c["name"] for c in spec.get("containers", [])],
-    )
-    for container_status in status.get("containerStatuses", []) or []:
-        container_id = container_status.get("containerID") or ""
-        _, _, bare = container_id.partition("://")
-        if bare:
-            info.by_container_id[bare] = container_status["name"]
-    return info
-
-
 class PodIndex:
     def __init__(self) -> None:
-        self.by_uid: dict[str, PodInfo] = {}
+        self.by_uid: dict[str, PodView] = {}
 
     def upsert(self, obj: Mapping[str, Any]) -> None:
-        info = pod_info(obj)
-        self.by_uid[info.uid] = info
+        pod = PodView.from_object(obj)
+        self.by_uid[pod.uid] = pod
 
     def remove(self, obj: Mapping[str, Any]) -> None:
         self.by_uid.pop(obj["metadata"]["uid"], None)
@@ -60,12 +32,12 @@ class PodIndex:
         pod = self.by_uid.get(pod_uid)
         if pod is None:
             return None
-        container = pod.by_container_id.get(container_id or "")
+        container = pod.container_ids.get(container_id or "")
         if container is None and len(pod.containers) == 1:
             container = pod.containers[0]
         if container is None:
             return None
-        return SeriesIdentity(pod.namespace, pod.name, pod.uid, container, pod.inference_deployment)
+        return SeriesIdentity(pod.namespace, pod.name, pod.uid, container, pod.deployment)
 
 
 class PidResolver:

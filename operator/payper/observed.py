@@ -1,16 +1,18 @@
 """What Payper's services observe of the cluster: one pod view, keys of deployments.
 
-The operator's scaler and status, and the billing ledger read pods through ``PodView``
-(readiness, scheduling, GPUs, deletion), so they agree on what a pod is. It sits below
-both, so that billing never imports the operator.
+Every reader of pods parses them once, here, with the same rules: the operator's scaler
+and status (readiness, scheduling, deletion), the ledger (GPUs held, node, since when),
+the gateway (where to send requests: ``serving``) and the agent (which container a
+container ID is). It sits below them all, so billing never imports the operator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from payper.api.inference_deployment import POD_LABEL
 from payper.clock import parse_iso
 
 Key = tuple[str, str]
@@ -22,12 +24,13 @@ def parse_time_ms(value: str | None) -> int | None:
 
 @dataclass
 class PodView:
-    """What the operator needs from one pod."""
+    """What Payper needs from one pod."""
 
     name: str
     uid: str
     created_ms: int
     ready: bool
+    """The Ready condition is True and the pod is Running."""
     unschedulable: str | None
     """The scheduler's message while the pod cannot be placed."""
     scheduled_ms: int | None = None
@@ -35,10 +38,23 @@ class PodView:
     deleting_since_ms: int | None = None
     node: str | None = None
     gpus: int = 0
+    namespace: str = ""
+    ip: str | None = None
+    deployment: str | None = None
+    """The InferenceDeployment its ``payper.dev/inference-deployment`` label names."""
+    containers: tuple[str, ...] = ()
+    container_ids: dict[str, str] = field(default_factory=dict)
+    """Runtime container ID (without the ``containerd://`` scheme) -> container name."""
 
     @property
     def deleting(self) -> bool:
         return self.deleting_since_ms is not None
+
+    @property
+    def serving(self) -> bool:
+        """The gateway may send it requests: ready, not being deleted, with an address.
+        (A terminating pod can stay Ready for a while; it gets no new requests.)"""
+        return self.ready and not self.deleting and bool(self.ip)
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> PodView:
@@ -72,4 +88,13 @@ class PodView:
             deleting_since_ms=parse_time_ms(meta.get("deletionTimestamp")),
             node=spec.get("nodeName"),
             gpus=gpus,
+            namespace=meta.get("namespace", ""),
+            ip=status.get("podIP") or None,
+            deployment=(meta.get("labels") or {}).get(POD_LABEL),
+            containers=tuple(c["name"] for c in spec.get("containers", [])),
+            container_ids={
+                bare: container["name"]
+                for container in status.get("containerStatuses", []) or []
+                if (bare := (container.get("containerID") or "").partition("://")[2])
+            },
         )

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 from payper.gateway.routing import Route, route
 from payper.gateway.targets import Target, TargetGone, Targets
+from payper.observed import PodView
 
 DOMAIN = "payper.example.com"
 
@@ -53,12 +54,13 @@ def _deployment(name: str = "llm", auth: str | None = None, port: int = 8000) ->
 
 
 def _pod(name: str, ip: str, ready: bool, deleting: bool = False) -> dict[str, Any]:
-    meta: dict[str, Any] = {"namespace": "ns", "name": name}
+    meta: dict[str, Any] = {"namespace": "ns", "name": name, "uid": f"uid-{name}"}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {
         "metadata": meta,
         "status": {
+            "phase": "Running",
             "podIP": ip,
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
         },
@@ -172,3 +174,26 @@ def test_a_routed_deployment_has_series_from_zero_until_it_is_removed() -> None:
     targets.remove_deployment(("ns", "metered"))
     assert REGISTRY.get_sample_value("payper_gateway_requests_in_flight", labels) is None
     assert REGISTRY.get_sample_value("payper_gateway_requests_total", answered) is None
+
+
+def test_the_gateway_and_the_operator_agree_on_which_pods_serve() -> None:
+    """One PodView: what the operator counts as ready is what the gateway sends to."""
+    running = _pod("p1", "127.1.0.1", ready=True)
+    pending = {**running, "status": {**running["status"], "phase": "Pending"}}
+    deleting = _pod("p1", "127.1.0.1", ready=True, deleting=True)
+    no_ip = {**running, "status": {**running["status"], "podIP": ""}}
+    cases = (
+        (running, True, True),
+        (pending, False, False),
+        (deleting, True, False),  # still Ready while it terminates: no new requests
+        (no_ip, True, False),
+    )
+    for pod, ready, serving in cases:
+        view = PodView.from_object(pod)
+        assert (view.ready, view.serving) == (ready, serving), pod
+        targets = Targets()
+        targets.upsert_deployment(_deployment(port=9000))
+        targets.upsert_pod("llm", pod)
+        target = targets.get(("ns", "llm"))
+        assert target is not None
+        assert bool(target.endpoints) is serving, pod

@@ -104,8 +104,12 @@ async def gateway(backend: Backend) -> AsyncIterator[tuple[int, Targets]]:
     targets.upsert_pod(
         "m",
         {
-            "metadata": {"namespace": "ns", "name": "p"},
-            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+            "metadata": {"namespace": "ns", "name": "p", "uid": "uid-p"},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
         },
     )
 
@@ -295,8 +299,12 @@ async def test_a_dead_endpoint_ends_in_502(gateway: tuple[int, Targets]) -> None
     targets.upsert_pod(
         "m",
         {
-            "metadata": {"namespace": "ns", "name": "p"},
-            "status": {"podIP": "127.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]},
+            "metadata": {"namespace": "ns", "name": "p", "uid": "uid-p"},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.9",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
         },
     )
     data = await exchange(
@@ -317,15 +325,23 @@ async def test_a_request_body_survives_a_retry_on_another_endpoint(
 ) -> None:
     port, targets = gateway
     live = {
-        "metadata": {"namespace": "ns", "name": "p"},
-        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        "metadata": {"namespace": "ns", "name": "p", "uid": "uid-p"},
+        "status": {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
     }
     targets.remove_pod("m", live)
     targets.upsert_pod(  # tried first: nothing listens there
         "m",
         {
-            "metadata": {"namespace": "ns", "name": "dead"},
-            "status": {"podIP": "127.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]},
+            "metadata": {"namespace": "ns", "name": "dead", "uid": "uid-dead"},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.9",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
         },
     )
     targets.upsert_pod("m", live)

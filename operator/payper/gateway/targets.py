@@ -20,6 +20,7 @@ from typing import Any
 
 from payper.api.inference_deployment import InferenceDeploymentSpec
 from payper.gateway import metrics
+from payper.observed import PodView
 
 Key = tuple[str, str]
 API_KEY_SECRET_TYPE = "payper.dev/api-keys"
@@ -145,17 +146,9 @@ class Targets:
             target.meters.remove()
 
     def upsert_pod(self, deployment: str, obj: Mapping[str, Any]) -> None:
-        meta, status = obj["metadata"], obj.get("status", {})
-        key = (meta["namespace"], deployment)
-        ready = (
-            meta.get("deletionTimestamp") is None
-            and bool(status.get("podIP"))
-            and any(
-                c.get("type") == "Ready" and c.get("status") == "True"
-                for c in status.get("conditions", []) or []
-            )
-        )
-        self._pods.setdefault(key, {})[meta["name"]] = (status.get("podIP", ""), ready)
+        pod = PodView.from_object(obj)
+        key = (pod.namespace, deployment)
+        self._pods.setdefault(key, {})[pod.name] = (pod.ip or "", pod.serving)
         self._refresh(key)
 
     def remove_pod(self, deployment: str, obj: Mapping[str, Any]) -> None:
