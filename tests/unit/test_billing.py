@@ -6,12 +6,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from kubernetes.client import Configuration
 
 from payper.api.billing_record import BillingRecordSpec, BillingRecordStatus, RoundedMs
-from payper.billing.config import BillingConfig
+from payper.billing import flush
 from payper.billing.events import BillingEvents
-from payper.billing.ledger import Ledger
+from payper.billing.flush import BillingWindows, Observations
 from payper.billing.pricing import (
     UNKNOWN_PRODUCT,
     Plan,
@@ -30,10 +29,8 @@ from payper.billing.records import (
     window_start,
 )
 from payper.clock import iso
-from payper.kube import Credentials, Kube
-from payper.observed import PodView
+from payper.observed import Key, PodView
 from payper.operator.config import ConfigError, load
-from payper.operator.state import Registry
 
 SPEC = BillingRecordSpec.model_validate(
     {
@@ -198,15 +195,23 @@ def test_bad_pricing_stops_the_operator_naming_the_key(
     assert key in str(error.value)
 
 
-async def test_counts_wait_for_a_product_then_are_filed_after_a_window_and_grace() -> None:
-    # No pod is on a node, so the ledger never calls the API (nothing listens there).
-    kube = Kube(Credentials("https://127.0.0.1:1", False, Configuration()))
-    config = BillingConfig(window_seconds=60, grace_seconds=30)
-    registry = Registry()
-    ledger = Ledger(kube, config, "payper-system", registry, BillingEvents())
+def test_counts_wait_for_a_product_then_are_filed_after_a_window_and_grace() -> None:
+    windows = BillingWindows(window_ms=60_000, grace_ms=30_000)
     key = ("team-a", "llm")
-    registry.pods[key] = {"u": PodView("llm-0", "u", 0, False, "0/3 nodes fit")}
-    assert await ledger._count_product(key, now=1_000) is None
-    assert await ledger._count_product(key, now=1_000 + 89_999) is None
-    assert await ledger._count_product(key, now=1_000 + 90_000) == UNKNOWN_PRODUCT
-    assert await ledger._count_product(key, now=1_000 + 90_001) is None, "a new wait begins"
+    pods = {key: {"u": PodView("llm-0", "u", 0, False, "0/3 nodes fit")}}
+    unplaced: dict[Key, int] = {}
+    filed = []
+    for now in (1_000, 1_000 + 89_999, 1_000 + 90_000, 1_000 + 90_001):
+        seen = Observations(BillingEvents(requests={key: 1}), pods, {}, {}, unplaced)
+        planned = flush.plan([], {}, seen, windows, now)
+        unplaced = planned.unplaced_since
+        filed.append(
+            [(k.product, c.requests) for k, c in planned.changes.items() if c.requests]
+            or planned.held_requests
+        )
+    assert filed == [
+        {key: 1},
+        {key: 1},
+        [(UNKNOWN_PRODUCT, 1)],  # no pod ever landed: filed as they are
+        {key: 1},  # a new wait begins
+    ]

@@ -1,10 +1,11 @@
 """The ledger: usage reports and the operator's own observations become BillingRecords.
 
-Every flush interval (default 10 s) the ledger takes the reports that arrived, keeps per
-agent only the next ones in sequence (resends are recognised, a report after a gap waits
-for the one before it), groups their usage by record (deployment x window x GPU
-product), and writes each touched record once, with optimistic concurrency on its
-resourceVersion. The totals and the per-agent last applied sequence go in the same
+Every flush interval (default 10 s) the ledger gathers what it needs (the reports that
+arrived, the operator's drained observations, the GPU product labels of nodes it has not
+seen), lets the pure core ``payper.billing.flush`` decide (which reports apply, per
+agent only the next ones in sequence; how their usage groups by record, deployment x
+window x GPU product; what each record gains; which counts wait), and writes each
+touched record once, with optimistic concurrency on its resourceVersion. The totals and the per-agent last applied sequence go in the same
 update (``payper.billing.records.apply``), so a crash, a retry or a second writer can
 neither lose nor repeat a report's usage in any record.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -47,22 +47,20 @@ from payper.api.billing_record import (
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.usage import UsageReport
-from payper.billing import metrics
+from payper.billing import flush, metrics
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents, Observed
+from payper.billing.flush import BillingWindows, Observations
 from payper.billing.pricing import UNKNOWN_PLAN, UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.records import (
     ACCOUNT_LABEL,
     DEPLOYMENT_LABEL,
     WINDOW_LABEL,
-    PodSpan,
     RecordChange,
     RecordKey,
-    UsageDelta,
     apply,
     same_totals,
     window_label,
-    window_start,
 )
 from payper.clock import iso, now_ms, parse_iso
 from payper.kube import ApiError, Kube, resource_path
@@ -88,8 +86,7 @@ class Ledger:
         self.observed = observed
         self.events = events
         self.clock = clock
-        self.window_ms = config.window_seconds * 1000
-        self.grace_ms = config.grace_seconds * 1000
+        self.windows = BillingWindows(config.window_seconds * 1000, config.grace_seconds * 1000)
         self.applied_through: dict[str, int] = {}
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
         """Open records as last read or written, by (namespace, name)."""
@@ -135,113 +132,32 @@ class Ledger:
             except Exception:
                 logger.exception("billing flush failed; reports stay unacknowledged")
 
-    def _closed(self, start_ms: int, now: int) -> bool:
-        return start_ms + self.window_ms + self.grace_ms <= now
+    async def _learn_nodes(self, pods: list[PodView]) -> None:
+        """Read the GPU product label of nodes not seen before (cached: labels of a
+        node's GPUs do not change while it runs)."""
+        for node in {p.node for p in pods if p.node is not None} - set(self._nodes):
+            found = await self.kube.get_or_none(resource_path("v1", "nodes", name=node))
+            labels = (found or {}).get("metadata", {}).get("labels") or {}
+            self._nodes[node] = product_key(labels.get(GPU_PRODUCT_LABEL, UNKNOWN_PRODUCT))
 
-    def _select(self, reports: list[UsageReport], now: int) -> list[UsageReport]:
-        by_agent: dict[str, dict[int, UsageReport]] = defaultdict(dict)
-        for report in reports:
-            by_agent[report.agent_id].setdefault(report.sequence, report)
-        accepted = []
-        for agent, numbered in by_agent.items():
-            expected = self.applied_through.get(agent, 0) + 1
-            for sequence in sorted(numbered):
-                report = numbered[sequence]
-                if sequence < expected:
-                    metrics.USAGE_REPORTS.labels("duplicate").inc()
-                elif sequence == expected:
-                    accepted.append(report)
-                    expected += 1
-                else:
-                    # A gap: the missing report must come first. Not acknowledged, so
-                    # the agent sends this one again after it.
-                    later = sum(1 for n in numbered if n >= sequence)
-                    metrics.USAGE_REPORTS.labels("out_of_order").inc(later)
-                    break
-        for report in accepted:
-            metrics.USAGE_LAG.observe(max(0, now - report.interval_end_ms) / 1000)
-        return accepted
-
-    async def _product(self, pod: PodView | None, key: Key) -> str:
-        """The product the deployment asks for, else the one its pod's node carries."""
-        spec = self.observed.spec_of(key)
-        if spec is not None and spec.gpu.product:
-            return product_key(spec.gpu.product)
-        if pod is None or pod.node is None:
-            return UNKNOWN_PRODUCT
-        if pod.node not in self._nodes:
-            node = await self.kube.get_or_none(resource_path("v1", "nodes", name=pod.node))
-            labels = (node or {}).get("metadata", {}).get("labels") or {}
-            self._nodes[pod.node] = product_key(labels.get(GPU_PRODUCT_LABEL, UNKNOWN_PRODUCT))
-        return self._nodes[pod.node]
-
-    async def _count_product(self, key: Key, now: int) -> str | None:
-        """The product a deployment's request and cold-start counts go under; None: hold
-        them for a later flush, as no pod of it is on a node yet."""
-        pods = self.observed.pods.get(key, {}).values()
-        product = await self._product(next((p for p in pods if p.node is not None), None), key)
-        if product != UNKNOWN_PRODUCT:
-            self._unplaced_since.pop(key, None)
-            return product
-        since = self._unplaced_since.setdefault(key, now)
-        if now - since < self.window_ms + self.grace_ms:
-            return None
-        self._unplaced_since.pop(key, None)  # no pod ever landed: file them as they are
-        return product
-
-    async def _pod_spans(
-        self, changes: dict[RecordKey, RecordChange], events: BillingEvents, now: int
-    ) -> None:
-        spans: list[tuple[Key, PodView, int]] = list(events.ended_pods)
-        for (namespace, deployment), pods in self.observed.pods.items():
-            for pod in pods.values():
-                if pod.scheduled_ms is not None and pod.gpus > 0:
-                    spans.append(((namespace, deployment), pod, now))
-        oldest_open = window_start(now - self.window_ms - self.grace_ms, self.window_ms)
-        for key, pod, end in spans:
-            if pod.scheduled_ms is None or end <= pod.scheduled_ms:
-                continue
-            product = await self._product(pod, key)
-            start = max(window_start(pod.scheduled_ms, self.window_ms), oldest_open)
-            while start < end:
-                stop = start + self.window_ms
-                if not self._closed(start, now) and pod.scheduled_ms < stop:
-                    record = RecordKey(key[0], key[1], start, product)
-                    changes[record].pods[pod.uid] = PodSpan(
-                        pod.uid, pod.name, pod.gpus, max(pod.scheduled_ms, start), min(end, stop)
-                    )
-                start = stop
-
-    def _usage_changes(
-        self, accepted: list[UsageReport], now: int
-    ) -> tuple[dict[RecordKey, RecordChange], dict[tuple[str, int], set[RecordKey]]]:
-        changes: dict[RecordKey, RecordChange] = defaultdict(RecordChange)
-        touched: dict[tuple[str, int], set[RecordKey]] = defaultdict(set)
-        current = window_start(now, self.window_ms)
-        for report in accepted:
-            observed = window_start(report.interval_start_ms, self.window_ms)
-            late = self._closed(observed, now)
-            for series in report.series:
-                if series.inference_deployment is None:
-                    continue  # a GPU pod Payper does not manage: metered, not billed
-                key = RecordKey(
-                    series.namespace,
-                    series.inference_deployment,
-                    current if late else observed,
-                    product_key(series.gpu_product),
-                )
-                changes[key].usage.append(
-                    UsageDelta(
-                        agent_id=report.agent_id,
-                        sequence=report.sequence,
-                        active_us=series.active_us,
-                        rounded_ms=series.rounded_ms,
-                        bursts=series.bursts,
-                        original_window_ms=observed if late else None,
-                    )
-                )
-                touched[(report.agent_id, report.sequence)].add(key)
-        return changes, touched
+    def _observations(self, events: BillingEvents) -> Observations:
+        keys = {
+            *self.observed.pods,
+            *(key for key, _, _ in events.ended_pods),
+            *events.requests,
+            *events.cold_starts,
+        }
+        return Observations(
+            events=events,
+            pods=self.observed.pods,
+            deployment_products={
+                key: product_key(spec.gpu.product)
+                for key in keys
+                if (spec := self.observed.spec_of(key)) is not None and spec.gpu.product
+            },
+            node_products=self._nodes,
+            unplaced_since=self._unplaced_since,
+        )
 
     async def flush(self) -> None:
         """Apply what arrived; answer every waiting request, whatever happens."""
@@ -257,35 +173,31 @@ class Ledger:
                     )
 
     async def _flush(self, reports: list[UsageReport], now: int) -> None:
-        accepted = self._select(reports, now)
-        changes, touched = self._usage_changes(accepted, now)
         events = self.events.drain()
-        current = window_start(now, self.window_ms)
-        products: dict[tuple[str, str, int], str] = {}
-        for key in changes:
-            products.setdefault((key.namespace, key.deployment, key.window_start_ms), key.product)
-        for field, counts, held in (
-            ("requests", events.requests, self.events.requests),
-            ("cold_starts", events.cold_starts, self.events.cold_starts),
-        ):
-            for deployment, count in counts.items():
-                product = products.get((*deployment, current))
-                if product is None:
-                    product = await self._count_product(deployment, now)
-                    if product is None:  # counted again at the next flush
-                        held[deployment] = held.get(deployment, 0) + count
-                        continue
-                    products[(*deployment, current)] = product
-                change = changes[RecordKey(*deployment, current, product)]
-                setattr(change, field, getattr(change, field) + count)
-        await self._pod_spans(changes, events, now)
-        for key, change in changes.items():
+        await self._learn_nodes(
+            [p for pods in self.observed.pods.values() for p in pods.values()]
+            + [pod for _, pod, _ in events.ended_pods]
+        )
+        planned = flush.plan(
+            reports, self.applied_through, self._observations(events), self.windows, now
+        )
+        selection = planned.selection
+        metrics.USAGE_REPORTS.labels("duplicate").inc(selection.duplicates)
+        metrics.USAGE_REPORTS.labels("out_of_order").inc(selection.out_of_order)
+        for report in selection.accepted:
+            metrics.USAGE_LAG.observe(max(0, now - report.interval_end_ms) / 1000)
+        for deployment, count in planned.held_requests.items():  # counted at the next flush
+            self.events.requests[deployment] = self.events.requests.get(deployment, 0) + count
+        for deployment, count in planned.held_cold_starts.items():
+            self.events.cold_starts[deployment] = self.events.cold_starts.get(deployment, 0) + count
+        self._unplaced_since = planned.unplaced_since
+        for key, change in planned.changes.items():
             if change.pods:
                 _, plan = self._plan(key.namespace, key.deployment)
                 metrics.prime(key.namespace, key.deployment, key.product, plan.currency)
 
         failed: set[RecordKey] = set()
-        for key, change in changes.items():
+        for key, change in planned.changes.items():
             try:
                 await self._apply_record(key, change, now)
             except (ApiError, OSError, TimeoutError) as error:
@@ -294,17 +206,11 @@ class Ledger:
                     "record %s/%s not written this flush: %s", key.namespace, key.name, error
                 )
 
-        advanced = False
-        for report in accepted:
-            agent = report.agent_id
-            if self.applied_through.get(agent, 0) != report.sequence - 1:
-                continue  # an earlier report of this agent failed in this flush
-            if touched.get((agent, report.sequence), set()) & failed:
-                continue
-            self.applied_through[agent] = report.sequence
-            metrics.USAGE_REPORTS.labels("applied").inc()
-            advanced = True
+        progress = flush.acknowledge(planned, self.applied_through, failed)
+        advanced = sum(progress[a] - self.applied_through.get(a, 0) for a in progress)
         if advanced:
+            self.applied_through = progress
+            metrics.USAGE_REPORTS.labels("applied").inc(advanced)
             await self._save_progress()
         await self._finalize(now)
 
@@ -322,7 +228,7 @@ class Ledger:
             window=Window.model_validate(
                 {
                     "start": iso(key.window_start_ms),
-                    "end": iso(key.window_start_ms + self.window_ms),
+                    "end": iso(key.window_start_ms + self.windows.window_ms),
                 }
             ),
             plan=plan_name,
@@ -461,10 +367,9 @@ class Ledger:
         self._ledger_version = replaced["metadata"]["resourceVersion"]
 
     async def _finalize(self, now: int) -> None:
-        for cache_key, record in list(self.records.items()):
-            start = parse_iso(record["spec"]["window"]["start"])
-            if not self._closed(start, now):
-                continue
+        starts = {key: parse_iso(r["spec"]["window"]["start"]) for key, r in self.records.items()}
+        for cache_key in flush.closing(starts, self.windows, now):
+            record = self.records[cache_key]
             status = BillingRecordStatus.model_validate(record.get("status") or {})
             if status.state == FINAL:
                 self.records.pop(cache_key)

@@ -1,0 +1,245 @@
+"""The ledger's decisions for one flush, as pure functions of what it knows.
+
+``plan`` takes the reports that arrived, the per-agent progress, the operator's
+observations (counts, pods, deployments' GPU products, nodes' products) and the time,
+and says which reports apply, how their usage groups into records (deployment x window
+x GPU product), what each record gains (usage, counts, pod spans), which counts must
+wait for a GPU product, and what the next flush starts from. ``acknowledge`` says how far
+each agent's progress may advance once the writer knows which records it failed to
+write; ``closing`` says which open records become Final. The ledger (``ledger.py``)
+only gathers the inputs (reads nodes, drains events), carries out the plan and writes.
+So every rule is a row in a unit-test table, as the autoscaler's are.
+
+BillingWindows: usage counts in the window its report was observed in; once that window has
+ended and its grace passed, usage for it goes into the current window as an adjustment.
+Provisioned time is per pod and window (scheduled -> gone), so re-planning is harmless.
+Counts whose GPU product is not known yet (no pod of the deployment on a node) wait, up
+to a window and its grace, rather than opening a record for an unknown product.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from payper.api.usage import UsageReport
+from payper.billing.events import BillingEvents
+from payper.billing.pricing import UNKNOWN_PRODUCT, product_key
+from payper.billing.records import PodSpan, RecordChange, RecordKey, UsageDelta, window_start
+from payper.observed import Key, PodView
+
+K = TypeVar("K")
+ReportId = tuple[str, int]
+"""(agent id, sequence)."""
+
+
+@dataclass(frozen=True)
+class BillingWindows:
+    window_ms: int
+    grace_ms: int
+
+    def start(self, ms: int) -> int:
+        return window_start(ms, self.window_ms)
+
+    def closed(self, start_ms: int, now_ms: int) -> bool:
+        """The window starting at ``start_ms`` is over, grace included: Final."""
+        return start_ms + self.window_ms + self.grace_ms <= now_ms
+
+
+@dataclass(frozen=True)
+class Observations:
+    """What the operator saw, as the ledger found it at the start of the flush."""
+
+    events: BillingEvents
+    """Counts and ended pods since the last flush (already drained)."""
+    pods: Mapping[Key, Mapping[str, PodView]]
+    deployment_products: Mapping[Key, str]
+    """The GPU product each deployment's spec names (only those that name one)."""
+    node_products: Mapping[str, str]
+    """The GPU product label of each node a pod runs on."""
+    unplaced_since: Mapping[Key, int]
+    """Deployments whose counts wait for a GPU product, since when (ms)."""
+
+
+@dataclass
+class Selection:
+    accepted: list[UsageReport]
+    duplicates: int = 0
+    out_of_order: int = 0
+
+
+@dataclass
+class FlushPlan:
+    selection: Selection
+    changes: dict[RecordKey, RecordChange]
+    touched: dict[ReportId, set[RecordKey]]
+    """The records each accepted report's usage lands in."""
+    held_requests: dict[Key, int] = field(default_factory=dict)
+    held_cold_starts: dict[Key, int] = field(default_factory=dict)
+    """Counts that wait for a GPU product: the next flush counts them again."""
+    unplaced_since: dict[Key, int] = field(default_factory=dict)
+
+
+def select(reports: Sequence[UsageReport], applied_through: Mapping[str, int]) -> Selection:
+    """Per agent, the reports next in sequence; resends are duplicates, and a report
+    after a gap waits (with every later one) until the missing one arrives."""
+    by_agent: dict[str, dict[int, UsageReport]] = defaultdict(dict)
+    for report in reports:
+        by_agent[report.agent_id].setdefault(report.sequence, report)
+    selection = Selection(accepted=[])
+    for agent, numbered in by_agent.items():
+        expected = applied_through.get(agent, 0) + 1
+        for sequence in sorted(numbered):
+            if sequence < expected:
+                selection.duplicates += 1
+            elif sequence == expected:
+                selection.accepted.append(numbered[sequence])
+                expected += 1
+            else:
+                selection.out_of_order += sum(1 for n in numbered if n >= sequence)
+                break
+    return selection
+
+
+def product_of(pod: PodView | None, key: Key, seen: Observations) -> str:
+    """The product the deployment asks for, else the one its pod's node carries."""
+    named = seen.deployment_products.get(key)
+    if named is not None:
+        return named
+    if pod is None or pod.node is None:
+        return UNKNOWN_PRODUCT
+    return seen.node_products.get(pod.node, UNKNOWN_PRODUCT)
+
+
+def _usage(plan: FlushPlan, windows: BillingWindows, now_ms: int) -> None:
+    current = windows.start(now_ms)
+    for report in plan.selection.accepted:
+        observed = windows.start(report.interval_start_ms)
+        late = windows.closed(observed, now_ms)
+        for series in report.series:
+            if series.inference_deployment is None:
+                continue  # a GPU pod Payper does not manage: metered, not billed
+            key = RecordKey(
+                series.namespace,
+                series.inference_deployment,
+                current if late else observed,
+                product_key(series.gpu_product),
+            )
+            plan.changes[key].usage.append(
+                UsageDelta(
+                    agent_id=report.agent_id,
+                    sequence=report.sequence,
+                    active_us=series.active_us,
+                    rounded_ms=series.rounded_ms,
+                    bursts=series.bursts,
+                    original_window_ms=observed if late else None,
+                )
+            )
+            plan.touched[(report.agent_id, report.sequence)].add(key)
+
+
+def _counts(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms: int) -> None:
+    current = windows.start(now_ms)
+    products: dict[Key, str] = {}
+    for key in plan.changes:
+        if key.window_start_ms == current:
+            products.setdefault((key.namespace, key.deployment), key.product)
+    plan.unplaced_since = dict(seen.unplaced_since)
+    for kind, counts, held in (
+        ("requests", seen.events.requests, plan.held_requests),
+        ("cold_starts", seen.events.cold_starts, plan.held_cold_starts),
+    ):
+        for deployment, count in counts.items():
+            product = products.get(deployment)
+            if product is None:
+                product = _count_product(plan, seen, deployment, windows, now_ms)
+                if product is None:
+                    held[deployment] = held.get(deployment, 0) + count
+                    continue
+                products[deployment] = product
+            change = plan.changes[RecordKey(*deployment, current, product)]
+            if kind == "requests":
+                change.requests += count
+            else:
+                change.cold_starts += count
+
+
+def _count_product(
+    plan: FlushPlan, seen: Observations, key: Key, windows: BillingWindows, now_ms: int
+) -> str | None:
+    """The product a deployment's counts go under; None: they wait (no pod on a node)."""
+    pods = seen.pods.get(key, {}).values()
+    product = product_of(next((p for p in pods if p.node is not None), None), key, seen)
+    if product != UNKNOWN_PRODUCT:
+        plan.unplaced_since.pop(key, None)
+        return product
+    since = plan.unplaced_since.setdefault(key, now_ms)
+    if now_ms - since < windows.window_ms + windows.grace_ms:
+        return None
+    plan.unplaced_since.pop(key, None)  # no pod ever landed: file them as they are
+    return product
+
+
+def _pod_spans(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms: int) -> None:
+    spans: list[tuple[Key, PodView, int]] = list(seen.events.ended_pods)
+    for key, pods in seen.pods.items():
+        for pod in pods.values():
+            if pod.scheduled_ms is not None and pod.gpus > 0:
+                spans.append((key, pod, now_ms))
+    oldest_open = windows.start(now_ms - windows.window_ms - windows.grace_ms)
+    for key, pod, end in spans:
+        if pod.scheduled_ms is None or end <= pod.scheduled_ms:
+            continue
+        product = product_of(pod, key, seen)
+        start = max(windows.start(pod.scheduled_ms), oldest_open)
+        while start < end:
+            stop = start + windows.window_ms
+            if not windows.closed(start, now_ms) and pod.scheduled_ms < stop:
+                record = RecordKey(key[0], key[1], start, product)
+                plan.changes[record].pods[pod.uid] = PodSpan(
+                    pod.uid, pod.name, pod.gpus, max(pod.scheduled_ms, start), min(end, stop)
+                )
+            start = stop
+
+
+def plan(
+    reports: Sequence[UsageReport],
+    applied_through: Mapping[str, int],
+    seen: Observations,
+    windows: BillingWindows,
+    now_ms: int,
+) -> FlushPlan:
+    """Everything one flush will write, and what the next flush starts from."""
+    result = FlushPlan(
+        selection=select(reports, applied_through),
+        changes=defaultdict(RecordChange),
+        touched=defaultdict(set),
+    )
+    _usage(result, windows, now_ms)
+    _counts(result, seen, windows, now_ms)
+    _pod_spans(result, seen, windows, now_ms)
+    return result
+
+
+def acknowledge(
+    flush: FlushPlan, applied_through: Mapping[str, int], failed: set[RecordKey]
+) -> dict[str, int]:
+    """Per agent, the last sequence applied everywhere: in order, and only through
+    reports none of whose records failed to be written in this flush."""
+    progress = dict(applied_through)
+    for report in flush.selection.accepted:
+        agent = report.agent_id
+        if progress.get(agent, 0) != report.sequence - 1:
+            continue  # an earlier report of this agent failed in this flush
+        if flush.touched.get((agent, report.sequence), set()) & failed:
+            continue
+        progress[agent] = report.sequence
+    return progress
+
+
+def closing(window_starts: Mapping[K, int], windows: BillingWindows, now_ms: int) -> list[K]:
+    """The open records (by whatever key the caller holds them) whose window, grace
+    included, is over: they become Final in this flush."""
+    return [key for key, start in window_starts.items() if windows.closed(start, now_ms)]

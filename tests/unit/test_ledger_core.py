@@ -1,0 +1,282 @@
+"""The ledger's pure core (payper.billing.flush), table by table, with no API server.
+
+Which reports apply, how their usage groups into records, what each record gains, which
+records become Final and how far each agent's progress may advance: every rule here is a
+row, as the autoscaler's are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from payper.api.billing_record import RoundedMs
+from payper.api.usage import SeriesUsage, UsageReport
+from payper.billing import flush
+from payper.billing.events import BillingEvents
+from payper.billing.flush import BillingWindows, Observations
+from payper.billing.records import RecordKey
+from payper.observed import Key, PodView
+
+HOUR = 3_600_000
+WINDOWS = BillingWindows(window_ms=HOUR, grace_ms=300_000)
+T0 = 1_764_000_000_000 // HOUR * HOUR
+"""The start of a window."""
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+def report(
+    agent: str,
+    sequence: int,
+    start_ms: int = T0,
+    deployment: str | None = "llm",
+    active_us: int = 1_000,
+    product: str = "NVIDIA H100 80GB HBM3",
+) -> UsageReport:
+    series = SeriesUsage(
+        namespace="team-a",
+        pod="llm-0",
+        pod_uid="u0",
+        container="server",
+        gpu="GPU-0",
+        gpu_product=product,
+        inference_deployment=deployment,
+        active_us=active_us,
+        rounded_ms=RoundedMs(per_millisecond=1, per_second=1000, per_minute=60_000),
+        bursts=1,
+    )
+    return UsageReport(
+        agent_id=agent,
+        sequence=sequence,
+        node="gpu-node-0",
+        interval_start_ms=start_ms,
+        interval_end_ms=start_ms + 10_000,
+        series=[series],
+    )
+
+
+def seen(
+    events: BillingEvents | None = None,
+    pods: dict[Key, dict[str, PodView]] | None = None,
+    nodes: dict[str, str] | None = None,
+) -> Observations:
+    return Observations(events or BillingEvents(), pods or {}, {}, nodes or {}, {})
+
+
+@dataclass
+class SelectRow:
+    name: str
+    reports: list[tuple[str, int]]
+    applied_through: dict[str, int]
+    accepted: list[tuple[str, int]]
+    duplicates: int = 0
+    out_of_order: int = 0
+
+
+SELECT_ROWS = [
+    SelectRow("first reports", [("a", 1), ("a", 2)], {}, [("a", 1), ("a", 2)]),
+    SelectRow("a resend is a duplicate", [("a", 3)], {"a": 3}, [], duplicates=1),
+    SelectRow("the same report twice in a batch", [("a", 1), ("a", 1)], {}, [("a", 1)]),
+    SelectRow("a gap waits", [("a", 3), ("a", 4)], {"a": 1}, [], out_of_order=2),
+    SelectRow("in order up to the gap", [("a", 2), ("a", 4)], {"a": 1}, [("a", 2)], 0, 1),
+    SelectRow(
+        "agents are independent",
+        [("a", 5), ("b", 1), ("b", 3)],
+        {"a": 4},
+        [("a", 5), ("b", 1)],
+        out_of_order=1,
+    ),
+]
+
+
+@pytest.mark.parametrize("row", SELECT_ROWS, ids=[r.name for r in SELECT_ROWS])
+def test_select(row: SelectRow) -> None:
+    selection = flush.select([report(a, s) for a, s in row.reports], row.applied_through)
+    assert [(r.agent_id, r.sequence) for r in selection.accepted] == row.accepted
+    assert (selection.duplicates, selection.out_of_order) == (row.duplicates, row.out_of_order)
+
+
+@dataclass
+class GroupRow:
+    name: str
+    report_start_ms: int
+    now_ms: int
+    record_window_ms: int | None
+    """Start of the record the usage lands in; None: no record (not billed)."""
+    original_window_ms: int | None = None
+    deployment: str | None = "llm"
+
+
+GROUP_ROWS = [
+    GroupRow("its own window", T0 + 600_000, T0 + 700_000, T0),
+    GroupRow("late but within grace", T0 + 3_590_000, T0 + HOUR + 299_999, T0),
+    GroupRow(
+        "after grace: an adjustment in the current window",
+        T0 + 3_590_000,
+        T0 + HOUR + 300_000,
+        T0 + HOUR,
+        original_window_ms=T0,
+    ),
+    GroupRow("a pod Payper does not manage", T0, T0 + 1_000, None, deployment=None),
+]
+
+
+@pytest.mark.parametrize("row", GROUP_ROWS, ids=[r.name for r in GROUP_ROWS])
+def test_usage_groups_by_deployment_window_and_product(row: GroupRow) -> None:
+    planned = flush.plan(
+        [report("a", 1, row.report_start_ms, row.deployment)], {}, seen(), WINDOWS, row.now_ms
+    )
+    if row.record_window_ms is None:
+        assert dict(planned.changes) == {}
+        assert [(r.agent_id, r.sequence) for r in planned.selection.accepted] == [("a", 1)]
+        return
+    key = RecordKey("team-a", "llm", row.record_window_ms, H100)
+    assert list(planned.changes) == [key]
+    (delta,) = planned.changes[key].usage
+    assert (delta.agent_id, delta.sequence, delta.active_us) == ("a", 1, 1_000)
+    assert delta.original_window_ms == row.original_window_ms
+    assert planned.touched[("a", 1)] == {key}
+
+
+def test_one_report_touching_two_products_touches_two_records() -> None:
+    h100, a100 = report("a", 1), report("a", 1, product="NVIDIA A100")
+    both = h100.model_copy(update={"series": [*h100.series, *a100.series]})
+    planned = flush.plan([both], {}, seen(), WINDOWS, T0 + 1_000)
+    assert {k.product for k in planned.touched[("a", 1)]} == {H100, "NVIDIA-A100"}
+
+
+def _pod(uid: str, scheduled_ms: int | None, gpus: int = 2, node: str = "gpu-node-0") -> PodView:
+    return PodView(f"llm-{uid}", uid, 0, True, None, scheduled_ms, None, node, gpus)
+
+
+@dataclass
+class SpanRow:
+    name: str
+    pods: list[PodView]
+    ended: list[tuple[PodView, int]]
+    now_ms: int
+    spans: dict[tuple[int, str], tuple[int, int]]
+    """(record window start, pod uid) -> (start, end) of the span in that record."""
+    nodes: dict[str, str] = field(default_factory=lambda: {"gpu-node-0": H100})
+
+
+SPAN_ROWS = [
+    SpanRow(
+        "a running pod: scheduled to now",
+        [_pod("u1", T0 + 1_000)],
+        [],
+        T0 + 61_000,
+        {(T0, "u1"): (T0 + 1_000, T0 + 61_000)},
+    ),
+    SpanRow(
+        "across a window boundary: one span per open window",
+        [_pod("u1", T0 + 3_000_000)],
+        [],
+        T0 + HOUR + 60_000,
+        {
+            (T0, "u1"): (T0 + 3_000_000, T0 + HOUR),
+            (T0 + HOUR, "u1"): (T0 + HOUR, T0 + HOUR + 60_000),
+        },
+    ),
+    SpanRow(
+        "a closed window gets nothing",
+        [_pod("u1", T0 + 3_000_000)],
+        [],
+        T0 + HOUR + 300_000,
+        {(T0 + HOUR, "u1"): (T0 + HOUR, T0 + HOUR + 300_000)},
+    ),
+    SpanRow(
+        "an ended pod: scheduled to its end",
+        [],
+        [(_pod("u2", T0 + 10_000), T0 + 20_000)],
+        T0 + 30_000,
+        {(T0, "u2"): (T0 + 10_000, T0 + 20_000)},
+    ),
+    SpanRow("never scheduled: holds no GPU", [_pod("u3", None)], [], T0 + 5_000, {}),
+    SpanRow("no GPUs: nothing provisioned", [_pod("u4", T0, gpus=0)], [], T0 + 5_000, {}),
+]
+
+
+@pytest.mark.parametrize("row", SPAN_ROWS, ids=[r.name for r in SPAN_ROWS])
+def test_provisioned_spans(row: SpanRow) -> None:
+    key = ("team-a", "llm")
+    observations = seen(
+        BillingEvents(ended_pods=[(key, pod, end) for pod, end in row.ended]),
+        {key: {p.uid: p for p in row.pods}},
+        row.nodes,
+    )
+    planned = flush.plan([], {}, observations, WINDOWS, row.now_ms)
+    spans = {
+        (record.window_start_ms, uid): (span.start_ms, span.end_ms)
+        for record, change in planned.changes.items()
+        for uid, span in change.pods.items()
+    }
+    assert spans == row.spans
+    assert all(record.product == H100 for record in planned.changes), "from the pod's node"
+
+
+def test_the_deployment_product_wins_over_the_node_label() -> None:
+    key = ("team-a", "llm")
+    observations = Observations(
+        BillingEvents(requests={key: 3}),
+        {key: {"u1": _pod("u1", T0)}},
+        {key: "NVIDIA-L4"},
+        {"gpu-node-0": H100},
+        {},
+    )
+    planned = flush.plan([], {}, observations, WINDOWS, T0 + 1_000)
+    assert {(k.product, c.requests) for k, c in planned.changes.items()} == {("NVIDIA-L4", 3)}
+
+
+def test_counts_join_the_record_the_usage_opened_this_window() -> None:
+    key = ("team-a", "llm")
+    events = BillingEvents(requests={key: 4}, cold_starts={key: 1})
+    planned = flush.plan([report("a", 1, T0)], {}, seen(events), WINDOWS, T0 + 20_000)
+    (record,) = planned.changes
+    assert record.product == H100
+    change = planned.changes[record]
+    assert (change.requests, change.cold_starts, len(change.usage)) == (4, 1, 1)
+    assert planned.held_requests == {} and planned.held_cold_starts == {}
+
+
+@dataclass
+class AckRow:
+    name: str
+    accepted: list[tuple[str, int]]
+    failed_sequences: set[tuple[str, int]]
+    progress: dict[str, int]
+
+
+ACK_ROWS = [
+    AckRow("all written", [("a", 1), ("a", 2), ("b", 7)], set(), {"a": 2, "b": 7}),
+    AckRow("a failed record stops its report", [("a", 1), ("a", 2)], {("a", 2)}, {"a": 1}),
+    AckRow("and every later one of that agent", [("a", 1), ("a", 2)], {("a", 1)}, {"a": 0}),
+    AckRow("other agents go on", [("a", 1), ("b", 1)], {("a", 1)}, {"a": 0, "b": 1}),
+]
+
+
+@pytest.mark.parametrize("row", ACK_ROWS, ids=[r.name for r in ACK_ROWS])
+def test_acknowledge_only_what_every_record_holds(row: AckRow) -> None:
+    start = {a: min(s for b, s in row.accepted if b == a) - 1 for a, _ in row.accepted}
+    planned = flush.plan([report(a, s) for a, s in row.accepted], start, seen(), WINDOWS, T0)
+    assert [(r.agent_id, r.sequence) for r in planned.selection.accepted] == row.accepted
+    # One record per report, so that a failed write is a failed report.
+    record = {rid: RecordKey("team-a", f"d{i}", T0, H100) for i, rid in enumerate(row.accepted)}
+    planned.touched = {rid: {record[rid]} for rid in row.accepted}
+    failed = {record[rid] for rid in row.failed_sequences}
+    progress = flush.acknowledge(planned, start, failed)
+    assert {a: progress.get(a, 0) for a in row.progress} == row.progress
+
+
+def test_a_shared_record_that_fails_holds_back_every_report_in_it() -> None:
+    planned = flush.plan([report("a", 1), report("b", 1)], {}, seen(), WINDOWS, T0 + 1_000)
+    (shared,) = planned.changes
+    assert flush.acknowledge(planned, {}, {shared}) == {}
+    assert flush.acknowledge(planned, {}, set()) == {"a": 1, "b": 1}
+
+
+def test_records_close_after_their_window_and_grace() -> None:
+    starts = {"old": T0 - HOUR, "grace": T0, "open": T0 + HOUR}
+    assert flush.closing(starts, WINDOWS, T0 + HOUR + 299_999) == ["old"]
+    assert flush.closing(starts, WINDOWS, T0 + HOUR + 300_000) == ["old", "grace"]
