@@ -13,7 +13,8 @@ CRDS_DIRS ?= crds charts/payper/crds
 DASHBOARDS_DIR ?= charts/payper/dashboards
 
 .PHONY: help venv binaries cluster-up cluster-down cluster-status crds crds-check \
-        dashboards dashboards-check docs docs-check generated generated-check \
+        dashboards dashboards-check docs docs-check chart-schema chart-schema-check \
+        generated generated-check \
         lint format test test-deps test-unit test-integration demo images clean \
         bench-deps
 
@@ -75,8 +76,15 @@ docs: venv
 docs-check: venv
 	$(PAYPER_DEV) config-reference --check --out docs/configuration.md
 
-generated: crds dashboards docs
-generated-check: crds-check dashboards-check docs-check
+# The chart's values.schema.json: the operator's part generated from its models.
+chart-schema: venv
+	$(PAYPER_DEV) chart-schema --chart charts/payper
+
+chart-schema-check: venv
+	$(PAYPER_DEV) chart-schema --check --chart charts/payper
+
+generated: crds dashboards docs chart-schema
+generated-check: crds-check dashboards-check docs-check chart-schema-check
 
 lint: venv
 	$(BIN)/ruff check .
@@ -95,7 +103,7 @@ define run_tier
 	exit $$rc
 endef
 
-test-unit: venv
+test-unit: binaries
 	$(call run_tier,tests/unit)
 
 test-integration: binaries

@@ -1,4 +1,4 @@
-"""Benchmark: how long `payper cluster up` takes with a warm binary cache.
+"""Benchmark: how long `payper-dev cluster up` takes with a warm binary cache.
 
 Starts and stops a local cluster several times in a scratch directory and reports, per
 phase, the median and worst time from the start of `up` (etcd healthy, API server ready,

@@ -1,9 +1,9 @@
 """The ``payper-dev`` command line: Payper's development tooling, never shipped.
 
 The local cluster (``cluster build/up/down/status``), the demo, and the generated files
-(``crds``, ``dashboards``, ``config-reference``, each with ``--check`` for drift). Each
-sub-command is a thin shell over a library function, so tests and the Makefile exercise
-the same code a developer runs.
+(``crds``, ``dashboards``, ``config-reference``, ``chart-schema``, each with ``--check``
+for drift). Each sub-command is a thin shell over a library function, so tests and the
+Makefile exercise the same code a developer runs.
 """
 
 from __future__ import annotations
@@ -120,6 +120,23 @@ def _config_reference(args: argparse.Namespace) -> int:
         return 1
 
 
+def _chart_schema(args: argparse.Namespace) -> int:
+    from payper_dev import chart_schema
+
+    chart = Path(args.chart)
+    try:
+        return _generated(
+            chart / chart_schema.SCHEMA_FILE,
+            args.check,
+            lambda: chart_schema.drift(chart),
+            lambda: [chart_schema.write(chart)],
+            "make chart-schema",
+        )
+    except chart_schema.SchemaMergeError as error:
+        print(f"payper-dev: {error}", file=sys.stderr)
+        return 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from payper_dev import demo
 
@@ -172,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--out", default="docs/configuration.md")
     reference.add_argument("--check", action="store_true", help="fail if the file is stale")
     reference.set_defaults(func=_config_reference)
+
+    schema = commands.add_parser(
+        "chart-schema",
+        help="write (or --check) the chart's values.schema.json from the operator's models",
+    )
+    schema.add_argument("--chart", default="charts/payper", help="chart directory")
+    schema.add_argument("--check", action="store_true", help="fail if the file is stale")
+    schema.set_defaults(func=_chart_schema)
 
     demo = commands.add_parser("demo", help="Payper end to end on a local cluster, narrated")
     demo.add_argument("--keep", action="store_true", help="leave it running afterwards")

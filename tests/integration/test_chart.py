@@ -1,19 +1,11 @@
-"""The Helm chart: lint, render, server-side validation, policy, install/upgrade/uninstall, RBAC.
+"""The Helm chart on a cluster: server-side validation, install/upgrade/uninstall, RBAC.
 
-Policy check: kube-score on the default rendering must report nothing CRITICAL, and only
-these WARNINGs, each accepted on purpose (docs/security.md):
-
-- no egress NetworkPolicy: the components talk to the API server and to pods whose
-  addresses differ per cluster; ingress is restricted;
-- the operator's Recreate strategy and single replica: exactly one active operator
-  (its Lease handles the rest);
-and, by annotation on the agent DaemonSet, its root user (hostPID and /proc access).
-``container-image-pull-policy`` is ignored: images are pinned to version tags.
+What ``helm template`` alone can check (lint, the values schema, rendering, the kube-score
+policy) runs in the unit tier: tests/unit/test_chart_values.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -26,11 +18,6 @@ from payper_dev.cluster import binaries
 from payper_dev.testing.cluster import ClusterHandle, eventually
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "payper"
-ACCEPTED_WARNINGS = (
-    "The pod does not have a matching egress NetworkPolicy",
-    "Deployment update strategy",
-    "Deployment few replicas",
-)
 
 
 def helm(
@@ -43,16 +30,6 @@ def helm(
     if check and result.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)}: {result.stderr}")
     return result
-
-
-def render(*args: str) -> list[dict[str, Any]]:
-    out = helm(None, "template", "t", str(CHART), "-n", "payper-system", *args).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
-def test_helm_lint() -> None:
-    result = helm(None, "lint", "--strict", str(CHART))
-    assert "0 chart(s) failed" in result.stdout
 
 
 @pytest.mark.parametrize("values", sorted(p.name for p in (CHART / "ci").glob("*-values.yaml")))
@@ -85,106 +62,6 @@ def test_every_ci_rendering_passes_strict_server_validation(
     )
     assert result.returncode == 0, result.stderr
     assert "created (server dry run)" in result.stdout
-
-
-def test_values_schema_rejects_unknown_and_mistyped_values() -> None:
-    for args, message in (
-        (["--set", "bogus=1"], "additional properties 'bogus' not allowed"),
-        (["--set", "gateway.replicas=two"], "/gateway/replicas"),
-        (["--set", "agent.nvmlApi=v3"], "/agent/nvmlApi"),
-        (
-            ["--set", "operator.billing.plans.default.pricePerGpuSecond.default=cheap"],
-            "pricePerGpuSecond",
-        ),
-        (["--set", "operator.billing.plans.default.granularity=1h"], "granularity"),
-    ):
-        result = helm(None, "template", "t", str(CHART), *args, check=False)
-        assert result.returncode != 0
-        assert message in result.stderr, result.stderr
-
-
-def test_kube_score_finds_nothing_but_the_accepted_exceptions(tmp_path: Path) -> None:
-    rendered = tmp_path / "default.yaml"
-    rendered.write_text(helm(None, "template", "t", str(CHART), "-n", "payper-system").stdout)
-    result = subprocess.run(
-        [
-            binaries.binary("kube-score"),
-            "score",
-            str(rendered),
-            "--ignore-test",
-            "container-image-pull-policy",
-            "--output-format",
-            "ci",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    lines = result.stdout.splitlines()
-    assert not [line for line in lines if line.startswith("[CRITICAL]")], result.stdout
-    warnings = [line for line in lines if line.startswith("[WARNING]")]
-    assert all(any(w in line for w in ACCEPTED_WARNINGS) for line in warnings), warnings
-    assert result.returncode == 0
-
-
-def test_monitors_render_only_where_the_prometheus_operator_api_exists() -> None:
-    without = {d["kind"] for d in render()}
-    assert not {"ServiceMonitor", "PodMonitor"} & without
-    docs = render(
-        "--api-versions",
-        "monitoring.coreos.com/v1/ServiceMonitor",
-        "--api-versions",
-        "monitoring.coreos.com/v1/PodMonitor",
-        "--set",
-        "monitoring.serviceMonitor.labels.release=kube-prometheus",
-    )
-    monitors = [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")]
-    assert sorted(d["kind"] for d in monitors) == ["PodMonitor", "ServiceMonitor", "ServiceMonitor"]
-    service_monitors = [d for d in monitors if d["kind"] == "ServiceMonitor"]
-    assert all(d["metadata"]["labels"]["release"] == "kube-prometheus" for d in service_monitors)
-
-
-def test_dashboards_ship_with_the_sidecar_label() -> None:
-    (config_map,) = [
-        d
-        for d in render("--set", "dashboards.label=my_label")
-        if d["metadata"]["name"].endswith("dashboards")
-    ]
-    assert config_map["metadata"]["labels"]["my_label"] == "1"
-    board = json.loads(config_map["data"]["payper-billing.json"])
-    assert board["uid"] == "payper-billing"
-    assert [v["name"] for v in board["templating"]["list"]] == [
-        "datasource",
-        "namespace",
-        "deployment",
-    ]
-
-
-def test_restricted_security_context_except_the_agent() -> None:
-    docs = {d["metadata"]["name"]: d for d in render() if d["kind"] in ("Deployment", "DaemonSet")}
-    for name in ("t-payper-operator", "t-payper-gateway"):
-        pod = docs[name]["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True
-        (container,) = pod["containers"]
-        security = container["securityContext"]
-        assert security["allowPrivilegeEscalation"] is False
-        assert security["capabilities"]["drop"] == ["ALL"]
-        assert security["seccompProfile"]["type"] == "RuntimeDefault"
-    operator = docs["t-payper-operator"]["spec"]
-    assert operator["replicas"] == 1
-    assert operator["strategy"]["type"] == "Recreate"
-    agent = docs["t-payper-agent"]["spec"]["template"]["spec"]
-    assert agent["hostPID"] is True
-    assert agent["priorityClassName"] == "system-node-critical"
-    assert agent["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    (container,) = agent["containers"]
-    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"} in container["env"]
-    assert "resources" in container
-    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
-    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert mounts["/var/lib/kubelet/pod-resources"]["readOnly"] is True
-    token = next(v for v in agent["volumes"] if v["name"] == "operator-token")
-    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "payper-operator"
 
 
 def _pods(cluster: ClusterHandle, namespace: str, component: str) -> list[dict[str, Any]]:

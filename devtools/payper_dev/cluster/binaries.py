@@ -90,7 +90,7 @@ def binary(name: str) -> str:
     directory = find_bin_dir()
     if directory is None:
         raise BuildError(
-            f"{name} is not built yet: run `payper cluster build` (or `make binaries`) "
+            f"{name} is not built yet: run `payper-dev cluster build` (or `make binaries`) "
             "once, or set PAYPER_K8S_BIN to a directory with release binaries"
         )
     return str(directory / name)

@@ -1,9 +1,9 @@
 """A real Kubernetes control plane on loopback, for tests, the demo and benchmarks.
 
-``payper cluster up`` starts etcd, kube-apiserver, kube-controller-manager,
+``payper-dev cluster up`` starts etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and kwok as detached processes of one *cluster directory* (default
 ``build/cluster``), registers fake GPU nodes, and waits until the API server is ready,
-the nodes are Ready and the default ServiceAccount exists. ``payper cluster down``
+the nodes are Ready and the default ServiceAccount exists. ``payper-dev cluster down``
 stops every process it started (checked by PID and command line, so a recycled PID is
 never killed) and nothing is left running. The pytest session fixture uses the same
 class, in a directory of its own, so tests never disturb a developer's cluster.

@@ -13,9 +13,26 @@ from pydantic import Field, field_validator
 from payper.api.common import ApiModel, DnsLabel, ShortString
 from payper.billing.pricing import Plan, default_plans
 
+DAY_SECONDS = 86400
+WINDOW_STEP_SECONDS = 10
+"""Agents cut reports on 10 s boundaries: a window of whole steps never splits a report."""
+WINDOW_LENGTHS = tuple(
+    seconds
+    for seconds in range(WINDOW_STEP_SECONDS, DAY_SECONDS + 1, WINDOW_STEP_SECONDS)
+    if DAY_SECONDS % seconds == 0
+)
+"""Every allowed window length: whole steps that tile each UTC day exactly."""
+
+WindowSeconds = Annotated[
+    int,
+    Field(ge=WINDOW_STEP_SECONDS, le=DAY_SECONDS, json_schema_extra={"enum": list(WINDOW_LENGTHS)}),
+]
+"""Checked by ``BillingConfig`` (with its message); the JSON Schema lists the lengths, so the
+chart's values.schema.json refuses what the operator would refuse."""
+
 
 class BillingConfig(ApiModel):
-    window_seconds: Annotated[int, Field(ge=10, le=86400)] = 3600
+    window_seconds: WindowSeconds = 3600
     """One BillingRecord per deployment (and GPU product) per window."""
     grace_seconds: Annotated[int, Field(ge=0, le=86400)] = 300
     """A record becomes Final this long after its window ends; later usage is an adjustment."""
@@ -28,7 +45,7 @@ class BillingConfig(ApiModel):
     @field_validator("window_seconds")
     @classmethod
     def _window(cls, value: int) -> int:
-        if value % 10 or 86400 % value:
+        if value not in WINDOW_LENGTHS:
             raise ValueError(
                 "must be a multiple of 10 s that divides a day (agents report every 10 s)"
             )

@@ -5,9 +5,10 @@ arrived, the operator's drained observations, the GPU product labels of nodes it
 seen), lets the pure core ``payper.billing.flush`` decide (which reports apply, per
 agent only the next ones in sequence; how their usage groups by record, deployment x
 window x GPU product; what each record gains; which counts wait), and writes each
-touched record once, with optimistic concurrency on its resourceVersion. The totals and the per-agent last applied sequence go in the same
-update (``payper.billing.records.apply``), so a crash, a retry or a second writer can
-neither lose nor repeat a report's usage in any record.
+touched record once, with optimistic concurrency on its resourceVersion. The totals and
+the per-agent last applied sequence go in the same update
+(``payper.billing.records.apply``), so a crash, a retry or a second writer can neither
+lose nor repeat a report's usage in any record.
 
 Only after the records are written does the ledger advance, per agent, the sequence
 through which reports are applied *everywhere* (kept in one ConfigMap, one write per

@@ -48,7 +48,11 @@ def money(value: Decimal) -> str:
     return format(value.quantize(QUANTUM, rounding=ROUND_HALF_UP), "f")
 
 
-PriceTable = Annotated[dict[str, DecimalString], Field(min_length=1)]
+PriceTable = Annotated[
+    dict[str, DecimalString],
+    Field(min_length=1, json_schema_extra={"required": [DEFAULT_PRODUCT]}),
+]
+"""The "default" entry is checked by ``Plan`` (with its message) and required by the schema."""
 
 
 class Plan(ApiModel):

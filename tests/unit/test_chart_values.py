@@ -1,0 +1,389 @@
+"""The chart checked by ``helm template`` alone: values, schema, rendering and policy.
+
+None of this needs a cluster, so it runs in the unit tier. The heart of it: helm must
+refuse exactly the operator settings the operator would refuse at start-up, naming the
+key, because ``values.schema.json`` is generated from the operator's models
+(``make chart-schema``). Values helm accepts render a config file the operator loads.
+
+Policy check: kube-score on the default rendering must report nothing CRITICAL, and only
+these WARNINGs, each accepted on purpose (docs/security.md):
+
+- no egress NetworkPolicy: the components talk to the API server and to pods whose
+  addresses differ per cluster; ingress is restricted;
+- the operator's Recreate strategy and single replica: exactly one active operator
+  (its Lease handles the rest);
+and, by annotation on the agent DaemonSet, its root user (hostPID and /proc access).
+``container-image-pull-policy`` is ignored: images are pinned to version tags.
+
+helm and kube-score come from ``make binaries`` (``make test-unit`` builds them first);
+where they are missing these tests fail saying so, never skip quietly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+import yaml
+from pydantic import Field, ValidationError
+
+from payper.api.common import DECIMAL_PATTERN
+from payper.billing.config import WINDOW_LENGTHS
+from payper.operator.config import AutoscalerConfig, OperatorConfig, load
+from payper_dev import chart_schema
+from payper_dev.cluster import binaries
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "payper"
+ACCEPTED_WARNINGS = (
+    "The pod does not have a matching egress NetworkPolicy",
+    "Deployment update strategy",
+    "Deployment few replicas",
+)
+GOLD_PLAN = {"pricePerGpuSecond": {"default": "0.1"}, "reservedPricePerGpuHour": {"default": "1"}}
+
+
+def tool(name: str) -> str:
+    try:
+        return binaries.binary(name)
+    except binaries.BuildError as error:
+        raise AssertionError(f"needs {name}: run `make binaries` first ({error})") from error
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [tool("helm"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}: {result.stderr}")
+    return result
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    out = helm("template", "t", str(CHART), "-n", "payper-system", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def values_file(tmp_path: Path, operator: dict[str, Any]) -> str:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"operator": operator}))
+    return str(path)
+
+
+def merged(defaults: Any, overrides: Any) -> Any:
+    """``overrides`` over ``defaults``, maps merged key by key, as Helm merges values."""
+    if not (isinstance(defaults, dict) and isinstance(overrides, dict)):
+        return overrides
+    out = dict(defaults)
+    for key, value in overrides.items():
+        out[key] = merged(defaults[key], value) if key in defaults else value
+    return out
+
+
+def operator_settings(operator: dict[str, Any]) -> dict[str, Any]:
+    """What the operator would be given for ``operator`` values, were helm not to check."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]
+    return {
+        section: merged(defaults[section], operator.get(section, {}))
+        for section in chart_schema.FROM_THE_MODEL
+    }
+
+
+def operator_config_file(tmp_path: Path, *args: str) -> Path:
+    """The operator's config file as the chart renders it with ``args``."""
+    (config_map,) = render("-s", "templates/operator-configmap.yaml", *args)
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    return path
+
+
+# -- the schema generator ---------------------------------------------------------------
+
+
+def test_checked_in_schema_matches_the_models() -> None:
+    assert chart_schema.drift(CHART) == ""
+
+
+def test_operator_part_speaks_the_wire_names_and_the_models_constraints() -> None:
+    sections = chart_schema.operator_sections()
+    billing = sections["billing"]["properties"]
+    assert "windowSeconds" in billing and "window_seconds" not in billing
+    assert "ledgerConfigMap" not in billing, "the chart's template sets it"
+    assert billing["windowSeconds"]["enum"] == list(WINDOW_LENGTHS)
+    plan = billing["plans"]["additionalProperties"]
+    price = plan["properties"]["pricePerGpuSecond"]
+    assert price["additionalProperties"]["pattern"] == DECIMAL_PATTERN
+    assert price["required"] == ["default"]
+    assert "patternProperties" not in billing["plans"], "plan names are closed"
+    assert "tickSeconds" in sections["autoscaler"]["properties"]
+
+
+def test_drift_is_reported_when_a_model_constraint_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class StricterAutoscaler(AutoscalerConfig):
+        tick_seconds: Annotated[float, Field(ge=0.5, le=10)] = 1.0
+
+    class ChangedConfig(OperatorConfig):
+        autoscaler: StricterAutoscaler = Field(default_factory=StricterAutoscaler)
+
+    monkeypatch.setattr(chart_schema, "OperatorConfig", ChangedConfig)
+    problems = chart_schema.drift(CHART)
+    assert '+              "minimum": 0.5,' in problems
+    assert '-              "minimum": 0.1,' in problems
+
+
+def test_a_base_that_hand_writes_a_generated_section_is_an_error(tmp_path: Path) -> None:
+    base = json.loads((CHART / chart_schema.BASE_FILE).read_text())
+    base["properties"]["operator"]["properties"]["billing"] = {"type": "object"}
+    (tmp_path / chart_schema.BASE_FILE).write_text(json.dumps(base))
+    with pytest.raises(chart_schema.SchemaMergeError, match=r"operator\.billing"):
+        chart_schema.render(tmp_path)
+
+
+# -- helm refuses what the operator refuses, and only that -------------------------------
+
+
+@pytest.mark.parametrize("values", sorted(p.name for p in (CHART / "ci").glob("*-values.yaml")))
+def test_ci_values_render_a_config_the_operator_loads(tmp_path: Path, values: str) -> None:
+    given = yaml.safe_load((CHART / "ci" / values).read_text()) or {}
+    config = load(operator_config_file(tmp_path, "-f", str(CHART / "ci" / values)))
+    billing = given.get("operator", {}).get("billing", {})
+    assert config.billing.window_seconds == billing.get("windowSeconds", 3600)
+    assert sorted(config.billing.plans) == sorted(billing.get("plans", {"default": None}))
+
+
+REFUSED = {
+    "window-15s": ({"billing": {"windowSeconds": 15}}, "'/operator/billing/windowSeconds'"),
+    "window-70s": ({"billing": {"windowSeconds": 70}}, "'/operator/billing/windowSeconds'"),
+    "window-two-days": (
+        {"billing": {"windowSeconds": 172800}},
+        "'/operator/billing/windowSeconds'",
+    ),
+    "price-13-decimals": (
+        {"billing": {"plans": {"default": {"pricePerGpuSecond": {"default": "0.0000000000001"}}}}},
+        "'/operator/billing/plans/default/pricePerGpuSecond/default'",
+    ),
+    "price-19-digits": (
+        {"billing": {"plans": {"default": {"reservedPricePerGpuHour": {"default": "1" * 19}}}}},
+        "'/operator/billing/plans/default/reservedPricePerGpuHour/default'",
+    ),
+    "price-as-a-number": (
+        {"billing": {"plans": {"default": {"pricePerGpuSecond": {"default": 0.5}}}}},
+        "'/operator/billing/plans/default/pricePerGpuSecond/default'",
+    ),
+    "price-table-without-default": (
+        {"billing": {"plans": {"gold": {**GOLD_PLAN, "pricePerGpuSecond": {"H100": "1"}}}}},
+        "'/operator/billing/plans/gold/pricePerGpuSecond': missing property 'default'",
+    ),
+    "plan-without-reserved-price": (
+        {"billing": {"plans": {"gold": {"pricePerGpuSecond": {"default": "1"}}}}},
+        "missing property 'reservedPricePerGpuHour'",
+    ),
+    "plan-name-not-a-dns-label": (
+        {"billing": {"plans": {"Gold_Plan": GOLD_PLAN}}},
+        "'Gold_Plan' does not match pattern",
+    ),
+    "currency-lowercase": (
+        {"billing": {"plans": {"gold": {**GOLD_PLAN, "currency": "usd"}}}},
+        "'/operator/billing/plans/gold/currency'",
+    ),
+    "granularity-1h": (
+        {"billing": {"plans": {"gold": {**GOLD_PLAN, "granularity": "1h"}}}},
+        "'/operator/billing/plans/gold/granularity'",
+    ),
+    "unknown-billing-key": (
+        {"billing": {"windowSecond": 3600}},
+        "'/operator/billing': additional properties 'windowSecond' not allowed",
+    ),
+    "unknown-autoscaler-key": (
+        {"autoscaler": {"tick": 1}},
+        "'/operator/autoscaler': additional properties 'tick' not allowed",
+    ),
+    "unknown-plan-key": (
+        {"billing": {"plans": {"gold": {**GOLD_PLAN, "discount": "0.1"}}}},
+        "additional properties 'discount' not allowed",
+    ),
+    "tick-too-short": ({"autoscaler": {"tickSeconds": 0.05}}, "'/operator/autoscaler/tickSeconds'"),
+    "panic-window-fraction": (
+        {"autoscaler": {"panicWindowSeconds": 2.5}},
+        "'/operator/autoscaler/panicWindowSeconds'",
+    ),
+    "flush-too-long": (
+        {"billing": {"flushIntervalSeconds": 301}},
+        "'/operator/billing/flushIntervalSeconds'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("operator", "names_the_key"), REFUSED.values(), ids=REFUSED.keys())
+def test_helm_refuses_what_the_operator_refuses_naming_the_key(
+    tmp_path: Path, operator: dict[str, Any], names_the_key: str
+) -> None:
+    with pytest.raises(ValidationError) as refusal:
+        OperatorConfig.model_validate(operator_settings(operator))
+    (problem,) = refusal.value.errors()  # refused for this key, not for another reason
+    key = [str(part) for part in problem["loc"] if part != "[key]"][-1]
+    result = helm("template", "t", str(CHART), "-f", values_file(tmp_path, operator), check=False)
+    assert result.returncode != 0
+    assert names_the_key in result.stderr, result.stderr
+    assert key in result.stderr, (key, result.stderr)
+
+
+ACCEPTED = {
+    "shortest-window": ({"billing": {"windowSeconds": 10}}, "billing.window_seconds", 10),
+    "a-day-long-window": ({"billing": {"windowSeconds": 86400}}, "billing.window_seconds", 86400),
+    "window-that-divides-a-day": (
+        {"billing": {"windowSeconds": 1350}},
+        "billing.window_seconds",
+        1350,
+    ),
+    "price-12-decimals": (
+        {"billing": {"plans": {"default": {"pricePerGpuSecond": {"default": "0.000000000001"}}}}},
+        "billing.plans.default.price_per_gpu_second.default",
+        "0.000000000001",
+    ),
+    "price-18-digits": (
+        {"billing": {"plans": {"gold": {**GOLD_PLAN, "pricePerGpuSecond": {"default": "9" * 18}}}}},
+        "billing.plans.gold.price_per_gpu_second.default",
+        "9" * 18,
+    ),
+    "shortest-tick": ({"autoscaler": {"tickSeconds": 0.1}}, "autoscaler.tick_seconds", 0.1),
+}
+
+
+@pytest.mark.parametrize(
+    ("operator", "attribute", "wanted"), ACCEPTED.values(), ids=ACCEPTED.keys()
+)
+def test_values_helm_accepts_render_a_config_the_operator_loads(
+    tmp_path: Path, operator: dict[str, Any], attribute: str, wanted: object
+) -> None:
+    config: Any = load(operator_config_file(tmp_path, "-f", values_file(tmp_path, operator)))
+    for part in attribute.split("."):
+        config = config[part] if isinstance(config, dict) else getattr(config, part)
+    assert config == wanted
+
+
+def test_keys_the_chart_sets_itself_are_refused() -> None:
+    result = helm(
+        "template", "t", str(CHART), "--set", "operator.billing.ledgerConfigMap=x", check=False
+    )
+    assert result.returncode != 0
+    assert "additional properties 'ledgerConfigMap' not allowed" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("section", ["autoscaler", "billing"])
+def test_a_null_section_is_refused_naming_it(section: str) -> None:
+    # A null passes Helm's schema check (it means "drop the key"); the template refuses it.
+    result = helm("template", "t", str(CHART), "--set", f"operator.{section}=null", check=False)
+    assert result.returncode != 0
+    assert f"operator.{section}: must be a map of settings, not null" in result.stderr
+
+
+# -- the rest of the chart: lint, schema, rendering, policy ------------------------------
+
+
+def test_helm_lint() -> None:
+    result = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_values_schema_rejects_unknown_and_mistyped_values() -> None:
+    for args, message in (
+        (["--set", "bogus=1"], "additional properties 'bogus' not allowed"),
+        (["--set", "gateway.replicas=two"], "/gateway/replicas"),
+        (["--set", "agent.nvmlApi=v3"], "/agent/nvmlApi"),
+        (
+            ["--set", "operator.billing.plans.default.pricePerGpuSecond.default=cheap"],
+            "pricePerGpuSecond",
+        ),
+        (["--set", "operator.billing.plans.default.granularity=1h"], "granularity"),
+    ):
+        result = helm("template", "t", str(CHART), *args, check=False)
+        assert result.returncode != 0
+        assert message in result.stderr, result.stderr
+
+
+def test_kube_score_finds_nothing_but_the_accepted_exceptions(tmp_path: Path) -> None:
+    rendered = tmp_path / "default.yaml"
+    rendered.write_text(helm("template", "t", str(CHART), "-n", "payper-system").stdout)
+    result = subprocess.run(
+        [
+            tool("kube-score"),
+            "score",
+            str(rendered),
+            "--ignore-test",
+            "container-image-pull-policy",
+            "--output-format",
+            "ci",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = result.stdout.splitlines()
+    assert not [line for line in lines if line.startswith("[CRITICAL]")], result.stdout
+    warnings = [line for line in lines if line.startswith("[WARNING]")]
+    assert all(any(w in line for w in ACCEPTED_WARNINGS) for line in warnings), warnings
+    assert result.returncode == 0
+
+
+def test_monitors_render_only_where_the_prometheus_operator_api_exists() -> None:
+    without = {d["kind"] for d in render()}
+    assert not {"ServiceMonitor", "PodMonitor"} & without
+    docs = render(
+        "--api-versions",
+        "monitoring.coreos.com/v1/ServiceMonitor",
+        "--api-versions",
+        "monitoring.coreos.com/v1/PodMonitor",
+        "--set",
+        "monitoring.serviceMonitor.labels.release=kube-prometheus",
+    )
+    monitors = [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")]
+    assert sorted(d["kind"] for d in monitors) == ["PodMonitor", "ServiceMonitor", "ServiceMonitor"]
+    service_monitors = [d for d in monitors if d["kind"] == "ServiceMonitor"]
+    assert all(d["metadata"]["labels"]["release"] == "kube-prometheus" for d in service_monitors)
+
+
+def test_dashboards_ship_with_the_sidecar_label() -> None:
+    (config_map,) = [
+        d
+        for d in render("--set", "dashboards.label=my_label")
+        if d["metadata"]["name"].endswith("dashboards")
+    ]
+    assert config_map["metadata"]["labels"]["my_label"] == "1"
+    board = json.loads(config_map["data"]["payper-billing.json"])
+    assert board["uid"] == "payper-billing"
+    assert [v["name"] for v in board["templating"]["list"]] == [
+        "datasource",
+        "namespace",
+        "deployment",
+    ]
+
+
+def test_restricted_security_context_except_the_agent() -> None:
+    docs = {d["metadata"]["name"]: d for d in render() if d["kind"] in ("Deployment", "DaemonSet")}
+    for name in ("t-payper-operator", "t-payper-gateway"):
+        pod = docs[name]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        (container,) = pod["containers"]
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert security["seccompProfile"]["type"] == "RuntimeDefault"
+    operator = docs["t-payper-operator"]["spec"]
+    assert operator["replicas"] == 1
+    assert operator["strategy"]["type"] == "Recreate"
+    agent = docs["t-payper-agent"]["spec"]["template"]["spec"]
+    assert agent["hostPID"] is True
+    assert agent["priorityClassName"] == "system-node-critical"
+    assert agent["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    (container,) = agent["containers"]
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"} in container["env"]
+    assert "resources" in container
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/var/lib/kubelet/pod-resources"]["readOnly"] is True
+    token = next(v for v in agent["volumes"] if v["name"] == "operator-token")
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "payper-operator"
