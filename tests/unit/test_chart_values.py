@@ -385,5 +385,8 @@ def test_restricted_security_context_except_the_agent() -> None:
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/var/lib/kubelet/pod-resources"]["readOnly"] is True
+    volumes = {v["name"]: v for v in agent["volumes"]}
+    # A node without the kubelet's pod-resources directory still runs the agent.
+    assert volumes["pod-resources"]["hostPath"]["type"] == "DirectoryOrCreate"
     token = next(v for v in agent["volumes"] if v["name"] == "operator-token")
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "payper-operator"
