@@ -1,7 +1,12 @@
 """Wall-clock time as integer milliseconds, and its RFC 3339 form on the Kubernetes API.
 
-Payper keeps time as integer milliseconds everywhere; these are the one clock and the
-only conversions to and from the API's timestamps (whole seconds, UTC, ``Z``).
+Every time Payper records, reports or bills (usage, windows, spans, cold starts, the
+demand it sends) is integer milliseconds; these are the one wall clock and the only
+conversions to and from the API's timestamps (whole seconds, UTC, ``Z``). Deadlines and
+timeouts inside one process (the gateway's hold queue and upstream connects) stay on
+asyncio's monotonic clock in float seconds, its own unit: they are never stored, sent or
+billed, and what leaves the process from them (``X-Payper-Cold-Start-Ms``, demand
+snapshots) is converted to integer milliseconds there.
 """
 
 from __future__ import annotations
