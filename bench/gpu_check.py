@@ -126,7 +126,7 @@ def run_scenario(name: str, busy_ms: int, period_ms: int, seconds: float) -> dic
             "measured_ms": round(measured_ms, 1),
             "ratio": round(measured_ms / truth["kernel_ms"], 4) if truth["kernel_ms"] else None,
             "bursts": series.bursts if series else 0,
-            "rounded_ms": series.rounded_ms if series else {},
+            "rounded_ms": series.rounded_ms.to_wire() if series else {},
             "first_samples_pid_util_dt_us": raw[api][:12],
             "errors": errors[api][:5],
         }

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
-from payper.api.billing_record import GRANULARITY_MS
+from payper.api.billing_record import GRANULARITY_MS, RoundedMs
 from payper_agent.backends import Backend, Gpu, ProcessSample, Unmetered
 
 
@@ -77,13 +77,11 @@ class Series:
     burst_x100: int = 0
     in_burst: bool = False
     active_now: bool = False
-    rounded_ms: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRANULARITY_MS, 0))
+    rounded_ms: RoundedMs = field(default_factory=RoundedMs)
     """Rounded time of closed bursts not yet reported."""
     bursts: int = 0
     idle_polls: int = 0
-    reported_rounded_ms: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(GRANULARITY_MS, 0)
-    )
+    reported_rounded_ms: RoundedMs = field(default_factory=RoundedMs)
     """Cumulative rounded time already reported (for audits: the agent's own totals)."""
     reported_bursts: int = 0
 
@@ -105,8 +103,12 @@ class Series:
 
     def close_burst(self) -> None:
         burst_us = self.burst_x100 // 100
-        for name, granularity in GRANULARITY_MS.items():
-            self.rounded_ms[name] += round_up_ms(burst_us, granularity)
+        self.rounded_ms += RoundedMs.model_validate(
+            {
+                name: round_up_ms(burst_us, granularity)
+                for name, granularity in GRANULARITY_MS.items()
+            }
+        )
         self.bursts += 1
         self.burst_x100 = 0
         self.in_burst = False
@@ -237,9 +239,9 @@ def snapshot(meter: Meter) -> dict[str, Any]:
                 "reportedUs": s.reported_us,
                 "burstX100": s.burst_x100,
                 "inBurst": s.in_burst,
-                "roundedMs": dict(s.rounded_ms),
+                "roundedMs": s.rounded_ms.to_wire(),
                 "bursts": s.bursts,
-                "reportedRoundedMs": dict(s.reported_rounded_ms),
+                "reportedRoundedMs": s.reported_rounded_ms.to_wire(),
                 "reportedBursts": s.reported_bursts,
             }
             for s in meter.series.values()
@@ -262,11 +264,9 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             reported_us=int(item["reportedUs"]),
             burst_x100=int(item["burstX100"]),
             in_burst=bool(item["inBurst"]),
-            rounded_ms={k: int(item["roundedMs"][k]) for k in GRANULARITY_MS},
+            rounded_ms=RoundedMs.model_validate(item["roundedMs"]),
             bursts=int(item["bursts"]),
-            reported_rounded_ms={
-                k: int(item.get("reportedRoundedMs", {}).get(k, 0)) for k in GRANULARITY_MS
-            },
+            reported_rounded_ms=RoundedMs.model_validate(item.get("reportedRoundedMs", {})),
             reported_bursts=int(item.get("reportedBursts", 0)),
         )
         meter.series[series.key] = series

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from payper.api.billing_record import GRANULARITY_MS
 from payper.api.common import field_errors
 from payper_agent.backends import Gpu
 from payper_agent.meter import KnownPids, Meter, SeriesIdentity
@@ -127,7 +126,7 @@ def run(scenario: Scenario) -> dict[str, Any]:
                 "gpu": series.gpu,
                 "activeMs": _ms(series.total_x100),
                 "bursts": series.bursts,
-                "roundedMs": {name: series.rounded_ms[name] for name in GRANULARITY_MS},
+                "roundedMs": series.rounded_ms.to_wire(),
             }
         )
     return {"containers": containers, "unattributedMs": _ms(meter.unattributed_x100)}

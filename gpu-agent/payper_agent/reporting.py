@@ -33,15 +33,14 @@ def cut(
                 gpu_product=series.product,
                 inference_deployment=identity.inference_deployment,
                 active_us=active_us,
-                rounded_ms=RoundedMs.model_validate(series.rounded_ms),
+                rounded_ms=series.rounded_ms,
                 bursts=series.bursts,
             )
         )
         series.reported_us += active_us
-        for name, value in series.rounded_ms.items():
-            series.reported_rounded_ms[name] += value
+        series.reported_rounded_ms += series.rounded_ms
         series.reported_bursts += series.bursts
-        series.rounded_ms = dict.fromkeys(series.rounded_ms, 0)
+        series.rounded_ms = RoundedMs()
         series.bursts = 0
     unattributed_us = meter.unattributed_x100 // 100 - meter.unattributed_reported_us
     meter.unattributed_reported_us += unattributed_us
