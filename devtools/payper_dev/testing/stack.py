@@ -106,6 +106,8 @@ class StackOptions:
     """Run the pod runner as a process of its own (outlives this one), not a thread."""
     tls: bool = False
     """Serve the operator's API over TLS (a fresh CA), as the chart does."""
+    python: str = sys.executable
+    """The interpreter of the operator (another virtualenv's, to compare two builds)."""
 
 
 class Stack:
@@ -251,7 +253,7 @@ class Stack:
         process = Process(
             "operator",
             [
-                sys.executable,
+                self.options.python,
                 "-m",
                 "payper.operator.main",
                 "--config",
