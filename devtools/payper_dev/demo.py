@@ -238,7 +238,9 @@ def run(keep: bool) -> int:
         for namespace in TENANTS:
             handle.kubectl("create", "namespace", namespace, check=False)
         handle.apply_items(deployments())
-        time.sleep(2)
+        handle.kubectl(
+            "wait", "infd", "--all", "-A", "--for=condition=ScaledToZero", "--timeout=60s"
+        )
         say("two tenants' InferenceDeployments, both scaled to zero:")
         print(handle.kubectl("get", "infd", "-A").stdout, flush=True)
         asyncio.run(traffic(stack))
