@@ -24,7 +24,7 @@ from aiohttp import web
 
 from payper import http_sites
 from payper.identity import TokenFile
-from payper_agent import replay
+from payper_agent import metrics, replay
 from payper_agent.agent import Agent, AgentSettings
 from payper_agent.backends import Backend
 from payper_agent.pods import PidResolver, PodIndex
@@ -151,7 +151,11 @@ async def run(args: argparse.Namespace) -> int:
     logger.info("pods on %s synced; metering %d GPUs", args.node, len(backend.gpus()))
     next_poll = time.monotonic()
     while not stop.is_set():
-        agent.poll_once()
+        try:
+            agent.poll_once()
+        except Exception:  # one bad poll must not stop metering the node's other tenants
+            metrics.POLL_FAILURES.inc()
+            logger.exception("poll failed; metering goes on with the next poll")
         next_poll += args.poll_interval
         delay = next_poll - time.monotonic()
         if delay < 0:

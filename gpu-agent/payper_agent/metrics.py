@@ -16,6 +16,15 @@ UNATTRIBUTED_SECONDS = Counter(
 NVML_ERRORS = Counter(
     "payper_agent_nvml_errors_total", "NVML calls that failed, per GPU.", ("gpu",)
 )
+SANITISED_IDENTITIES = Counter(
+    "payper_agent_sanitised_identities_total",
+    "Pods whose payper.dev/inference-deployment label holds no valid name: metered, "
+    "reported without a deployment instead of stopping the agent.",
+)
+POLL_FAILURES = Counter(
+    "payper_agent_poll_failures_total",
+    "Polls that failed (logged); the meter keeps what it had and the next poll goes on.",
+)
 DROPPED_SAMPLES = Counter(
     "payper_agent_dropped_samples_total",
     "Garbage NVML samples dropped (smUtil > 100, PID not running, stale timestamp).",

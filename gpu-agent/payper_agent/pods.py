@@ -9,12 +9,17 @@ yet. Anything else is unattributed: reported, never billed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from payper.api.inference_deployment import POD_LABEL
 from payper.observed import PodView
+from payper_agent import metrics
 from payper_agent.cgroups import parse_cgroup
 from payper_agent.meter import SeriesIdentity
+
+logger = logging.getLogger(__name__)
 
 
 class PodIndex:
@@ -23,6 +28,15 @@ class PodIndex:
 
     def upsert(self, obj: Mapping[str, Any]) -> None:
         pod = PodView.from_object(obj)
+        if pod.invalid_deployment_label is not None and pod.uid not in self.by_uid:
+            metrics.SANITISED_IDENTITIES.inc()
+            logger.warning(
+                "pod %s/%s: label %s=%r is not a valid name; metered without a deployment",
+                pod.namespace,
+                pod.name,
+                POD_LABEL,
+                pod.invalid_deployment_label,
+            )
         self.by_uid[pod.uid] = pod
 
     def remove(self, obj: Mapping[str, Any]) -> None:

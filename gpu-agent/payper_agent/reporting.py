@@ -17,12 +17,16 @@ from payper_agent.meter import Meter
 def cut(
     meter: Meter, agent_id: str, sequence: int, node: str, start_ms: int, end_ms: int
 ) -> UsageReport:
+    # Build the whole report first, then mark its usage reported: a series the report
+    # cannot carry raises here with the meter untouched, so nothing is lost or repeated.
     series_usage = []
+    included = []
     for series in meter.series.values():
         active_us = series.total_x100 // 100 - series.reported_us
         if active_us == 0 and series.bursts == 0:
             continue
         identity = series.identity
+        included.append((series, active_us))
         series_usage.append(
             SeriesUsage(
                 namespace=identity.namespace,
@@ -37,14 +41,8 @@ def cut(
                 bursts=series.bursts,
             )
         )
-        series.reported_us += active_us
-        series.reported_rounded_ms += series.rounded_ms
-        series.reported_bursts += series.bursts
-        series.rounded_ms = RoundedMs()
-        series.bursts = 0
     unattributed_us = meter.unattributed_x100 // 100 - meter.unattributed_reported_us
-    meter.unattributed_reported_us += unattributed_us
-    return UsageReport(
+    report = UsageReport(
         agent_id=agent_id,
         sequence=sequence,
         node=node,
@@ -54,6 +52,14 @@ def cut(
         unattributed_us=unattributed_us,
         unmetered_gpus=sorted(meter.unmetered),
     )
+    for series, active_us in included:
+        series.reported_us += active_us
+        series.reported_rounded_ms += series.rounded_ms
+        series.reported_bursts += series.bursts
+        series.rounded_ms = RoundedMs()
+        series.bursts = 0
+    meter.unattributed_reported_us += unattributed_us
+    return report
 
 
 def report_json(report: UsageReport) -> dict[str, Any]:

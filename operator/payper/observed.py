@@ -8,14 +8,20 @@ container ID is). It sits below them all, so billing never imports the operator.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from payper.api.common import DNS_LABEL_PATTERN
 from payper.api.inference_deployment import POD_LABEL
 from payper.clock import parse_iso
 
 Key = tuple[str, str]
+
+
+def _is_name(value: str) -> bool:
+    return len(value) <= 63 and re.fullmatch(DNS_LABEL_PATTERN, value) is not None
 
 
 def parse_time_ms(value: str | None) -> int | None:
@@ -41,7 +47,11 @@ class PodView:
     namespace: str = ""
     ip: str | None = None
     deployment: str | None = None
-    """The InferenceDeployment its ``payper.dev/inference-deployment`` label names."""
+    """The InferenceDeployment its ``payper.dev/inference-deployment`` label names; None
+    also when the label holds no valid name (Kubernetes allows label values, such as
+    ``Evil_`` or ``a.b``, that no InferenceDeployment can be called)."""
+    invalid_deployment_label: str | None = None
+    """That label's value when it was not a valid name (for the agent to count)."""
     containers: tuple[str, ...] = ()
     container_ids: dict[str, str] = field(default_factory=dict)
     """Runtime container ID (without the ``containerd://`` scheme) -> container name."""
@@ -68,6 +78,7 @@ class PodView:
             else None
         )
         spec = obj.get("spec", {})
+        label = (meta.get("labels") or {}).get(POD_LABEL)
         gpus = sum(
             int(limit)
             for container in spec.get("containers", [])
@@ -90,7 +101,8 @@ class PodView:
             gpus=gpus,
             namespace=meta.get("namespace", ""),
             ip=status.get("podIP") or None,
-            deployment=(meta.get("labels") or {}).get(POD_LABEL),
+            deployment=label if label is not None and _is_name(label) else None,
+            invalid_deployment_label=label if label is not None and not _is_name(label) else None,
             containers=tuple(c["name"] for c in spec.get("containers", [])),
             container_ids={
                 bare: container["name"]

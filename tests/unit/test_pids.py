@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from payper.api.inference_deployment import POD_LABEL
-from payper_agent.meter import Meter
+from payper_agent import metrics, reporting
+from payper_agent.meter import Meter, SeriesIdentity
 from payper_agent.pods import PidResolver, PodIndex
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend, cgroup_line, fake_gpus
 
@@ -64,3 +68,55 @@ def test_a_reused_pid_is_billed_to_its_new_pod_and_parsed_once_per_process() -> 
     active_us = {s.identity.pod: s.total_x100 // 100 for s in meter.series.values()}
     assert active_us == {"a": 3_000_000, "b": 3_000_000}
     assert reads == [PID, PID], "one cgroup read per process, not per sample"
+
+
+def test_a_label_no_deployment_can_be_called_is_sanitised_not_fatal() -> None:
+    """A tenant labels its pod `Evil_`: valid for Kubernetes, not a deployment name. The
+    agent meters it without a deployment, counts it, and reports every other pod."""
+    pods = PodIndex()
+    before = metrics.SANITISED_IDENTITIES._value.get()
+    evil = _pod("a")
+    evil["metadata"]["labels"] = {POD_LABEL: "Evil_"}
+    pods.upsert(evil)
+    pods.upsert(evil)  # counted once per pod, not per update
+    pods.upsert(_pod("b"))
+    assert metrics.SANITISED_IDENTITIES._value.get() == before + 1
+    backend = SimulatedBackend(fake_gpus("node", 1, "H100"))
+    (gpu,) = backend.gpus()
+    for pid, name in ((PID, "a"), (PID + 1, "b")):
+        intervals = Intervals()
+        intervals.add(0, 2_000_000)
+        backend.processes[pid] = SimProcess(
+            pid, gpu.uuid, intervals, cgroup_line(UIDS[name], "server")
+        )
+    meter = Meter(PidResolver(backend.cgroup, pods))
+    for second in (0, 1, 2, 3):
+        backend.clock_us = second * 1_000_000
+        meter.poll(backend)
+    report = reporting.cut(meter, "agent", 1, "node", 0, 10_000)
+    deployments = {s.pod: s.inference_deployment for s in report.series}
+    assert deployments == {"a": None, "b": "m"}
+    assert all(s.active_us == 2_000_000 for s in report.series)
+
+
+def test_a_report_that_cannot_be_cut_leaves_the_meter_untouched() -> None:
+    pods = PodIndex()
+    pods.upsert(_pod("a"))
+    backend = SimulatedBackend(fake_gpus("node", 1, "H100"))
+    (gpu,) = backend.gpus()
+    intervals = Intervals()
+    intervals.add(0, 2_000_000)
+    backend.processes[PID] = SimProcess(PID, gpu.uuid, intervals, cgroup_line(UIDS["a"], "server"))
+    meter = Meter(PidResolver(backend.cgroup, pods))
+    for second in (0, 1, 2, 3):
+        backend.clock_us = second * 1_000_000
+        meter.poll(backend)
+    (series,) = meter.series.values()
+    good = series.identity
+    series.identity = SeriesIdentity("Not_A_Namespace", good.pod, good.pod_uid, good.container)
+    with pytest.raises(ValidationError):
+        reporting.cut(meter, "agent", 1, "node", 0, 10_000)
+    assert (series.reported_us, series.bursts) == (0, 1), "nothing marked reported"
+    series.identity = good
+    report = reporting.cut(meter, "agent", 1, "node", 0, 10_000)
+    assert report.series[0].active_us == 2_000_000 and report.series[0].bursts == 1
