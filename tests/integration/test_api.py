@@ -167,7 +167,8 @@ def test_valid_probe_is_accepted_and_defaulted(
     crds_installed.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(VALID))
     stored = crds_installed.get_json("infd", "probe", "-n", namespace)
     assert stored["spec"]["gpu"] == {"count": 1, "resource": "nvidia.com/gpu"}
-    assert stored["spec"]["billing"] == {"plan": "default"}
+    # No plan named: the namespace's default plan applies (the operator decides, not a default).
+    assert stored["spec"]["billing"] == {}
     assert stored["spec"]["scaling"]["idleTimeoutSeconds"] == 300
 
 

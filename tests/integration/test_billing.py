@@ -207,32 +207,6 @@ async def test_operator_and_agents_killed_mid_flight_lose_and_repeat_nothing(
     assert_records_equal_truth(stack, namespace, ["gamma", "delta"])
 
 
-async def test_an_unknown_plan_gets_a_condition_and_its_usage_is_still_recorded(
-    stack: Stack, namespace: str, http: aiohttp.ClientSession
-) -> None:
-    manifest = model("unpriced")
-    manifest["spec"]["billing"] = {"plan": "platinum"}
-    stack.deploy(namespace, manifest)
-
-    def plan_condition() -> dict[str, Any] | None:
-        got = stack.cluster.get_json("infd", "unpriced", "-n", namespace)
-        conditions = got.get("status", {}).get("conditions", [])
-        return next((c for c in conditions if c["type"] == "PlanKnown"), None)
-
-    condition = eventually(plan_condition, 30, 0.2, "the PlanKnown condition")
-    assert (condition["status"], condition["reason"]) == ("False", "UnknownPlan")
-    assert "'platinum'" in condition["message"]
-    statuses = await traffic(http, stack, namespace, "unpriced", random.Random(4), 6)
-    assert set(statuses) == {200}
-    await stack.settle()
-    truth = stack.agent_truth()[(namespace, "unpriced")]
-    totals = record_totals(stack.cluster, namespace)["unpriced"]
-    assert truth["activeUs"] > 0
-    assert totals["activeUs"] == truth["activeUs"]
-    assert totals["amount"] == 0, "priced at zero until the plan exists"
-    assert {r["spec"]["plan"] for r in records(stack.cluster, namespace)} == {"platinum"}
-
-
 def agent_token(stack: Stack, node: str) -> str:
     return stack.agent_token_file(node).read_text()
 

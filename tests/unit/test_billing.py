@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from payper.api.billing_record import BillingRecordSpec, BillingRecordStatus, RoundedMs
 from payper.billing import flush
+from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents
 from payper.billing.flush import BillingWindows, Observations
 from payper.billing.pricing import (
@@ -215,3 +219,72 @@ def test_counts_wait_for_a_product_then_are_filed_after_a_window_and_grace() -> 
         [(UNKNOWN_PRODUCT, 1)],  # no pod ever landed: filed as they are
         {key: 1},  # a new wait begins
     ]
+
+
+GRANTING = BillingConfig.model_validate(
+    {
+        "plans": {
+            "default": {
+                "pricePerGpuSecond": {"default": "1"},
+                "reservedPricePerGpuHour": {"default": "1"},
+            },
+            "discount": {
+                "pricePerGpuSecond": {"default": "0.5"},
+                "reservedPricePerGpuHour": {"default": "1"},
+            },
+            "free": {
+                "pricePerGpuSecond": {"default": "0"},
+                "reservedPricePerGpuHour": {"default": "0"},
+            },
+        },
+        "grants": [
+            {"namespaces": ["team-a"], "plans": ["discount"], "defaultPlan": "discount"},
+            {
+                "namespaceSelector": {"tier": "partner"},
+                "plans": ["default", "discount"],
+                "defaultPlan": "default",
+            },
+        ],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "labels", "requested", "priced_at", "granted"),
+    [
+        ("team-a", {}, None, "discount", True),  # the grant's default
+        ("team-a", {"tier": "partner"}, "default", "discount", False),  # first match wins
+        ("team-b", {"tier": "partner"}, "discount", "discount", True),
+        ("team-b", {"tier": "partner"}, None, "default", True),
+        ("team-c", {}, None, "default", True),  # no grant: the cluster default
+        ("team-c", {}, "free", "default", False),  # a configured plan nobody granted
+        ("team-c", {}, "discount", "default", False),  # granted elsewhere, not here
+        ("team-c", {}, "platinum", "default", False),  # not even configured
+        ("team-c", {"tier": "partner-x"}, "discount", "default", False),
+    ],
+)
+def test_tenants_never_choose_their_price(
+    namespace: str, labels: dict[str, str], requested: str | None, priced_at: str, granted: bool
+) -> None:
+    choice = GRANTING.plan_for(namespace, labels, requested)
+    assert (choice.name, choice.granted, choice.requested) == (priced_at, granted, requested)
+
+
+@pytest.mark.parametrize(
+    ("billing", "message"),
+    [
+        ({"defaultPlan": "gold"}, "defaultPlan: 'gold'"),
+        (
+            {"grants": [{"namespaces": ["a"], "plans": ["gold"], "defaultPlan": "gold"}]},
+            "grants.0: 'gold'",
+        ),
+        (
+            {"grants": [{"namespaces": ["a"], "plans": ["default"], "defaultPlan": "x"}]},
+            "defaultPlan 'x' is not among its plans",
+        ),
+        ({"grants": [{"plans": ["default"], "defaultPlan": "default"}]}, "names namespaces"),
+    ],
+)
+def test_plan_references_are_checked_at_start(billing: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        BillingConfig.model_validate(billing)

@@ -214,6 +214,28 @@ REFUSED = {
         {"billing": {"flushIntervalSeconds": 301}},
         "'/operator/billing/flushIntervalSeconds'",
     ),
+    # Plan references, which JSON Schema cannot check: the templates fail instead.
+    "default-plan-not-configured": (
+        {"billing": {"defaultPlan": "gold"}},
+        'operator.billing.defaultPlan: "gold" is not a configured plan (configured: default)',
+    ),
+    "grant-of-a-plan-not-configured": (
+        {"billing": {"grants": [{"namespaces": ["a"], "plans": ["gold"], "defaultPlan": "gold"}]}},
+        'operator.billing.grants.0.plans: "gold" is not a configured plan',
+    ),
+    "grant-default-not-among-its-plans": (
+        {
+            "billing": {
+                "plans": {"gold": GOLD_PLAN},
+                "grants": [{"namespaces": ["a"], "plans": ["default"], "defaultPlan": "gold"}],
+            }
+        },
+        'operator.billing.grants.0.defaultPlan: "gold" is not among its plans',
+    ),
+    "grant-naming-no-namespace": (
+        {"billing": {"grants": [{"plans": ["default"], "defaultPlan": "default"}]}},
+        "operator.billing.grants.0: a grant names namespaces, a namespaceSelector, or both",
+    ),
 }
 
 
@@ -250,6 +272,22 @@ ACCEPTED = {
         "9" * 18,
     ),
     "shortest-tick": ({"autoscaler": {"tickSeconds": 0.1}}, "autoscaler.tick_seconds", 0.1),
+    "a-grant-by-label": (
+        {
+            "billing": {
+                "plans": {"gold": GOLD_PLAN},
+                "grants": [
+                    {
+                        "namespaceSelector": {"example.com/tier": "gold"},
+                        "plans": ["default", "gold"],
+                        "defaultPlan": "gold",
+                    }
+                ],
+            }
+        },
+        "billing.grants.0.default_plan",
+        "gold",
+    ),
 }
 
 
@@ -261,7 +299,12 @@ def test_values_helm_accepts_render_a_config_the_operator_loads(
 ) -> None:
     config: Any = load(operator_config_file(tmp_path, "-f", values_file(tmp_path, operator)))
     for part in attribute.split("."):
-        config = config[part] if isinstance(config, dict) else getattr(config, part)
+        if isinstance(config, dict):
+            config = config[part]
+        elif isinstance(config, list):
+            config = config[int(part)]
+        else:
+            config = getattr(config, part)
     assert config == wanted
 
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from payper.api.demand import DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import InferenceDeploymentSpec, InferenceDeploymentStatus
+from payper.billing.config import PlanChoice
 from payper.clock import iso
 from payper.observed import PodView
 from payper.operator import builders, status
@@ -20,7 +21,7 @@ from payper.operator.autoscaler import Decision, Policy, Reason
 from payper.operator.config import ConfigError, load
 from payper.operator.state import DemandStore, DemandTotals, Tracked
 
-PLANS = ("default", "gold")
+GRANTED = PlanChoice("default", ("default", "gold"), True, None)
 SPEC = InferenceDeploymentSpec.model_validate(
     {
         "template": {
@@ -108,7 +109,7 @@ def _conditions(result: InferenceDeploymentStatus) -> dict[str, tuple[str, str]]
                 "Ready": ("False", "ScaledToZero"),
                 "ScaledToZero": ("True", "Idle"),
                 "Degraded": ("False", "AsExpected"),
-                "PlanKnown": ("True", "Configured"),
+                "PlanGranted": ("True", "Granted"),
             },
         ),
         (
@@ -145,7 +146,7 @@ def test_status_conditions(
 ) -> None:
     now = 10_000 + 300_000  # the default cold start timeout is 300 s
     tracked = _tracked(replicas, **extra)
-    result = status.compute(tracked, pods, "http://llm.ns.x/", now, PLANS)
+    result = status.compute(tracked, pods, "http://llm.ns.x/", now, GRANTED)
     conditions = _conditions(result)
     for type_, value in expected.items():
         assert conditions[type_] == value
@@ -154,29 +155,32 @@ def test_status_conditions(
     assert all(c.observed_generation == 3 for c in result.conditions)
 
 
-def test_an_unknown_plan_gets_a_condition_naming_it() -> None:
+def test_a_plan_not_granted_is_degraded_naming_the_allowed_plans() -> None:
     tracked = _tracked(0)
-    assert tracked.spec is not None
-    tracked.spec = tracked.spec.model_copy(
-        update={"billing": tracked.spec.billing.model_copy(update={"plan": "platinum"})}
-    )
-    plan = status.compute(tracked, [], "u", 1_000, PLANS).condition("PlanKnown")
+    not_granted = PlanChoice("default", ("default", "gold"), False, "platinum")
+    result = status.compute(tracked, [], "u", 1_000, not_granted)
+    plan = result.condition("PlanGranted")
     assert plan is not None
-    assert (plan.status, plan.reason) == ("False", "UnknownPlan")
+    assert (plan.status, plan.reason) == ("False", "NotGranted")
     assert "'platinum'" in plan.message and "default, gold" in plan.message
+    assert "priced at the namespace's default plan 'default'" in plan.message
+    assert _conditions(result)["Degraded"] == ("True", "PlanNotGranted")
+    granted = status.compute(tracked, [], "u", 1_000, GRANTED).condition("PlanGranted")
+    assert granted is not None and (granted.status, granted.reason) == ("True", "Granted")
     tracked.invalid, tracked.spec = "spec.billing.plan: bad", None
-    conditions = _conditions(status.compute(tracked, [], "u", 2_000, PLANS))
-    assert "PlanKnown" not in conditions, "an invalid spec names no plan"
+    conditions = _conditions(status.compute(tracked, [], "u", 2_000, None))
+    assert "PlanGranted" not in conditions, "an invalid spec names no plan"
+    assert conditions["Degraded"] == ("True", "InvalidSpec")
 
 
 def test_condition_time_changes_only_when_the_status_flips() -> None:
     tracked = _tracked(0)
-    first = status.compute(tracked, [], "u", 1_000_000, PLANS)
+    first = status.compute(tracked, [], "u", 1_000_000, GRANTED)
     tracked.written_status = first  # what the controller does once the write succeeded
-    later = status.compute(tracked, [], "u", 2_000_000, PLANS)
+    later = status.compute(tracked, [], "u", 2_000_000, GRANTED)
     assert first == later
     tracked.replicas = 1
-    flipped = status.compute(tracked, [_pod("a", True)], "u", 3_000_000, PLANS)
+    flipped = status.compute(tracked, [_pod("a", True)], "u", 3_000_000, GRANTED)
     ready = flipped.condition("Ready")
     assert ready is not None
     assert ready.to_wire()["lastTransitionTime"] == iso(3_000_000)
@@ -189,7 +193,7 @@ def test_condition_time_changes_only_when_the_status_flips() -> None:
 
 def test_status_times_are_integer_based() -> None:
     tracked = _tracked(1, last_cold_start_ms=2345, last_request_ms=1_764_000_012_345)
-    result = status.compute(tracked, [], "u", 1_764_000_020_000, PLANS).to_wire()
+    result = status.compute(tracked, [], "u", 1_764_000_020_000, GRANTED).to_wire()
     assert result["lastColdStartSeconds"] == "2.345"
     assert result["lastRequestTime"] == iso(1_764_000_010_000)
 

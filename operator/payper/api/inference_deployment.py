@@ -41,7 +41,7 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 READY = "Ready"
 SCALED_TO_ZERO = "ScaledToZero"
 DEGRADED = "Degraded"
-PLAN_KNOWN = "PlanKnown"
+PLAN_GRANTED = "PlanGranted"
 
 MAX_CONTAINERS = 32
 MAX_PORTS = 64
@@ -126,9 +126,16 @@ class ScalingSpec(ApiModel):
 
 
 class BillingSpec(ApiModel):
-    plan: Annotated[DnsLabel, Field(description="Pricing plan of the operator's config.")] = (
-        "default"
-    )
+    plan: (
+        Annotated[
+            DnsLabel,
+            Field(
+                description="A pricing plan the platform grants this namespace; "
+                "empty: the namespace's default plan."
+            ),
+        ]
+        | None
+    ) = None
 
 
 class AuthSpec(ApiModel):

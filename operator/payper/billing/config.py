@@ -1,16 +1,26 @@
-"""The billing part of the operator's configuration: windows, grace, flushes, plans.
+"""The billing part of the operator's configuration: windows, grace, flushes, plans, and
+which plans the platform grants to which namespaces.
 
 Billing owns its settings; the operator's configuration file embeds them under
 ``billing:`` and validates them at start-up with the rest.
+
+Tenants never choose their price. A deployment may name a plan (``spec.billing.plan``),
+but only among those granted to its namespace: by an explicit list of namespaces or a
+namespace label selector, first matching grant wins, and ``defaultPlan`` for namespaces
+no grant mentions. A deployment that names a plan its namespace may not use is priced at
+the namespace's default plan (and the operator does not wake it from zero); nothing is
+priced at zero unless a configured plan says so.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from payper.api.common import ApiModel, DnsLabel, ShortString
+from payper.api.common import ApiModel, DnsLabel, LabelValue, ShortString
 from payper.billing.pricing import Plan, default_plans
 
 DAY_SECONDS = 86400
@@ -31,6 +41,50 @@ WindowSeconds = Annotated[
 chart's values.schema.json refuses what the operator would refuse."""
 
 
+LabelKey = Annotated[
+    str, Field(pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", max_length=253)
+]
+
+
+class PlanGrant(ApiModel):
+    """Plans the platform grants to some namespaces (by name or by their labels)."""
+
+    namespaces: Annotated[list[DnsLabel], Field(max_length=1000)] = Field(default_factory=list)
+    namespace_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = Field(
+        default_factory=dict
+    )
+    """matchLabels: a namespace with all these labels is granted these plans."""
+    plans: Annotated[list[DnsLabel], Field(min_length=1, max_length=64)]
+    default_plan: DnsLabel
+    """What the namespace's deployments that name no plan (or one not granted) pay."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanGrant:
+        if not self.namespaces and not self.namespace_selector:
+            raise ValueError("a grant names namespaces, a namespaceSelector, or both")
+        if self.default_plan not in self.plans:
+            raise ValueError(f"defaultPlan {self.default_plan!r} is not among its plans")
+        return self
+
+    def matches(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if namespace in self.namespaces:
+            return True
+        return bool(self.namespace_selector) and all(
+            labels.get(key) == value for key, value in self.namespace_selector.items()
+        )
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """The plan that prices a deployment's usage, and whether its own choice stands."""
+
+    name: str
+    allowed: tuple[str, ...]
+    granted: bool
+    """False: the deployment names a plan its namespace may not use."""
+    requested: str | None
+
+
 class BillingConfig(ApiModel):
     window_seconds: WindowSeconds = 3600
     """One BillingRecord per deployment (and GPU product) per window."""
@@ -41,6 +95,37 @@ class BillingConfig(ApiModel):
     ledger_config_map: ShortString = "payper-usage-ledger"
     """Per agent id, the last report applied everywhere (in the leader election namespace)."""
     plans: dict[DnsLabel, Plan] = Field(default_factory=default_plans)
+    default_plan: DnsLabel = "default"
+    """The plan of namespaces no grant mentions (the only plan they may use)."""
+    grants: Annotated[list[PlanGrant], Field(max_length=1000)] = Field(default_factory=list)
+    """First matching grant wins."""
+
+    @model_validator(mode="after")
+    def _plans_exist(self) -> BillingConfig:
+        named = [("defaultPlan", self.default_plan)] + [
+            (f"grants.{index}", plan)
+            for index, grant in enumerate(self.grants)
+            for plan in grant.plans
+        ]
+        missing = [f"{where}: {plan!r}" for where, plan in named if plan not in self.plans]
+        if missing:
+            raise ValueError(
+                f"names plans that are not configured ({', '.join(missing)}); "
+                f"configured: {', '.join(sorted(self.plans))}"
+            )
+        return self
+
+    def plan_for(
+        self, namespace: str, labels: Mapping[str, str], requested: str | None
+    ) -> PlanChoice:
+        grant = next((g for g in self.grants if g.matches(namespace, labels)), None)
+        allowed = tuple(grant.plans) if grant else (self.default_plan,)
+        default = grant.default_plan if grant else self.default_plan
+        if requested is None:
+            return PlanChoice(default, allowed, True, None)
+        if requested in allowed:
+            return PlanChoice(requested, allowed, True, requested)
+        return PlanChoice(default, allowed, False, requested)
 
     @field_validator("window_seconds")
     @classmethod

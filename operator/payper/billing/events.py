@@ -24,6 +24,8 @@ class Observed(Protocol):
 
     def spec_of(self, key: Key) -> InferenceDeploymentSpec | None: ...
 
+    def labels_of(self, namespace: str) -> Mapping[str, str]: ...
+
 
 @dataclass
 class BillingEvents:

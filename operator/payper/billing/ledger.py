@@ -52,7 +52,7 @@ from payper.billing import flush, metrics
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents, Observed
 from payper.billing.flush import BillingWindows, Observations
-from payper.billing.pricing import UNKNOWN_PLAN, UNKNOWN_PRODUCT, Plan, amount, product_key
+from payper.billing.pricing import UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.records import (
     ACCOUNT_LABEL,
     DEPLOYMENT_LABEL,
@@ -217,9 +217,13 @@ class Ledger:
 
     # -- records -----------------------------------------------------------------------
     def _plan(self, namespace: str, deployment: str) -> tuple[str, Plan]:
+        """The plan that prices a deployment: its own if granted to its namespace, else the
+        namespace's default (never a price the tenant picked, never zero by default)."""
         spec = self.observed.spec_of((namespace, deployment))
-        name = spec.billing.plan if spec else "default"
-        return name, self.config.plans.get(name, UNKNOWN_PLAN)
+        choice = self.config.plan_for(
+            namespace, self.observed.labels_of(namespace), spec.billing.plan if spec else None
+        )
+        return choice.name, self.config.plans[choice.name]
 
     def _new_record(self, key: RecordKey) -> dict[str, Any]:
         plan_name, plan = self._plan(key.namespace, key.deployment)

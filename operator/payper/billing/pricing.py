@@ -79,13 +79,6 @@ class Plan(ApiModel):
         return table.get(product_key(product), table[DEFAULT_PRODUCT])
 
 
-UNKNOWN_PLAN = Plan(
-    price_per_gpu_second={DEFAULT_PRODUCT: "0"},
-    reserved_price_per_gpu_hour={DEFAULT_PRODUCT: "0"},
-)
-"""Usage of a deployment naming no configured plan is recorded, priced at zero."""
-
-
 def default_plans() -> dict[str, Plan]:
     return {
         "default": Plan(

@@ -40,6 +40,8 @@ class Reason(StrEnum):
     MIN_REPLICAS = "MinReplicas"
     MAX_REPLICAS = "MaxReplicas"
     IDLE = "Idle"
+    PLAN_NOT_GRANTED = "PlanNotGranted"
+    """Set by the controller: a deployment whose plan is not granted is not woken."""
 
 
 @dataclass(frozen=True)

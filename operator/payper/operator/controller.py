@@ -23,12 +23,13 @@ from pydantic import ValidationError
 
 from payper.api.common import API_VERSION, field_errors
 from payper.api.inference_deployment import PLURAL, POD_LABEL, InferenceDeploymentSpec
+from payper.billing.config import PlanChoice
 from payper.billing.events import BillingEvents
 from payper.clock import now_ms
 from payper.kube import ApiError, Kube, resource_path
 from payper.observed import Key
 from payper.operator import builders, metrics, status
-from payper.operator.autoscaler import Decision, Observation, Policy, Windows
+from payper.operator.autoscaler import Decision, Observation, Policy, Reason, Windows
 from payper.operator.config import OperatorConfig
 from payper.operator.state import DemandStore, DemandTotals, Registry, Tracked
 
@@ -91,13 +92,29 @@ class Controller:
                 await self._recover(tracked, resumed)
             await self._apply_children(tracked)
 
+    def plan_of(self, tracked: Tracked) -> PlanChoice | None:
+        """How the deployment is priced; None while its spec is invalid."""
+        if tracked.spec is None:
+            return None
+        return self.config.billing.plan_for(
+            tracked.namespace,
+            self.registry.labels_of(tracked.namespace),
+            tracked.spec.billing.plan,
+        )
+
+    def _may_wake(self, tracked: Tracked) -> bool:
+        """A deployment whose plan is not granted stays at zero (it keeps running if it
+        already is: a revoked grant does not cut a tenant off mid-request)."""
+        plan = self.plan_of(tracked)
+        return plan is None or plan.granted
+
     async def _recover(self, tracked: Tracked, resumed: bool) -> None:
         assert tracked.spec is not None
         existing = await self.kube.get_or_none(
             resource_path("apps/v1", "deployments", tracked.namespace, tracked.name)
         )
         if existing is None:
-            tracked.replicas = tracked.spec.scaling.min_replicas
+            tracked.replicas = tracked.spec.scaling.min_replicas if self._may_wake(tracked) else 0
             return
         tracked.replicas = int(existing.get("spec", {}).get("replicas", 0))
         if tracked.replicas > 0:
@@ -142,6 +159,20 @@ class Controller:
         self.registry.tracked.pop(key, None)
         with contextlib.suppress(KeyError):
             metrics.DESIRED_REPLICAS.remove(*key)
+
+    # -- namespaces --------------------------------------------------------------------
+    def observe_namespace(self, obj: Mapping[str, Any], deleted: bool) -> None:
+        """Namespace labels select plan grants: a relabelled namespace re-prices and
+        re-evaluates its deployments."""
+        name = obj["metadata"]["name"]
+        labels = dict(obj["metadata"].get("labels") or {})
+        if deleted:
+            self.registry.namespace_labels.pop(name, None)
+        elif self.registry.namespace_labels.get(name) != labels:
+            self.registry.namespace_labels[name] = labels
+            for tracked in self.registry:
+                if tracked.namespace == name:
+                    tracked.dirty = True
 
     # -- pods ------------------------------------------------------------------------
     def observe_pod(self, obj: Mapping[str, Any], deleted: bool) -> None:
@@ -224,6 +255,8 @@ class Controller:
                 last_request_ms=tracked.last_request_ms,
             )
             decision = tracked.history.decide(policy, self.windows, observation)
+            if tracked.replicas == 0 and decision.desired > 0 and not self._may_wake(tracked):
+                decision = Decision(0, Reason.PLAN_NOT_GRANTED, decision.wanted)
             tracked.last_decision = decision
             if decision.desired != tracked.replicas and tracked.invalid is None:
                 await self._scale(tracked, decision, at)
@@ -254,7 +287,7 @@ class Controller:
             self.registry.pods_of(tracked.key),
             self.config.url(*tracked.key),
             at,
-            self.config.billing.plans.keys(),
+            self.plan_of(tracked),
         )
         if computed == tracked.written_status:
             tracked.dirty = False

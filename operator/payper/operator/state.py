@@ -56,12 +56,17 @@ class Registry:
     def __init__(self) -> None:
         self.tracked: dict[Key, Tracked] = {}
         self.pods: dict[Key, dict[str, PodView]] = {}
+        self.namespace_labels: dict[str, dict[str, str]] = {}
+        """Labels of every namespace: plan grants may select namespaces by label."""
 
     def __iter__(self) -> Iterator[Tracked]:
         return iter(list(self.tracked.values()))
 
     def get(self, key: Key) -> Tracked | None:
         return self.tracked.get(key)
+
+    def labels_of(self, namespace: str) -> Mapping[str, str]:
+        return self.namespace_labels.get(namespace, {})
 
     def spec_of(self, key: Key) -> InferenceDeploymentSpec | None:
         tracked = self.tracked.get(key)

@@ -8,25 +8,27 @@ does). Conditions follow the Kubernetes conventions:
 
 - ``Ready``: serving now (at least one ready replica); False says why not.
 - ``ScaledToZero``: no replicas by design; the next request starts one.
-- ``Degraded``: something needs the user: ``InvalidSpec``, ``Unschedulable``,
-  ``ColdStartTimeout``, ``MaxReplicasReached`` (False with ``AsExpected`` otherwise).
-- ``PlanKnown``: ``spec.billing.plan`` exists in the operator's configuration. False
-  (``UnknownPlan``) does not stop metering: usage is still recorded, priced at zero.
+- ``Degraded``: something needs the user: ``InvalidSpec``, ``PlanNotGranted``,
+  ``Unschedulable``, ``ColdStartTimeout``, ``MaxReplicasReached`` (False with
+  ``AsExpected`` otherwise).
+- ``PlanGranted``: the plan that prices the deployment is one the platform grants its
+  namespace. False (``NotGranted``, with ``Degraded``/``PlanNotGranted``): the deployment
+  is not woken from zero, and its usage while running is priced at the namespace's
+  default plan, never at zero.
 """
 
 from __future__ import annotations
-
-from collections.abc import Collection
 
 from payper.api.common import Condition
 from payper.api.inference_deployment import (
     DEGRADED,
     GPU_PRODUCT_LABEL,
-    PLAN_KNOWN,
+    PLAN_GRANTED,
     READY,
     SCALED_TO_ZERO,
     InferenceDeploymentStatus,
 )
+from payper.billing.config import PlanChoice
 from payper.clock import iso, seconds
 from payper.observed import PodView
 from payper.operator.state import Tracked
@@ -35,9 +37,13 @@ LAST_REQUEST_RESOLUTION_MS = 5_000
 """lastRequestTime moves in steps of 5 s, so busy deployments do not write status every tick."""
 
 
-def _degraded(tracked: Tracked, pods: list[PodView], now_ms: int) -> tuple[str, str] | None:
+def _degraded(
+    tracked: Tracked, pods: list[PodView], now_ms: int, plan: PlanChoice | None
+) -> tuple[str, str] | None:
     if tracked.invalid is not None:
         return "InvalidSpec", tracked.invalid
+    if plan is not None and not plan.granted:
+        return "PlanNotGranted", _not_granted(tracked, plan)
     spec = tracked.spec
     live = [p for p in pods if not p.deleting]
     for pod in live:
@@ -75,19 +81,22 @@ def _degraded(tracked: Tracked, pods: list[PodView], now_ms: int) -> tuple[str, 
     return None
 
 
-def _plan_known(tracked: Tracked, known_plans: Collection[str]) -> tuple[bool, str, str] | None:
-    if tracked.spec is None:
-        return None  # an invalid spec names no plan; Degraded says why
-    plan = tracked.spec.billing.plan
-    if plan in known_plans:
-        return True, "Configured", f"plan {plan!r} prices this deployment's usage"
+def _not_granted(tracked: Tracked, plan: PlanChoice) -> str:
     return (
-        False,
-        "UnknownPlan",
-        f"spec.billing.plan {plan!r} is not in the operator's configuration (configured: "
-        f"{', '.join(sorted(known_plans))}): usage is still recorded, priced at zero; "
-        "configure the plan or change spec.billing.plan.",
+        f"spec.billing.plan {plan.requested!r} is not granted to namespace "
+        f"{tracked.namespace} (allowed: {', '.join(plan.allowed)}): the deployment is not "
+        f"woken from zero, and usage while it runs is priced at the namespace's default plan "
+        f"{plan.name!r}; choose an allowed plan or ask the platform team for a grant."
     )
+
+
+def _plan_granted(tracked: Tracked, plan: PlanChoice | None) -> tuple[bool, str, str] | None:
+    if plan is None:
+        return None  # an invalid spec names no plan; Degraded says why
+    if not plan.granted:
+        return False, "NotGranted", _not_granted(tracked, plan)
+    chosen = "the namespace's default plan" if plan.requested is None else "plan"
+    return True, "Granted", f"{chosen} {plan.name!r} prices this deployment's usage"
 
 
 def _condition(
@@ -114,12 +123,13 @@ def compute(
     pods: list[PodView],
     url: str,
     now_ms: int,
-    known_plans: Collection[str],
+    plan: PlanChoice | None,
 ) -> InferenceDeploymentStatus:
+    """``plan``: how the deployment is priced (None while its spec is invalid)."""
     live = [p for p in pods if not p.deleting]
     ready = sum(1 for p in live if p.ready)
     desired = tracked.replicas or 0
-    degraded = _degraded(tracked, pods, now_ms)
+    degraded = _degraded(tracked, pods, now_ms, plan)
 
     if ready > 0:
         ready_condition = (True, "Serving", f"{ready} of {desired} replicas ready")
@@ -147,9 +157,9 @@ def compute(
             now_ms,
         ),
     ]
-    plan_known = _plan_known(tracked, known_plans)
-    if plan_known is not None:
-        conditions.append(_condition(tracked, PLAN_KNOWN, *plan_known, now_ms))
+    granted = _plan_granted(tracked, plan)
+    if granted is not None:
+        conditions.append(_condition(tracked, PLAN_GRANTED, *granted, now_ms))
     last_request = tracked.last_request_ms
     return InferenceDeploymentStatus(
         conditions=conditions,

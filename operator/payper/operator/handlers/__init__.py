@@ -24,6 +24,11 @@ class Memo:
 
 def load() -> kopf.OperatorRegistry:
     """Import the per-kind modules (which register on ``registry``) and return it."""
-    from payper.operator.handlers import inference_deployment, login, pods  # noqa: F401
+    from payper.operator.handlers import (  # noqa: F401
+        inference_deployment,
+        login,
+        namespaces,
+        pods,
+    )
 
     return registry
