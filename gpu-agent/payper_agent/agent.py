@@ -17,7 +17,7 @@ from pathlib import Path
 from payper.clock import now_ms
 from payper_agent import metrics, reporting
 from payper_agent.backends import Backend, Gpu
-from payper_agent.meter import Meter, Resolver, restore, snapshot
+from payper_agent.meter import MAX_PERIOD_POLLS, Meter, Resolver, restore, snapshot
 from payper_agent.store import Checkpoint, Store
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ class Agent:
         self.agent_id = checkpoint.agent_id
         self.next_sequence = checkpoint.next_sequence
         self.last_report_end_ms = checkpoint.last_report_end_ms
-        self.meter = Meter(resolver)
+        self.meter = Meter(
+            resolver, max_period_us=int(MAX_PERIOD_POLLS * settings.poll_interval_s * 1_000_000)
+        )
         if checkpoint.meter:
             restore(self.meter, checkpoint.meter)
         self.on_report: Callable[[], None] = lambda: None
@@ -96,7 +98,9 @@ class Agent:
             self.meter, self.agent_id, self.next_sequence, self.settings.node, start, boundary
         )
         self.last_report_end_ms = boundary
-        if not report.series and not report.unattributed_us and not report.unmetered_gpus:
+        if not (
+            report.series or report.unattributed_us or report.unmetered_gpus or report.unmetered_us
+        ):
             return None  # nothing happened: no report, and no sequence number used
         for series in report.series:
             metrics.ACTIVE_SECONDS.labels(

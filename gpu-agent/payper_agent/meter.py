@@ -121,10 +121,27 @@ class PollResult:
     unmetered: list[str] = field(default_factory=list)
 
 
+MAX_PERIOD_POLLS = 5
+"""A sample covers at most this many poll intervals; the rest of a longer gap is unmetered."""
+
+
 class Meter:
-    def __init__(self, resolver: Resolver, forget_after_polls: int = 3600) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        forget_after_polls: int = 3600,
+        max_period_us: int = MAX_PERIOD_POLLS * 1_000_000,
+    ) -> None:
+        """``max_period_us``: the longest time one sample may account for. After a gap
+        (the agent was down, the driver failed) a busy sample would otherwise be taken to
+        cover the whole gap: an hour down and one busy second would bill an hour. The
+        time beyond it is counted as unmetered, per GPU, and reported as such."""
         self.resolver = resolver
         self.forget_after_polls = forget_after_polls
+        self.max_period_us = max_period_us
+        self.unmetered_us = 0
+        """Cumulative GPU time (per GPU, summed) that gaps left unmetered."""
+        self.unmetered_reported_us = 0
         self.series: dict[tuple[str, str, str], Series] = {}
         self.last_seen_us: dict[str, int] = {}
         self.unattributed_x100 = 0
@@ -168,6 +185,8 @@ class Meter:
                 continue
             self.unmetered.discard(gpu.uuid)
             running_anywhere |= running
+            if now - last > self.max_period_us:
+                self.unmetered_us += now - last - self.max_period_us
             # The next period starts at the newest sample the driver gave, not at our own
             # clock: the driver's samples lag the poll, and time between its last sample
             # and now would otherwise fall between two periods (measured on an H200).
@@ -180,7 +199,8 @@ class Meter:
                 newest = max(newest, sample.timestamp_us)
                 if sample.sm_util == 0:
                     continue
-                amount = sample.sm_util * (sample.timestamp_us - last)
+                period = min(sample.timestamp_us - last, self.max_period_us)
+                amount = sample.sm_util * period
                 identity = self.resolver(sample.pid)
                 if identity is None:
                     self.unattributed_x100 += amount
@@ -230,6 +250,8 @@ def snapshot(meter: Meter) -> dict[str, Any]:
         "lastSeenUs": dict(meter.last_seen_us),
         "unattributedX100": meter.unattributed_x100,
         "unattributedReportedUs": meter.unattributed_reported_us,
+        "unmeteredUs": meter.unmetered_us,
+        "unmeteredReportedUs": meter.unmetered_reported_us,
         "series": [
             {
                 "identity": s.identity_json,
@@ -254,6 +276,8 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
     meter.last_seen_us = {str(k): int(v) for k, v in data["lastSeenUs"].items()}
     meter.unattributed_x100 = int(data["unattributedX100"])
     meter.unattributed_reported_us = int(data["unattributedReportedUs"])
+    meter.unmetered_us = int(data.get("unmeteredUs", 0))
+    meter.unmetered_reported_us = int(data.get("unmeteredReportedUs", 0))
     meter.series = {}
     for item in data["series"]:
         series = Series(

@@ -42,6 +42,7 @@ def cut(
             )
         )
     unattributed_us = meter.unattributed_x100 // 100 - meter.unattributed_reported_us
+    unmetered_us = meter.unmetered_us - meter.unmetered_reported_us
     report = UsageReport(
         agent_id=agent_id,
         sequence=sequence,
@@ -51,6 +52,7 @@ def cut(
         series=series_usage,
         unattributed_us=unattributed_us,
         unmetered_gpus=sorted(meter.unmetered),
+        unmetered_us=unmetered_us,
     )
     for series, active_us in included:
         series.reported_us += active_us
@@ -59,6 +61,7 @@ def cut(
         series.rounded_ms = RoundedMs()
         series.bursts = 0
     meter.unattributed_reported_us += unattributed_us
+    meter.unmetered_reported_us += unmetered_us
     return report
 
 

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from payper.api.inference_deployment import POD_LABEL
 from payper_agent import metrics, reporting
-from payper_agent.meter import Meter, SeriesIdentity
+from payper_agent.backends import Gpu, ProcessSample
+from payper_agent.meter import Meter, SeriesIdentity, restore, snapshot
 from payper_agent.pods import PidResolver, PodIndex
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend, cgroup_line, fake_gpus
 
@@ -120,3 +121,46 @@ def test_a_report_that_cannot_be_cut_leaves_the_meter_untouched() -> None:
     series.identity = good
     report = reporting.cut(meter, "agent", 1, "node", 0, 10_000)
     assert report.series[0].active_us == 2_000_000 and report.series[0].bursts == 1
+
+
+class _OneBusySample:
+    """A driver that, after the agent was away, reports one fully busy latest sample."""
+
+    def __init__(self, gpu: Gpu, pid: int) -> None:
+        self.gpu, self.pid, self.clock_us = gpu, pid, 0
+
+    def refresh(self) -> None:
+        return None
+
+    def gpus(self) -> list[Gpu]:
+        return [self.gpu]
+
+    def now_us(self) -> int:
+        return self.clock_us
+
+    def utilization(self, gpu: Gpu, since_us: int) -> list[ProcessSample]:
+        return [ProcessSample(self.pid, 100, self.clock_us)]
+
+    def running_pids(self, gpu: Gpu) -> set[int]:
+        return {self.pid}
+
+
+def test_an_hour_away_then_a_busy_second_bills_a_few_polls_not_the_hour() -> None:
+    pods = PodIndex()
+    pods.upsert(_pod("a"))
+    gpu = Gpu(0, "GPU-0", "H100")
+    backend = _OneBusySample(gpu, PID)
+    meter = Meter(
+        PidResolver(lambda pid: cgroup_line(UIDS["a"], "server"), pods), max_period_us=5_000_000
+    )
+    meter.poll(backend)  # first sight of the GPU at t=0
+    restored = Meter(meter.resolver, max_period_us=5_000_000)
+    restore(restored, snapshot(meter))  # the agent stops here, and restarts an hour later
+    backend.clock_us = 3_601_000_000
+    restored.poll(backend)
+    (series,) = restored.series.values()
+    assert series.total_x100 // 100 == 5_000_000, "at most five polls' worth, not an hour"
+    report = reporting.cut(restored, "agent", 1, "node", 0, 10_000)
+    assert report.series[0].active_us == 5_000_000
+    assert report.unmetered_us == 3_596_000_000, "the rest of the gap, reported as unmetered"
+    assert reporting.cut(restored, "agent", 2, "node", 10_000, 20_000).unmetered_us == 0

@@ -50,6 +50,9 @@ class UsageReport(ApiModel):
     """GPU time of processes that belong to no pod: reported, never billed."""
     unmetered_gpus: Annotated[list[ShortString], Field(max_length=64)] = Field(default_factory=list)
     """GPUs the agent could not meter in this interval (e.g. MIG without GPM)."""
+    unmetered_us: Micros = 0
+    """GPU time (summed over GPUs) no sample accounted for: gaps longer than a few polls
+    (the agent down, driver errors) are not billed, they are reported here."""
 
     @model_validator(mode="after")
     def _interval(self) -> UsageReport:
