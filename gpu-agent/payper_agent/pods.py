@@ -1,10 +1,12 @@
 """From a host PID to its pod: /proc/<pid>/cgroup, then the pods on this node.
 
 The agent watches only the pods bound to its own node (field selector on spec.nodeName)
-and keeps, per pod UID, the namespace, name, container names and container IDs. A PID
-resolves through the cgroup path (pod UID and container ID) to one container; a pod
-with a single container resolves even when the runtime's container ID is not reported
-yet. Anything else is unattributed: reported, never billed.
+and keeps, per pod UID, the namespace, name, container names and container IDs (regular,
+init, native sidecar and ephemeral containers alike). A PID resolves through the cgroup
+path (pod UID and container ID) to one container; a pod with a single container resolves
+even when the runtime's container ID is not reported yet, and any other container of a
+known pod counts for that pod (as ``unknown-container``). Only a PID of no pod on this
+node is unattributed: reported, never billed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from payper_agent.cgroups import parse_cgroup
 from payper_agent.meter import SeriesIdentity
 
 logger = logging.getLogger(__name__)
+
+
+UNKNOWN_CONTAINER = "unknown-container"
+"""The container name reported for GPU time of a known pod's container whose ID the API
+has not listed (yet): the time still counts for the pod and its deployment."""
 
 
 class PodIndex:
@@ -50,7 +57,9 @@ class PodIndex:
         if container is None and len(pod.containers) == 1:
             container = pod.containers[0]
         if container is None:
-            return None
+            # A container of this pod whose ID the API has not shown yet: its GPU time is
+            # still the pod's (and its deployment's), under a container name of its own.
+            container = UNKNOWN_CONTAINER
         return SeriesIdentity(pod.namespace, pod.name, pod.uid, container, pod.deployment)
 
 

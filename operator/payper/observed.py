@@ -20,6 +20,14 @@ from payper.clock import parse_iso
 Key = tuple[str, str]
 
 
+CONTAINER_KINDS = ("containers", "initContainers", "ephemeralContainers")
+CONTAINER_STATUS_KINDS = (
+    "containerStatuses",
+    "initContainerStatuses",
+    "ephemeralContainerStatuses",
+)
+
+
 def _is_name(value: str) -> bool:
     return len(value) <= 63 and re.fullmatch(DNS_LABEL_PATTERN, value) is not None
 
@@ -53,6 +61,7 @@ class PodView:
     invalid_deployment_label: str | None = None
     """That label's value when it was not a valid name (for the agent to count)."""
     containers: tuple[str, ...] = ()
+    """Every container: regular, init (native sidecars among them) and ephemeral."""
     container_ids: dict[str, str] = field(default_factory=dict)
     """Runtime container ID (without the ``containerd://`` scheme) -> container name."""
 
@@ -103,10 +112,13 @@ class PodView:
             ip=status.get("podIP") or None,
             deployment=label if label is not None and _is_name(label) else None,
             invalid_deployment_label=label if label is not None and not _is_name(label) else None,
-            containers=tuple(c["name"] for c in spec.get("containers", [])),
+            containers=tuple(
+                c["name"] for kind in CONTAINER_KINDS for c in spec.get(kind, []) or []
+            ),
             container_ids={
                 bare: container["name"]
-                for container in status.get("containerStatuses", []) or []
+                for kind in CONTAINER_STATUS_KINDS
+                for container in status.get(kind, []) or []
                 if (bare := (container.get("containerID") or "").partition("://")[2])
             },
         )

@@ -164,3 +164,36 @@ def test_an_hour_away_then_a_busy_second_bills_a_few_polls_not_the_hour() -> Non
     assert report.series[0].active_us == 5_000_000
     assert report.unmetered_us == 3_596_000_000, "the rest of the gap, reported as unmetered"
     assert reporting.cut(restored, "agent", 2, "node", 10_000, 20_000).unmetered_us == 0
+
+
+def test_init_sidecar_ephemeral_and_unknown_containers_count_for_their_pod() -> None:
+    pods = PodIndex()
+    pod = _pod("a")
+    pod["spec"] = {
+        "containers": [{"name": "server"}, {"name": "metrics"}],
+        "initContainers": [
+            {"name": "warmup"},
+            {"name": "gpu-sidecar", "restartPolicy": "Always"},
+        ],
+        "ephemeralContainers": [{"name": "debugger"}],
+    }
+    statuses = {
+        "containerStatuses": [("server", "c1"), ("metrics", "c2")],
+        "initContainerStatuses": [("warmup", "i1"), ("gpu-sidecar", "i2")],
+        "ephemeralContainerStatuses": [("debugger", "e1")],
+    }
+    pod["status"] = {
+        kind: [{"name": name, "containerID": f"containerd://{cid}"} for name, cid in items]
+        for kind, items in statuses.items()
+    }
+    pods.upsert(pod)
+    uid = UIDS["a"]
+    found = {cid: pods.identity(uid, cid) for cid in ("c1", "i1", "i2", "e1", "not-listed")}
+    assert {cid: (i.container, i.inference_deployment) for cid, i in found.items() if i} == {
+        "c1": ("server", "m"),
+        "i1": ("warmup", "m"),
+        "i2": ("gpu-sidecar", "m"),
+        "e1": ("debugger", "m"),
+        "not-listed": ("unknown-container", "m"),
+    }
+    assert pods.identity("no-such-pod", "c1") is None, "only a PID of no pod is unattributed"
