@@ -6,6 +6,7 @@ policy) runs in the unit tier: tests/unit/test_chart_values.py.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -84,7 +85,21 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
     cluster.kubectl(
         "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=privileged"
     )
-    helm(cluster, "install", "pp", str(CHART), "-n", namespace, "--wait=false")
+    # The records policy applies to this namespace only: the shared test cluster's other
+    # tests run their operator as the admin user.
+    selector = json.dumps({"matchLabels": {"kubernetes.io/metadata.name": namespace}})
+    helm(
+        cluster,
+        "install",
+        "pp",
+        str(CHART),
+        "-n",
+        namespace,
+        "--wait=false",
+        "--set-json",
+        f"recordsPolicy.namespaceSelector={selector}",
+    )
+    assert cluster.kubectl("get", "validatingadmissionpolicy", "pp-payper-records").returncode == 0
 
     def all_ready(gateways: int) -> bool:
         operator, gateway, agent = (
@@ -119,6 +134,8 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
         "gateway.replicas=3",
         "--set",
         "operator.billing.flushIntervalSeconds=5",
+        "--set-json",
+        f"recordsPolicy.namespaceSelector={selector}",
     )
     eventually(lambda: all_ready(3), 60, 0.5, "three gateways after the upgrade")
     config = cluster.kubectl(
@@ -153,6 +170,8 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
     ).stdout
     assert leftovers.strip() == ""
     assert cluster.kubectl("get", "clusterrole", "pp-payper-operator", check=False).returncode != 0
+    for kind in ("validatingadmissionpolicy", "validatingadmissionpolicybinding"):
+        assert cluster.kubectl("get", kind, "pp-payper-records", check=False).returncode != 0
 
 
 EXPECTED = {
@@ -248,3 +267,177 @@ def test_each_service_account_can_do_only_what_its_component_needs(
         for doc in rbac:
             if doc["kind"].startswith("Cluster"):
                 cluster.kubectl("delete", doc["kind"].lower(), doc["metadata"]["name"], check=False)
+
+
+def _as_account(cluster: ClusterHandle, namespace: str, account: str, directory: Path) -> list[str]:
+    """kubectl arguments that act as ``account`` with its own token (a kubeconfig of its
+    own: the admin's client certificate would otherwise authenticate first)."""
+    token = cluster.kubectl("create", "token", account, "-n", namespace).stdout.strip()
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    config["users"] = [{"name": account, "user": {"token": token}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = account
+    path = directory / f"{account}.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return [f"--kubeconfig={path}"]
+
+
+def test_only_the_operator_writes_records_whatever_rbac_a_tenant_has(
+    crds_installed: ClusterHandle, namespace: str, tmp_path: Path
+) -> None:
+    """A tenant admin with the common `payper.dev/*` Role tries to forge next hour's record
+    at price 0, edit a record, delete one, and patch its deployment's status."""
+    cluster = crds_installed
+    selector = json.dumps({"matchLabels": {"kubernetes.io/metadata.name": namespace}})
+    out = helm(
+        None,
+        "template",
+        "pp",
+        str(CHART),
+        "-n",
+        namespace,
+        "--set-json",
+        f"recordsPolicy.namespaceSelector={selector}",
+        "-s",
+        "templates/records-admission-policy.yaml",
+        "-s",
+        "templates/records-admission-policy-binding.yaml",
+    ).stdout
+    policy = [d for d in yaml.safe_load_all(out) if d]
+    for doc in policy:  # cluster-scoped: a name of this test's own
+        doc["metadata"]["name"] = f"{namespace}-records"
+        if doc["kind"] == "ValidatingAdmissionPolicyBinding":
+            doc["spec"]["policyName"] = f"{namespace}-records"
+    everything = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "payper-everything"},
+        "rules": [{"apiGroups": ["payper.dev"], "resources": ["*"], "verbs": ["*"]}],
+    }
+    accounts = ["tenant-admin", "pp-payper-operator"]
+    bindings = [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "payper-everything"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "payper-everything",
+            },
+            "subjects": [
+                *({"kind": "ServiceAccount", "name": a, "namespace": namespace} for a in accounts),
+                {
+                    "kind": "Group",
+                    "name": "payper:break-glass",
+                    "apiGroup": "rbac.authorization.k8s.io",
+                },
+            ],
+        }
+    ]
+    cluster.apply_items(
+        [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": a}} for a in accounts]
+        + [everything, *bindings],
+        "-n",
+        namespace,
+    )
+    record = {
+        "apiVersion": "payper.dev/v1alpha1",
+        "kind": "BillingRecord",
+        "metadata": {"name": "llm-next-hour", "namespace": namespace},
+        "spec": {
+            "inferenceDeployment": "llm",
+            "account": namespace,
+            "window": {"start": "2026-11-26T11:00:00Z", "end": "2026-11-26T12:00:00Z"},
+            "plan": "default",
+            "granularity": "1s",
+            "currency": "USD",
+            "pricePerGpuSecond": "0",
+            "reservedPricePerGpuHour": "0",
+            "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+        },
+    }
+    infd = {
+        "apiVersion": "payper.dev/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": "llm", "namespace": namespace},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [{"name": "s", "image": "x", "ports": [{"containerPort": 80}]}]
+                }
+            }
+        },
+    }
+    cluster.apply_items([infd])
+    tenant = _as_account(cluster, namespace, "tenant-admin", tmp_path)
+    operator = _as_account(cluster, namespace, "pp-payper-operator", tmp_path)
+    status_patch = json.dumps({"status": {"readyReplicas": 9}})
+    cluster.apply_items(policy)
+    try:
+
+        def refused(*args: str, input: str | None = None) -> str:
+            result = cluster.kubectl(*args, input=input, check=False)
+            assert result.returncode != 0, (args, result.stdout)
+            return str(result.stderr)
+
+        def policy_enforced() -> bool:
+            result = cluster.kubectl(
+                *tenant, "create", "-f", "-", input=json.dumps(record), check=False
+            )
+            return result.returncode != 0 and "only payper-operator" in result.stderr
+
+        eventually(policy_enforced, 30, 0.5, "the policy to be enforced")
+        message = refused(*tenant, "create", "-f", "-", input=json.dumps(record))
+        assert f"system:serviceaccount:{namespace}:tenant-admin may not create" in message
+        message = refused(
+            *tenant,
+            "patch",
+            "infd",
+            "llm",
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            status_patch,
+        )
+        assert "may not update inferencedeployments/status" in message
+        # The operator's own ServiceAccount may, as may the break-glass group.
+        cluster.kubectl(*operator, "create", "-f", "-", input=json.dumps(record))
+        cluster.kubectl(
+            *operator,
+            "patch",
+            "infd",
+            "llm",
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            status_patch,
+        )
+        for verb in (
+            ["label", "brec", "llm-next-hour", "-n", namespace, "forged=yes"],
+            ["delete", "brec", "llm-next-hour", "-n", namespace],
+        ):
+            assert "only payper-operator" in refused(*tenant, *verb)
+        cluster.kubectl(
+            "label",
+            "brec",
+            "llm-next-hour",
+            "-n",
+            namespace,
+            "audited=yes",
+            "--as=auditor",
+            "--as-group=payper:break-glass",
+        )
+        # Deleting the namespace is not blocked: the namespace controller removes the records.
+        cluster.kubectl(
+            "delete", "namespace", namespace, "--wait=true", "--timeout=120s", timeout=150
+        )
+        gone = cluster.kubectl("get", "namespace", namespace, check=False)
+        assert gone.returncode != 0 and "NotFound" in gone.stderr
+    finally:
+        for doc in policy:
+            cluster.kubectl("delete", doc["kind"].lower(), doc["metadata"]["name"], check=False)
