@@ -524,6 +524,18 @@ async def test_an_operator_away_for_longer_than_a_window_and_grace_loses_nothing
     assert adjustments, "usage of windows closed while the operator was away must be adjustments"
     finals = [r for r in recs if r["status"]["state"] == "Final"]
     assert finals
+    # The state label follows the status (it is set right after the Final status is
+    # written), so start-up lists only Open records.
+    state = "payper.dev/state"
+
+    def labels_follow_states() -> bool:
+        now = records(stack.cluster, namespace)
+        listed = stack.cluster.get_json("brec", "-n", namespace, "-l", f"{state}!=Final")
+        return all(r["metadata"]["labels"][state] == r["status"]["state"] for r in now) and {
+            r["metadata"]["name"] for r in listed["items"]
+        } == {r["metadata"]["name"] for r in now if r["status"]["state"] != "Final"}
+
+    eventually(labels_follow_states, 20, 0.5, "state labels that follow the status")
     for adjustment in adjustments:
         assert adjustment["activeUs"] > 0
         assert "already final" in adjustment["reason"]

@@ -40,6 +40,7 @@ from payper.api.billing_record import (
     FINAL,
     GRANULARITY_MS,
     KIND,
+    OPEN,
     PLURAL,
     BillingRecordSpec,
     BillingRecordStatus,
@@ -56,6 +57,7 @@ from payper.billing.pricing import UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.records import (
     ACCOUNT_LABEL,
     DEPLOYMENT_LABEL,
+    STATE_LABEL,
     WINDOW_LABEL,
     RecordChange,
     RecordKey,
@@ -103,16 +105,23 @@ class Ledger:
         return resource_path("v1", "configmaps", self.namespace, self.config.ledger_config_map)
 
     async def load(self) -> None:
-        """Read the per-agent progress and every open record (after a restart too)."""
+        """Read the per-agent progress and the records not yet Final (after a restart too)."""
         stored = await self.kube.get_or_none(self._ledger_path)
         if stored is not None:
             self._ledger_version = stored["metadata"]["resourceVersion"]
             raw = (stored.get("data") or {}).get("appliedThrough", "{}")
             self.applied_through = {str(k): int(v) for k, v in json.loads(raw).items()}
-        listing = await self.kube.list(resource_path(API_VERSION, PLURAL))
+        # Only records not labelled Final: the rest are done. Records from before the label
+        # existed are listed (the selector matches a missing label) and relabelled below.
+        listing = await self.kube.list(
+            resource_path(API_VERSION, PLURAL), {"labelSelector": f"{STATE_LABEL}!={FINAL}"}
+        )
         for item in listing["items"]:
+            key = (item["metadata"]["namespace"], item["metadata"]["name"])
             if (item.get("status") or {}).get("state") != FINAL:
-                self.records[(item["metadata"]["namespace"], item["metadata"]["name"])] = item
+                self.records[key] = item
+            else:
+                await self._label_final(key, item)
         logger.info(
             "ledger: %d agents, %d open records", len(self.applied_through), len(self.records)
         )
@@ -253,6 +262,7 @@ class Ledger:
                     DEPLOYMENT_LABEL: key.deployment,
                     ACCOUNT_LABEL: key.namespace,
                     WINDOW_LABEL: window_label(key.window_start_ms),
+                    STATE_LABEL: OPEN,
                 },
             },
             "spec": spec.to_wire(),
@@ -371,12 +381,26 @@ class Ledger:
         replaced = await self.kube.replace(self._ledger_path, body)
         self._ledger_version = replaced["metadata"]["resourceVersion"]
 
+    async def _label_final(self, cache_key: tuple[str, str], record: dict[str, Any]) -> None:
+        """Mark a Final record by label, so that start-up no longer lists it. Should this
+        fail, the next start-up lists it and finds it Final by its status: relabelled."""
+        if (record["metadata"].get("labels") or {}).get(STATE_LABEL) == FINAL:
+            return
+        try:
+            await self.kube.patch(
+                resource_path(API_VERSION, PLURAL, *cache_key),
+                {"metadata": {"labels": {STATE_LABEL: FINAL}}},
+            )
+        except ApiError as error:
+            logger.warning("labelling %s/%s Final: %s", *cache_key, error)
+
     async def _finalize(self, now: int) -> None:
         starts = {key: parse_iso(r["spec"]["window"]["start"]) for key, r in self.records.items()}
         for cache_key in flush.closing(starts, self.windows, now):
             record = self.records[cache_key]
             status = BillingRecordStatus.model_validate(record.get("status") or {})
             if status.state == FINAL:
+                await self._label_final(cache_key, record)
                 self.records.pop(cache_key)
                 continue
             spec = BillingRecordSpec.model_validate(record["spec"])
@@ -394,6 +418,7 @@ class Ledger:
                     continue
                 logger.warning("finalizing %s/%s: %s", *cache_key, error)
                 continue
+            await self._label_final(cache_key, record)
             self.records.pop(cache_key)
             metrics.FINALIZED.inc()
             logger.info("record %s/%s is Final", *cache_key)

@@ -25,6 +25,9 @@ from payper.billing.pricing import amount, money, reserved_amount
 from payper.clock import iso, seconds
 
 WINDOW_LABEL = "payper.dev/window-start"
+STATE_LABEL = "payper.dev/state"
+"""Open or Final (a later state, Exported, is for the export work): the operator lists
+only the records it still writes, by label, instead of every record ever written."""
 DEPLOYMENT_LABEL = "payper.dev/inference-deployment"
 ACCOUNT_LABEL = "payper.dev/account"
 
