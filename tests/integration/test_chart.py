@@ -382,9 +382,17 @@ def test_only_the_operator_writes_records_whatever_rbac_a_tenant_has(
             return str(result.stderr)
 
         def policy_enforced() -> bool:
+            # A dry run: were the policy not in force yet, nothing is created.
             result = cluster.kubectl(
-                *tenant, "create", "-f", "-", input=json.dumps(record), check=False
+                *tenant,
+                "create",
+                "--dry-run=server",
+                "-f",
+                "-",
+                input=json.dumps(record),
+                check=False,
             )
+            assert "AlreadyExists" not in result.stderr
             return result.returncode != 0 and "only payper-operator" in result.stderr
 
         eventually(policy_enforced, 30, 0.5, "the policy to be enforced")
