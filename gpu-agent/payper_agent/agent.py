@@ -49,7 +49,9 @@ class Agent:
         self.next_sequence = checkpoint.next_sequence
         self.last_report_end_ms = checkpoint.last_report_end_ms
         self.meter = Meter(
-            resolver, max_period_us=int(MAX_PERIOD_POLLS * settings.poll_interval_s * 1_000_000)
+            resolver,
+            max_period_us=int(MAX_PERIOD_POLLS * settings.poll_interval_s * 1_000_000),
+            poll_interval_ms=round(settings.poll_interval_s * 1000),
         )
         if checkpoint.meter:
             restore(self.meter, checkpoint.meter)

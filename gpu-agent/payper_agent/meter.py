@@ -7,9 +7,14 @@ the poll's time, so an idle stretch never inflates the next dt. It is kept as in
 "percent-microseconds" so nothing is lost to rounding; reports carry whole microseconds
 and carry the remainder forward.
 
-A *burst* is a maximal run of consecutive polls in which a series was active. When a
-burst ends, its active time rounded up to 1 ms, 1 s and 1 min is added to three rounded
-counters: what per-ms, per-second and per-minute billing would charge for the same work.
+Bursts and the rounding rule: at granularity g (1 ms, 1 s, 1 min) a series' burst ends
+only once it has been idle for at least g (counted in whole idle polls); its active time
+is then rounded up to a whole g and added to that granularity's counter: what per-ms,
+per-second and per-minute billing would charge for the same work. Requests closer
+together than g share the unit, so a series is never billed more than its wall-clock time
+plus one unit per record; a lone 200 ms request still pays 0.2 s, 1 s or 60 s. (With 1 s
+polls, 1 ms and 1 s bursts end at the first idle poll.) A burst belongs to the report,
+and so to the billing window, in which it ends. ``bursts`` counts the finest ones.
 
 Garbage is dropped, never guessed: samples with smUtil > 100, for PIDs not running on
 that GPU, or with timestamps not after the last one seen.
@@ -74,8 +79,8 @@ class Series:
     total_x100: int = 0
     """Cumulative active time in percent-microseconds."""
     reported_us: int = 0
-    burst_x100: int = 0
-    in_burst: bool = False
+    open_x100: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRANULARITY_MS, 0))
+    """Active time of the burst still open at each granularity (percent-microseconds)."""
     active_now: bool = False
     rounded_ms: RoundedMs = field(default_factory=RoundedMs)
     """Rounded time of closed bursts not yet reported."""
@@ -101,17 +106,30 @@ class Series:
             "inference_deployment": i.inference_deployment,
         }
 
-    def close_burst(self) -> None:
-        burst_us = self.burst_x100 // 100
-        self.rounded_ms += RoundedMs.model_validate(
-            {
-                name: round_up_ms(burst_us, granularity)
-                for name, granularity in GRANULARITY_MS.items()
-            }
-        )
-        self.bursts += 1
-        self.burst_x100 = 0
-        self.in_burst = False
+    @property
+    def in_burst(self) -> bool:
+        return any(self.open_x100.values())
+
+    def add_active(self, amount_x100: int) -> None:
+        self.total_x100 += amount_x100
+        for name in self.open_x100:
+            self.open_x100[name] += amount_x100
+        self.active_now = True
+
+    def close_bursts(self, idle_ms: int | None = None) -> None:
+        """End the open bursts of every granularity the series has been idle for (all of
+        them when ``idle_ms`` is None), rounding each up to its unit."""
+        closed = {}
+        for name, granularity in GRANULARITY_MS.items():
+            open_x100 = self.open_x100[name]
+            if open_x100 and (idle_ms is None or idle_ms >= granularity):
+                closed[name] = round_up_ms(open_x100 // 100, granularity)
+                self.open_x100[name] = 0
+        if not closed:
+            return
+        self.rounded_ms += RoundedMs.model_validate(closed)
+        if FINEST in closed:
+            self.bursts += 1
 
 
 @dataclass
@@ -121,6 +139,7 @@ class PollResult:
     unmetered: list[str] = field(default_factory=list)
 
 
+FINEST = min(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
 MAX_PERIOD_POLLS = 5
 """A sample covers at most this many poll intervals; the rest of a longer gap is unmetered."""
 
@@ -131,12 +150,15 @@ class Meter:
         resolver: Resolver,
         forget_after_polls: int = 3600,
         max_period_us: int = MAX_PERIOD_POLLS * 1_000_000,
+        poll_interval_ms: int = 1000,
     ) -> None:
         """``max_period_us``: the longest time one sample may account for. After a gap
         (the agent was down, the driver failed) a busy sample would otherwise be taken to
         cover the whole gap: an hour down and one busy second would bill an hour. The
         time beyond it is counted as unmetered, per GPU, and reported as such."""
         self.resolver = resolver
+        self.poll_interval_ms = poll_interval_ms
+        """Idle time is counted in whole polls of this length (bursts end by it)."""
         self.forget_after_polls = forget_after_polls
         self.max_period_us = max_period_us
         self.unmetered_us = 0
@@ -205,11 +227,7 @@ class Meter:
                 if identity is None:
                     self.unattributed_x100 += amount
                     continue
-                series = self._series(identity, gpu, sample.device)
-                series.total_x100 += amount
-                series.burst_x100 += amount
-                series.in_burst = True
-                series.active_now = True
+                self._series(identity, gpu, sample.device).add_active(amount)
             self.last_seen_us[gpu.uuid] = newest or now
         self.resolver.forget_pids_except(running_anywhere)
         self._end_of_poll()
@@ -228,10 +246,13 @@ class Meter:
             if series.active_now:
                 series.idle_polls = 0
                 continue
-            if series.in_burst:
-                series.close_burst()
             series.idle_polls += 1
-            settled = series.total_x100 // 100 == series.reported_us and series.bursts == 0
+            series.close_bursts(series.idle_polls * self.poll_interval_ms)
+            settled = (
+                series.total_x100 // 100 == series.reported_us
+                and series.bursts == 0
+                and not series.in_burst
+            )
             if settled and series.idle_polls > self.forget_after_polls:
                 stale.append(key)
         for key in stale:
@@ -239,8 +260,7 @@ class Meter:
 
     def close_all_bursts(self) -> None:
         for series in self.series.values():
-            if series.in_burst:
-                series.close_burst()
+            series.close_bursts()
 
 
 def snapshot(meter: Meter) -> dict[str, Any]:
@@ -259,8 +279,8 @@ def snapshot(meter: Meter) -> dict[str, Any]:
                 "product": s.product,
                 "totalX100": s.total_x100,
                 "reportedUs": s.reported_us,
-                "burstX100": s.burst_x100,
-                "inBurst": s.in_burst,
+                "openX100": dict(s.open_x100),
+                "idlePolls": s.idle_polls,
                 "roundedMs": s.rounded_ms.to_wire(),
                 "bursts": s.bursts,
                 "reportedRoundedMs": s.reported_rounded_ms.to_wire(),
@@ -286,11 +306,19 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             product=str(item["product"]),
             total_x100=int(item["totalX100"]),
             reported_us=int(item["reportedUs"]),
-            burst_x100=int(item["burstX100"]),
-            in_burst=bool(item["inBurst"]),
+            open_x100=_open_bursts(item),
+            idle_polls=int(item.get("idlePolls", 0)),
             rounded_ms=RoundedMs.model_validate(item["roundedMs"]),
             bursts=int(item["bursts"]),
             reported_rounded_ms=RoundedMs.model_validate(item.get("reportedRoundedMs", {})),
             reported_bursts=int(item.get("reportedBursts", 0)),
         )
         meter.series[series.key] = series
+
+
+def _open_bursts(item: Mapping[str, Any]) -> dict[str, int]:
+    """Open bursts per granularity; a checkpoint from before the rounding rule has one
+    open burst (``burstX100``), the same at every granularity."""
+    if "openX100" in item:
+        return {name: int(item["openX100"][name]) for name in GRANULARITY_MS}
+    return dict.fromkeys(GRANULARITY_MS, int(item.get("burstX100", 0)))

@@ -18,7 +18,7 @@ from pydantic.alias_generators import to_camel
 
 from payper.api.common import field_errors
 from payper_agent.backends import Gpu
-from payper_agent.meter import KnownPids, Meter, SeriesIdentity
+from payper_agent.meter import MAX_PERIOD_POLLS, KnownPids, Meter, SeriesIdentity
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend
 
 MAX_DURATION_MS = 31 * 24 * 3600 * 1000
@@ -104,7 +104,12 @@ def run(scenario: Scenario) -> dict[str, Any]:
                 pod.namespace, pod.name, pod.uid, pod.container, pod.inference_deployment
             )
         backend.processes[process.pid] = SimProcess(process.pid, process.gpu, intervals, None)
-    meter = Meter(KnownPids(identities), forget_after_polls=2**62)
+    meter = Meter(
+        KnownPids(identities),
+        forget_after_polls=2**62,
+        max_period_us=MAX_PERIOD_POLLS * scenario.poll_interval_ms * 1000,
+        poll_interval_ms=scenario.poll_interval_ms,
+    )
     step = scenario.poll_interval_ms * 1000
     end = scenario.duration_ms * 1000
     backend.clock_us = 0

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from payper.api.billing_record import GRANULARITY_MS
 from payper_agent import replay
@@ -52,10 +54,24 @@ def duty_cycle(rng: random.Random, burst_ms: int, duty: float, count: int) -> li
     return intervals
 
 
+def bursts_at(intervals: list[list[int]], granularity_ms: int) -> list[int]:
+    """Active ms of each burst at a granularity: intervals closer than it share a burst
+    (the scenarios keep every gap a few polls away from each granularity)."""
+    bursts: list[int] = []
+    last_end: int | None = None
+    for start, end in intervals:
+        if last_end is not None and start - last_end < granularity_ms:
+            bursts[-1] += end - start
+        else:
+            bursts.append(end - start)
+        last_end = end
+    return bursts
+
+
 def truth(intervals: list[list[int]]) -> tuple[int, dict[str, int]]:
     active = sum(end - start for start, end in intervals)
     rounded = {
-        name: sum(round_up_ms((e - s) * 1000, g) for s, e in intervals)
+        name: sum(round_up_ms(ms * 1000, g) for ms in bursts_at(intervals, g))
         for name, g in GRANULARITY_MS.items()
     }
     return active, rounded
@@ -157,7 +173,8 @@ def test_the_example_from_the_docs(tmp_path: Path) -> None:
                 "gpu": "GPU-1b2c",
                 "activeMs": 2700,
                 "bursts": 2,
-                "roundedMs": {"1ms": 2700, "1s": 4000, "1m": 120000},
+                # 200 ms and 2.5 s, 3.8 s apart: two bursts at 1 ms and 1 s, one at 1 min.
+                "roundedMs": {"1ms": 2700, "1s": 4000, "1m": 60000},
             }
         ],
         "unattributedMs": 0,
@@ -195,3 +212,39 @@ def test_bad_scenarios_name_the_field(tmp_path: Path, change: dict[str, Any], me
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@st.composite
+def busy_intervals(draw: st.DrawFn) -> list[list[int]]:
+    """Requests of 20 ms to 90 s (shorter ones are below the driver's 1 % resolution of
+    a 1 s sample), with idle gaps of 1 ms to 3 minutes, over up to ~20 minutes."""
+    intervals, t = [], draw(st.integers(POLL_MS, 6_000))
+    for _ in range(draw(st.integers(1, 12))):
+        length = draw(st.integers(20, 90_000))
+        intervals.append([t, t + length])
+        t += length + draw(st.integers(1, 180_000))
+    return intervals
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(busy_intervals())
+def test_a_series_is_never_billed_more_than_its_wall_clock_time_plus_one_unit(
+    intervals: list[list[int]],
+) -> None:
+    """The rounding rule's promise, at every granularity: a burst ends only after a unit
+    of idleness, so the units billed cover the wall-clock span of the work plus at most
+    one unit (and the meter's view of that span extends by at most a poll each side)."""
+    end = intervals[-1][1] + 2 * 60_000 + 3 * POLL_MS
+    result = replay.run(
+        scenario([{"pid": 10, "gpu": "GPU-0", "pod": pod("p"), "busy": intervals}], end)
+    )
+    (container,) = result["containers"]
+    span_ms = intervals[-1][1] - intervals[0][0]
+    for name, unit_ms in GRANULARITY_MS.items():
+        billed = container["roundedMs"][name]
+        assert billed <= span_ms + 2 * POLL_MS + unit_ms, (name, billed, span_ms)
+        assert billed >= container["activeMs"] - 10, "never less than the active time"
+        assert billed % unit_ms == 0
+    # A lone request still pays a whole unit at each granularity (the seed's example).
+    if len(intervals) == 1 and intervals[0][1] - intervals[0][0] <= 1_000:
+        assert container["roundedMs"]["1m"] == 60_000
