@@ -26,7 +26,13 @@ import pytest
 from payper.api.inference_deployment import POD_LABEL
 from payper_dev.loopback import http_ok
 from payper_dev.testing.cluster import ClusterHandle, eventually
-from payper_dev.testing.stack import Stack, StackOptions, inference_deployment, running
+from payper_dev.testing.stack import (
+    SYSTEM_NAMESPACE,
+    Stack,
+    StackOptions,
+    inference_deployment,
+    running,
+)
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 H100_PRICE = Decimal("0.0012")  # the default plan, 1 s granularity
@@ -205,6 +211,30 @@ async def test_operator_and_agents_killed_mid_flight_lose_and_repeat_nothing(
     assert {s for r in results[:2] for s in r} == {200}
     await stack.settle()
     assert_records_equal_truth(stack, namespace, ["gamma", "delta"])
+
+
+async def test_a_progress_save_whose_answer_was_lost_does_not_stall_acknowledgements(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """The progress ConfigMap changes under the operator (as when a save commits but its
+    answer is lost, so the operator still holds the old resourceVersion): the next save
+    conflicts, re-reads, merges by maximum and goes on; nothing stalls or is lost."""
+    stack.deploy(namespace, model("acks"))
+    rng = random.Random(11)
+    first = await traffic(http, stack, namespace, "acks", rng, 6)
+    progress = ["configmap", "payper-usage-ledger", "-n", SYSTEM_NAMESPACE]
+    await asyncio.to_thread(
+        eventually,
+        lambda: stack.cluster.kubectl("get", *progress, check=False).returncode == 0,
+        30,
+        0.2,
+        "the progress ConfigMap",
+    )
+    stack.cluster.kubectl("annotate", *progress, "test.payper.dev/moved=yes", "--overwrite")
+    second = await traffic(http, stack, namespace, "acks", rng, 8)
+    assert set(first + second) == {200}
+    await stack.settle()
+    assert_records_equal_truth(stack, namespace, ["acks"])
 
 
 def agent_token(stack: Stack, node: str) -> str:

@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from payper.api.billing_record import BillingRecordSpec, BillingRecordStatus, RoundedMs
+from payper.api.billing_record import (
+    MAX_POD_INTERVALS,
+    BillingRecordSpec,
+    BillingRecordStatus,
+    RoundedMs,
+)
 from payper.billing import flush
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents
@@ -288,3 +293,22 @@ def test_tenants_never_choose_their_price(
 def test_plan_references_are_checked_at_start(billing: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):
         BillingConfig.model_validate(billing)
+
+
+def test_a_thousand_and_one_churned_pods_keep_the_record_writable_and_exact() -> None:
+    """A tenant churns pods through one window to push the record past its bound of pod
+    intervals (which would make it unwritable and stall the node's agents)."""
+    spans = {
+        f"u{i:04d}": PodSpan(f"u{i:04d}", f"llm-{i}", 1, 1_000 + i * 10, 1_000 + i * 10 + 5_000)
+        for i in range(1_001)
+    }
+    status = BillingRecordStatus()
+    for batch in (dict(list(spans.items())[:600]), dict(list(spans.items())[600:])):
+        status, _ = apply(status, SPEC, RecordChange(pods=batch), 2_000_000)
+    assert len(status.pod_intervals) <= MAX_POD_INTERVALS
+    assert status.folded_pods == 1_001 - len(status.pod_intervals)
+    assert status.provisioned_ms == 1_001 * 5_000, "nothing lost to folding"
+    assert min(p.uid for p in status.pod_intervals) == "u0001", "the earliest ended folded"
+    again, _ = apply(status, SPEC, RecordChange(pods={"u1000": spans["u1000"]}), 2_000_001)
+    assert again.provisioned_ms == status.provisioned_ms, "re-applying a span changes nothing"
+    BillingRecordStatus.model_validate(again.to_wire())  # within every bound of the CRD

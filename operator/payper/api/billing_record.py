@@ -148,6 +148,10 @@ class BillingRecordStatus(ApiModel):
     pod_intervals: Annotated[list[PodInterval], Field(max_length=MAX_POD_INTERVALS)] = Field(
         default_factory=list
     )
+    folded_pods: Count = 0
+    """Pods whose intervals were folded away (the earliest ended first) to keep
+    ``podIntervals`` within its bound; their provisioned time is in ``foldedProvisionedMs``."""
+    folded_provisioned_ms: Millis = 0
     last_update_time: datetime | None = None
     finalized_at: datetime | None = None
 

@@ -109,8 +109,7 @@ class Ledger:
         stored = await self.kube.get_or_none(self._ledger_path)
         if stored is not None:
             self._ledger_version = stored["metadata"]["resourceVersion"]
-            raw = (stored.get("data") or {}).get("appliedThrough", "{}")
-            self.applied_through = {str(k): int(v) for k, v in json.loads(raw).items()}
+            self.applied_through = _progress_of(stored)
         # Only records not labelled Final: the rest are done. Records from before the label
         # existed are listed (the selector matches a missing label) and relabelled below.
         listing = await self.kube.list(
@@ -219,9 +218,9 @@ class Ledger:
         progress = flush.acknowledge(planned, self.applied_through, failed)
         advanced = sum(progress[a] - self.applied_through.get(a, 0) for a in progress)
         if advanced:
-            self.applied_through = progress
+            # Acknowledged (the futures answer from applied_through) only once durable.
+            self.applied_through = await self._save_progress(progress)
             metrics.USAGE_REPORTS.labels("applied").inc(advanced)
-            await self._save_progress()
         await self._finalize(now)
 
     # -- records -----------------------------------------------------------------------
@@ -353,7 +352,30 @@ class Ledger:
             if money_delta > 0:
                 metric.labels(*labels, spec.currency).inc(float(money_delta))
 
-    async def _save_progress(self) -> None:
+    async def _save_progress(self, progress: dict[str, int]) -> dict[str, int]:
+        """Store the per-agent progress; returns what is now durable.
+
+        Optimistic concurrency on the ConfigMap's resourceVersion. A conflict (a save
+        that committed although its answer was lost, or another writer) is resolved by
+        reading the stored progress and merging by maximum: progress only ever grows,
+        and every sequence in either copy was applied to every record it touches.
+        """
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                return await self._write_progress(progress)
+            except ApiError as error:
+                if not error.conflict:
+                    raise
+            existing = await self.kube.get(self._ledger_path)
+            self._ledger_version = existing["metadata"]["resourceVersion"]
+            stored = _progress_of(existing)
+            progress = {
+                agent: max(progress.get(agent, 0), stored.get(agent, 0))
+                for agent in {*progress, *stored}
+            }
+        raise ApiError(409, {"reason": "Conflict"}, "SAVE", "progress: too many conflicts")
+
+    async def _write_progress(self, progress: dict[str, int]) -> dict[str, int]:
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -362,24 +384,18 @@ class Ledger:
                 "namespace": self.namespace,
                 "labels": {"app.kubernetes.io/part-of": "payper"},
             },
-            "data": {"appliedThrough": json.dumps(self.applied_through, sort_keys=True)},
+            "data": {"appliedThrough": json.dumps(progress, sort_keys=True)},
         }
         if self._ledger_version is None:
-            try:
-                created = await self.kube.create(
-                    resource_path("v1", "configmaps", self.namespace), body
-                )
-                self._ledger_version = created["metadata"]["resourceVersion"]
-                return
-            except ApiError as error:
-                if not error.conflict:
-                    raise
-                existing = await self.kube.get(self._ledger_path)
-                self._ledger_version = existing["metadata"]["resourceVersion"]
+            created = await self.kube.create(
+                resource_path("v1", "configmaps", self.namespace), body
+            )  # a conflict here: someone created it first; the caller merges
+            self._ledger_version = created["metadata"]["resourceVersion"]
+            return progress
         body["metadata"]["resourceVersion"] = self._ledger_version
-        # A conflict here means another operator is writing: stop rather than overwrite.
         replaced = await self.kube.replace(self._ledger_path, body)
         self._ledger_version = replaced["metadata"]["resourceVersion"]
+        return progress
 
     async def _label_final(self, cache_key: tuple[str, str], record: dict[str, Any]) -> None:
         """Mark a Final record by label, so that start-up no longer lists it. Should this
@@ -422,3 +438,8 @@ class Ledger:
             self.records.pop(cache_key)
             metrics.FINALIZED.inc()
             logger.info("record %s/%s is Final", *cache_key)
+
+
+def _progress_of(config_map: dict[str, Any]) -> dict[str, int]:
+    raw = (config_map.get("data") or {}).get("appliedThrough", "{}")
+    return {str(agent): int(sequence) for agent, sequence in json.loads(raw).items()}

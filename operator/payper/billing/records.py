@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from payper.api.billing_record import (
+    MAX_POD_INTERVALS,
     Adjustment,
     BillingRecordSpec,
     BillingRecordStatus,
@@ -127,7 +128,8 @@ def apply(
             end_ms=span.end_ms if current is None else max(current.end_ms, span.end_ms),
         )
 
-    provisioned = sum((p.end_ms - p.start_ms) * p.gpus for p in pods.values())
+    kept, folded_pods, folded_ms = _fold(pods, status.folded_pods, status.folded_provisioned_ms)
+    provisioned = folded_ms + sum((p.end_ms - p.start_ms) * p.gpus for p in kept)
     active_ms = _millis(active_us)
     billed = rounded.at(spec.granularity)
     updated = status.model_copy(
@@ -148,13 +150,34 @@ def apply(
             ),
             "last_applied_sequence": last,
             "adjustments": [adjustments[k] for k in sorted(adjustments)],
-            "pod_intervals": sorted(pods.values(), key=lambda p: (p.start_ms, p.uid)),
+            "pod_intervals": sorted(kept, key=lambda p: (p.start_ms, p.uid)),
+            "folded_pods": folded_pods,
+            "folded_provisioned_ms": folded_ms,
             "last_update_time": datetime.fromtimestamp(now_ms / 1000, UTC),
         }
     )
     # model_copy does not validate: validating the result keeps every constraint of the
     # CRD (bounds, patterns, list sizes) checked here, before the API server sees it.
     return BillingRecordStatus.model_validate(updated.model_dump()), applied
+
+
+def _fold(
+    pods: dict[str, PodInterval], folded_pods: int, folded_ms: int
+) -> tuple[list[PodInterval], int, int]:
+    """At most MAX_POD_INTERVALS intervals stay listed; beyond that (pods churned through
+    the window) the earliest ended ones are folded into two totals, so the record stays
+    writable and its provisioned time exact. A folded pod is one that ended long ago:
+    a running pod ends last and is never the one folded."""
+    listed = sorted(pods.values(), key=lambda p: (p.end_ms, p.uid))
+    excess = len(listed) - MAX_POD_INTERVALS
+    if excess <= 0:
+        return listed, folded_pods, folded_ms
+    folded = listed[:excess]
+    return (
+        listed[excess:],
+        folded_pods + len(folded),
+        folded_ms + sum((p.end_ms - p.start_ms) * p.gpus for p in folded),
+    )
 
 
 def same_totals(a: BillingRecordStatus, b: BillingRecordStatus) -> bool:
