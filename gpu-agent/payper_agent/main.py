@@ -111,7 +111,12 @@ async def run(args: argparse.Namespace) -> int:
     )
     tls = ssl.create_default_context(cafile=args.operator_ca) if args.operator_ca else None
     sender = Sender(
-        agent.store, args.operator_url, TokenFile(args.token_file), args.retention * 1000, tls
+        agent.store,
+        args.node,
+        args.operator_url,
+        TokenFile(args.token_file),
+        args.retention * 1000,
+        tls,
     )
     agent.on_report = sender.wakeup.set
     kube = Kube.connect(args.kubeconfig)

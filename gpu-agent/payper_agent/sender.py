@@ -5,7 +5,9 @@ highest sequence per agent id it has applied (or recognised as already applied);
 sender then deletes those files. Failures back off exponentially with jitter and never
 touch sampling. A report the operator rejects as malformed (400) is retried alone, then
 set aside and counted as dropped; reports older than the retention are dropped and
-counted too. Nothing disappears without a metric and a log line.
+counted too. A dropped report leaves a gap marker under its sequence (no series, the lost
+GPU time and why), which the operator applies as an audited loss: the sequence never
+stalls. Nothing disappears without a metric and a log line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Sender:
     def __init__(
         self,
         store: Store,
+        node: str,
         operator_url: str,
         token: TokenFile,
         retention_ms: int = 24 * 3600 * 1000,
@@ -42,6 +45,7 @@ class Sender:
         timeout_s: float = 30.0,
     ) -> None:
         self.store = store
+        self.node = node
         self.url = operator_url.rstrip("/") + "/v1/usage"
         self.token = token
         self.retention_ms = retention_ms
@@ -56,14 +60,15 @@ class Sender:
         expired = self.store.expired(pending, now_ms(), self.retention_ms)
         for report in expired:
             self._drop(report, "retention")
-        gone = {report.path for report in expired}
-        return [report for report in pending if report.path not in gone]
+        return self.store.pending() if expired else pending
 
     def _drop(self, pending: PendingReport, reason: str) -> None:
         active_us = 0
+        marker = False
         try:
             report = self.store.read(pending)
             active_us = sum(int(s.get("activeUs", 0)) for s in report.get("series", []))
+            marker = self.store.is_gap_marker(report)
         except (OSError, ValueError, KeyError):
             pass
         metrics.DROPPED_REPORTS.labels(reason).inc()
@@ -74,7 +79,10 @@ class Sender:
             reason,
             active_us / 1e6,
         )
-        self.store.reject(pending)
+        if marker:  # a marker the operator refuses: keep it for audit, and stop resending it
+            self.store.reject(pending, suffix=".gap-marker")
+        else:
+            self.store.replace_with_gap_marker(pending, self.node, active_us, reason)
 
     async def _post(
         self, session: aiohttp.ClientSession, reports: list[dict[str, Any]]

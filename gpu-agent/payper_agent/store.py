@@ -179,8 +179,35 @@ class Store:
                 removed += 1
         return removed
 
-    def reject(self, pending: PendingReport) -> None:
-        os.replace(pending.path, self.rejected / pending.path.name)
+    def reject(self, pending: PendingReport, suffix: str = "") -> None:
+        os.replace(pending.path, self.rejected / (pending.path.name + suffix))
+
+    def replace_with_gap_marker(
+        self, pending: PendingReport, node: str, lost_us: int, reason: str
+    ) -> None:
+        """Set a report aside (kept for audit) and leave, under its sequence, a marker
+        that says how much usage was lost and why: the operator's ledger then moves past
+        the sequence and records the loss, instead of waiting forever for the report."""
+        try:
+            original = self.read(pending)
+        except (OSError, ValueError, KeyError):
+            original = {}
+        marker = {
+            "agentId": pending.agent_id,
+            "sequence": pending.sequence,
+            "node": original.get("node", node),
+            "intervalStartMs": original.get("intervalStartMs", 0),
+            "intervalEndMs": original.get("intervalEndMs", 0),
+            "series": [],
+            "lostUs": lost_us,
+            "lostReason": reason,
+        }
+        self.reject(pending)
+        atomic_write(pending.path, json.dumps({"report": marker}).encode())
+
+    @staticmethod
+    def is_gap_marker(report: dict[str, Any]) -> bool:
+        return report.get("lostReason") is not None
 
     def expired(
         self, pending_reports: list[PendingReport], now_ms: int, retention_ms: int
@@ -189,7 +216,11 @@ class Store:
         old = []
         for pending in pending_reports:
             try:
-                if self.read(pending)["intervalEndMs"] < now_ms - retention_ms:
+                report = self.read(pending)
+                # A gap marker never expires: it is what tells the operator of a loss.
+                if report["intervalEndMs"] < now_ms - retention_ms and not self.is_gap_marker(
+                    report
+                ):
                     old.append(pending)
             except (OSError, ValueError, KeyError):
                 old.append(pending)

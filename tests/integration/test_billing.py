@@ -32,6 +32,7 @@ from payper_dev.testing.stack import (
     StackOptions,
     inference_deployment,
     running,
+    scraped_sum,
 )
 
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -321,6 +322,42 @@ async def test_resends_and_out_of_order_reports_apply_exactly_once(
     assert totals["bursts"] == 3
     assert totals["1s"] == 2000 + 1000 + 3000
     assert totals["amount"] == H100_PRICE * 6
+
+
+async def test_a_report_the_agent_dropped_is_an_audited_gap_not_a_stall(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """Report 2 was dropped by the agent (past retention): its gap marker stands in for
+    it, the ledger records the loss and applies report 3 instead of waiting forever."""
+    token = agent_token(stack, "gpu-node-0")
+    agent = f"gap-agent-{namespace[-6:]}"
+    marker = {
+        **report(agent, 2, namespace, "holey", 0),
+        "series": [],
+        "lostUs": 250_000,
+        "lostReason": "retention",
+    }
+    lost = ("payper_usage_lost_seconds_total", {"node": "gpu-node-0", "reason": "retention"})
+
+    def lost_seconds() -> float:
+        return scraped_sum(stack.metrics_url, lost[0], lost[1])
+
+    before = lost_seconds()
+    batch = [report(agent, 1, namespace, "holey", 1_500_000), marker]
+    batch.append(report(agent, 3, namespace, "holey", 2_000_001))
+    assert await post_usage(http, stack, token, {"reports": batch}) == (
+        200,
+        {"acked": {agent: 3}},
+    )
+    totals = record_totals(stack.cluster, namespace)["holey"]
+    assert totals["activeUs"] == 3_500_001, "reports 1 and 3; nothing of the lost one"
+    assert lost_seconds() - before == pytest.approx(0.25)
+    # The marker resent (the agent did not see the answer) changes nothing.
+    assert await post_usage(http, stack, token, {"reports": [marker]}) == (
+        200,
+        {"acked": {agent: 3}},
+    )
+    assert record_totals(stack.cluster, namespace)["holey"]["activeUs"] == 3_500_001
 
 
 async def test_usage_from_the_wrong_caller_or_payload_changes_nothing(

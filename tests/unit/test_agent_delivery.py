@@ -81,6 +81,7 @@ async def test_every_report_is_applied_exactly_once_in_order(tmp_path: Path) -> 
     await receiver.start()
     sender = Sender(
         store,
+        "node-a",
         f"http://127.0.0.1:{receiver.port}",
         TokenFile(tmp_path / "token"),
         backoff_base_s=0.01,
@@ -130,11 +131,13 @@ async def test_a_malformed_report_is_set_aside_and_counted(tmp_path: Path) -> No
         store.write_report(report("agent-b", sequence, active_us=2_000_000), checkpoint)
     (tmp_path / "token").write_text("t")
     last: dict[str, int] = {}
+    markers: list[dict[str, Any]] = []
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.json()
-        if any(r["sequence"] == 2 for r in body["reports"]):
+        if any(r["sequence"] == 2 and r["series"] for r in body["reports"]):
             return web.json_response({"error": "reports.0.series: bad"}, status=400)
+        markers.extend(r for r in body["reports"] if r.get("lostReason"))
         for item in body["reports"]:
             last[item["agentId"]] = item["sequence"]
         return web.json_response({"acked": last})
@@ -146,7 +149,7 @@ async def test_a_malformed_report_is_set_aside_and_counted(tmp_path: Path) -> No
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     before = metrics.DROPPED_USAGE_SECONDS.labels("rejected-400")._value.get()
-    sender = Sender(store, f"http://127.0.0.1:{port}", TokenFile(tmp_path / "token"))
+    sender = Sender(store, "node-a", f"http://127.0.0.1:{port}", TokenFile(tmp_path / "token"))
     async with __import__("aiohttp").ClientSession() as session:
         for _ in range(6):
             if not store.pending():
@@ -160,6 +163,11 @@ async def test_a_malformed_report_is_set_aside_and_counted(tmp_path: Path) -> No
     assert metrics.DROPPED_USAGE_SECONDS.labels(
         "rejected-400"
     )._value.get() - before == pytest.approx(2.0)
+    # In its place the operator got a gap marker: sequence 2, no series, the loss and why.
+    assert [(m["sequence"], m["series"], m["lostUs"], m["lostReason"]) for m in markers] == [
+        (2, [], 2_000_000, "rejected-400")
+    ]
+    assert last == {"agent-b": 3}, "the sequence went on past the dropped report"
 
 
 def test_reports_past_retention_are_dropped_and_counted(tmp_path: Path) -> None:
@@ -172,11 +180,21 @@ def test_reports_past_retention_are_dropped_and_counted(tmp_path: Path) -> None:
     store.write_report(old, checkpoint)
     store.write_report(report("agent-c", 2), checkpoint)
     (tmp_path / "token").write_text("t")
-    sender = Sender(store, "http://127.0.0.1:9", TokenFile(tmp_path / "token"), retention_ms=1000)
+    sender = Sender(
+        store, "node-a", "http://127.0.0.1:9", TokenFile(tmp_path / "token"), retention_ms=1000
+    )
     before = metrics.DROPPED_REPORTS.labels("retention")._value.get()
     before_s = metrics.DROPPED_USAGE_SECONDS.labels("retention")._value.get()
     kept = sender._drop_expired(store.pending())
-    assert [p.sequence for p in kept] == [p.sequence for p in store.pending()] == [2]
+    assert [p.sequence for p in kept] == [p.sequence for p in store.pending()] == [1, 2]
+    marker = store.read(kept[0])
+    assert (marker["series"], marker["lostUs"], marker["lostReason"]) == (
+        [],
+        3_000_000,
+        "retention",
+    )
+    assert sender._drop_expired(store.pending()) == kept, "a gap marker never expires"
+    assert [p.name for p in (tmp_path / "rejected").iterdir()] == ["agent-c-000000000001.json"]
     assert metrics.DROPPED_REPORTS.labels("retention")._value.get() - before == 1
     assert metrics.DROPPED_USAGE_SECONDS.labels("retention")._value.get() - before_s == 3.0
 

@@ -37,15 +37,16 @@ MODEL_PROFILE = "model"
 AGENT_POLL_MS = 1000
 
 
-def scraped_sum(url: str, sample: str) -> float:
-    """The sum of a sample's values over all its series at a /metrics URL (0 if absent or
-    unreachable: counters a test waits on only grow)."""
+def scraped_sum(url: str, sample: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of a sample's values over its series (those with ``labels``) at a /metrics
+    URL; 0 if absent or unreachable: counters a test waits on only grow."""
     metrics = get_text(url) or ""
+    wanted = (labels or {}).items()
     return sum(
         s.value
         for family in text_string_to_metric_families(metrics)
         for s in family.samples
-        if s.name == sample
+        if s.name == sample and wanted <= s.labels.items()
     )
 
 

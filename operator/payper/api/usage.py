@@ -50,6 +50,11 @@ class UsageReport(ApiModel):
     """GPU time of processes that belong to no pod: reported, never billed."""
     unmetered_gpus: Annotated[list[ShortString], Field(max_length=64)] = Field(default_factory=list)
     """GPUs the agent could not meter in this interval (e.g. MIG without GPM)."""
+    lost_us: Micros = 0
+    """Set on a *gap marker*: the agent dropped this sequence's report (past retention,
+    or refused as malformed) and sends this, without series, in its place, so the ledger
+    moves on and the loss is audited at its known size instead of a silent gap."""
+    lost_reason: ShortString | None = None
     unmetered_us: Micros = 0
     """GPU time (summed over GPUs) no sample accounted for: gaps longer than a few polls
     (the agent down, driver errors) are not billed, they are reported here."""

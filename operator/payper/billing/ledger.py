@@ -195,6 +195,16 @@ class Ledger:
         metrics.USAGE_REPORTS.labels("out_of_order").inc(selection.out_of_order)
         for report in selection.accepted:
             metrics.USAGE_LAG.observe(max(0, now - report.interval_end_ms) / 1000)
+            if report.lost_reason is not None:
+                metrics.USAGE_LOST.labels(report.node, report.lost_reason).inc(report.lost_us / 1e6)
+                logger.warning(
+                    "agent %s on %s dropped report %d (%s): %.3f GPU-seconds lost, not billed",
+                    report.agent_id,
+                    report.node,
+                    report.sequence,
+                    report.lost_reason,
+                    report.lost_us / 1e6,
+                )
         for deployment, count in planned.held_requests.items():  # counted at the next flush
             self.events.requests[deployment] = self.events.requests.get(deployment, 0) + count
         for deployment, count in planned.held_cold_starts.items():

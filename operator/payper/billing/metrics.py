@@ -56,6 +56,12 @@ USAGE_LAG = Histogram(
     "Time from the end of a report's interval to its application in the ledger.",
     buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 900, 3600, 86400),
 )
+USAGE_LOST = Counter(
+    "payper_usage_lost_seconds_total",
+    "GPU time agents measured but dropped before delivery (their gap markers): an audited "
+    "loss of known size, never billed, never a stalled sequence.",
+    ("node", "reason"),
+)
 FLUSH_DURATION = Histogram(
     "payper_billing_flush_duration_seconds",
     "Time one ledger flush takes (records written, progress saved); near the flush "
