@@ -20,9 +20,8 @@ from typing import Any
 
 from payper.api.inference_deployment import InferenceDeploymentSpec
 from payper.gateway import metrics
-from payper.observed import PodView
+from payper.observed import Key, PodView
 
-Key = tuple[str, str]
 API_KEY_SECRET_TYPE = "payper.dev/api-keys"
 
 
