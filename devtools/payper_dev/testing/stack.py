@@ -28,11 +28,25 @@ from payper.api.billing_record import GRANULARITY_MS
 from payper.clock import now_ms
 from payper.identity import DEFAULT_AUDIENCE
 from payper.kube import WARNINGS_ENV
-from payper_dev.cluster import pki, podrunner
+from payper_dev.cluster import binaries, pki, podrunner
 from payper_dev.loopback import free_port, get_text, http_ok
 from payper_dev.testing.cluster import ClusterHandle, eventually
 
 SYSTEM_NAMESPACE = "payper-system"
+CHART = Path(__file__).resolve().parents[3] / "charts" / "payper"
+RBAC_TEMPLATES = (
+    "operator-serviceaccount.yaml",
+    "operator-clusterrole.yaml",
+    "operator-clusterrolebinding.yaml",
+    "operator-role.yaml",
+    "operator-rolebinding.yaml",
+    "gateway-serviceaccount.yaml",
+    "gateway-clusterrole.yaml",
+    "gateway-clusterrolebinding.yaml",
+    "agent-serviceaccount.yaml",
+    "agent-clusterrole.yaml",
+    "agent-clusterrolebinding.yaml",
+)
 MODEL_PROFILE = "model"
 AGENT_POLL_MS = 1000
 
@@ -188,34 +202,64 @@ class Stack:
 
     # -- identities --------------------------------------------------------------------
     def ensure_system(self) -> None:
-        manifest = [
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NAMESPACE}},
-            *(
-                {
-                    "apiVersion": "v1",
-                    "kind": "ServiceAccount",
-                    "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE},
-                }
-                for name in ("payper-operator", "payper-gateway", "payper-agent")
-            ),
-        ]
-        self.cluster.apply_items(manifest)
+        """The system namespace, and the chart's own ServiceAccounts and RBAC for the
+        operator, the gateway and the agents (rendered by helm, as a user installs them):
+        the stack's components run as those accounts, so the chart's roles are what
+        every end-to-end test exercises."""
+        namespace = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": SYSTEM_NAMESPACE},
+        }
+        self.cluster.apply_items([namespace])
+        rendered = subprocess.run(
+            [
+                binaries.binary("helm"),
+                "template",
+                "payper",
+                str(CHART),
+                "-n",
+                SYSTEM_NAMESPACE,
+                "--set",
+                "fullnameOverride=payper",
+                *(f"--show-only=templates/{name}" for name in RBAC_TEMPLATES),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        self.cluster.apply_items([doc for doc in yaml.safe_load_all(rendered) if doc])
+
+    def kubeconfig_of(self, service_account: str) -> Path:
+        """A kubeconfig that authenticates as a ServiceAccount of the system namespace."""
+        config = yaml.safe_load(self.cluster.kubeconfig.read_text())
+        token = self.token(service_account, audience=None)
+        config["users"] = [{"name": service_account, "user": {"token": token}}]
+        for context in config["contexts"]:
+            context["context"]["user"] = service_account
+        path = self.workdir / f"{service_account}.kubeconfig"
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
 
     def token(
         self,
         service_account: str,
         namespace: str = SYSTEM_NAMESPACE,
-        audience: str = DEFAULT_AUDIENCE,
+        audience: str | None = DEFAULT_AUDIENCE,
         bound_pod: str | None = None,
     ) -> str:
+        """A token of ``service_account``: for ``audience`` (None: the API server's own)."""
         bound = ["--bound-object-kind=Pod", f"--bound-object-name={bound_pod}"] if bound_pod else []
+        audiences = [f"--audience={audience}"] if audience else []
         return self.cluster.kubectl(
             "create",
             "token",
             service_account,
             "-n",
             namespace,
-            f"--audience={audience}",
+            *audiences,
             *bound,
             "--duration=24h",
         ).stdout.strip()
@@ -260,7 +304,7 @@ class Stack:
                 "--config",
                 str(self.operator_config()),
                 "--kubeconfig",
-                str(self.cluster.kubeconfig),
+                str(self.kubeconfig_of("payper-operator")),
                 "--identity",
                 identity,
             ],
@@ -303,7 +347,7 @@ class Stack:
                 "--max-queue",
                 str(self.options.max_queue),
                 "--kubeconfig",
-                str(self.cluster.kubeconfig),
+                str(self.kubeconfig_of("payper-gateway")),
                 "--gateway-id",
                 "gateway-0",
             ],
@@ -424,7 +468,7 @@ class Stack:
                 "--token-file",
                 str(self.agent_token_file(node)),
                 "--kubeconfig",
-                str(self.cluster.kubeconfig),
+                str(self.kubeconfig_of("payper-agent")),
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--report-interval",
