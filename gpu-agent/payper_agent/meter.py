@@ -108,28 +108,27 @@ class Series:
 
     @property
     def in_burst(self) -> bool:
-        return any(self.open_x100.values())
+        # Every granularity gains the same time and the coarsest ends last: it is open
+        # whenever any is.
+        return self.open_x100[COARSEST] > 0
 
     def add_active(self, amount_x100: int) -> None:
         self.total_x100 += amount_x100
-        for name in self.open_x100:
-            self.open_x100[name] += amount_x100
+        open_x100 = self.open_x100
+        for name in open_x100:
+            open_x100[name] += amount_x100
         self.active_now = True
 
     def close_bursts(self, idle_ms: int | None = None) -> None:
         """End the open bursts of every granularity the series has been idle for (all of
         them when ``idle_ms`` is None), rounding each up to its unit."""
-        closed = {}
         for name, granularity in GRANULARITY_MS.items():
             open_x100 = self.open_x100[name]
             if open_x100 and (idle_ms is None or idle_ms >= granularity):
-                closed[name] = round_up_ms(open_x100 // 100, granularity)
+                self.rounded_ms.add_at(name, round_up_ms(open_x100 // 100, granularity))
                 self.open_x100[name] = 0
-        if not closed:
-            return
-        self.rounded_ms += RoundedMs.model_validate(closed)
-        if FINEST in closed:
-            self.bursts += 1
+                if name == FINEST:
+                    self.bursts += 1
 
 
 @dataclass
@@ -140,6 +139,7 @@ class PollResult:
 
 
 FINEST = min(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
+COARSEST = max(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
 MAX_PERIOD_POLLS = 5
 """A sample covers at most this many poll intervals; the rest of a longer gap is unmetered."""
 
@@ -247,7 +247,8 @@ class Meter:
                 series.idle_polls = 0
                 continue
             series.idle_polls += 1
-            series.close_bursts(series.idle_polls * self.poll_interval_ms)
+            if series.in_burst:
+                series.close_bursts(series.idle_polls * self.poll_interval_ms)
             settled = (
                 series.total_x100 // 100 == series.reported_us
                 and series.bursts == 0
@@ -272,23 +273,26 @@ def snapshot(meter: Meter) -> dict[str, Any]:
         "unattributedReportedUs": meter.unattributed_reported_us,
         "unmeteredUs": meter.unmetered_us,
         "unmeteredReportedUs": meter.unmetered_reported_us,
-        "series": [
-            {
-                "identity": s.identity_json,
-                "gpu": s.gpu,
-                "product": s.product,
-                "totalX100": s.total_x100,
-                "reportedUs": s.reported_us,
-                "openX100": dict(s.open_x100),
-                "idlePolls": s.idle_polls,
-                "roundedMs": s.rounded_ms.to_wire(),
-                "bursts": s.bursts,
-                "reportedRoundedMs": s.reported_rounded_ms.to_wire(),
-                "reportedBursts": s.reported_bursts,
-            }
-            for s in meter.series.values()
-        ],
+        "series": [_series_snapshot(s) for s in meter.series.values()],
     }
+
+
+def _series_snapshot(s: Series) -> dict[str, Any]:
+    data = {
+        "identity": s.identity_json,
+        "gpu": s.gpu,
+        "product": s.product,
+        "totalX100": s.total_x100,
+        "reportedUs": s.reported_us,
+        "roundedMs": s.rounded_ms.to_wire(),
+        "bursts": s.bursts,
+        "reportedRoundedMs": s.reported_rounded_ms.to_wire(),
+        "reportedBursts": s.reported_bursts,
+    }
+    if s.in_burst:  # written every poll for every series: only what is not zero
+        data["openX100"] = dict(s.open_x100)
+        data["idlePolls"] = s.idle_polls
+    return data
 
 
 def restore(meter: Meter, data: dict[str, Any]) -> None:

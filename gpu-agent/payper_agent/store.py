@@ -136,7 +136,8 @@ class Store:
             return None
 
     def save(self, checkpoint: Checkpoint, durable: bool = True) -> None:
-        atomic_write(self.state_path, json.dumps(checkpoint.to_json()).encode(), durable)
+        data = json.dumps(checkpoint.to_json(), separators=(",", ":"))
+        atomic_write(self.state_path, data.encode(), durable)
 
     # -- reports ---------------------------------------------------------------------
     def write_report(self, report: dict[str, Any], state_after: Checkpoint) -> Path:

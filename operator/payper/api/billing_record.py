@@ -70,12 +70,25 @@ class RoundedMs(ApiModel):
             granularity
         ]
 
+    # The agent adds and serialises these on every poll: sums of validated non-negative
+    # counts need no validation again, and the wire form is three keys (bench/agent_poll.py).
     def __add__(self, other: RoundedMs) -> RoundedMs:
-        return RoundedMs(
+        return RoundedMs.model_construct(
             per_millisecond=self.per_millisecond + other.per_millisecond,
             per_second=self.per_second + other.per_second,
             per_minute=self.per_minute + other.per_minute,
         )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"1ms": self.per_millisecond, "1s": self.per_second, "1m": self.per_minute}
+
+    def add_at(self, granularity: str, ms: int) -> None:
+        """Add a closed burst's rounded time in place (the meter's hot path)."""
+        field = _ROUNDED_FIELDS[granularity]
+        setattr(self, field, getattr(self, field) + ms)
+
+
+_ROUNDED_FIELDS = {"1ms": "per_millisecond", "1s": "per_second", "1m": "per_minute"}
 
 
 class Adjustment(ApiModel):
