@@ -378,6 +378,43 @@ async def test_a_report_the_agent_dropped_is_an_audited_gap_not_a_stall(
     assert record_totals(stack.cluster, namespace)["holey"]["activeUs"] == 3_500_001
 
 
+async def test_an_agent_cannot_bill_usage_to_a_pod_on_another_node(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """A compromised agent claims GPU time for another node's pod: that series is
+    refused and counted; the honest series of the same report are applied."""
+    stack.deploy(namespace, inference_deployment("victim", min_replicas=1, idle_timeout_s=120))
+
+    def placed() -> dict[str, Any] | None:
+        pods = stack.cluster.get_json("pods", "-n", namespace, "-l", f"{POD_LABEL}=victim")
+        return next((p for p in pods["items"] if p["spec"].get("nodeName")), None)
+
+    pod = await asyncio.to_thread(eventually, placed, 30, 0.2, "the victim's pod on a node")
+    other = "gpu-node-1" if pod["spec"]["nodeName"] == "gpu-node-0" else "gpu-node-0"
+
+    # The operator must have seen the pod on its node (its own status counts it ready).
+    def operator_sees_it() -> bool:
+        status = stack.cluster.get_json("infd", "victim", "-n", namespace).get("status", {})
+        return bool(status.get("readyReplicas") == 1)
+
+    await asyncio.to_thread(eventually, operator_sees_it, 30, 0.2, "the operator's view")
+    agent = f"forger-{namespace[-6:]}"
+    forged = report(agent, 1, namespace, "victim", 7_000_000, node=other)
+    forged["series"][0] |= {"pod": pod["metadata"]["name"], "podUid": pod["metadata"]["uid"]}
+    honest = report(agent, 1, namespace, "bystander", 1_000_000, node=other)["series"][0]
+    forged["series"].append(honest)
+    refused = ("payper_usage_series_refused_total", {"node": other})
+    before = scraped_sum(stack.metrics_url, *refused)
+    assert await post_usage(http, stack, agent_token(stack, other), {"reports": [forged]}) == (
+        200,
+        {"acked": {agent: 1}},
+    )
+    totals = record_totals(stack.cluster, namespace)
+    assert totals["bystander"]["activeUs"] == 1_000_000, "the honest series is applied"
+    assert totals.get("victim", {}).get("activeUs", 0) == 0, "nothing billed to the victim"
+    assert scraped_sum(stack.metrics_url, *refused) - before == 1
+
+
 async def test_usage_from_the_wrong_caller_or_payload_changes_nothing(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:

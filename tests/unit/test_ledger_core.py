@@ -280,3 +280,21 @@ def test_records_close_after_their_window_and_grace() -> None:
     starts = {"old": T0 - HOUR, "grace": T0, "open": T0 + HOUR}
     assert flush.closing(starts, WINDOWS, T0 + HOUR + 299_999) == ["old"]
     assert flush.closing(starts, WINDOWS, T0 + HOUR + 300_000) == ["old", "grace"]
+
+
+def test_usage_claimed_for_a_pod_on_another_node_is_refused_the_rest_applied() -> None:
+    key = ("team-a", "llm")
+    theirs = PodView("llm-1", "u-theirs", 0, True, None, T0, None, "gpu-node-1", 1)
+    ours = PodView("llm-0", "u0", 0, True, None, T0, None, "gpu-node-0", 1)
+    honest = report("a", 1)  # pod u0 on gpu-node-0, the reporting node
+    forged = honest.series[0].model_copy(update={"pod": "llm-1", "pod_uid": "u-theirs"})
+    unseen = honest.series[0].model_copy(update={"pod": "gone", "pod_uid": "u-gone"})
+    mixed = honest.model_copy(update={"series": [honest.series[0], forged, unseen]})
+    observations = seen(pods={key: {"llm-0": ours, "llm-1": theirs}})
+    planned = flush.plan([mixed], {}, observations, WINDOWS, T0 + 1_000)
+    assert [(s.pod_uid, why) for _, s, why in planned.refused] == [
+        ("u-theirs", "pod runs on gpu-node-1")
+    ]
+    usage = [d for change in planned.changes.values() for d in change.usage]
+    assert sum(d.active_us for d in usage) == 2_000, "the honest and the unseen pod"
+    assert flush.acknowledge(planned, {}, set()) == {"a": 1}, "the report is still done"

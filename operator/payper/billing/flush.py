@@ -10,7 +10,9 @@ write; ``closing`` says which open records become Final. The ledger (``ledger.py
 only gathers the inputs (reads nodes, drains events), carries out the plan and writes.
 So every rule is a row in a unit-test table, as the autoscaler's are.
 
-BillingWindows: usage counts in the window its report was observed in; once that window has
+BillingSeries are bound to their node: usage an agent claims for a pod the operator sees on
+another node is refused (counted, logged), never applied; the report's other series are.
+Windows: usage counts in the window its report was observed in; once that window has
 ended and its grace passed, usage for it goes into the current window as an adjustment.
 Provisioned time is per pod and window (scheduled -> gone), so re-planning is harmless.
 Counts whose GPU product is not known yet (no pod of the deployment on a node) wait, up
@@ -24,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from payper.api.usage import UsageReport
+from payper.api.usage import SeriesUsage, UsageReport
 from payper.billing.events import BillingEvents
 from payper.billing.pricing import UNKNOWN_PRODUCT, product_key
 from payper.billing.records import PodSpan, RecordChange, RecordKey, UsageDelta, window_start
@@ -76,6 +78,8 @@ class FlushPlan:
     changes: dict[RecordKey, RecordChange]
     touched: dict[ReportId, set[RecordKey]]
     """The records each accepted report's usage lands in."""
+    refused: list[tuple[UsageReport, SeriesUsage, str]] = field(default_factory=list)
+    """Series not applied, with why (a pod the operator sees on another node)."""
     held_requests: dict[Key, int] = field(default_factory=dict)
     held_cold_starts: dict[Key, int] = field(default_factory=dict)
     """Counts that wait for a GPU product: the next flush counts them again."""
@@ -113,14 +117,22 @@ def product_of(pod: PodView | None, key: Key, seen: Observations) -> str:
     return seen.node_products.get(pod.node, UNKNOWN_PRODUCT)
 
 
-def _usage(plan: FlushPlan, windows: BillingWindows, now_ms: int) -> None:
+def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms: int) -> None:
     current = windows.start(now_ms)
+    nodes = {pod.uid: pod.node for pods in seen.pods.values() for pod in pods.values()}
     for report in plan.selection.accepted:
         observed = windows.start(report.interval_start_ms)
         late = windows.closed(observed, now_ms)
         for series in report.series:
             if series.inference_deployment is None:
                 continue  # a GPU pod Payper does not manage: metered, not billed
+            node = nodes.get(series.pod_uid)
+            if node is not None and node != report.node:
+                # An agent reports only its own node's pods: usage it claims for a pod
+                # the operator sees on another node is not applied (the report's other
+                # series are). A pod never moves; one not seen (yet, or any more) passes.
+                plan.refused.append((report, series, f"pod runs on {node}"))
+                continue
             key = RecordKey(
                 series.namespace,
                 series.inference_deployment,
@@ -217,7 +229,7 @@ def plan(
         changes=defaultdict(RecordChange),
         touched=defaultdict(set),
     )
-    _usage(result, windows, now_ms)
+    _usage(result, seen, windows, now_ms)
     _counts(result, seen, windows, now_ms)
     _pod_spans(result, seen, windows, now_ms)
     return result

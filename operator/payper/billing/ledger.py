@@ -205,6 +205,17 @@ class Ledger:
                     report.lost_reason,
                     report.lost_us / 1e6,
                 )
+        for report, series, why in planned.refused:
+            metrics.SERIES_REFUSED.labels(report.node).inc()
+            logger.warning(
+                "agent %s on %s claimed %.3f GPU-seconds for pod %s/%s, but %s: not applied",
+                report.agent_id,
+                report.node,
+                series.active_us / 1e6,
+                series.namespace,
+                series.pod,
+                why,
+            )
         for deployment, count in planned.held_requests.items():  # counted at the next flush
             self.events.requests[deployment] = self.events.requests.get(deployment, 0) + count
         for deployment, count in planned.held_cold_starts.items():

@@ -56,6 +56,12 @@ USAGE_LAG = Histogram(
     "Time from the end of a report's interval to its application in the ledger.",
     buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 900, 3600, 86400),
 )
+SERIES_REFUSED = Counter(
+    "payper_usage_series_refused_total",
+    "Usage series not applied: an agent claimed usage for a pod the operator sees on "
+    "another node (by reporting node).",
+    ("node",),
+)
 USAGE_LOST = Counter(
     "payper_usage_lost_seconds_total",
     "GPU time agents measured but dropped before delivery (their gap markers): an audited "
