@@ -415,6 +415,42 @@ async def test_an_agent_cannot_bill_usage_to_a_pod_on_another_node(
     assert scraped_sum(stack.metrics_url, *refused) - before == 1
 
 
+async def test_usage_for_a_deleted_namespace_is_filed_not_a_stall(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """A tenant deletes its namespace while usage for it is still on the way: the record
+    can never be written. The change goes to the dead-letter store, the agent's report is
+    acknowledged, and the other tenants' series of the same reports are billed."""
+    cluster = stack.cluster
+    gone = cluster.namespace("doomed")
+    bystander = cluster.namespace("bystander")
+    token = agent_token(stack, "gpu-node-0")
+    agent = f"dead-{gone[-6:]}"
+    cluster.kubectl("delete", "namespace", gone, "--wait=true", "--timeout=60s", timeout=90)
+    try:
+        for sequence in range(1, 21):  # the same refused record, twenty times over
+            body = report(agent, sequence, gone, "llm", 100_000)
+            body["series"] += report(agent, sequence, bystander, "web", 10_000)["series"]
+            assert await post_usage(http, stack, token, {"reports": [body]}) == (
+                200,
+                {"acked": {agent: sequence}},
+            ), "acknowledged: nothing waits behind a record that can never be written"
+        assert record_totals(cluster, bystander)["web"]["activeUs"] == 20 * 10_000
+        letters = cluster.get_json("configmap", "payper-dead-letters", "-n", SYSTEM_NAMESPACE)
+        entries = {
+            key: json.loads(value)
+            for key, value in letters["data"].items()
+            if key.startswith(f"{gone}.")
+        }
+        (entry,) = entries.values()  # one entry per refused record, however many changes
+        assert (entry["namespace"], entry["inferenceDeployment"]) == (gone, "llm")
+        assert entry["activeUs"] == 20 * 100_000
+        assert entry["reason"] == "namespace-gone"
+        assert len(entry["reports"]) == 20
+    finally:
+        cluster.kubectl("delete", "namespace", bystander, "--wait=false", check=False)
+
+
 async def test_usage_from_the_wrong_caller_or_payload_changes_nothing(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:

@@ -49,7 +49,7 @@ from payper.api.billing_record import (
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.usage import UsageReport
-from payper.billing import flush, metrics
+from payper.billing import deadletter, flush, metrics
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents, Observed
 from payper.billing.flush import BillingWindows, Observations
@@ -87,6 +87,7 @@ class Ledger:
         self.config = config
         self.namespace = namespace
         self.observed = observed
+        self.dead_letters = deadletter.DeadLetters(kube, namespace)
         self.events = events
         self.clock = clock
         self.windows = BillingWindows(config.window_seconds * 1000, config.grace_seconds * 1000)
@@ -227,14 +228,26 @@ class Ledger:
                 metrics.prime(key.namespace, key.deployment, key.product, plan.currency)
 
         failed: set[RecordKey] = set()
+        refused: list[tuple[RecordKey, RecordChange, str]] = []
         for key, change in planned.changes.items():
             try:
                 await self._apply_record(key, change, now)
-            except (ApiError, OSError, TimeoutError) as error:
+            except ApiError as error:
+                reason = deadletter.refused_for_good(error)
+                if reason is not None:
+                    refused.append((key, change, reason))
+                    continue
                 failed.add(key)
                 logger.warning(
                     "record %s/%s not written this flush: %s", key.namespace, key.name, error
                 )
+            except (OSError, TimeoutError) as error:
+                failed.add(key)
+                logger.warning(
+                    "record %s/%s not written this flush: %s", key.namespace, key.name, error
+                )
+        if refused:
+            failed |= await self._file_dead_letters(refused, now)
 
         progress = flush.acknowledge(planned, self.applied_through, failed)
         advanced = sum(progress[a] - self.applied_through.get(a, 0) for a in progress)
@@ -326,8 +339,12 @@ class Ledger:
                     updated,
                 )
             except ApiError as error:
-                if error.conflict:
-                    record = None  # someone else wrote it: read again and re-apply
+                if error.conflict or error.not_found:
+                    # Someone else wrote it, or it is gone (its namespace being deleted):
+                    # read (or create) it again and re-apply; a create that can never
+                    # succeed raises what the dead-letter store recognises.
+                    record = None
+                    self.records.pop(cache_key, None)
                     continue
                 raise
             assert record is not None
@@ -417,6 +434,34 @@ class Ledger:
         replaced = await self.kube.replace(self._ledger_path, body)
         self._ledger_version = replaced["metadata"]["resourceVersion"]
         return progress
+
+    async def _file_dead_letters(
+        self, refused: list[tuple[RecordKey, RecordChange, str]], now: int
+    ) -> set[RecordKey]:
+        """File changes the API server refuses for good; the keys that could not be."""
+        if await self.dead_letters.add(refused, now):
+            for key, change, reason in refused:
+                metrics.DEAD_LETTERS.labels(reason).inc()
+                logger.error(
+                    "record %s/%s refused for good (%s): %d µs of usage filed in %s/%s",
+                    key.namespace,
+                    key.name,
+                    reason,
+                    sum(d.active_us for d in change.usage),
+                    self.namespace,
+                    deadletter.NAME,
+                )
+            metrics.DEAD_LETTERS_FULL.set(0)
+            return set()
+        metrics.DEAD_LETTERS_FULL.set(1)
+        logger.critical(
+            "the dead-letter store %s/%s is full: reports for %d refused records stay "
+            "unacknowledged until it is emptied",
+            self.namespace,
+            deadletter.NAME,
+            len(refused),
+        )
+        return {key for key, _, _ in refused}
 
     async def _label_final(self, cache_key: tuple[str, str], record: dict[str, Any]) -> None:
         """Mark a Final record by label, so that start-up no longer lists it. Should this

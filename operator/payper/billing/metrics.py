@@ -7,7 +7,7 @@ samples are; the records hold the exact decimal amounts.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from payper.api.billing_record import GRANULARITY_MS
 
@@ -61,6 +61,16 @@ SERIES_REFUSED = Counter(
     "Usage series not applied: an agent claimed usage for a pod the operator sees on "
     "another node (by reporting node).",
     ("node",),
+)
+DEAD_LETTERS = Counter(
+    "payper_billing_dead_letters_total",
+    "Record changes the API server refuses for good (namespace gone or terminating, "
+    "invalid), filed in the dead-letter store instead of stalling the agents' reports.",
+    ("reason",),
+)
+DEAD_LETTERS_FULL = Gauge(
+    "payper_billing_dead_letters_full",
+    "1 while the dead-letter store is full: those reports stay unacknowledged.",
 )
 USAGE_LOST = Counter(
     "payper_usage_lost_seconds_total",
