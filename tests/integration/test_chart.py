@@ -372,7 +372,18 @@ def test_only_the_operator_writes_records_whatever_rbac_a_tenant_has(
     cluster.apply_items([infd])
     tenant = _as_account(cluster, namespace, "tenant-admin", tmp_path)
     operator = _as_account(cluster, namespace, "pp-payper-operator", tmp_path)
-    status_patch = json.dumps({"status": {"readyReplicas": 9}})
+    status = json.dumps({"status": {"readyReplicas": 9}})
+    patch_status = [
+        "patch",
+        "infd",
+        "llm",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        status,
+    ]
     cluster.apply_items(policy)
     try:
 
@@ -398,33 +409,11 @@ def test_only_the_operator_writes_records_whatever_rbac_a_tenant_has(
         eventually(policy_enforced, 30, 0.5, "the policy to be enforced")
         message = refused(*tenant, "create", "-f", "-", input=json.dumps(record))
         assert f"system:serviceaccount:{namespace}:tenant-admin may not create" in message
-        message = refused(
-            *tenant,
-            "patch",
-            "infd",
-            "llm",
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            status_patch,
-        )
+        message = refused(*tenant, *patch_status)
         assert "may not update inferencedeployments/status" in message
         # The operator's own ServiceAccount may, as may the break-glass group.
         cluster.kubectl(*operator, "create", "-f", "-", input=json.dumps(record))
-        cluster.kubectl(
-            *operator,
-            "patch",
-            "infd",
-            "llm",
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            status_patch,
-        )
+        cluster.kubectl(*operator, *patch_status)
         for verb in (
             ["label", "brec", "llm-next-hour", "-n", namespace, "forged=yes"],
             ["delete", "brec", "llm-next-hour", "-n", namespace],
