@@ -22,7 +22,7 @@ from payper_agent.meter import KnownPids, SeriesIdentity
 from payper_agent.sender import Sender
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend, fake_gpus
 from payper_agent.store import Checkpoint, Store
-from payper_dev.testing.stack import free_port
+from payper_dev.loopback import free_port
 from payper_dev.testing.usage_receiver import UsageReceiver
 
 NOW_MS = int(time.time() * 1000)

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from payper.gateway import server
 from payper.gateway.proxy import Gateway, GatewaySettings
 from payper.gateway.targets import Targets
-from payper_dev.testing.stack import free_port
+from payper_dev.loopback import free_port
 
 
 @dataclass
