@@ -239,11 +239,14 @@ async def test_a_progress_save_whose_answer_was_lost_does_not_stall_acknowledgem
     # report (the agents have deleted those reports; a stale copy would strand them).
     def durable() -> bool:
         stored = json.loads(stack.cluster.get_json(*progress)["data"]["appliedThrough"])
-        states = [
-            json.loads((stack.agent_state_dir(node) / "state.json").read_text())
+        states = {
+            node: json.loads((stack.agent_state_dir(node) / "state.json").read_text())
             for node in stack.agents
-        ]
-        return all(stored.get(s["agentId"], 0) == s["nextSequence"] - 1 for s in states)
+        }  # progress is keyed by node and agent id
+        return all(
+            stored.get(f"{node}/{s['agentId']}", 0) == s["nextSequence"] - 1
+            for node, s in states.items()
+        )
 
     await asyncio.to_thread(eventually, durable, 20, 0.5, "the stored progress to catch up")
     # And a restarted operator, which starts from the stored progress, goes on.

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from payper.api.billing_record import RoundedMs
+from payper.api.billing_record import BillingRecordSpec, BillingRecordStatus, RoundedMs
 from payper.api.usage import SeriesUsage, UsageReport
 from payper.billing import flush
 from payper.billing.events import BillingEvents
 from payper.billing.flush import BillingWindows, Observations
-from payper.billing.records import RecordKey
+from payper.billing.records import RecordKey, apply
 from payper.observed import Key, PodView
 
 HOUR = 3_600_000
@@ -24,6 +24,24 @@ WINDOWS = BillingWindows(window_ms=HOUR, grace_ms=300_000)
 T0 = 1_764_000_000_000 // HOUR * HOUR
 """The start of a window."""
 H100 = "NVIDIA-H100-80GB-HBM3"
+SPEC = BillingRecordSpec.model_validate(
+    {
+        "inferenceDeployment": "llm",
+        "account": "team-a",
+        "window": {"start": "2025-11-24T16:00:00Z", "end": "2025-11-24T17:00:00Z"},
+        "plan": "default",
+        "granularity": "1s",
+        "currency": "USD",
+        "pricePerGpuSecond": "0.0012",
+        "reservedPricePerGpuHour": "3.20",
+        "gpuProduct": H100,
+    }
+)
+
+
+def key_of(agent: str, node: str = "gpu-node-0") -> str:
+    """An agent's progress key: its node (verified) and its id (its own word)."""
+    return f"{node}/{agent}"
 
 
 def report(
@@ -134,16 +152,16 @@ def test_usage_groups_by_deployment_window_and_product(row: GroupRow) -> None:
     key = RecordKey("team-a", "llm", row.record_window_ms, H100)
     assert list(planned.changes) == [key]
     (delta,) = planned.changes[key].usage
-    assert (delta.agent_id, delta.sequence, delta.active_us) == ("a", 1, 1_000)
+    assert (delta.agent_id, delta.sequence, delta.active_us) == (key_of("a"), 1, 1_000)
     assert delta.original_window_ms == row.original_window_ms
-    assert planned.touched[("a", 1)] == {key}
+    assert planned.touched[(key_of("a"), 1)] == {key}
 
 
 def test_one_report_touching_two_products_touches_two_records() -> None:
     h100, a100 = report("a", 1), report("a", 1, product="NVIDIA A100")
     both = h100.model_copy(update={"series": [*h100.series, *a100.series]})
     planned = flush.plan([both], {}, seen(), WINDOWS, T0 + 1_000)
-    assert {k.product for k in planned.touched[("a", 1)]} == {H100, "NVIDIA-A100"}
+    assert {k.product for k in planned.touched[(key_of("a"), 1)]} == {H100, "NVIDIA-A100"}
 
 
 def _pod(uid: str, scheduled_ms: int | None, gpus: int = 2, node: str = "gpu-node-0") -> PodView:
@@ -263,17 +281,17 @@ def test_acknowledge_only_what_every_record_holds(row: AckRow) -> None:
     assert [(r.agent_id, r.sequence) for r in planned.selection.accepted] == row.accepted
     # One record per report, so that a failed write is a failed report.
     record = {rid: RecordKey("team-a", f"d{i}", T0, H100) for i, rid in enumerate(row.accepted)}
-    planned.touched = {rid: {record[rid]} for rid in row.accepted}
+    planned.touched = {(key_of(a), s): {record[(a, s)]} for a, s in row.accepted}
     failed = {record[rid] for rid in row.failed_sequences}
     progress = flush.acknowledge(planned, start, failed)
-    assert {a: progress.get(a, 0) for a in row.progress} == row.progress
+    assert {a: progress.get(key_of(a), progress.get(a, 0)) for a in row.progress} == row.progress
 
 
 def test_a_shared_record_that_fails_holds_back_every_report_in_it() -> None:
     planned = flush.plan([report("a", 1), report("b", 1)], {}, seen(), WINDOWS, T0 + 1_000)
     (shared,) = planned.changes
     assert flush.acknowledge(planned, {}, {shared}) == {}
-    assert flush.acknowledge(planned, {}, set()) == {"a": 1, "b": 1}
+    assert flush.acknowledge(planned, {}, set()) == {key_of("a"): 1, key_of("b"): 1}
 
 
 def test_records_close_after_their_window_and_grace() -> None:
@@ -297,4 +315,31 @@ def test_usage_claimed_for_a_pod_on_another_node_is_refused_the_rest_applied() -
     ]
     usage = [d for change in planned.changes.values() for d in change.usage]
     assert sum(d.active_us for d in usage) == 2_000, "the honest and the unseen pod"
-    assert flush.acknowledge(planned, {}, set()) == {"a": 1}, "the report is still done"
+    assert flush.acknowledge(planned, {}, set()) == {key_of("a"): 1}, "the report is still done"
+
+
+def test_an_agent_cannot_spoil_another_nodes_agent_by_borrowing_its_id() -> None:
+    """Node 1's agent sends report 1 under node 0's agent id: it applies as node 1's own,
+    and node 0's real report 1 is still new, not a duplicate."""
+    borrowed = report("a", 1).model_copy(update={"node": "gpu-node-1"})
+    planned = flush.plan([borrowed], {}, seen(), WINDOWS, T0 + 1_000)
+    progress = flush.acknowledge(planned, {}, set())
+    assert progress == {key_of("a", "gpu-node-1"): 1}
+    real = flush.plan([report("a", 1)], progress, seen(), WINDOWS, T0 + 2_000)
+    assert [(r.node, r.sequence) for r in real.selection.accepted] == [("gpu-node-0", 1)]
+    assert real.selection.duplicates == 0
+
+
+def test_progress_from_before_node_keys_still_counts_after_an_upgrade() -> None:
+    """Stored as {agent id: 7} by an older operator: report 7 is a duplicate, 8 is next,
+    and the record's legacy entry is honoured too."""
+    old = {"a": 7}
+    planned = flush.plan([report("a", 7), report("a", 8)], old, seen(), WINDOWS, T0 + 1_000)
+    assert [r.sequence for r in planned.selection.accepted] == [8]
+    assert planned.selection.duplicates == 1
+    assert flush.acknowledge(planned, old, set())[key_of("a")] == 8
+    (change,) = planned.changes.values()
+    status = BillingRecordStatus(last_applied_sequence={"a": 8})  # written by the old one
+    again, newly = apply(status, SPEC, change, T0 + 2_000)
+    assert newly == [], "report 8 is already in this record, under the bare id"
+    assert again.active_us == 0, "and is not counted twice"

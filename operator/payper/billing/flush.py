@@ -21,6 +21,7 @@ to a window and its grace, rather than opening a record for an unknown product.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,28 @@ from payper.observed import Key, PodView
 
 K = TypeVar("K")
 ReportId = tuple[str, int]
-"""(agent id, sequence)."""
+"""(progress key, sequence)."""
+MAX_PROGRESS_KEY = 256
+"""Records keep the last applied sequence per progress key, in keys of at most this size."""
+
+
+def progress_key(report: UsageReport) -> str:
+    """Progress is kept per (node, agent id): the node is what the operator verified (the
+    reporter's token is bound to a pod on it), the agent id only what the agent says. So an
+    agent cannot advance, or spoil, another node's agent's sequence by borrowing its id."""
+    key = f"{report.node}/{report.agent_id}"
+    if len(key) > MAX_PROGRESS_KEY:
+        node = hashlib.sha256(report.node.encode()).hexdigest()[:32]
+        key = f"{node}/{report.agent_id}"
+    return key
+
+
+def applied(progress: Mapping[str, int], report: UsageReport) -> int:
+    """The last sequence of this report's agent applied everywhere. Progress written
+    before keys named the node is keyed by the bare agent id: it counts until the agent's
+    next report is applied under its new key (an upgrade loses and repeats nothing)."""
+    key = progress_key(report)
+    return progress[key] if key in progress else progress.get(report.agent_id, 0)
 
 
 @dataclass(frozen=True)
@@ -91,10 +113,10 @@ def select(reports: Sequence[UsageReport], applied_through: Mapping[str, int]) -
     after a gap waits (with every later one) until the missing one arrives."""
     by_agent: dict[str, dict[int, UsageReport]] = defaultdict(dict)
     for report in reports:
-        by_agent[report.agent_id].setdefault(report.sequence, report)
+        by_agent[progress_key(report)].setdefault(report.sequence, report)
     selection = Selection(accepted=[])
-    for agent, numbered in by_agent.items():
-        expected = applied_through.get(agent, 0) + 1
+    for numbered in by_agent.values():
+        expected = applied(applied_through, next(iter(numbered.values()))) + 1
         for sequence in sorted(numbered):
             if sequence < expected:
                 selection.duplicates += 1
@@ -141,7 +163,8 @@ def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms:
             )
             plan.changes[key].usage.append(
                 UsageDelta(
-                    agent_id=report.agent_id,
+                    agent_id=progress_key(report),
+                    legacy_agent_id=report.agent_id,
                     sequence=report.sequence,
                     active_us=series.active_us,
                     rounded_ms=series.rounded_ms,
@@ -149,7 +172,7 @@ def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms:
                     original_window_ms=observed if late else None,
                 )
             )
-            plan.touched[(report.agent_id, report.sequence)].add(key)
+            plan.touched[(progress_key(report), report.sequence)].add(key)
 
 
 def _counts(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms: int) -> None:
@@ -242,12 +265,12 @@ def acknowledge(
     reports none of whose records failed to be written in this flush."""
     progress = dict(applied_through)
     for report in flush.selection.accepted:
-        agent = report.agent_id
-        if progress.get(agent, 0) != report.sequence - 1:
+        key = progress_key(report)
+        if applied(progress, report) != report.sequence - 1:
             continue  # an earlier report of this agent failed in this flush
-        if flush.touched.get((agent, report.sequence), set()) & failed:
+        if flush.touched.get((key, report.sequence), set()) & failed:
             continue
-        progress[agent] = report.sequence
+        progress[key] = report.sequence
     return progress
 
 

@@ -179,7 +179,7 @@ class Ledger:
             for batch, future in queued:
                 if not future.done():
                     future.set_result(
-                        {r.agent_id: self.applied_through.get(r.agent_id, 0) for r in batch}
+                        {r.agent_id: flush.applied(self.applied_through, r) for r in batch}
                     )
 
     async def _flush(self, reports: list[UsageReport], now: int) -> None:
@@ -250,7 +250,11 @@ class Ledger:
             failed |= await self._file_dead_letters(refused, now)
 
         progress = flush.acknowledge(planned, self.applied_through, failed)
-        advanced = sum(progress[a] - self.applied_through.get(a, 0) for a in progress)
+        advanced = sum(
+            1
+            for r in planned.selection.accepted
+            if progress.get(flush.progress_key(r), 0) >= r.sequence
+        )
         if advanced:
             # Acknowledged (the futures answer from applied_through) only once durable.
             self.applied_through = await self._save_progress(progress)

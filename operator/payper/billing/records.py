@@ -62,12 +62,16 @@ class RecordKey:
 @dataclass(frozen=True)
 class UsageDelta:
     agent_id: str
+    """The report's progress key (node and agent id; ``flush.progress_key``)."""
     sequence: int
     active_us: int
     rounded_ms: RoundedMs
     bursts: int
     original_window_ms: int | None = None
     """Set when the usage belongs to a window that was already closed: an adjustment."""
+    legacy_agent_id: str | None = None
+    """The bare agent id, under which records written before node-keyed progress hold
+    this agent's last applied sequence."""
 
 
 @dataclass
@@ -106,7 +110,9 @@ def apply(
     for delta in change.usage:
         by_report[(delta.agent_id, delta.sequence)].append(delta)
     for (agent, sequence), deltas in sorted(by_report.items()):
-        if sequence <= last.get(agent, 0):
+        legacy = deltas[0].legacy_agent_id
+        done = last[agent] if agent in last else last.get(legacy or agent, 0)
+        if sequence <= done:
             continue  # already in this record: a resend, or a retry after a lost answer
         for delta in deltas:
             active_us += delta.active_us
