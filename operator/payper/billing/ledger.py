@@ -232,16 +232,11 @@ class Ledger:
         for key, change in planned.changes.items():
             try:
                 await self._apply_record(key, change, now)
-            except ApiError as error:
-                reason = deadletter.refused_for_good(error)
+            except (ApiError, OSError, TimeoutError) as error:
+                reason = deadletter.refused_for_good(error) if isinstance(error, ApiError) else None
                 if reason is not None:
                     refused.append((key, change, reason))
                     continue
-                failed.add(key)
-                logger.warning(
-                    "record %s/%s not written this flush: %s", key.namespace, key.name, error
-                )
-            except (OSError, TimeoutError) as error:
                 failed.add(key)
                 logger.warning(
                     "record %s/%s not written this flush: %s", key.namespace, key.name, error
