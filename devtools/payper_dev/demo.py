@@ -245,7 +245,8 @@ def run(keep: bool) -> int:
         print(handle.kubectl("get", "infd", "-A").stdout, flush=True)
         asyncio.run(traffic(stack))
         say("waiting for the agents' last reports to reach the ledger")
-        asyncio.run(stack.settle())
+        say("per-minute bursts end only after a minute of idleness: waiting for them too")
+        asyncio.run(stack.settle(limit_s=120, idle_ms=60_000))
         print(handle.kubectl("get", "infd,brec", "-A").stdout, flush=True)
         bill = subprocess.run(
             [sys.executable, "-m", "payper.cli", "bill", "-A"],

@@ -107,6 +107,14 @@ class Series:
         }
 
     @property
+    def has_unreported_bursts(self) -> bool:
+        """Closed bursts not yet in a report, at any granularity."""
+        rounded = self.rounded_ms
+        return bool(
+            self.bursts or rounded.per_millisecond or rounded.per_second or rounded.per_minute
+        )
+
+    @property
     def in_burst(self) -> bool:
         # Every granularity gains the same time and the coarsest ends last: it is open
         # whenever any is.
@@ -251,7 +259,7 @@ class Meter:
                 series.close_bursts(series.idle_polls * self.poll_interval_ms)
             settled = (
                 series.total_x100 // 100 == series.reported_us
-                and series.bursts == 0
+                and not series.has_unreported_bursts
                 and not series.in_burst
             )
             if settled and series.idle_polls > self.forget_after_polls:

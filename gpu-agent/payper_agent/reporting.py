@@ -23,8 +23,8 @@ def cut(
     included = []
     for series in meter.series.values():
         active_us = series.total_x100 // 100 - series.reported_us
-        if active_us == 0 and series.bursts == 0:
-            continue
+        if active_us == 0 and not series.has_unreported_bursts:
+            continue  # (a minute-long burst may end polls after its last active time)
         identity = series.identity
         included.append((series, active_us))
         series_usage.append(

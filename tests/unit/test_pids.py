@@ -197,3 +197,26 @@ def test_init_sidecar_ephemeral_and_unknown_containers_count_for_their_pod() -> 
         "not-listed": ("unknown-container", "m"),
     }
     assert pods.identity("no-such-pod", "c1") is None, "only a PID of no pod is unattributed"
+
+
+def test_a_minute_burst_that_ends_after_a_report_is_in_a_later_report() -> None:
+    """The 1 s burst is reported at once; its 1 min burst ends a minute of idleness later,
+    with no new active time, and must still reach a report (not wait for more traffic)."""
+    pods = PodIndex()
+    pods.upsert(_pod("a"))
+    backend = SimulatedBackend(fake_gpus("node", 1, "H100"))
+    (gpu,) = backend.gpus()
+    intervals = Intervals()
+    intervals.add(1_000_000, 1_500_000)
+    backend.processes[PID] = SimProcess(PID, gpu.uuid, intervals, cgroup_line(UIDS["a"], "server"))
+    meter = Meter(PidResolver(backend.cgroup, pods))
+    reported: dict[str, int] = {"1ms": 0, "1s": 0, "1m": 0}
+    for second in range(0, 80):
+        backend.clock_us = second * 1_000_000
+        meter.poll(backend)
+        if second % 10 == 9:
+            report = reporting.cut(meter, "agent", second, "node", 0, 10_000)
+            for series in report.series:
+                for name, ms in series.rounded_ms.to_wire().items():
+                    reported[name] += ms
+    assert reported == {"1ms": 500, "1s": 1000, "1m": 60_000}

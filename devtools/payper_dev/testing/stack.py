@@ -537,16 +537,18 @@ class Stack:
                 return False
         return True
 
-    async def settle(self, limit_s: float = 60) -> None:
-        """Until every burst closed, was reported, delivered and applied to the records.
+    async def settle(self, limit_s: float = 60, idle_ms: int = 0) -> None:
+        """Until the bursts closed, were reported, delivered and applied to the records.
 
         Conditions, not timers: each agent has cut a report after two polls that came
-        after this call (so a burst still open then is closed and in a report); no report
-        waits for acknowledgement (the operator acknowledges only what its records
-        hold); and the ledger completed two flushes after that, the one that may have
-        been running and one that also took the gateway's last demand snapshot.
+        after this call (so a 1 ms or 1 s burst still open then is closed and in a
+        report; ``idle_ms`` later still for coarser units: a 1 min burst ends only after a
+        minute of idleness); no report waits for acknowledgement (the operator
+        acknowledges only what its records hold); and the ledger completed two flushes
+        after that, the one that may have been running and one that also took the
+        gateway's last demand snapshot.
         """
-        since_ms = now_ms() + 2 * AGENT_POLL_MS
+        since_ms = now_ms() + idle_ms + 2 * AGENT_POLL_MS
 
         def delivered() -> bool:
             return self.agents_reported_since(since_ms) and not self.agent_backlog()
