@@ -113,6 +113,33 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
         )
 
     eventually(lambda: all_ready(2), 60, 0.5, "every workload Ready")
+    # A tenant with the built-in edit role runs InferenceDeployments and reads its bills,
+    # and may write neither a record nor a status (aggregated ClusterRoles).
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "tenant-edit",
+        "--clusterrole=edit",
+        "--user=tenant",
+        "-n",
+        namespace,
+    )
+
+    def tenant_may(verb: str, resource: str, *extra: str) -> bool:
+        answer = cluster.kubectl(
+            "auth", "can-i", verb, resource, *extra, "--as=tenant", "-n", namespace, check=False
+        )
+        return answer.stdout.strip() == "yes"
+
+    eventually(
+        lambda: tenant_may("create", "inferencedeployments.payper.dev"),
+        30,
+        0.5,
+        "edit to aggregate the tenant roles",
+    )
+    assert tenant_may("list", "billingrecords.payper.dev")
+    assert not tenant_may("create", "billingrecords.payper.dev")
+    assert not tenant_may("patch", "inferencedeployments.payper.dev", "--subresource=status")
     agent_nodes = {p["spec"]["nodeName"] for p in _pods(cluster, namespace, "agent")}
     assert agent_nodes == {"gpu-node-0", "gpu-node-1"}, "the agent runs on GPU nodes only"
 
@@ -169,7 +196,8 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
         "name",
     ).stdout
     assert leftovers.strip() == ""
-    assert cluster.kubectl("get", "clusterrole", "pp-payper-operator", check=False).returncode != 0
+    for role in ("pp-payper-operator", "pp-payper-tenant-view", "pp-payper-tenant-edit"):
+        assert cluster.kubectl("get", "clusterrole", role, check=False).returncode != 0
     for kind in ("validatingadmissionpolicy", "validatingadmissionpolicybinding"):
         assert cluster.kubectl("get", kind, "pp-payper-records", check=False).returncode != 0
 
