@@ -18,6 +18,11 @@ from payper.api.inference_deployment import POD_LABEL
 from payper.clock import parse_iso
 
 Key = tuple[str, str]
+"""(namespace, InferenceDeployment name)."""
+
+UNMANAGED = ""
+"""The deployment part of the key of GPU pods that belong to no InferenceDeployment: they
+are billed to their namespace, in records of their own, never dropped."""
 
 
 CONTAINER_KINDS = ("containers", "initContainers", "ephemeralContainers")
@@ -34,6 +39,22 @@ def _is_name(value: str) -> bool:
 
 def parse_time_ms(value: str | None) -> int | None:
     return parse_iso(value) if value else None
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A pod's controller (its ownerReference with ``controller: true``)."""
+
+    kind: str
+    name: str
+    uid: str
+
+
+def controller_of(meta: Mapping[str, Any]) -> Owner | None:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            return Owner(ref.get("kind", ""), ref.get("name", ""), ref.get("uid", ""))
+    return None
 
 
 @dataclass
@@ -64,6 +85,9 @@ class PodView:
     """Every container: regular, init (native sidecars among them) and ephemeral."""
     container_ids: dict[str, str] = field(default_factory=dict)
     """Runtime container ID (without the ``containerd://`` scheme) -> container name."""
+    owner: Owner | None = None
+    """Its controller: billing follows this chain (ReplicaSet -> Deployment ->
+    InferenceDeployment), never the label, which the tenant can change."""
 
     @property
     def deleting(self) -> bool:
@@ -121,4 +145,5 @@ class PodView:
                 for container in status.get(kind, []) or []
                 if (bare := (container.get("containerID") or "").partition("://")[2])
             },
+            owner=controller_of(meta),
         )

@@ -24,9 +24,11 @@ import aiohttp
 import pytest
 
 from payper.api.inference_deployment import POD_LABEL
+from payper_dev.cluster import podrunner
 from payper_dev.loopback import http_ok
 from payper_dev.testing.cluster import ClusterHandle, eventually
 from payper_dev.testing.stack import (
+    MODEL_PROFILE,
     SYSTEM_NAMESPACE,
     Stack,
     StackOptions,
@@ -59,7 +61,7 @@ def record_totals(cluster: ClusterHandle, namespace: str) -> dict[str, dict[str,
     for record in records(cluster, namespace):
         status = record.get("status") or {}
         total = totals.setdefault(
-            record["spec"]["inferenceDeployment"],
+            record["spec"].get("inferenceDeployment", ""),
             {"activeUs": 0, "1ms": 0, "1s": 0, "1m": 0, "bursts": 0, "amount": Decimal(0)},
         )
         total["activeUs"] += int(status.get("activeUs", 0))
@@ -416,6 +418,90 @@ async def test_an_agent_cannot_bill_usage_to_a_pod_on_another_node(
     assert totals["bystander"]["activeUs"] == 1_000_000, "the honest series is applied"
     assert totals.get("victim", {}).get("activeUs", 0) == 0, "nothing billed to the victim"
     assert scraped_sum(stack.metrics_url, *refused) - before == 1
+
+
+def gpu_pod(name: str) -> dict[str, Any]:
+    """A bare pod a tenant runs itself: a GPU, the stand-in model server, no Payper label."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": {podrunner.ANNOTATION: MODEL_PROFILE}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "server",
+                    "image": "payper/model-server:test",
+                    "ports": [{"containerPort": 8000}],
+                    "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                }
+            ],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        },
+    }
+
+
+async def test_gpu_pods_outside_any_deployment_are_billed_to_their_namespace(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """A tenant runs GPU work where no label points at it: a bare pod of its own, and a
+    deployment's pod relabelled away (its ReplicaSet lets go of it, and it keeps running).
+    Both are billed, through the owner chain the operator reads (not a label), to the
+    namespace's own records at the namespace's plan; the deployment pays none of it."""
+    cluster = stack.cluster
+    stack.deploy(namespace, inference_deployment("llm", min_replicas=1, idle_timeout_s=300))
+    cluster.apply_items([gpu_pod("stray")], "-n", namespace)
+
+    def pod_ready(selector: list[str]) -> dict[str, Any] | None:
+        pods = cluster.get_json("pods", "-n", namespace, *selector)["items"]
+        return next(
+            (
+                p
+                for p in pods
+                if p["status"].get("podIP")
+                and p["metadata"].get("annotations", {}).get(podrunner.LISTENING_ANNOTATION)
+            ),
+            None,
+        )
+
+    stray = await asyncio.to_thread(
+        eventually, lambda: pod_ready(["--field-selector", "metadata.name=stray"]), 60, 0.2, "stray"
+    )
+    owned = await asyncio.to_thread(
+        eventually, lambda: pod_ready(["-l", f"{POD_LABEL}=llm"]), 60, 0.2, "llm's pod"
+    )
+    cluster.kubectl("label", "pod", owned["metadata"]["name"], "-n", namespace, f"{POD_LABEL}-")
+
+    def released() -> bool:
+        pod = cluster.get_json("pod", owned["metadata"]["name"], "-n", namespace)
+        return not pod["metadata"].get("ownerReferences")
+
+    await asyncio.to_thread(eventually, released, 30, 0.2, "the ReplicaSet lets go of the pod")
+    for pod in (stray, owned):
+        for ms in (300, 700, 1100):
+            async with http.post(
+                f"http://{pod['status']['podIP']}:8000/v1/infer", json={"ms": ms}
+            ) as response:
+                assert response.status == 200
+    await stack.settle()
+
+    truth = stack.pod_truth()
+    uids = [stray["metadata"]["uid"], owned["metadata"]["uid"]]
+    expected = sum(truth[uid]["activeUs"] for uid in uids)
+    expected_1s = sum(truth[uid]["1s"] for uid in uids)
+    assert expected >= 2_000_000, truth
+    unmanaged = [
+        r for r in records(cluster, namespace) if r["spec"].get("inferenceDeployment") is None
+    ]
+    assert unmanaged, "the namespace's own records exist"
+    assert all(r["metadata"]["name"].startswith("unmanaged.") for r in unmanaged)
+    assert all(r["spec"]["plan"] == "default" for r in unmanaged)
+    assert sum(int(r["status"]["activeUs"]) for r in unmanaged) == expected
+    assert sum(Decimal(r["status"]["amount"]) for r in unmanaged) == (
+        H100_PRICE * expected_1s / 1000
+    )
+    assert record_totals(cluster, namespace).get("llm", {}).get("activeUs", 0) == 0
+    spans = {i["uid"] for r in unmanaged for i in r["status"].get("podIntervals") or []}
+    assert set(uids) <= spans, "their provisioned GPU time is the namespace's too"
 
 
 async def test_usage_for_a_deleted_namespace_is_filed_not_a_stall(

@@ -17,7 +17,7 @@ from payper.billing import flush
 from payper.billing.events import BillingEvents
 from payper.billing.flush import BillingWindows, Observations
 from payper.billing.records import RecordKey, apply
-from payper.observed import Key, PodView
+from payper.observed import UNMANAGED, Key, PodView
 
 HOUR = 3_600_000
 WINDOWS = BillingWindows(window_ms=HOUR, grace_ms=300_000)
@@ -78,8 +78,9 @@ def seen(
     events: BillingEvents | None = None,
     pods: dict[Key, dict[str, PodView]] | None = None,
     nodes: dict[str, str] | None = None,
+    owners: dict[str, Key] | None = None,
 ) -> Observations:
-    return Observations(events or BillingEvents(), pods or {}, {}, nodes or {}, {})
+    return Observations(events or BillingEvents(), pods or {}, {}, nodes or {}, {}, owners or {})
 
 
 @dataclass
@@ -120,10 +121,14 @@ class GroupRow:
     name: str
     report_start_ms: int
     now_ms: int
-    record_window_ms: int | None
-    """Start of the record the usage lands in; None: no record (not billed)."""
+    record_window_ms: int
+    """Start of the record the usage lands in."""
     original_window_ms: int | None = None
-    deployment: str | None = "llm"
+    claimed: str | None = "llm"
+    """The deployment the agent's series names (the pod's label, which the tenant sets)."""
+    owner: Key | None = None
+    """The operator's attribution of the pod (owner chain); None: it never saw the pod."""
+    billed_to: str = "llm"
 
 
 GROUP_ROWS = [
@@ -136,20 +141,46 @@ GROUP_ROWS = [
         T0 + HOUR,
         original_window_ms=T0,
     ),
-    GroupRow("a pod Payper does not manage", T0, T0 + 1_000, None, deployment=None),
+    GroupRow(
+        "the owner chain, not the label, names the deployment",
+        T0,
+        T0 + 1_000,
+        T0,
+        claimed="cheap",
+        owner=("team-a", "llm"),
+    ),
+    GroupRow(
+        "a pod of no deployment (unlabelled, relabelled): its namespace's records",
+        T0,
+        T0 + 1_000,
+        T0,
+        claimed="llm",
+        owner=("team-a", UNMANAGED),
+        billed_to=UNMANAGED,
+    ),
+    GroupRow(
+        "a pod the operator never saw, unlabelled: still billed, to its namespace",
+        T0,
+        T0 + 1_000,
+        T0,
+        claimed=None,
+        billed_to=UNMANAGED,
+    ),
+    GroupRow("a pod the operator never saw: the agent's word", T0, T0 + 1_000, T0),
 ]
 
 
 @pytest.mark.parametrize("row", GROUP_ROWS, ids=[r.name for r in GROUP_ROWS])
 def test_usage_groups_by_deployment_window_and_product(row: GroupRow) -> None:
+    owners = {"u0": row.owner} if row.owner is not None else {}
     planned = flush.plan(
-        [report("a", 1, row.report_start_ms, row.deployment)], {}, seen(), WINDOWS, row.now_ms
+        [report("a", 1, row.report_start_ms, row.claimed)],
+        {},
+        seen(owners=owners),
+        WINDOWS,
+        row.now_ms,
     )
-    if row.record_window_ms is None:
-        assert dict(planned.changes) == {}
-        assert [(r.agent_id, r.sequence) for r in planned.selection.accepted] == [("a", 1)]
-        return
-    key = RecordKey("team-a", "llm", row.record_window_ms, H100)
+    key = RecordKey("team-a", row.billed_to, row.record_window_ms, H100)
     assert list(planned.changes) == [key]
     (delta,) = planned.changes[key].usage
     assert (delta.agent_id, delta.sequence, delta.active_us) == (key_of("a"), 1, 1_000)
@@ -220,9 +251,10 @@ SPAN_ROWS = [
 def test_provisioned_spans(row: SpanRow) -> None:
     key = ("team-a", "llm")
     observations = seen(
-        BillingEvents(ended_pods=[(key, pod, end) for pod, end in row.ended]),
+        BillingEvents(ended_pods=list(row.ended)),
         {key: {p.uid: p for p in row.pods}},
         row.nodes,
+        owners={pod.uid: key for pod, _ in row.ended},
     )
     planned = flush.plan([], {}, observations, WINDOWS, row.now_ms)
     spans = {

@@ -11,7 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from payper.api.demand import DemandSnapshot, DeploymentDemand
-from payper.api.inference_deployment import InferenceDeploymentSpec, InferenceDeploymentStatus
+from payper.api.inference_deployment import (
+    POD_LABEL,
+    InferenceDeploymentSpec,
+    InferenceDeploymentStatus,
+)
 from payper.billing.config import PlanChoice
 from payper.clock import iso
 from payper.observed import PodView
@@ -19,7 +23,7 @@ from payper.operator import builders, status
 from payper.operator.auth import Caller, Forbidden, Unauthenticated, bearer_token
 from payper.operator.autoscaler import Decision, Policy, Reason
 from payper.operator.config import ConfigError, load
-from payper.operator.state import DemandStore, DemandTotals, Tracked
+from payper.operator.state import DemandStore, DemandTotals, Registry, Tracked
 
 GRANTED = PlanChoice("default", ("default", "gold"), True, None)
 SPEC = InferenceDeploymentSpec.model_validate(
@@ -285,3 +289,43 @@ def test_a_misspelt_status_field_is_an_error_not_a_silent_prune(tmp_path: Path) 
     )
     assert checked.returncode == 1, checked.stdout
     assert 'Unexpected keyword argument "ready_replica"' in checked.stdout
+
+
+def _pod_object(uid: str, label: str | None, owner_uid: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": f"pod-{uid}",
+        "namespace": "team-a",
+        "uid": uid,
+        "labels": {POD_LABEL: label} if label else {},
+    }
+    if owner_uid:
+        meta["ownerReferences"] = [
+            {"kind": "ReplicaSet", "name": "llm-1", "uid": owner_uid, "controller": True},
+            {"kind": "Other", "name": "x", "uid": "not-the-controller"},
+        ]
+    return {"metadata": meta, "spec": {}}
+
+
+def test_the_registry_knows_every_pod_and_a_bounded_number_of_gone_ones() -> None:
+    registry = Registry(max_gone_pods=3)
+    for n in range(5):
+        pod = PodView.from_object(_pod_object(f"u{n}", None))
+        registry.observe_pod(pod, None, deleted=False)
+    assert set(registry.all_pods) == {f"u{n}" for n in range(5)}
+    for n in range(5):
+        registry.observe_pod(PodView.from_object(_pod_object(f"u{n}", None)), None, deleted=True)
+    assert registry.all_pods == {}
+    assert list(registry.gone_pods) == ["u2", "u3", "u4"], "the latest, at most the bound"
+
+
+def test_a_relabelled_pod_leaves_its_former_deployment() -> None:
+    registry = Registry()
+    labelled = PodView.from_object(_pod_object("u1", "llm", owner_uid="rs-1"))
+    assert labelled.owner is not None and labelled.owner.uid == "rs-1", "the controller ref"
+    registry.observe_pod(labelled, ("team-a", "llm"), deleted=False)
+    assert [p.uid for p in registry.pods_of(("team-a", "llm"))] == ["u1"]
+    relabelled = PodView.from_object(_pod_object("u1", "cheap"))
+    registry.observe_pod(relabelled, ("team-a", "cheap"), deleted=False)
+    assert registry.pods_of(("team-a", "llm")) == []
+    assert [p.uid for p in registry.pods_of(("team-a", "cheap"))] == ["u1"]
+    assert relabelled.owner is None

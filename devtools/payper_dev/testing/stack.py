@@ -104,6 +104,11 @@ class Process:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def _add_truth(total: dict[str, int], more: dict[str, int]) -> None:
+    for name, value in more.items():
+        total[name] = total.get(name, 0) + value
+
+
 @dataclass
 class StackOptions:
     stable_window_s: int = 10
@@ -496,23 +501,34 @@ class Stack:
 
         Read from their checkpoints, so it covers every report ever cut, acknowledged or
         not; a test compares it with the BillingRecords once the agents have no backlog.
+        The deployment is the one the pod's label named when the agent saw it.
         """
         truth: dict[tuple[str, str], dict[str, int]] = {}
+        for identity, total in self._series_truth():
+            deployment = identity.get("inference_deployment")
+            if deployment is not None:
+                _add_truth(truth.setdefault((identity["namespace"], deployment), {}), total)
+        return truth
+
+    def pod_truth(self) -> dict[str, dict[str, int]]:
+        """The same, per pod UID (whatever its labels said)."""
+        truth: dict[str, dict[str, int]] = {}
+        for identity, total in self._series_truth():
+            _add_truth(truth.setdefault(identity["pod_uid"], {}), total)
+        return truth
+
+    def _series_truth(self) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
         for node in self.agents:
             state = json.loads((self.agent_state_dir(node) / "state.json").read_text())
             for series in state["meter"].get("series", []):
-                deployment = series["identity"].get("inference_deployment")
-                if deployment is None:
-                    continue
-                key = (series["identity"]["namespace"], deployment)
-                total = truth.setdefault(
-                    key, {"activeUs": 0, "1ms": 0, "1s": 0, "1m": 0, "bursts": 0}
+                yield (
+                    series["identity"],
+                    {
+                        "activeUs": series["reportedUs"],
+                        **{g: series["reportedRoundedMs"][g] for g in GRANULARITY_MS},
+                        "bursts": series["reportedBursts"],
+                    },
                 )
-                total["activeUs"] += series["reportedUs"]
-                for granularity in GRANULARITY_MS:
-                    total[granularity] += series["reportedRoundedMs"][granularity]
-                total["bursts"] += series["reportedBursts"]
-        return truth
 
     def agent_backlog(self) -> int:
         """Reports written by the agents and not yet acknowledged by the operator."""

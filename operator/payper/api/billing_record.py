@@ -119,7 +119,10 @@ class BillingRecordSpec(ApiModel):
         json_schema_extra=cel_rules({"rule": "self == oldSelf", "message": "spec is immutable"})
     )
 
-    inference_deployment: DnsLabel
+    inference_deployment: DnsLabel | None = None
+    """The InferenceDeployment whose pods' GPU time this is (by owner chain). Absent: GPU
+    pods of the account's namespace that belong to no InferenceDeployment (bare pods,
+    pods of other controllers, pods relabelled away), billed at the namespace's plan."""
     account: ShortString
     window: Window
     plan: DnsLabel

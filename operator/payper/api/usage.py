@@ -32,7 +32,9 @@ class SeriesUsage(ApiModel):
     """GPU UUID (or MIG instance UUID)."""
     gpu_product: ShortString
     inference_deployment: DnsLabel | None = None
-    """From the pod's payper.dev/inference-deployment label; None: not billed by Payper."""
+    """The pod's payper.dev/inference-deployment label as the agent saw it. The ledger bills
+    by the operator's own owner chain of the pod instead; this counts only for a pod the
+    operator never saw, and None there means the namespace's own records."""
     active_us: Micros = 0
     rounded_ms: RoundedMs = Field(default_factory=RoundedMs)
     """Bursts that closed in this interval, each rounded up per granularity."""

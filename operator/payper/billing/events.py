@@ -20,7 +20,14 @@ class Observed(Protocol):
     """The deployments and pods the operator currently sees."""
 
     @property
-    def pods(self) -> Mapping[Key, Mapping[str, PodView]]: ...
+    def all_pods(self) -> Mapping[str, PodView]:
+        """Every pod in the cluster, by UID."""
+        ...
+
+    @property
+    def gone_pods(self) -> Mapping[str, PodView]:
+        """Pods deleted lately, by UID (bounded)."""
+        ...
 
     def spec_of(self, key: Key) -> InferenceDeploymentSpec | None: ...
 
@@ -33,8 +40,8 @@ class BillingEvents:
 
     requests: dict[Key, int] = field(default_factory=dict)
     cold_starts: dict[Key, int] = field(default_factory=dict)
-    ended_pods: list[tuple[Key, PodView, int]] = field(default_factory=list)
-    """Pods that went away: (deployment, pod, end ms)."""
+    ended_pods: list[tuple[PodView, int]] = field(default_factory=list)
+    """GPU pods that went away: (pod, end ms)."""
     _last_requests: dict[tuple[str, Key], int] = field(default_factory=dict)
     _gateways: set[str] = field(default_factory=set)
 

@@ -10,8 +10,13 @@ write; ``closing`` says which open records become Final. The ledger (``ledger.py
 only gathers the inputs (reads nodes, drains events), carries out the plan and writes.
 So every rule is a row in a unit-test table, as the autoscaler's are.
 
-BillingSeries are bound to their node: usage an agent claims for a pod the operator sees on
-another node is refused (counted, logged), never applied; the report's other series are.
+Attribution is the operator's, not the agent's: a series lands in the record of the
+InferenceDeployment its pod belongs to by owner chain (ReplicaSet -> Deployment ->
+InferenceDeployment), or, for a pod of none (unlabelled, relabelled, a bare pod), in its
+namespace's records of their own (``UNMANAGED``), priced at the namespace's plan. A
+label the tenant controls decides nothing. Series are bound to their node: usage an agent
+claims for a pod the operator sees on another node is refused (counted, logged), never
+applied; the report's other series are.
 Windows: usage counts in the window its report was observed in; once that window has
 ended and its grace passed, usage for it goes into the current window as an adjustment.
 Provisioned time is per pod and window (scheduled -> gone), so re-planning is harmless.
@@ -31,7 +36,7 @@ from payper.api.usage import SeriesUsage, UsageReport
 from payper.billing.events import BillingEvents
 from payper.billing.pricing import UNKNOWN_PRODUCT, product_key
 from payper.billing.records import PodSpan, RecordChange, RecordKey, UsageDelta, window_start
-from payper.observed import Key, PodView
+from payper.observed import UNMANAGED, Key, PodView
 
 K = TypeVar("K")
 ReportId = tuple[str, int]
@@ -79,12 +84,20 @@ class Observations:
     events: BillingEvents
     """Counts and ended pods since the last flush (already drained)."""
     pods: Mapping[Key, Mapping[str, PodView]]
+    """The pods that matter to this flush (those holding GPUs, those reported), by the key
+    their owner chain bills them under, then by UID."""
     deployment_products: Mapping[Key, str]
     """The GPU product each deployment's spec names (only those that name one)."""
     node_products: Mapping[str, str]
     """The GPU product label of each node a pod runs on."""
     unplaced_since: Mapping[Key, int]
     """Deployments whose counts wait for a GPU product, since when (ms)."""
+    owners: Mapping[str, Key] = field(default_factory=dict)
+    """The key each known pod (current, ended or lately gone) is billed under, by UID:
+    (namespace, InferenceDeployment) through its owner chain, else (namespace, UNMANAGED)."""
+
+    def key_of(self, pod: PodView) -> Key:
+        return self.owners.get(pod.uid, (pod.namespace, UNMANAGED))
 
 
 @dataclass
@@ -139,6 +152,16 @@ def product_of(pod: PodView | None, key: Key, seen: Observations) -> str:
     return seen.node_products.get(pod.node, UNKNOWN_PRODUCT)
 
 
+def _series_key(series: SeriesUsage, seen: Observations) -> Key:
+    """Where a series is billed: the operator's own attribution of its pod (owner chain);
+    for a pod the operator never saw (gone before its watch saw it), the namespace and
+    deployment the agent read from the API. Either way, never nowhere."""
+    known = seen.owners.get(series.pod_uid)
+    if known is not None:
+        return known
+    return (series.namespace, series.inference_deployment or UNMANAGED)
+
+
 def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms: int) -> None:
     current = windows.start(now_ms)
     nodes = {pod.uid: pod.node for pods in seen.pods.values() for pod in pods.values()}
@@ -146,8 +169,6 @@ def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms:
         observed = windows.start(report.interval_start_ms)
         late = windows.closed(observed, now_ms)
         for series in report.series:
-            if series.inference_deployment is None:
-                continue  # a GPU pod Payper does not manage: metered, not billed
             node = nodes.get(series.pod_uid)
             if node is not None and node != report.node:
                 # An agent reports only its own node's pods: usage it claims for a pod
@@ -155,9 +176,10 @@ def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms:
                 # series are). A pod never moves; one not seen (yet, or any more) passes.
                 plan.refused.append((report, series, f"pod runs on {node}"))
                 continue
+            namespace, deployment = _series_key(series, seen)
             key = RecordKey(
-                series.namespace,
-                series.inference_deployment,
+                namespace,
+                deployment,
                 current if late else observed,
                 product_key(series.gpu_product),
             )
@@ -218,7 +240,9 @@ def _count_product(
 
 
 def _pod_spans(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms: int) -> None:
-    spans: list[tuple[Key, PodView, int]] = list(seen.events.ended_pods)
+    spans: list[tuple[Key, PodView, int]] = [
+        (seen.key_of(pod), pod, end) for pod, end in seen.events.ended_pods
+    ]
     for key, pods in seen.pods.items():
         for pod in pods.values():
             if pod.scheduled_ms is not None and pod.gpus > 0:

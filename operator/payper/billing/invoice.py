@@ -90,7 +90,7 @@ def build(
         lines.append(
             Line(
                 namespace=record.metadata.namespace or "",
-                deployment=spec.inference_deployment,
+                deployment=spec.inference_deployment or "",
                 window_start=spec.window.start.strftime("%Y-%m-%dT%H:%M:%SZ"),
                 gpu_product=spec.gpu_product,
                 state=status.state,

@@ -48,6 +48,7 @@ from payper.api.billing_record import (
 )
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
+from payper.api.inference_deployment import KIND as INFERENCE_DEPLOYMENT_KIND
 from payper.api.usage import UsageReport
 from payper.billing import deadletter, flush, metrics
 from payper.billing.config import BillingConfig
@@ -67,7 +68,7 @@ from payper.billing.records import (
 )
 from payper.clock import iso, now_ms, parse_iso
 from payper.kube import ApiError, Kube, resource_path
-from payper.observed import Key, PodView
+from payper.observed import UNMANAGED, Key, Owner, PodView, controller_of
 
 logger = logging.getLogger(__name__)
 MAX_CONFLICT_RETRIES = 6
@@ -96,6 +97,8 @@ class Ledger:
         """Open records as last read or written, by (namespace, name)."""
         self._queue: list[tuple[list[UsageReport], asyncio.Future[dict[str, int]]]] = []
         self._nodes: dict[str, str] = {}
+        self._replica_sets: dict[str, Key | None] = {}
+        """ReplicaSet UID -> the InferenceDeployment it belongs to (None: to none)."""
         self._unplaced_since: dict[Key, int] = {}
         """Deployments whose counts wait for a known GPU product, since when (ms)."""
         self._ledger_version: str | None = None
@@ -150,16 +153,61 @@ class Ledger:
             labels = (found or {}).get("metadata", {}).get("labels") or {}
             self._nodes[node] = product_key(labels.get(GPU_PRODUCT_LABEL, UNKNOWN_PRODUCT))
 
-    def _observations(self, events: BillingEvents) -> Observations:
-        keys = {
-            *self.observed.pods,
-            *(key for key, _, _ in events.ended_pods),
-            *events.requests,
-            *events.cold_starts,
-        }
+    async def _controller(
+        self, api_version: str, plural: str, namespace: str, owner: Owner
+    ) -> Owner | None:
+        """The controller of the object ``owner`` names, if it still is that object."""
+        path = resource_path(api_version, plural, namespace, owner.name)
+        found = await self.kube.get_or_none(path)
+        if found is None or found["metadata"].get("uid") != owner.uid:
+            return None
+        return controller_of(found["metadata"])
+
+    async def _owner_key(self, pod: PodView) -> Key:
+        """The InferenceDeployment a pod belongs to, through its owner chain as the API
+        server holds it (ReplicaSet -> Deployment -> InferenceDeployment; each link
+        checked by UID), else its namespace's UNMANAGED key. ReplicaSets are cached."""
+        owner = pod.owner
+        if owner is None or owner.kind != "ReplicaSet":
+            return (pod.namespace, UNMANAGED)
+        if owner.uid not in self._replica_sets:
+            key: Key | None = None
+            deployment = await self._controller("apps/v1", "replicasets", pod.namespace, owner)
+            if deployment is not None and deployment.kind == "Deployment":
+                top = await self._controller("apps/v1", "deployments", pod.namespace, deployment)
+                if top is not None and top.kind == INFERENCE_DEPLOYMENT_KIND:
+                    key = (pod.namespace, top.name)
+            self._replica_sets[owner.uid] = key
+        return self._replica_sets[owner.uid] or (pod.namespace, UNMANAGED)
+
+    async def _attribute(
+        self, reports: list[UsageReport], events: BillingEvents
+    ) -> tuple[dict[Key, dict[str, PodView]], dict[str, Key]]:
+        """The pods this flush bills (holding GPUs, or reported) grouped by the key their
+        owner chain gives, and that key for every pod it may meet (ended, lately gone)."""
+        current = self.observed.all_pods
+        gone = self.observed.gone_pods
+        reported = {s.pod_uid for r in reports for s in r.series}
+        billed = [p for p in current.values() if p.gpus > 0 or p.uid in reported]
+        others = [pod for pod, _ in events.ended_pods] + [
+            gone[uid] for uid in reported if uid in gone and uid not in current
+        ]
+        owners = {pod.uid: await self._owner_key(pod) for pod in billed + others}
+        grouped: dict[Key, dict[str, PodView]] = {}
+        for pod in billed:
+            grouped.setdefault(owners[pod.uid], {})[pod.uid] = pod
+        live = {pod.owner.uid for pod in (*current.values(), *gone.values()) if pod.owner}
+        for uid in [uid for uid in self._replica_sets if uid not in live]:
+            del self._replica_sets[uid]  # bounded by the pods the operator knows
+        return grouped, owners
+
+    def _observations(
+        self, events: BillingEvents, pods: dict[Key, dict[str, PodView]], owners: dict[str, Key]
+    ) -> Observations:
+        keys = {*pods, *owners.values(), *events.requests, *events.cold_starts}
         return Observations(
             events=events,
-            pods=self.observed.pods,
+            pods=pods,
             deployment_products={
                 key: product_key(spec.gpu.product)
                 for key in keys
@@ -167,6 +215,7 @@ class Ledger:
             },
             node_products=self._nodes,
             unplaced_since=self._unplaced_since,
+            owners=owners,
         )
 
     async def flush(self) -> None:
@@ -184,13 +233,13 @@ class Ledger:
 
     async def _flush(self, reports: list[UsageReport], now: int) -> None:
         events = self.events.drain()
+        pods, owners = await self._attribute(reports, events)
         await self._learn_nodes(
-            [p for pods in self.observed.pods.values() for p in pods.values()]
-            + [pod for _, pod, _ in events.ended_pods]
+            [p for grouped in pods.values() for p in grouped.values()]
+            + [pod for pod, _ in events.ended_pods]
         )
-        planned = flush.plan(
-            reports, self.applied_through, self._observations(events), self.windows, now
-        )
+        seen = self._observations(events, pods, owners)
+        planned = flush.plan(reports, self.applied_through, seen, self.windows, now)
         selection = planned.selection
         metrics.USAGE_REPORTS.labels("duplicate").inc(selection.duplicates)
         metrics.USAGE_REPORTS.labels("out_of_order").inc(selection.out_of_order)
@@ -269,7 +318,7 @@ class Ledger:
     def _new_record(self, key: RecordKey) -> dict[str, Any]:
         plan_name, plan = self._plan(key.namespace, key.deployment)
         spec = BillingRecordSpec(
-            inference_deployment=key.deployment,
+            inference_deployment=key.deployment or None,
             account=key.namespace,
             window=Window.model_validate(
                 {
@@ -291,7 +340,7 @@ class Ledger:
                 "name": key.name,
                 "namespace": key.namespace,
                 "labels": {
-                    DEPLOYMENT_LABEL: key.deployment,
+                    **({DEPLOYMENT_LABEL: key.deployment} if key.deployment else {}),
                     ACCOUNT_LABEL: key.namespace,
                     WINDOW_LABEL: window_label(key.window_start_ms),
                     STATE_LABEL: OPEN,

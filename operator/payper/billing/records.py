@@ -24,6 +24,7 @@ from payper.api.billing_record import (
 )
 from payper.billing.pricing import amount, money, reserved_amount
 from payper.clock import iso, seconds
+from payper.observed import UNMANAGED
 
 WINDOW_LABEL = "payper.dev/window-start"
 STATE_LABEL = "payper.dev/state"
@@ -41,9 +42,17 @@ def window_label(start_ms: int) -> str:
     return datetime.fromtimestamp(start_ms / 1000, UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
+UNMANAGED_RECORD_PREFIX = "unmanaged."
+"""Records of a namespace's GPU pods that belong to no InferenceDeployment are named
+``unmanaged.<window>-<digest>``: the dot cannot occur in a deployment's records' names
+(deployment names are DNS labels), so the two can never collide."""
+
+
 def record_name(deployment: str, start_ms: int, product: str) -> str:
     digest = hashlib.sha256(product.encode()).hexdigest()[:6]
     stamp = datetime.fromtimestamp(start_ms / 1000, UTC).strftime("%Y%m%d-%H%M%S")
+    if deployment == UNMANAGED:
+        return f"{UNMANAGED_RECORD_PREFIX}{stamp}-{digest}"
     return f"{deployment}-{stamp}-{digest}"
 
 

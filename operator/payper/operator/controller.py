@@ -22,12 +22,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from payper.api.common import API_VERSION, field_errors
-from payper.api.inference_deployment import PLURAL, POD_LABEL, InferenceDeploymentSpec
+from payper.api.inference_deployment import PLURAL, InferenceDeploymentSpec
 from payper.billing.config import PlanChoice
 from payper.billing.events import BillingEvents
 from payper.clock import now_ms
 from payper.kube import ApiError, Kube, resource_path
-from payper.observed import Key
+from payper.observed import Key, PodView
 from payper.operator import builders, metrics, status
 from payper.operator.autoscaler import Decision, Observation, Policy, Reason, Windows
 from payper.operator.config import OperatorConfig
@@ -176,16 +176,22 @@ class Controller:
 
     # -- pods ------------------------------------------------------------------------
     def observe_pod(self, obj: Mapping[str, Any], deleted: bool) -> None:
-        deployment = (obj["metadata"].get("labels") or {}).get(POD_LABEL)
-        if deployment is None:
+        """Every pod: billing attributes GPU time to any of them (by owner chain); those
+        labelled for an InferenceDeployment also drive its scaling and status."""
+        pod = PodView.from_object(obj)
+        label_key = (pod.namespace, pod.deployment) if pod.deployment is not None else None
+        former = self.registry.all_pods.get(pod.uid)
+        self.registry.observe_pod(pod, label_key, deleted)
+        if deleted and pod.scheduled_ms is not None and pod.gpus > 0:
+            end = min(pod.deleting_since_ms or self.clock(), self.clock())
+            self.billing.ended_pods.append((pod, end))
+        if former is not None and former.deployment not in (None, pod.deployment):
+            relabelled_from = self.registry.get((former.namespace, former.deployment))
+            if relabelled_from is not None:
+                relabelled_from.dirty = True
+        if label_key is None:
             return
-        key = (obj["metadata"]["namespace"], deployment)
-        if deleted:
-            gone = self.registry.pods.get(key, {}).get(obj["metadata"]["name"])
-            if gone is not None and gone.scheduled_ms is not None:
-                end = gone.deleting_since_ms or self.clock()
-                self.billing.ended_pods.append((key, gone, min(end, self.clock())))
-        self.registry.observe_pod(deployment, obj, deleted)
+        key = label_key
         tracked = self.registry.get(key)
         if tracked is None:
             return

@@ -8,9 +8,9 @@ source of truth. Mutated only from the operator's event loop.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from payper.api.demand import DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import InferenceDeploymentSpec, InferenceDeploymentStatus
@@ -52,10 +52,21 @@ class Tracked:
         return (self.spec.scaling.cold_start_timeout_seconds if self.spec else 300) * 1000
 
 
+MAX_GONE_PODS = 10_000
+"""Pods deleted lately, kept so that their late usage reports (an agent delivers up to
+a report interval and its retries later) are still attributed by their owner chain."""
+
+
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, max_gone_pods: int = MAX_GONE_PODS) -> None:
         self.tracked: dict[Key, Tracked] = {}
         self.pods: dict[Key, dict[str, PodView]] = {}
+        """Each InferenceDeployment's pods, by its selector label: what it scales and serves."""
+        self.all_pods: dict[str, PodView] = {}
+        """Every pod in the cluster by UID: what billing attributes GPU time to."""
+        self.gone_pods: OrderedDict[str, PodView] = OrderedDict()
+        """The latest deleted pods by UID, oldest first, at most ``max_gone_pods``."""
+        self.max_gone_pods = max_gone_pods
         self.namespace_labels: dict[str, dict[str, str]] = {}
         """Labels of every namespace: plan grants may select namespaces by label."""
 
@@ -75,15 +86,29 @@ class Registry:
     def pods_of(self, key: Key) -> list[PodView]:
         return list(self.pods.get(key, {}).values())
 
-    def observe_pod(self, deployment: str, obj: Mapping[str, Any], deleted: bool) -> None:
-        key = (obj["metadata"]["namespace"], deployment)
-        pods = self.pods.setdefault(key, {})
+    def observe_pod(self, pod: PodView, label_key: Key | None, deleted: bool) -> None:
+        """Note a pod (or its deletion). ``label_key``: the deployment its selector label
+        names, if any; a pod relabelled away leaves its former deployment's pods."""
+        previous = self.all_pods.pop(pod.uid, None)
+        if previous is not None and previous.deployment is not None:
+            former = (previous.namespace, previous.deployment)
+            if former != label_key or deleted:
+                self._forget_deployment_pod(former, previous.name)
         if deleted:
-            pods.pop(obj["metadata"]["name"], None)
-            if not pods:
-                self.pods.pop(key, None)
-        else:
-            pods[obj["metadata"]["name"]] = PodView.from_object(obj)
+            self.gone_pods[pod.uid] = pod
+            self.gone_pods.move_to_end(pod.uid)
+            while len(self.gone_pods) > self.max_gone_pods:
+                self.gone_pods.popitem(last=False)
+            return
+        self.all_pods[pod.uid] = pod
+        if label_key is not None:
+            self.pods.setdefault(label_key, {})[pod.name] = pod
+
+    def _forget_deployment_pod(self, key: Key, name: str) -> None:
+        pods = self.pods.get(key, {})
+        pods.pop(name, None)
+        if not pods:
+            self.pods.pop(key, None)
 
 
 @dataclass
