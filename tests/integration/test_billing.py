@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -538,6 +539,50 @@ async def test_usage_for_a_deleted_namespace_is_filed_not_a_stall(
         assert len(entry["reports"]) == 20
     finally:
         cluster.kubectl("delete", "namespace", bystander, "--wait=false", check=False)
+
+
+async def test_a_deleted_namespace_keeps_its_open_records_and_their_late_usage(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """A tenant deletes its namespace while its records are still Open (a way to erase
+    an unbilled hour). The deletion completes; before it, the operator moved each open
+    record, as last written, into its own namespace, where the pods' last reports and any
+    later usage for that window land."""
+    cluster = stack.cluster
+    leaving = cluster.namespace("leaving")
+    stack.deploy(leaving, model("llm"))
+    for ms in (400, 900):
+        async with http.post(
+            f"{stack.gateway_url}/{leaving}/llm/v1/infer", json={"ms": ms}
+        ) as response:
+            assert response.status == 200, await response.text()
+    await stack.settle()
+    before = {r["metadata"]["name"]: r for r in records(cluster, leaving)}
+    assert before and all(r["status"]["state"] == "Open" for r in before.values())
+
+    cluster.kubectl("delete", "namespace", leaving, "--wait=true", "--timeout=90s", timeout=120)
+    await stack.settle()  # the pods' last reports, cut after the deletion began
+    late_window = min(r["spec"]["window"]["start"] for r in before.values())
+    start_ms = int(
+        datetime.strptime(late_window, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp() * 1000
+    )
+    late = report(f"late-{leaving[-6:]}", 1, leaving, "llm", 250_000)
+    late |= {"intervalStartMs": start_ms + 1000, "intervalEndMs": start_ms + 2000}
+    token = agent_token(stack, "gpu-node-0")
+    assert (await post_usage(http, stack, token, {"reports": [late]}))[0] == 200
+
+    moved = {
+        r["metadata"]["name"]: r
+        for r in records(cluster, SYSTEM_NAMESPACE)
+        if r["metadata"]["labels"].get("payper.dev/moved-from-namespace") == leaving
+    }
+    assert set(moved) == {f"{leaving}.{name}" for name in before}
+    for name, record in before.items():
+        assert moved[f"{leaving}.{name}"]["spec"] == record["spec"], "same account and prices"
+    truth = stack.agent_truth()[(leaving, "llm")]["activeUs"]
+    assert truth > 0
+    assert sum(int(r["status"]["activeUs"]) for r in moved.values()) == truth + 250_000
+    assert scraped_sum(stack.metrics_url, "payper_billing_records_moved_total") >= len(before)
 
 
 async def test_usage_from_the_wrong_caller_or_payload_changes_nothing(

@@ -33,6 +33,10 @@ class Observed(Protocol):
 
     def labels_of(self, namespace: str) -> Mapping[str, str]: ...
 
+    def namespace_ending(self, namespace: str) -> bool:
+        """It is being deleted, or is gone."""
+        ...
+
 
 @dataclass
 class BillingEvents:

@@ -89,7 +89,7 @@ def build(
             continue
         lines.append(
             Line(
-                namespace=record.metadata.namespace or "",
+                namespace=spec.account,  # a record moved out of a deleted namespace keeps it
                 deployment=spec.inference_deployment or "",
                 window_start=spec.window.start.strftime("%Y-%m-%dT%H:%M:%SZ"),
                 gpu_product=spec.gpu_product,

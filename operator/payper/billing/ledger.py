@@ -58,11 +58,13 @@ from payper.billing.pricing import UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.records import (
     ACCOUNT_LABEL,
     DEPLOYMENT_LABEL,
+    MOVED_FROM_LABEL,
     STATE_LABEL,
     WINDOW_LABEL,
     RecordChange,
     RecordKey,
     apply,
+    moved_name,
     same_totals,
     window_label,
 )
@@ -94,7 +96,10 @@ class Ledger:
         self.windows = BillingWindows(config.window_seconds * 1000, config.grace_seconds * 1000)
         self.applied_through: dict[str, int] = {}
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
-        """Open records as last read or written, by (namespace, name)."""
+        """Open records as last read or written, by where they are: (namespace, name)."""
+        self._moved: set[tuple[str, str]] = set()
+        """(namespace, name) of records moved into the operator's namespace when their
+        namespace was deleted: their usage goes to the moved copy."""
         self._queue: list[tuple[list[UsageReport], asyncio.Future[dict[str, int]]]] = []
         self._nodes: dict[str, str] = {}
         self._replica_sets: dict[str, Key | None] = {}
@@ -123,8 +128,13 @@ class Ledger:
             key = (item["metadata"]["namespace"], item["metadata"]["name"])
             if (item.get("status") or {}).get("state") != FINAL:
                 self.records[key] = item
+                moved_from = (item["metadata"].get("labels") or {}).get(MOVED_FROM_LABEL)
+                if key[0] == self.namespace and moved_from:
+                    self._moved.add((moved_from, key[1].removeprefix(f"{moved_from}.")))
             else:
                 await self._label_final(key, item)
+        for original in self._moved:
+            self.records.pop(original, None)  # its namespace is going: the copy is the record
         logger.info(
             "ledger: %d agents, %d open records", len(self.applied_through), len(self.records)
         )
@@ -232,6 +242,7 @@ class Ledger:
                     )
 
     async def _flush(self, reports: list[UsageReport], now: int) -> None:
+        await self._move_records_of_ending_namespaces()
         events = self.events.drain()
         pods, owners = await self._attribute(reports, events)
         await self._learn_nodes(
@@ -349,14 +360,25 @@ class Ledger:
             "spec": spec.to_wire(),
         }
 
+    def _location(self, key: RecordKey) -> tuple[str, str]:
+        """Where a record is: in its namespace, or moved into the operator's."""
+        if (key.namespace, key.name) in self._moved:
+            return self.namespace, moved_name(key.namespace, key.name)
+        return key.namespace, key.name
+
     async def _get_or_create(self, key: RecordKey) -> dict[str, Any]:
-        path = resource_path(API_VERSION, PLURAL, key.namespace, key.name)
+        namespace, name = self._location(key)
+        path = resource_path(API_VERSION, PLURAL, namespace, name)
         found = await self.kube.get_or_none(path)
         if found is not None:
             return dict(found)
+        body = self._new_record(key)
+        if namespace != key.namespace:
+            body["metadata"] |= {"name": name, "namespace": namespace}
+            body["metadata"]["labels"][MOVED_FROM_LABEL] = key.namespace
         try:
             created: dict[str, Any] = await self.kube.create(
-                resource_path(API_VERSION, PLURAL, key.namespace), self._new_record(key)
+                resource_path(API_VERSION, PLURAL, namespace), body
             )
         except ApiError as error:
             if not error.conflict:
@@ -364,8 +386,56 @@ class Ledger:
             created = await self.kube.get(path)  # another writer created it first
         return created
 
+    async def _move_records_of_ending_namespaces(self) -> None:
+        """Before a deleted namespace's records go (the namespace controller deletes them),
+        copy each open one, as last written, into the operator's namespace; its later
+        usage lands in the copy. A copy that exists already (a retry) is kept."""
+        for namespace, name in list(self.records):
+            if namespace != self.namespace and self.observed.namespace_ending(namespace):
+                await self._move_record(namespace, name)
+
+    async def _move_record(self, namespace: str, name: str) -> bool:
+        """Move one cached open record into the operator's namespace; whether it moved."""
+        record = self.records[(namespace, name)]
+        moved = moved_name(namespace, name)
+        target = resource_path(API_VERSION, PLURAL, self.namespace, moved)
+        labels = {**(record["metadata"].get("labels") or {}), MOVED_FROM_LABEL: namespace}
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": moved, "namespace": self.namespace, "labels": labels},
+            "spec": record["spec"],
+        }
+        try:
+            try:
+                copy = await self.kube.create(
+                    resource_path(API_VERSION, PLURAL, self.namespace), body
+                )
+            except ApiError as error:
+                if not error.conflict:
+                    raise
+                copy = await self.kube.get(target)
+            if not (copy.get("status") or {}).get("lastUpdateTime"):
+                status = BillingRecordStatus.model_validate(record.get("status") or {})
+                copy = await self.kube.replace_status(f"{target}/status", copy, status)
+        except ApiError as error:
+            logger.warning("moving record %s/%s: %s (retried next flush)", namespace, name, error)
+            return False
+        self._moved.add((namespace, name))
+        del self.records[(namespace, name)]
+        self.records[(self.namespace, moved)] = copy
+        metrics.RECORDS_MOVED.inc()
+        logger.warning(
+            "namespace %s is being deleted: its open record %s is now %s/%s",
+            namespace,
+            name,
+            self.namespace,
+            moved,
+        )
+        return True
+
     async def _apply_record(self, key: RecordKey, change: RecordChange, now: int) -> None:
-        cache_key = (key.namespace, key.name)
+        cache_key = self._location(key)
         record = self.records.get(cache_key)
         for _ in range(MAX_CONFLICT_RETRIES):
             if record is None:
@@ -382,11 +452,22 @@ class Ledger:
                 return  # a resend already in this record, or no change at all
             try:
                 record = await self.kube.replace_status(
-                    resource_path(API_VERSION, PLURAL, key.namespace, key.name, "status"),
+                    resource_path(API_VERSION, PLURAL, *cache_key, "status"),
                     record,
                     updated,
                 )
             except ApiError as error:
+                if (
+                    error.not_found
+                    and cache_key[0] == key.namespace
+                    and self.observed.namespace_ending(key.namespace)
+                    and await self._move_record(*cache_key)
+                ):
+                    # Deleted with its namespace before this flush moved it: moved now,
+                    # from the state the ledger last wrote; the change is applied there.
+                    cache_key = self._location(key)
+                    record = self.records[cache_key]
+                    continue
                 if error.conflict or error.not_found:
                     # Someone else wrote it, or it is gone (its namespace being deleted):
                     # read (or create) it again and re-apply; a create that can never

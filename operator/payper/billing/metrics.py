@@ -84,6 +84,11 @@ FLUSH_DURATION = Histogram(
     "interval means the ledger is falling behind.",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+RECORDS_MOVED = Counter(
+    "payper_billing_records_moved_total",
+    "Open BillingRecords moved into the operator's namespace because their own was being "
+    "deleted (their later usage lands there, nothing is lost with the namespace).",
+)
 FINALIZED = Counter("payper_billing_records_finalized_total", "BillingRecords that became Final.")
 
 

@@ -31,6 +31,9 @@ STATE_LABEL = "payper.dev/state"
 """Open or Final (a later state, Exported, is for the export work): the operator lists
 only the records it still writes, by label, instead of every record ever written."""
 DEPLOYMENT_LABEL = "payper.dev/inference-deployment"
+MOVED_FROM_LABEL = "payper.dev/moved-from-namespace"
+"""On a record the ledger moved into its own namespace when the tenant's namespace was
+deleted: the namespace it came from (the account is unchanged)."""
 ACCOUNT_LABEL = "payper.dev/account"
 
 
@@ -66,6 +69,11 @@ class RecordKey:
     @property
     def name(self) -> str:
         return record_name(self.deployment, self.window_start_ms, self.product)
+
+
+def moved_name(namespace: str, name: str) -> str:
+    """The name of a record of ``namespace`` once moved into the operator's namespace."""
+    return f"{namespace}.{name}"
 
 
 @dataclass(frozen=True)

@@ -163,15 +163,14 @@ class Controller:
     # -- namespaces --------------------------------------------------------------------
     def observe_namespace(self, obj: Mapping[str, Any], deleted: bool) -> None:
         """Namespace labels select plan grants: a relabelled namespace re-prices and
-        re-evaluates its deployments."""
-        name = obj["metadata"]["name"]
-        labels = dict(obj["metadata"].get("labels") or {})
-        if deleted:
-            self.registry.namespace_labels.pop(name, None)
-        elif self.registry.namespace_labels.get(name) != labels:
-            self.registry.namespace_labels[name] = labels
+        re-evaluates its deployments. A namespace being deleted is one the ledger moves
+        open records out of."""
+        meta = obj["metadata"]
+        ending = deleted or bool(meta.get("deletionTimestamp"))
+        labels = None if ending else dict(meta.get("labels") or {})
+        if self.registry.observe_namespace(meta["name"], labels):
             for tracked in self.registry:
-                if tracked.namespace == name:
+                if tracked.namespace == meta["name"]:
                     tracked.dirty = True
 
     # -- pods ------------------------------------------------------------------------

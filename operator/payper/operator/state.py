@@ -52,6 +52,7 @@ class Tracked:
         return (self.spec.scaling.cold_start_timeout_seconds if self.spec else 300) * 1000
 
 
+MAX_ENDING_NAMESPACES = 10_000
 MAX_GONE_PODS = 10_000
 """Pods deleted lately, kept so that their late usage reports (an agent delivers up to
 a report interval and its retries later) are still attributed by their owner chain."""
@@ -69,12 +70,32 @@ class Registry:
         self.max_gone_pods = max_gone_pods
         self.namespace_labels: dict[str, dict[str, str]] = {}
         """Labels of every namespace: plan grants may select namespaces by label."""
+        self.ending_namespaces: OrderedDict[str, None] = OrderedDict()
+        """Namespaces being deleted or gone, latest last, at most ``MAX_ENDING_NAMESPACES``:
+        the ledger moves their open records into its own namespace."""
 
     def __iter__(self) -> Iterator[Tracked]:
         return iter(list(self.tracked.values()))
 
     def get(self, key: Key) -> Tracked | None:
         return self.tracked.get(key)
+
+    def observe_namespace(self, name: str, labels: dict[str, str] | None) -> bool:
+        """Note a namespace's labels, or None when it is being deleted or gone; whether its
+        labels changed (plan grants select namespaces by label)."""
+        if labels is None:
+            self.ending_namespaces[name] = None
+            self.ending_namespaces.move_to_end(name)
+            while len(self.ending_namespaces) > MAX_ENDING_NAMESPACES:
+                self.ending_namespaces.popitem(last=False)
+            return self.namespace_labels.pop(name, None) is not None
+        self.ending_namespaces.pop(name, None)  # created again
+        changed = self.namespace_labels.get(name) != labels
+        self.namespace_labels[name] = labels
+        return changed
+
+    def namespace_ending(self, namespace: str) -> bool:
+        return namespace in self.ending_namespaces
 
     def labels_of(self, namespace: str) -> Mapping[str, str]:
         return self.namespace_labels.get(namespace, {})
