@@ -262,6 +262,11 @@ async def test_a_progress_save_whose_answer_was_lost_does_not_stall_acknowledgem
     assert_records_equal_truth(stack, namespace, ["acks"])
 
 
+def cluster_dead_letters(stack: Stack) -> dict[str, dict[str, Any]]:
+    letters = stack.cluster.get_json("configmap", "payper-dead-letters", "-n", SYSTEM_NAMESPACE)
+    return {key: json.loads(value) for key, value in (letters.get("data") or {}).items()}
+
+
 def agent_token(stack: Stack, node: str) -> str:
     return stack.agent_token_file(node).read_text()
 
@@ -419,6 +424,10 @@ async def test_an_agent_cannot_bill_usage_to_a_pod_on_another_node(
     assert totals["bystander"]["activeUs"] == 1_000_000, "the honest series is applied"
     assert totals.get("victim", {}).get("activeUs", 0) == 0, "nothing billed to the victim"
     assert scraped_sum(stack.metrics_url, *refused) - before == 1
+    letters = cluster_dead_letters(stack)
+    (claim,) = [v for k, v in letters.items() if k.startswith(f"{namespace}.victim-")]
+    assert (claim["activeUs"], claim["reason"]) == (7_000_000, "pod-on-another-node")
+    assert claim["reports"] == [f"{other}/{agent}/1"], "filed once, under the claiming node"
 
 
 def gpu_pod(name: str) -> dict[str, Any]:
@@ -526,10 +535,9 @@ async def test_usage_for_a_deleted_namespace_is_filed_not_a_stall(
                 {"acked": {agent: sequence}},
             ), "acknowledged: nothing waits behind a record that can never be written"
         assert record_totals(cluster, bystander)["web"]["activeUs"] == 20 * 10_000
-        letters = cluster.get_json("configmap", "payper-dead-letters", "-n", SYSTEM_NAMESPACE)
         entries = {
-            key: json.loads(value)
-            for key, value in letters["data"].items()
+            key: value
+            for key, value in cluster_dead_letters(stack).items()
             if key.startswith(f"{gone}.")
         }
         (entry,) = entries.values()  # one entry per refused record, however many changes

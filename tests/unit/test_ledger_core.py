@@ -347,7 +347,11 @@ def test_usage_claimed_for_a_pod_on_another_node_is_refused_the_rest_applied() -
     ]
     usage = [d for change in planned.changes.values() for d in change.usage]
     assert sum(d.active_us for d in usage) == 2_000, "the honest and the unseen pod"
+    (claimed,) = planned.refused_changes
+    assert (claimed.namespace, claimed.deployment) == ("team-a", "llm"), "the claim, filed"
+    assert [d.active_us for d in planned.refused_changes[claimed].usage] == [1_000]
     assert flush.acknowledge(planned, {}, set()) == {key_of("a"): 1}, "the report is still done"
+    assert flush.acknowledge(planned, {}, {claimed}) == {}, "but only once the claim is filed"
 
 
 def test_an_agent_cannot_spoil_another_nodes_agent_by_borrowing_its_id() -> None:

@@ -29,6 +29,10 @@ MAX_BYTES = 800_000
 MAX_CONFLICT_RETRIES = 6
 
 
+FOREIGN_SERIES = "pod-on-another-node"
+"""Usage an agent claimed for a pod the operator sees on another node: never applied."""
+
+
 def refused_for_good(error: ApiError) -> str | None:
     """Why a record write can never succeed, or None if a retry may (or RBAC must be fixed)."""
     if error.status == 404:
@@ -40,8 +44,12 @@ def refused_for_good(error: ApiError) -> str | None:
     return None
 
 
-def _entry_key(key: RecordKey) -> str:
-    return f"{key.namespace}.{key.name}"  # both DNS names: a valid ConfigMap key
+def _entry_key(key: RecordKey, reason: str) -> str:
+    """One entry per record, and one more per record for usage claimed by the wrong node
+    (so a forger's claims never mix with the record's own refused usage). All parts are
+    DNS names or plain words: a valid ConfigMap key."""
+    entry = f"{key.namespace}.{key.name}"
+    return f"{entry}.{reason}" if reason == FOREIGN_SERIES else entry
 
 
 def _merged(
@@ -64,11 +72,14 @@ def _merged(
         }
     )
     for delta in change.usage:
+        report = f"{delta.agent_id}/{delta.sequence}"
+        if report in entry["reports"]:
+            continue  # filed before, and its acknowledgement was lost: never twice
+        entry["reports"].append(report)
         entry["activeUs"] += delta.active_us
         for granularity, ms in delta.rounded_ms.to_wire().items():
             entry["roundedMs"][granularity] += ms
         entry["bursts"] += delta.bursts
-        entry["reports"].append(f"{delta.agent_id}/{delta.sequence}")
     entry["requests"] += change.requests
     entry["coldStarts"] += change.cold_starts
     entry["reason"] = reason
@@ -96,7 +107,7 @@ class DeadLetters:
             stored = await self.kube.get_or_none(self.path)
             data: dict[str, str] = dict((stored or {}).get("data") or {})
             for key, change, reason in refused:
-                entry = _entry_key(key)
+                entry = _entry_key(key, reason)
                 data[entry] = _merged(data.get(entry), key, change, reason, now)
             if len(data) > self.max_entries or sum(len(v) for v in data.values()) > self.max_bytes:
                 return False

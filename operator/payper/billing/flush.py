@@ -115,6 +115,11 @@ class FlushPlan:
     """The records each accepted report's usage lands in."""
     refused: list[tuple[UsageReport, SeriesUsage, str]] = field(default_factory=list)
     """Series not applied, with why (a pod the operator sees on another node)."""
+    refused_changes: dict[RecordKey, RecordChange] = field(
+        default_factory=lambda: defaultdict(RecordChange)
+    )
+    """Their usage, by the record it claimed: for the dead-letter store. A report is
+    acknowledged only once these are filed (they are in ``touched`` too)."""
     held_requests: dict[Key, int] = field(default_factory=dict)
     held_cold_starts: dict[Key, int] = field(default_factory=dict)
     """Counts that wait for a GPU product: the next flush counts them again."""
@@ -169,13 +174,6 @@ def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms:
         observed = windows.start(report.interval_start_ms)
         late = windows.closed(observed, now_ms)
         for series in report.series:
-            node = nodes.get(series.pod_uid)
-            if node is not None and node != report.node:
-                # An agent reports only its own node's pods: usage it claims for a pod
-                # the operator sees on another node is not applied (the report's other
-                # series are). A pod never moves; one not seen (yet, or any more) passes.
-                plan.refused.append((report, series, f"pod runs on {node}"))
-                continue
             namespace, deployment = _series_key(series, seen)
             key = RecordKey(
                 namespace,
@@ -183,7 +181,16 @@ def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms:
                 current if late else observed,
                 product_key(series.gpu_product),
             )
-            plan.changes[key].usage.append(
+            node = nodes.get(series.pod_uid)
+            changes = plan.changes
+            if node is not None and node != report.node:
+                # An agent reports only its own node's pods: usage it claims for a pod
+                # the operator sees on another node is not applied (the report's other
+                # series are) but filed as a dead letter. A pod never moves; one not seen
+                # (yet, or any more) passes.
+                plan.refused.append((report, series, f"pod runs on {node}"))
+                changes = plan.refused_changes
+            changes[key].usage.append(
                 UsageDelta(
                     agent_id=progress_key(report),
                     legacy_agent_id=report.agent_id,

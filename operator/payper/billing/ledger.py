@@ -288,7 +288,10 @@ class Ledger:
                 metrics.prime(key.namespace, key.deployment, key.product, plan.currency)
 
         failed: set[RecordKey] = set()
-        refused: list[tuple[RecordKey, RecordChange, str]] = []
+        refused: list[tuple[RecordKey, RecordChange, str]] = [
+            (key, change, deadletter.FOREIGN_SERIES)
+            for key, change in planned.refused_changes.items()
+        ]
         for key, change in planned.changes.items():
             try:
                 await self._apply_record(key, change, now)
