@@ -51,7 +51,9 @@ class Backend(Protocol):
         """Samples newer than ``last_seen_us``; raises Unmetered when not measurable."""
         ...
 
-    def running_pids(self, gpu: Gpu) -> set[int]: ...
+    def running_pids(self, gpu: Gpu) -> set[int]:
+        """Host PIDs of the processes using the GPU (NVML: compute, graphics and MPS)."""
+        ...
 
     def cgroup(self, pid: int) -> str | None:
         """The contents of ``/proc/<pid>/cgroup`` (host PID), or None if it is gone."""

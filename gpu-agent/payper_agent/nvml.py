@@ -1,9 +1,13 @@
 """The real backend: NVML through ``nvidia-ml-py`` (the ``pynvml`` module).
 
-Per GPU and poll: the per-process utilization since the last seen timestamp, and
-``nvmlDeviceGetComputeRunningProcesses`` for the PIDs that really run there. NOT_FOUND,
-and the wrapper's ``NVMLError(NVML_SUCCESS)`` (its two-call pattern when there are no
-samples), mean idle. GPUs are identified by UUID and product name.
+Per GPU and poll: the per-process utilization since the last seen timestamp, and the
+PIDs that really run there: the union of the compute, graphics and MPS process lists
+(a process on only one of them is still a process using the GPU; a tenant must not escape
+the meter by creating a graphics context or going through MPS). NOT_FOUND, and the
+wrapper's ``NVMLError(NVML_SUCCESS)`` (its two-call pattern when there are no samples),
+mean idle or none. A process-list call that this nvidia-ml-py lacks (AttributeError) or
+that the driver answers NOT_SUPPORTED / FUNCTION_NOT_FOUND is skipped for that device from
+then on, not retried every poll. GPUs are identified by UUID and product name.
 
 Two calls give per-process utilization: ``nvmlDeviceGetProcessUtilization`` and, since
 driver 550, ``nvmlDeviceGetProcessesUtilizationInfo``. On an H200 with driver 580 the
@@ -36,6 +40,11 @@ PROCESSES_UTILIZATION_INFO = "processes-utilization-info"
 APIS = (PROCESS_UTILIZATION, PROCESSES_UTILIZATION_INFO)
 IDLE_CODES = ("NVML_ERROR_NOT_FOUND", "NVML_SUCCESS")
 FALLBACK_CODES = ("NVML_ERROR_FUNCTION_NOT_FOUND", "NVML_ERROR_NOT_SUPPORTED")
+PROCESS_LISTS = (
+    "nvmlDeviceGetComputeRunningProcesses",
+    "nvmlDeviceGetGraphicsRunningProcesses",
+    "nvmlDeviceGetMPSComputeRunningProcesses",
+)
 
 
 def _text(value: Any) -> str:
@@ -48,6 +57,8 @@ class _MigInstance:
     handle: Any
     gpu_instance_id: int
     previous: Any = None
+    process_lists: list[str] = field(default_factory=lambda: list(PROCESS_LISTS))
+    """The process-list calls this instance answers (unsupported ones are dropped)."""
 
 
 @dataclass
@@ -56,6 +67,8 @@ class _Device:
     handle: Any
     gpm: bool = False
     instances: list[_MigInstance] = field(default_factory=list)
+    process_lists: list[str] = field(default_factory=lambda: list(PROCESS_LISTS))
+    """The process-list calls this device answers (unsupported ones are dropped)."""
 
 
 class NvmlBackend:
@@ -181,27 +194,38 @@ class NvmlBackend:
             result = nvml.nvmlGpmMetricsGet(request)
             nvml.nvmlGpmSampleFree(previous)
             percent = round(float(result.metrics[0].value))
-            pids = self._pids(instance.handle)
+            pids = self._pids(instance)
             if percent > 0 and pids:
                 samples.append(ProcessSample(min(pids), min(100, percent), now, instance.uuid))
         return samples
 
-    def _pids(self, handle: Any) -> set[int]:
-        try:
-            return {int(p.pid) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)}
-        except self.nvml.NVMLError as error:
-            if self._is(error, IDLE_CODES):
-                return set()
-            raise
+    def _pids(self, target: _Device | _MigInstance) -> set[int]:
+        """The union of the process lists, deduplicated by PID."""
+        pids: set[int] = set()
+        for name in list(target.process_lists):
+            try:
+                processes = getattr(self.nvml, name)(target.handle)
+            except AttributeError:
+                target.process_lists.remove(name)  # this nvidia-ml-py lacks the call
+                continue
+            except self.nvml.NVMLError as error:
+                if self._is(error, IDLE_CODES):
+                    continue
+                if self._is(error, FALLBACK_CODES):
+                    target.process_lists.remove(name)  # this driver or device lacks it
+                    continue
+                raise
+            pids.update(int(p.pid) for p in processes)
+        return pids
 
     def running_pids(self, gpu: Gpu) -> set[int]:
         device = self._device(gpu)
         if gpu.mig:
             pids: set[int] = set()
             for instance in device.instances:
-                pids |= self._pids(instance.handle)
+                pids |= self._pids(instance)
             return pids
-        return self._pids(device.handle)
+        return self._pids(device)
 
     def cgroup(self, pid: int) -> str | None:
         return read_proc_cgroup(pid, self.proc)

@@ -2,7 +2,8 @@
 
 The fake mimics nvidia-ml-py's surface and its oddities: NOT_FOUND for idle processes,
 ``NVMLError(NVML_SUCCESS)`` from the two-call pattern when there are no samples, a
-missing newer call on older drivers, MIG without and with GPM.
+missing newer call on older drivers, process-list calls a version lacks or a driver does
+not support, MIG without and with GPM.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class FakeDevice:
     samples: list[tuple[int, int, int]] = field(default_factory=list)
     """(pid, smUtil, timestamp)"""
     pids: list[int] = field(default_factory=list)
+    """On the compute process list."""
+    graphics_pids: list[int] = field(default_factory=list)
+    mps_pids: list[int] = field(default_factory=list)
+    list_errors: dict[str, int] = field(default_factory=dict)
+    """Per process list ("compute", "graphics", "mps"): the NVML error it raises."""
     error: int | None = None
     instances: list[FakeDevice] = field(default_factory=list)
     gpm_util: float = 0.0
@@ -60,6 +66,8 @@ class FakeNvml:
         self.has_new_call = has_new_call
         self.new_call_error = new_call_error
         self.calls: list[str] = []
+        self.missing: set[str] = set()
+        """Process lists ("compute", "graphics", "mps") this nvidia-ml-py lacks."""
         self.initialised = False
 
     # lifecycle
@@ -125,8 +133,22 @@ class FakeNvml:
         self.calls.append("old")
         return self._samples(handle, last)
 
+    def _processes(self, handle: FakeDevice, kind: str, pids: list[int]) -> list[Any]:
+        self.calls.append(kind)
+        if kind in self.missing:
+            raise AttributeError(f"module 'pynvml' has no attribute for the {kind} list")
+        if kind in handle.list_errors:
+            raise NVMLError(handle.list_errors[kind])
+        return [SimpleNamespace(pid=p, usedGpuMemory=None) for p in pids]
+
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeDevice) -> list[Any]:
-        return [SimpleNamespace(pid=p) for p in handle.pids]
+        return self._processes(handle, "compute", handle.pids)
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: FakeDevice) -> list[Any]:
+        return self._processes(handle, "graphics", handle.graphics_pids)
+
+    def nvmlDeviceGetMPSComputeRunningProcesses(self, handle: FakeDevice) -> list[Any]:
+        return self._processes(handle, "mps", handle.mps_pids)
 
     # GPM
     def nvmlGpmSampleAlloc(self) -> Any:
@@ -216,6 +238,72 @@ def test_pinning_the_newer_call_falls_back_when_it_is_missing(
     assert backend.utilization(backend.gpus()[0], 1_000_000) == [ProcessSample(5, 40, 2_000_000)]
     assert backend.api == PROCESS_UTILIZATION
     assert nvml.calls[-1] == "old"
+
+
+def test_running_pids_are_the_union_of_the_compute_graphics_and_mps_lists() -> None:
+    device = FakeDevice("GPU-a", pids=[5, 6], graphics_pids=[6, 7], mps_pids=[8, 5])
+    backend = NvmlBackend(FakeNvml([device]))  # type: ignore[arg-type]
+    assert backend.running_pids(backend.gpus()[0]) == {5, 6, 7, 8}
+
+
+def test_a_process_only_on_the_graphics_or_mps_list_is_metered() -> None:
+    device = FakeDevice(
+        "GPU-a", samples=[(7, 30, 2_000_000), (8, 20, 2_000_000)], graphics_pids=[7], mps_pids=[8]
+    )
+    backend = NvmlBackend(FakeNvml([device]))  # type: ignore[arg-type]
+    meter = Meter(KnownPids({7: SeriesIdentity("ns", "g", "uid-g", "c")}))
+    meter.last_seen_us["GPU-a"] = 1_000_000
+    result = meter.poll(backend)
+    assert (result.samples, result.dropped) == (2, 0)
+    (series,) = meter.series.values()
+    assert series.total_x100 == 30 * 1_000_000
+    assert meter.unattributed_x100 == 20 * 1_000_000, "an MPS client of no pod: unattributed"
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        {"graphics": FakeNvml.NVML_ERROR_NOT_SUPPORTED},
+        {"graphics": FakeNvml.NVML_ERROR_FUNCTION_NOT_FOUND},
+        {"graphics": None},  # None: the call is missing from nvidia-ml-py
+    ],
+    ids=["not-supported", "function-not-found", "missing-call"],
+)
+def test_an_unsupported_process_list_is_skipped_and_not_asked_again(
+    missing: dict[str, int | None],
+) -> None:
+    device = FakeDevice("GPU-a", pids=[5], graphics_pids=[6], mps_pids=[7])
+    nvml = FakeNvml([device])
+    for kind, code in missing.items():
+        if code is None:
+            nvml.missing.add(kind)
+        else:
+            device.list_errors[kind] = code
+    backend = NvmlBackend(nvml)  # type: ignore[arg-type]
+    (gpu,) = backend.gpus()
+    assert backend.running_pids(gpu) == {5, 7}
+    assert backend.running_pids(gpu) == {5, 7}
+    assert nvml.calls.count("graphics") == 1, "remembered, not retried every poll"
+    assert nvml.calls.count("compute") == nvml.calls.count("mps") == 2
+
+
+@pytest.mark.parametrize("code", ["NVML_ERROR_NOT_FOUND", "NVML_SUCCESS"])
+def test_a_process_list_answering_not_found_or_the_success_oddity_has_none(code: str) -> None:
+    device = FakeDevice("GPU-a", pids=[5], mps_pids=[7])
+    device.list_errors["mps"] = getattr(FakeNvml, code)
+    nvml = FakeNvml([device])
+    backend = NvmlBackend(nvml)  # type: ignore[arg-type]
+    (gpu,) = backend.gpus()
+    assert backend.running_pids(gpu) == {5}
+    assert backend.running_pids(gpu) == {5}
+    assert nvml.calls.count("mps") == 2, "none this time; asked again next poll"
+
+
+def test_other_process_list_errors_surface() -> None:
+    device = FakeDevice("GPU-a", pids=[5], list_errors={"graphics": FakeNvml.NVML_ERROR_UNKNOWN})
+    backend = NvmlBackend(FakeNvml([device]))  # type: ignore[arg-type]
+    with pytest.raises(NVMLError):
+        backend.running_pids(backend.gpus()[0])
 
 
 def test_unknown_api_names_are_refused() -> None:
