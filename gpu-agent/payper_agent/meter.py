@@ -16,11 +16,20 @@ plus one unit per record; a lone 200 ms request still pays 0.2 s, 1 s or 60 s. (
 polls, 1 ms and 1 s bursts end at the first idle poll.) A burst belongs to the report,
 and so to the billing window, in which it ends. ``bursts`` counts the finest ones.
 
-Garbage is dropped, never guessed: samples with smUtil > 100, for PIDs not running on
-that GPU, or with timestamps not after the last one seen.
+Garbage is dropped, never guessed: samples with smUtil > 100, for PIDs never seen
+running on that GPU (now or in the last ``EXITED_PID_POLLS`` polls), or with timestamps
+not after the last one seen.
 
-After each poll the resolver forgets the PIDs no GPU reported running: a PID the kernel
-hands to a new process must be resolved afresh, never billed to the container it had.
+Short-lived processes: the driver reports samples late, and may report them for a process
+that has already exited, when ``/proc/<pid>`` (and so its pod) can no longer be read. So
+every poll asks every GPU for its running PIDs, samples or not, and a PID is resolved to
+its container in the poll it is first seen (the one cgroup read, before it can exit).
+The meter remembers, per GPU, the poll each PID was last seen running and keeps its
+resolution for ``EXITED_PID_POLLS`` polls after that, so a late sample of an exited
+process is still billed to its pod. The memory is bounded (``max_pids_per_gpu``, the
+longest gone forgotten first). A PID seen again after a poll without it may be a new
+process the kernel gave the same number: it is resolved afresh, never billed to the
+container it had. (A PID reused within one poll interval is not told apart.)
 """
 
 from __future__ import annotations
@@ -48,8 +57,13 @@ class Resolver(Protocol):
         """Host PID -> the container it runs in, or None for a process outside any pod."""
         ...
 
-    def forget_pids_except(self, running: set[int]) -> None:
-        """Drop what is cached about the PIDs not in ``running`` (a PID can be reused)."""
+    def first_seen(self, pid: int) -> None:
+        """A process was just seen with this PID: resolve it now (it may exit before its
+        samples arrive), replacing whatever was cached for the PID."""
+        ...
+
+    def forget_pids_except(self, kept: set[int]) -> None:
+        """Drop what is cached about the PIDs not in ``kept`` (a PID can be reused)."""
         ...
 
 
@@ -62,7 +76,10 @@ class KnownPids:
     def __call__(self, pid: int) -> SeriesIdentity | None:
         return self.identities.get(pid)
 
-    def forget_pids_except(self, running: set[int]) -> None:
+    def first_seen(self, pid: int) -> None:
+        return None
+
+    def forget_pids_except(self, kept: set[int]) -> None:
         return None
 
 
@@ -150,6 +167,12 @@ FINEST = min(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
 COARSEST = max(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
 MAX_PERIOD_POLLS = 5
 """A sample covers at most this many poll intervals; the rest of a longer gap is unmetered."""
+EXITED_PID_POLLS = 5
+"""How many polls after a PID was last seen running its late samples are still accepted
+(and billed to the pod it was resolved to)."""
+MAX_PIDS_PER_GPU = 4096
+"""PIDs remembered per GPU (running or recently exited); beyond it the longest gone are
+forgotten first. A GPU runs far fewer processes: this only bounds a PID storm."""
 
 
 class Meter:
@@ -159,6 +182,7 @@ class Meter:
         forget_after_polls: int = 3600,
         max_period_us: int = MAX_PERIOD_POLLS * 1_000_000,
         poll_interval_ms: int = 1000,
+        max_pids_per_gpu: int = MAX_PIDS_PER_GPU,
     ) -> None:
         """``max_period_us``: the longest time one sample may account for. After a gap
         (the agent was down, the driver failed) a busy sample would otherwise be taken to
@@ -178,6 +202,9 @@ class Meter:
         self.unattributed_reported_us = 0
         self.unmetered: set[str] = set()
         self.polls = 0
+        self.max_pids_per_gpu = max_pids_per_gpu
+        self.pid_last_seen: dict[str, dict[int, int]] = {}
+        """Per GPU: PID -> the poll it was last seen running, the longest gone first."""
 
     def _series(self, identity: SeriesIdentity, gpu: Gpu, device: str | None) -> Series:
         gpu_id = device or gpu.uuid
@@ -192,7 +219,7 @@ class Meter:
     ) -> PollResult:
         """One poll of every GPU; closes the bursts of series that went idle."""
         result = PollResult()
-        running_anywhere: set[int] = set()
+        resolved_now: set[int] = set()
         for series in self.series.values():
             series.active_now = False
         for gpu in backend.gpus():
@@ -203,7 +230,7 @@ class Meter:
                 continue
             try:
                 samples = backend.utilization(gpu, last)
-                running = backend.running_pids(gpu) if samples else set()
+                running = backend.running_pids(gpu)
             except Unmetered:
                 result.unmetered.append(gpu.uuid)
                 self.unmetered.add(gpu.uuid)
@@ -214,7 +241,7 @@ class Meter:
                     on_error(gpu, error)
                 continue
             self.unmetered.discard(gpu.uuid)
-            running_anywhere |= running
+            known = self._see_running(gpu.uuid, running, resolved_now)
             if now - last > self.max_period_us:
                 self.unmetered_us += now - last - self.max_period_us
             # The next period starts at the newest sample the driver gave, not at our own
@@ -222,7 +249,7 @@ class Meter:
             # and now would otherwise fall between two periods (measured on an H200).
             newest = 0
             for sample in samples:
-                if not self._valid(sample, last, running):
+                if not self._valid(sample, last, known):
                     result.dropped += 1
                     continue
                 result.samples += 1
@@ -237,15 +264,44 @@ class Meter:
                     continue
                 self._series(identity, gpu, sample.device).add_active(amount)
             self.last_seen_us[gpu.uuid] = newest or now
-        self.resolver.forget_pids_except(running_anywhere)
+        self._forget_pids()
         self._end_of_poll()
         return result
 
+    def _see_running(
+        self, gpu_uuid: str, running: set[int], resolved_now: set[int]
+    ) -> Mapping[int, int]:
+        """Note the PIDs running on a GPU in this poll; resolve those not running in the
+        previous one (new processes, or a PID the kernel handed on) before they can exit.
+        Returns the PIDs whose samples count on this GPU, with their last poll."""
+        seen = self.pid_last_seen.setdefault(gpu_uuid, {})
+        poll = self.polls
+        for pid in running:
+            previous = seen.pop(pid, None)  # re-inserted last: the dict stays oldest-first
+            if (previous is None or previous < poll - 1) and pid not in resolved_now:
+                self.resolver.first_seen(pid)
+                resolved_now.add(pid)
+            seen[pid] = poll
+        return seen
+
+    def _forget_pids(self) -> None:
+        """Forget PIDs gone for more than EXITED_PID_POLLS polls, and the longest gone
+        beyond the bound; the resolver keeps only what some GPU still remembers."""
+        oldest = self.polls - EXITED_PID_POLLS + 1  # the next poll still accepts these
+        kept: set[int] = set()
+        for seen in self.pid_last_seen.values():
+            excess = len(seen) - self.max_pids_per_gpu
+            for pid in list(seen):
+                if seen[pid] >= oldest and excess <= 0:
+                    break  # oldest first: the rest are recent enough, and within bounds
+                del seen[pid]
+                excess -= 1
+            kept.update(seen)
+        self.resolver.forget_pids_except(kept)
+
     @staticmethod
-    def _valid(sample: ProcessSample, last_us: int, running: set[int]) -> bool:
-        return (
-            0 <= sample.sm_util <= 100 and sample.timestamp_us > last_us and sample.pid in running
-        )
+    def _valid(sample: ProcessSample, last_us: int, known: Mapping[int, int]) -> bool:
+        return 0 <= sample.sm_util <= 100 and sample.timestamp_us > last_us and sample.pid in known
 
     def _end_of_poll(self) -> None:
         self.polls += 1
