@@ -16,6 +16,11 @@ plus one unit per record; a lone 200 ms request still pays 0.2 s, 1 s or 60 s. (
 polls, 1 ms and 1 s bursts end at the first idle poll.) A burst belongs to the report,
 and so to the billing window, in which it ends. ``bursts`` counts the finest ones.
 
+A MIG instance shared by several processes gives one sample for the whole instance with
+the processes' shares (``ProcessSample.shares``): its time is divided exactly, to the
+percent-microsecond, by ``divide``, and each series keeps how much of its time was split
+and how ("proportional" or "equal"), which the report carries to the record.
+
 Garbage is dropped, never guessed: samples with smUtil > 100, for PIDs never seen
 running on that GPU (now or in the last ``EXITED_PID_POLLS`` polls), or with timestamps
 not after the last one seen.
@@ -34,12 +39,12 @@ container it had. (A PID reused within one poll interval is not told apart.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
-from payper.api.billing_record import GRANULARITY_MS, RoundedMs
+from payper.api.billing_record import GRANULARITY_MS, RoundedMs, Split
 from payper_agent.backends import Backend, Gpu, ProcessSample, Unmetered
 
 
@@ -88,6 +93,18 @@ def round_up_ms(active_us: int, granularity_ms: int) -> int:
     return -(-active_us // unit_us) * granularity_ms
 
 
+def divide(amount: int, weights: Sequence[int]) -> list[int]:
+    """``amount`` in integer parts proportional to ``weights`` (not all zero) that add up
+    to it exactly: the units left over go to the largest remainders, ties to the first."""
+    total = sum(weights)
+    parts = [amount * w // total for w in weights]
+    left = amount - sum(parts)
+    by_remainder = sorted(range(len(weights)), key=lambda i: -(amount * weights[i] % total))
+    for i in by_remainder[:left]:
+        parts[i] += 1
+    return parts
+
+
 @dataclass
 class Series:
     identity: SeriesIdentity
@@ -106,6 +123,10 @@ class Series:
     reported_rounded_ms: RoundedMs = field(default_factory=RoundedMs)
     """Cumulative rounded time already reported (for audits: the agent's own totals)."""
     reported_bursts: int = 0
+    split_x100: dict[str, int] = field(default_factory=dict)
+    """Of ``total_x100``, the time of shared MIG instances, per split ("proportional",
+    "equal"); cumulative, like ``total_x100``."""
+    reported_split_us: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -206,13 +227,25 @@ class Meter:
         self.pid_last_seen: dict[str, dict[int, int]] = {}
         """Per GPU: PID -> the poll it was last seen running, the longest gone first."""
 
-    def _series(self, identity: SeriesIdentity, gpu: Gpu, device: str | None) -> Series:
-        gpu_id = device or gpu.uuid
+    def _series(self, identity: SeriesIdentity, gpu: Gpu, sample: ProcessSample) -> Series:
+        gpu_id = sample.device or gpu.uuid
         key = (identity.pod_uid, identity.container, gpu_id)
         series = self.series.get(key)
         if series is None:
-            series = self.series[key] = Series(identity, gpu_id, gpu.product)
+            series = self.series[key] = Series(identity, gpu_id, sample.product or gpu.product)
         return series
+
+    def _attribute(
+        self, pid: int, amount_x100: int, gpu: Gpu, sample: ProcessSample, split: Split | None
+    ) -> None:
+        identity = self.resolver(pid)
+        if identity is None:
+            self.unattributed_x100 += amount_x100
+            return
+        series = self._series(identity, gpu, sample)
+        series.add_active(amount_x100)
+        if split is not None:
+            series.split_x100[split] = series.split_x100.get(split, 0) + amount_x100
 
     def poll(
         self, backend: Backend, on_error: Callable[[Gpu, Exception], None] | None = None
@@ -258,11 +291,12 @@ class Meter:
                     continue
                 period = min(sample.timestamp_us - last, self.max_period_us)
                 amount = sample.sm_util * period
-                identity = self.resolver(sample.pid)
-                if identity is None:
-                    self.unattributed_x100 += amount
+                if not sample.shares:
+                    self._attribute(sample.pid, amount, gpu, sample, None)
                     continue
-                self._series(identity, gpu, sample.device).add_active(amount)
+                parts = divide(amount, [weight for _, weight in sample.shares])
+                for (pid, _), part in zip(sample.shares, parts, strict=True):
+                    self._attribute(pid, part, gpu, sample, sample.split)
             self.last_seen_us[gpu.uuid] = newest or now
         self._forget_pids()
         self._end_of_poll()
@@ -301,7 +335,13 @@ class Meter:
 
     @staticmethod
     def _valid(sample: ProcessSample, last_us: int, known: Mapping[int, int]) -> bool:
-        return 0 <= sample.sm_util <= 100 and sample.timestamp_us > last_us and sample.pid in known
+        # A shared instance's processes come from the driver's own process list of that
+        # instance, read with the sample.
+        return (
+            0 <= sample.sm_util <= 100
+            and sample.timestamp_us > last_us
+            and (sample.pid in known or bool(sample.shares))
+        )
 
     def _end_of_poll(self) -> None:
         self.polls += 1
@@ -353,6 +393,9 @@ def _series_snapshot(s: Series) -> dict[str, Any]:
         "reportedRoundedMs": s.reported_rounded_ms.to_wire(),
         "reportedBursts": s.reported_bursts,
     }
+    if s.split_x100:  # only series of shared MIG instances
+        data["splitX100"] = dict(s.split_x100)
+        data["reportedSplitUs"] = dict(s.reported_split_us)
     if s.in_burst:  # written every poll for every series: only what is not zero
         data["openX100"] = dict(s.open_x100)
         data["idlePolls"] = s.idle_polls
@@ -380,6 +423,8 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             bursts=int(item["bursts"]),
             reported_rounded_ms=RoundedMs.model_validate(item.get("reportedRoundedMs", {})),
             reported_bursts=int(item.get("reportedBursts", 0)),
+            split_x100={str(k): int(v) for k, v in item.get("splitX100", {}).items()},
+            reported_split_us={str(k): int(v) for k, v in item.get("reportedSplitUs", {}).items()},
         )
         meter.series[series.key] = series
 

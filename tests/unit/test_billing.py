@@ -15,6 +15,7 @@ from payper.api.billing_record import (
     BillingRecordSpec,
     BillingRecordStatus,
     RoundedMs,
+    SplitUs,
 )
 from payper.billing import flush
 from payper.billing.config import BillingConfig
@@ -169,6 +170,23 @@ def test_plans_pick_the_product_price_or_the_default() -> None:
     assert plan.price("NVIDIA-H100-80GB-HBM3") == "0.002"
     assert plan.price("NVIDIA-L4") == "0.001"
     assert plan.reserved_price("anything") == "2"
+
+
+def test_split_mig_time_is_said_in_the_record() -> None:
+    def split_usage(sequence: int, equal: int, proportional: int) -> UsageDelta:
+        delta = usage("a", sequence, 2_000_000, 2000)
+        return UsageDelta(
+            **{**delta.__dict__, "split_us": SplitUs(equal=equal, proportional=proportional)}
+        )
+
+    plain, _ = apply(BillingRecordStatus(), SPEC, RecordChange(usage=[usage("a", 1, 1, 0)]), 1)
+    assert plain.split_us is None and "splitUs" not in plain.to_wire()
+    change = RecordChange(usage=[split_usage(2, 1_000_000, 0), split_usage(3, 0, 500_000)])
+    status, _ = apply(plain, SPEC, change, 2)
+    assert status.split_us == SplitUs(equal=1_000_000, proportional=500_000)
+    assert status.to_wire()["splitUs"] == {"proportional": 500_000, "equal": 1_000_000}
+    again, _ = apply(status, SPEC, change, 3)
+    assert again.split_us == status.split_us, "a resend adds nothing"
 
 
 @pytest.mark.parametrize(
