@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from payper.api.billing_record import Split
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -30,6 +32,14 @@ class ProcessSample:
     timestamp_us: int
     device: str | None = None
     """Set for MIG instances: the instance UUID the time belongs to."""
+    product: str | None = None
+    """Set for MIG instances: the instance's product, which names its MIG profile
+    (NVML: "NVIDIA H100 80GB HBM3 MIG 1g.10gb")."""
+    shares: tuple[tuple[int, int], ...] = ()
+    """Set when several processes share a MIG instance: (pid, weight) pairs. The sample's
+    time is divided among them in proportion to the weights (``pid`` is then only one of
+    them), and ``split`` says how the weights were found."""
+    split: Split | None = None
 
 
 class Unmetered(Exception):  # noqa: N818 - a state of a GPU, reported, not a crash
@@ -51,7 +61,9 @@ class Backend(Protocol):
         """Samples newer than ``last_seen_us``; raises Unmetered when not measurable."""
         ...
 
-    def running_pids(self, gpu: Gpu) -> set[int]: ...
+    def running_pids(self, gpu: Gpu) -> set[int]:
+        """Host PIDs of the processes using the GPU (NVML: compute, graphics and MPS)."""
+        ...
 
     def cgroup(self, pid: int) -> str | None:
         """The contents of ``/proc/<pid>/cgroup`` (host PID), or None if it is gone."""

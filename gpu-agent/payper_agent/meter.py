@@ -16,21 +16,35 @@ plus one unit per record; a lone 200 ms request still pays 0.2 s, 1 s or 60 s. (
 polls, 1 ms and 1 s bursts end at the first idle poll.) A burst belongs to the report,
 and so to the billing window, in which it ends. ``bursts`` counts the finest ones.
 
-Garbage is dropped, never guessed: samples with smUtil > 100, for PIDs not running on
-that GPU, or with timestamps not after the last one seen.
+A MIG instance shared by several processes gives one sample for the whole instance with
+the processes' shares (``ProcessSample.shares``): its time is divided exactly, to the
+percent-microsecond, by ``divide``, and each series keeps how much of its time was split
+and how ("proportional" or "equal"), which the report carries to the record.
 
-After each poll the resolver forgets the PIDs no GPU reported running: a PID the kernel
-hands to a new process must be resolved afresh, never billed to the container it had.
+Garbage is dropped, never guessed: samples with smUtil > 100, for PIDs never seen
+running on that GPU (now or in the last ``EXITED_PID_POLLS`` polls), or with timestamps
+not after the last one seen.
+
+Short-lived processes: the driver reports samples late, and may report them for a process
+that has already exited, when ``/proc/<pid>`` (and so its pod) can no longer be read. So
+every poll asks every GPU for its running PIDs, samples or not, and a PID is resolved to
+its container in the poll it is first seen (the one cgroup read, before it can exit).
+The meter remembers, per GPU, the poll each PID was last seen running and keeps its
+resolution for ``EXITED_PID_POLLS`` polls after that, so a late sample of an exited
+process is still billed to its pod. The memory is bounded (``max_pids_per_gpu``, the
+longest gone forgotten first). A PID seen again after a poll without it may be a new
+process the kernel gave the same number: it is resolved afresh, never billed to the
+container it had. (A PID reused within one poll interval is not told apart.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
-from payper.api.billing_record import GRANULARITY_MS, RoundedMs
+from payper.api.billing_record import GRANULARITY_MS, RoundedMs, Split
 from payper_agent.backends import Backend, Gpu, ProcessSample, Unmetered
 
 
@@ -48,8 +62,13 @@ class Resolver(Protocol):
         """Host PID -> the container it runs in, or None for a process outside any pod."""
         ...
 
-    def forget_pids_except(self, running: set[int]) -> None:
-        """Drop what is cached about the PIDs not in ``running`` (a PID can be reused)."""
+    def first_seen(self, pid: int) -> None:
+        """A process was just seen with this PID: resolve it now (it may exit before its
+        samples arrive), replacing whatever was cached for the PID."""
+        ...
+
+    def forget_pids_except(self, kept: set[int]) -> None:
+        """Drop what is cached about the PIDs not in ``kept`` (a PID can be reused)."""
         ...
 
 
@@ -62,13 +81,28 @@ class KnownPids:
     def __call__(self, pid: int) -> SeriesIdentity | None:
         return self.identities.get(pid)
 
-    def forget_pids_except(self, running: set[int]) -> None:
+    def first_seen(self, pid: int) -> None:
+        return None
+
+    def forget_pids_except(self, kept: set[int]) -> None:
         return None
 
 
 def round_up_ms(active_us: int, granularity_ms: int) -> int:
     unit_us = granularity_ms * 1000
     return -(-active_us // unit_us) * granularity_ms
+
+
+def divide(amount: int, weights: Sequence[int]) -> list[int]:
+    """``amount`` in integer parts proportional to ``weights`` (not all zero) that add up
+    to it exactly: the units left over go to the largest remainders, ties to the first."""
+    total = sum(weights)
+    parts = [amount * w // total for w in weights]
+    left = amount - sum(parts)
+    by_remainder = sorted(range(len(weights)), key=lambda i: -(amount * weights[i] % total))
+    for i in by_remainder[:left]:
+        parts[i] += 1
+    return parts
 
 
 @dataclass
@@ -89,6 +123,10 @@ class Series:
     reported_rounded_ms: RoundedMs = field(default_factory=RoundedMs)
     """Cumulative rounded time already reported (for audits: the agent's own totals)."""
     reported_bursts: int = 0
+    split_x100: dict[str, int] = field(default_factory=dict)
+    """Of ``total_x100``, the time of shared MIG instances, per split ("proportional",
+    "equal"); cumulative, like ``total_x100``."""
+    reported_split_us: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -150,6 +188,12 @@ FINEST = min(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
 COARSEST = max(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
 MAX_PERIOD_POLLS = 5
 """A sample covers at most this many poll intervals; the rest of a longer gap is unmetered."""
+EXITED_PID_POLLS = 5
+"""How many polls after a PID was last seen running its late samples are still accepted
+(and billed to the pod it was resolved to)."""
+MAX_PIDS_PER_GPU = 4096
+"""PIDs remembered per GPU (running or recently exited); beyond it the longest gone are
+forgotten first. A GPU runs far fewer processes: this only bounds a PID storm."""
 
 
 class Meter:
@@ -159,6 +203,7 @@ class Meter:
         forget_after_polls: int = 3600,
         max_period_us: int = MAX_PERIOD_POLLS * 1_000_000,
         poll_interval_ms: int = 1000,
+        max_pids_per_gpu: int = MAX_PIDS_PER_GPU,
     ) -> None:
         """``max_period_us``: the longest time one sample may account for. After a gap
         (the agent was down, the driver failed) a busy sample would otherwise be taken to
@@ -178,21 +223,36 @@ class Meter:
         self.unattributed_reported_us = 0
         self.unmetered: set[str] = set()
         self.polls = 0
+        self.max_pids_per_gpu = max_pids_per_gpu
+        self.pid_last_seen: dict[str, dict[int, int]] = {}
+        """Per GPU: PID -> the poll it was last seen running, the longest gone first."""
 
-    def _series(self, identity: SeriesIdentity, gpu: Gpu, device: str | None) -> Series:
-        gpu_id = device or gpu.uuid
+    def _series(self, identity: SeriesIdentity, gpu: Gpu, sample: ProcessSample) -> Series:
+        gpu_id = sample.device or gpu.uuid
         key = (identity.pod_uid, identity.container, gpu_id)
         series = self.series.get(key)
         if series is None:
-            series = self.series[key] = Series(identity, gpu_id, gpu.product)
+            series = self.series[key] = Series(identity, gpu_id, sample.product or gpu.product)
         return series
+
+    def _attribute(
+        self, pid: int, amount_x100: int, gpu: Gpu, sample: ProcessSample, split: Split | None
+    ) -> None:
+        identity = self.resolver(pid)
+        if identity is None:
+            self.unattributed_x100 += amount_x100
+            return
+        series = self._series(identity, gpu, sample)
+        series.add_active(amount_x100)
+        if split is not None:
+            series.split_x100[split] = series.split_x100.get(split, 0) + amount_x100
 
     def poll(
         self, backend: Backend, on_error: Callable[[Gpu, Exception], None] | None = None
     ) -> PollResult:
         """One poll of every GPU; closes the bursts of series that went idle."""
         result = PollResult()
-        running_anywhere: set[int] = set()
+        resolved_now: set[int] = set()
         for series in self.series.values():
             series.active_now = False
         for gpu in backend.gpus():
@@ -203,7 +263,7 @@ class Meter:
                 continue
             try:
                 samples = backend.utilization(gpu, last)
-                running = backend.running_pids(gpu) if samples else set()
+                running = backend.running_pids(gpu)
             except Unmetered:
                 result.unmetered.append(gpu.uuid)
                 self.unmetered.add(gpu.uuid)
@@ -214,7 +274,7 @@ class Meter:
                     on_error(gpu, error)
                 continue
             self.unmetered.discard(gpu.uuid)
-            running_anywhere |= running
+            known = self._see_running(gpu.uuid, running, resolved_now)
             if now - last > self.max_period_us:
                 self.unmetered_us += now - last - self.max_period_us
             # The next period starts at the newest sample the driver gave, not at our own
@@ -222,7 +282,7 @@ class Meter:
             # and now would otherwise fall between two periods (measured on an H200).
             newest = 0
             for sample in samples:
-                if not self._valid(sample, last, running):
+                if not self._valid(sample, last, known):
                     result.dropped += 1
                     continue
                 result.samples += 1
@@ -231,20 +291,56 @@ class Meter:
                     continue
                 period = min(sample.timestamp_us - last, self.max_period_us)
                 amount = sample.sm_util * period
-                identity = self.resolver(sample.pid)
-                if identity is None:
-                    self.unattributed_x100 += amount
+                if not sample.shares:
+                    self._attribute(sample.pid, amount, gpu, sample, None)
                     continue
-                self._series(identity, gpu, sample.device).add_active(amount)
+                parts = divide(amount, [weight for _, weight in sample.shares])
+                for (pid, _), part in zip(sample.shares, parts, strict=True):
+                    self._attribute(pid, part, gpu, sample, sample.split)
             self.last_seen_us[gpu.uuid] = newest or now
-        self.resolver.forget_pids_except(running_anywhere)
+        self._forget_pids()
         self._end_of_poll()
         return result
 
+    def _see_running(
+        self, gpu_uuid: str, running: set[int], resolved_now: set[int]
+    ) -> Mapping[int, int]:
+        """Note the PIDs running on a GPU in this poll; resolve those not running in the
+        previous one (new processes, or a PID the kernel handed on) before they can exit.
+        Returns the PIDs whose samples count on this GPU, with their last poll."""
+        seen = self.pid_last_seen.setdefault(gpu_uuid, {})
+        poll = self.polls
+        for pid in running:
+            previous = seen.pop(pid, None)  # re-inserted last: the dict stays oldest-first
+            if (previous is None or previous < poll - 1) and pid not in resolved_now:
+                self.resolver.first_seen(pid)
+                resolved_now.add(pid)
+            seen[pid] = poll
+        return seen
+
+    def _forget_pids(self) -> None:
+        """Forget PIDs gone for more than EXITED_PID_POLLS polls, and the longest gone
+        beyond the bound; the resolver keeps only what some GPU still remembers."""
+        oldest = self.polls - EXITED_PID_POLLS + 1  # the next poll still accepts these
+        kept: set[int] = set()
+        for seen in self.pid_last_seen.values():
+            excess = len(seen) - self.max_pids_per_gpu
+            for pid in list(seen):
+                if seen[pid] >= oldest and excess <= 0:
+                    break  # oldest first: the rest are recent enough, and within bounds
+                del seen[pid]
+                excess -= 1
+            kept.update(seen)
+        self.resolver.forget_pids_except(kept)
+
     @staticmethod
-    def _valid(sample: ProcessSample, last_us: int, running: set[int]) -> bool:
+    def _valid(sample: ProcessSample, last_us: int, known: Mapping[int, int]) -> bool:
+        # A shared instance's processes come from the driver's own process list of that
+        # instance, read with the sample.
         return (
-            0 <= sample.sm_util <= 100 and sample.timestamp_us > last_us and sample.pid in running
+            0 <= sample.sm_util <= 100
+            and sample.timestamp_us > last_us
+            and (sample.pid in known or bool(sample.shares))
         )
 
     def _end_of_poll(self) -> None:
@@ -297,6 +393,9 @@ def _series_snapshot(s: Series) -> dict[str, Any]:
         "reportedRoundedMs": s.reported_rounded_ms.to_wire(),
         "reportedBursts": s.reported_bursts,
     }
+    if s.split_x100:  # only series of shared MIG instances
+        data["splitX100"] = dict(s.split_x100)
+        data["reportedSplitUs"] = dict(s.reported_split_us)
     if s.in_burst:  # written every poll for every series: only what is not zero
         data["openX100"] = dict(s.open_x100)
         data["idlePolls"] = s.idle_polls
@@ -324,6 +423,8 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             bursts=int(item["bursts"]),
             reported_rounded_ms=RoundedMs.model_validate(item.get("reportedRoundedMs", {})),
             reported_bursts=int(item.get("reportedBursts", 0)),
+            split_x100={str(k): int(v) for k, v in item.get("splitX100", {}).items()},
+            reported_split_us={str(k): int(v) for k, v in item.get("reportedSplitUs", {}).items()},
         )
         meter.series[series.key] = series
 

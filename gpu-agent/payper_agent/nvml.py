@@ -1,9 +1,13 @@
 """The real backend: NVML through ``nvidia-ml-py`` (the ``pynvml`` module).
 
-Per GPU and poll: the per-process utilization since the last seen timestamp, and
-``nvmlDeviceGetComputeRunningProcesses`` for the PIDs that really run there. NOT_FOUND,
-and the wrapper's ``NVMLError(NVML_SUCCESS)`` (its two-call pattern when there are no
-samples), mean idle. GPUs are identified by UUID and product name.
+Per GPU and poll: the per-process utilization since the last seen timestamp, and the
+PIDs that really run there: the union of the compute, graphics and MPS process lists
+(a process on only one of them is still a process using the GPU; a tenant must not escape
+the meter by creating a graphics context or going through MPS). NOT_FOUND, and the
+wrapper's ``NVMLError(NVML_SUCCESS)`` (its two-call pattern when there are no samples),
+mean idle or none. A process-list call that this nvidia-ml-py lacks (AttributeError) or
+that the driver answers NOT_SUPPORTED / FUNCTION_NOT_FOUND is skipped for that device from
+then on, not retried every poll. GPUs are identified by UUID and product name.
 
 Two calls give per-process utilization: ``nvmlDeviceGetProcessUtilization`` and, since
 driver 550, ``nvmlDeviceGetProcessesUtilizationInfo``. On an H200 with driver 580 the
@@ -13,11 +17,17 @@ within 2.5 % at every duty cycle (``bench/gpu_check.py``, ``bench/README.md``). 
 older call is preferred, the newer one is the fallback where the older is missing, and
 ``--nvml-api`` pins either.
 
-MIG: per-process utilization is not available on MIG instances. Where the GPU supports
-GPM, each MIG instance is metered with GPM's ``GRAPHICS_UTIL`` (percent of time any
-compute work was active in that instance) and attributed to the process holding the
-instance; otherwise the GPU raises ``Unmetered``, which the agent reports in a metric,
-the log and the usage report, so nothing is silently billed as zero.
+MIG: per-process utilization is usually not available on MIG instances. Where the GPU
+supports GPM, each MIG instance is metered with GPM's ``GRAPHICS_UTIL`` (percent of time
+any compute work was active in that instance); otherwise the GPU raises ``Unmetered``,
+which the agent reports in a metric, the log and the usage report, so nothing is
+silently billed as zero. An instance's time goes to the process holding it; when several
+processes share it, it is divided among them in proportion to their own utilization
+samples (``nvmlDeviceGetProcessUtilization`` on the instance's handle, where the driver
+answers it: it is asked once per poll and, once NOT_SUPPORTED, never again for that
+instance), equally otherwise, and the sample says which (``ProcessSample.split``). The
+instance's product is its NVML name, which names the MIG profile ("NVIDIA H100 80GB HBM3
+MIG 1g.10gb"): what the price table keys a profile by.
 
 ``pynvml`` is passed in, so the unit tests drive this code with a fake module.
 """
@@ -29,6 +39,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from payper.api.billing_record import EQUAL, PROPORTIONAL, Split
 from payper_agent.backends import Gpu, ProcessSample, Unmetered, read_proc_cgroup
 
 PROCESS_UTILIZATION = "process-utilization"
@@ -36,6 +47,11 @@ PROCESSES_UTILIZATION_INFO = "processes-utilization-info"
 APIS = (PROCESS_UTILIZATION, PROCESSES_UTILIZATION_INFO)
 IDLE_CODES = ("NVML_ERROR_NOT_FOUND", "NVML_SUCCESS")
 FALLBACK_CODES = ("NVML_ERROR_FUNCTION_NOT_FOUND", "NVML_ERROR_NOT_SUPPORTED")
+PROCESS_LISTS = (
+    "nvmlDeviceGetComputeRunningProcesses",
+    "nvmlDeviceGetGraphicsRunningProcesses",
+    "nvmlDeviceGetMPSComputeRunningProcesses",
+)
 
 
 def _text(value: Any) -> str:
@@ -47,7 +63,12 @@ class _MigInstance:
     uuid: str
     handle: Any
     gpu_instance_id: int
+    product: str
     previous: Any = None
+    per_process: bool = True
+    """Whether to ask this instance for per-process samples (false once unsupported)."""
+    process_lists: list[str] = field(default_factory=lambda: list(PROCESS_LISTS))
+    """The process-list calls this instance answers (unsupported ones are dropped)."""
 
 
 @dataclass
@@ -56,6 +77,8 @@ class _Device:
     handle: Any
     gpm: bool = False
     instances: list[_MigInstance] = field(default_factory=list)
+    process_lists: list[str] = field(default_factory=lambda: list(PROCESS_LISTS))
+    """The process-list calls this device answers (unsupported ones are dropped)."""
 
 
 class NvmlBackend:
@@ -80,7 +103,7 @@ class NvmlBackend:
             if mig:
                 device.gpm = self._gpm_supported(handle)
                 if device.gpm:
-                    device.instances = self._mig_instances(handle)
+                    device.instances = self._mig_instances(handle, product)
             self._devices.append(device)
 
     def _code(self, name: str) -> int | None:
@@ -104,18 +127,23 @@ class NvmlBackend:
         except (self.nvml.NVMLError, AttributeError):
             return False
 
-    def _mig_instances(self, handle: Any) -> list[_MigInstance]:
+    def _mig_instances(self, handle: Any, gpu_product: str) -> list[_MigInstance]:
         instances = []
         for index in range(self.nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
             try:
                 mig = self.nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
             except self.nvml.NVMLError:
                 continue
+            try:
+                product = _text(self.nvml.nvmlDeviceGetName(mig))
+            except self.nvml.NVMLError:
+                product = gpu_product  # priced as the whole GPU rather than not at all
             instances.append(
                 _MigInstance(
                     uuid=_text(self.nvml.nvmlDeviceGetUUID(mig)),
                     handle=mig,
                     gpu_instance_id=int(self.nvml.nvmlDeviceGetGpuInstanceId(mig)),
+                    product=product,
                 )
             )
         return instances
@@ -138,7 +166,7 @@ class NvmlBackend:
         if gpu.mig:
             if not device.gpm:
                 raise Unmetered(f"{gpu.uuid}: MIG without GPM support; per-process time unknown")
-            return self._mig_utilization(device)
+            return self._mig_utilization(device, last_seen_us)
         raw = self._per_process(device.handle, last_seen_us)
         return [ProcessSample(int(s.pid), int(s.smUtil), int(s.timeStamp)) for s in raw]
 
@@ -162,7 +190,7 @@ class NvmlBackend:
             self.api = APIS[1 - APIS.index(self.api)]
             switched = True
 
-    def _mig_utilization(self, device: _Device) -> list[ProcessSample]:
+    def _mig_utilization(self, device: _Device, last_seen_us: int) -> list[ProcessSample]:
         nvml = self.nvml
         samples = []
         for instance in device.instances:
@@ -181,27 +209,87 @@ class NvmlBackend:
             result = nvml.nvmlGpmMetricsGet(request)
             nvml.nvmlGpmSampleFree(previous)
             percent = round(float(result.metrics[0].value))
-            pids = self._pids(instance.handle)
+            pids = self._pids(instance)
             if percent > 0 and pids:
-                samples.append(ProcessSample(min(pids), min(100, percent), now, instance.uuid))
+                shares, split = self._shares(instance, pids, last_seen_us)
+                samples.append(
+                    ProcessSample(
+                        min(pids),
+                        min(100, percent),
+                        now,
+                        instance.uuid,
+                        instance.product,
+                        shares,
+                        split,
+                    )
+                )
         return samples
 
-    def _pids(self, handle: Any) -> set[int]:
+    def _shares(
+        self, instance: _MigInstance, pids: set[int], last_seen_us: int
+    ) -> tuple[tuple[tuple[int, int], ...], Split | None]:
+        """How an instance's time divides among its processes: by their own samples'
+        utilization where the driver gives them, equally otherwise."""
+        if len(pids) == 1:
+            return (), None
+        own = self._instance_processes(instance, pids, last_seen_us)
+        if any(own.values()):
+            return tuple((pid, own[pid]) for pid in sorted(own) if own[pid]), PROPORTIONAL
+        return tuple((pid, 1) for pid in sorted(pids)), EQUAL
+
+    def _instance_processes(
+        self, instance: _MigInstance, pids: set[int], last_seen_us: int
+    ) -> dict[int, int]:
+        """Per PID of the instance, the sum of its samples' smUtil since ``last_seen_us``."""
+        own = dict.fromkeys(pids, 0)
+        if not instance.per_process:
+            return own
+        nvml = self.nvml
         try:
-            return {int(p.pid) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)}
-        except self.nvml.NVMLError as error:
+            raw = nvml.nvmlDeviceGetProcessUtilization(instance.handle, last_seen_us)
+        except AttributeError:
+            instance.per_process = False
+            return own
+        except nvml.NVMLError as error:
             if self._is(error, IDLE_CODES):
-                return set()
+                return own
+            if self._is(error, FALLBACK_CODES):
+                instance.per_process = False  # the usual answer on MIG: not asked again
+                return own
             raise
+        for sample in raw:
+            pid = int(sample.pid)
+            if pid in own and 0 <= int(sample.smUtil) <= 100:
+                own[pid] += int(sample.smUtil)
+        return own
+
+    def _pids(self, target: _Device | _MigInstance) -> set[int]:
+        """The union of the process lists, deduplicated by PID."""
+        pids: set[int] = set()
+        for name in list(target.process_lists):
+            try:
+                processes = getattr(self.nvml, name)(target.handle)
+            except AttributeError:
+                target.process_lists.remove(name)  # this nvidia-ml-py lacks the call
+                continue
+            except self.nvml.NVMLError as error:
+                if self._is(error, IDLE_CODES):
+                    continue
+                if self._is(error, FALLBACK_CODES):
+                    target.process_lists.remove(name)  # this driver or device lacks it
+                    continue
+                raise
+            pids.update(int(p.pid) for p in processes)
+        return pids
 
     def running_pids(self, gpu: Gpu) -> set[int]:
         device = self._device(gpu)
         if gpu.mig:
             pids: set[int] = set()
             for instance in device.instances:
-                pids |= self._pids(instance.handle)
+                pids |= self._pids(instance)
             return pids
-        return self._pids(device.handle)
+        return self._pids(device)
 
     def cgroup(self, pid: int) -> str | None:
         return read_proc_cgroup(pid, self.proc)

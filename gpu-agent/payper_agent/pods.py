@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from payper.api.inference_deployment import POD_LABEL
@@ -63,24 +64,59 @@ class PodIndex:
         return SeriesIdentity(pod.namespace, pod.name, pod.uid, container, pod.deployment)
 
 
+MAX_CACHED_PIDS = 65_536
+"""A safety bound on the resolver's own cache; the meter keeps it far smaller by telling
+it which PIDs to keep (``forget_pids_except``)."""
+
+
+@dataclass
+class _Resolved:
+    pod_uid: str
+    container_id: str | None
+    identity: SeriesIdentity | None = None
+    """The last identity the pod index gave: kept for a pod the index has dropped since."""
+
+
 class PidResolver:
-    """Host PID -> SeriesIdentity, caching the cgroup parse per PID."""
+    """Host PID -> SeriesIdentity: the cgroup read once per process, at first sight.
+
+    The meter calls ``first_seen`` in the poll a PID first shows up, while its
+    ``/proc/<pid>/cgroup`` can still be read, and keeps the PID (``forget_pids_except``)
+    for a few polls after it was last seen: a process that lived less than a poll, or a
+    sample the driver reports after the process exited, is still billed to its pod.
+    """
 
     def __init__(self, cgroup_of: Callable[[int], str | None], pods: PodIndex) -> None:
         self.cgroup_of = cgroup_of
         self.pods = pods
-        self._parsed: dict[int, tuple[str, str | None] | None] = {}
+        self._resolved: dict[int, _Resolved | None] = {}
+
+    def first_seen(self, pid: int) -> None:
+        self._resolved.pop(pid, None)
+        self._resolve(pid)
 
     def __call__(self, pid: int) -> SeriesIdentity | None:
-        if pid not in self._parsed:
-            text = self.cgroup_of(pid)
-            parsed = parse_cgroup(text) if text else None
-            self._parsed[pid] = (parsed.pod_uid, parsed.container_id) if parsed else None
-            if len(self._parsed) > 65_536:
-                self._parsed.clear()
-        key = self._parsed[pid]
-        return None if key is None else self.pods.identity(*key)
+        resolved = self._resolved[pid] if pid in self._resolved else self._resolve(pid)
+        if resolved is None:
+            return None
+        identity = self.pods.identity(resolved.pod_uid, resolved.container_id)
+        if identity is None:
+            return resolved.identity  # the pod is gone from the index: its last identity
+        resolved.identity = identity
+        return identity
 
-    def forget_pids_except(self, running: set[int]) -> None:
-        for pid in [p for p in self._parsed if p not in running]:
-            del self._parsed[pid]
+    def _resolve(self, pid: int) -> _Resolved | None:
+        text = self.cgroup_of(pid)
+        parsed = parse_cgroup(text) if text else None
+        resolved = None
+        if parsed is not None:
+            resolved = _Resolved(parsed.pod_uid, parsed.container_id)
+            resolved.identity = self.pods.identity(parsed.pod_uid, parsed.container_id)
+        if len(self._resolved) >= MAX_CACHED_PIDS:
+            del self._resolved[next(iter(self._resolved))]  # the oldest resolved
+        self._resolved[pid] = resolved
+        return resolved
+
+    def forget_pids_except(self, kept: set[int]) -> None:
+        for pid in [p for p in self._resolved if p not in kept]:
+            del self._resolved[pid]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from payper.api.billing_record import RoundedMs
+from payper.api.billing_record import RoundedMs, SplitUs
 from payper.api.usage import SeriesUsage, UsageReport
 from payper_agent.meter import Meter
 
@@ -26,7 +26,11 @@ def cut(
         if active_us == 0 and not series.has_unreported_bursts:
             continue  # (a minute-long burst may end polls after its last active time)
         identity = series.identity
-        included.append((series, active_us))
+        split = {
+            name: x100 // 100 - series.reported_split_us.get(name, 0)
+            for name, x100 in series.split_x100.items()
+        }
+        included.append((series, active_us, split))
         series_usage.append(
             SeriesUsage(
                 namespace=identity.namespace,
@@ -39,6 +43,7 @@ def cut(
                 active_us=active_us,
                 rounded_ms=series.rounded_ms,
                 bursts=series.bursts,
+                split_us=SplitUs.model_validate(split) if any(split.values()) else None,
             )
         )
     unattributed_us = meter.unattributed_x100 // 100 - meter.unattributed_reported_us
@@ -54,8 +59,10 @@ def cut(
         unmetered_gpus=sorted(meter.unmetered),
         unmetered_us=unmetered_us,
     )
-    for series, active_us in included:
+    for series, active_us, split in included:
         series.reported_us += active_us
+        for name, us in split.items():
+            series.reported_split_us[name] = series.reported_split_us.get(name, 0) + us
         series.reported_rounded_ms += series.rounded_ms
         series.reported_bursts += series.bursts
         series.rounded_ms = RoundedMs()

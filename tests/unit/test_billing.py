@@ -15,6 +15,7 @@ from payper.api.billing_record import (
     BillingRecordSpec,
     BillingRecordStatus,
     RoundedMs,
+    SplitUs,
 )
 from payper.billing import flush
 from payper.billing.config import BillingConfig
@@ -24,6 +25,7 @@ from payper.billing.pricing import (
     UNKNOWN_PRODUCT,
     Plan,
     amount,
+    mig_profile,
     money,
     product_key,
     reserved_amount,
@@ -169,6 +171,72 @@ def test_plans_pick_the_product_price_or_the_default() -> None:
     assert plan.price("NVIDIA-H100-80GB-HBM3") == "0.002"
     assert plan.price("NVIDIA-L4") == "0.001"
     assert plan.reserved_price("anything") == "2"
+
+
+MIG_PLAN = Plan(
+    price_per_gpu_second={
+        "default": "0.001",
+        "NVIDIA H100 80GB HBM3": "0.0014",
+        "NVIDIA A30": "0.0004",
+        "NVIDIA-H100-80GB-HBM3-MIG-3g.40gb": "0.0005",  # the platform's own profile price
+    },
+    reserved_price_per_gpu_hour={"default": "2.10", "NVIDIA-H100-80GB-HBM3": "3.50"},
+)
+
+
+@pytest.mark.parametrize(
+    ("product", "price", "reserved"),
+    [
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "0.0002", "0.5"),  # 1/7 of the H100
+        ("NVIDIA H100 80GB HBM3 MIG 1g.20gb", "0.0002", "0.5"),  # memory does not count
+        ("NVIDIA H100 80GB HBM3 MIG 2g.20gb", "0.0004", "1"),
+        ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", "0.0005", "1.5"),  # a key for it wins
+        ("NVIDIA H100 80GB HBM3 MIG 4g.40gb", "0.0008", "2"),
+        ("NVIDIA H100 80GB HBM3 MIG 7g.80gb", "0.0014", "3.5"),  # the whole GPU
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb+me", "0.0002", "0.5"),  # media extensions
+        ("NVIDIA H100 80GB HBM3 MIG 1c.3g.40gb", "0.0002", "0.5"),  # 1 of 3g's slices
+        ("NVIDIA-H100-80GB-HBM3-MIG-1g.10gb", "0.0002", "0.5"),  # the key form
+        ("NVIDIA A30 MIG 1g.6gb", "0.0001", "0.525"),  # A30: 4 slices; reserved: default
+        ("NVIDIA A30 MIG 4g.24gb", "0.0004", "2.1"),
+        ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", "0.000142857143", "0.3"),  # default's 1/7
+        ("NVIDIA H100 80GB HBM3", "0.0014", "3.50"),  # a whole GPU, as before
+        ("NVIDIA H100 80GB HBM3 MIG", "0.001", "2.10"),  # no profile: not a share
+    ],
+)
+def test_a_mig_profile_is_its_key_else_its_share_of_the_gpu_price(
+    product: str, price: str, reserved: str
+) -> None:
+    assert MIG_PLAN.price(product) == price
+    assert MIG_PLAN.reserved_price(product) == reserved
+    BillingRecordSpec.model_validate(
+        {**SPEC.to_wire(), "pricePerGpuSecond": price, "reservedPricePerGpuHour": reserved}
+    )  # a derived price is a valid price string
+
+
+def test_mig_profile_share_is_exact_decimal() -> None:
+    profile = mig_profile("NVIDIA H100 80GB HBM3 MIG 2g.20gb")
+    assert profile is not None
+    assert (profile.parent, profile.slices, profile.gpu_slices) == ("NVIDIA-H100-80GB-HBM3", 2, 7)
+    assert profile.share == Decimal(2) / Decimal(7)
+    assert mig_profile("NVIDIA H100 80GB HBM3") is None
+    assert mig_profile("NVIDIA A30 MIG 8g.48gb").share == 1  # type: ignore[union-attr]
+
+
+def test_split_mig_time_is_said_in_the_record() -> None:
+    def split_usage(sequence: int, equal: int, proportional: int) -> UsageDelta:
+        delta = usage("a", sequence, 2_000_000, 2000)
+        return UsageDelta(
+            **{**delta.__dict__, "split_us": SplitUs(equal=equal, proportional=proportional)}
+        )
+
+    plain, _ = apply(BillingRecordStatus(), SPEC, RecordChange(usage=[usage("a", 1, 1, 0)]), 1)
+    assert plain.split_us is None and "splitUs" not in plain.to_wire()
+    change = RecordChange(usage=[split_usage(2, 1_000_000, 0), split_usage(3, 0, 500_000)])
+    status, _ = apply(plain, SPEC, change, 2)
+    assert status.split_us == SplitUs(equal=1_000_000, proportional=500_000)
+    assert status.to_wire()["splitUs"] == {"proportional": 500_000, "equal": 1_000_000}
+    again, _ = apply(status, SPEC, change, 3)
+    assert again.split_us == status.split_us, "a resend adds nothing"
 
 
 @pytest.mark.parametrize(

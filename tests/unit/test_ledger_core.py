@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from payper.api.billing_record import BillingRecordSpec, BillingRecordStatus, RoundedMs
+from payper.api.billing_record import BillingRecordSpec, BillingRecordStatus, RoundedMs, SplitUs
 from payper.api.usage import SeriesUsage, UsageReport
 from payper.billing import flush
 from payper.billing.events import BillingEvents
@@ -193,6 +193,20 @@ def test_one_report_touching_two_products_touches_two_records() -> None:
     both = h100.model_copy(update={"series": [*h100.series, *a100.series]})
     planned = flush.plan([both], {}, seen(), WINDOWS, T0 + 1_000)
     assert {k.product for k in planned.touched[(key_of("a"), 1)]} == {H100, "NVIDIA-A100"}
+
+
+def test_a_shared_mig_instance_is_a_record_of_its_profile_that_says_how_it_was_split() -> None:
+    shared = report("a", 1, product="NVIDIA H100 80GB HBM3 MIG 1g.10gb", active_us=300_000)
+    series = shared.series[0].model_copy(update={"split_us": SplitUs(equal=300_000)})
+    shared = shared.model_copy(update={"series": [series]})
+    planned = flush.plan([shared, report("a", 2)], {}, seen(), WINDOWS, T0 + 1_000)
+    mig = RecordKey("team-a", "llm", T0, "NVIDIA-H100-80GB-HBM3-MIG-1g.10gb")
+    whole = RecordKey("team-a", "llm", T0, H100)
+    assert set(planned.changes) == {mig, whole}
+    status, _ = apply(BillingRecordStatus(), SPEC, planned.changes[mig], T0 + 1_000)
+    assert (status.active_us, status.split_us) == (300_000, SplitUs(equal=300_000))
+    status, _ = apply(BillingRecordStatus(), SPEC, planned.changes[whole], T0 + 1_000)
+    assert status.split_us is None
 
 
 def _pod(uid: str, scheduled_ms: int | None, gpus: int = 2, node: str = "gpu-node-0") -> PodView:

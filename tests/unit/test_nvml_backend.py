@@ -2,7 +2,8 @@
 
 The fake mimics nvidia-ml-py's surface and its oddities: NOT_FOUND for idle processes,
 ``NVMLError(NVML_SUCCESS)`` from the two-call pattern when there are no samples, a
-missing newer call on older drivers, MIG without and with GPM.
+missing newer call on older drivers, process-list calls a version lacks or a driver does
+not support, MIG without and with GPM.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from payper.api.billing_record import SplitUs
+from payper_agent import reporting
 from payper_agent.backends import ProcessSample, Unmetered
-from payper_agent.meter import KnownPids, Meter, SeriesIdentity
+from payper_agent.meter import KnownPids, Meter, SeriesIdentity, divide, restore, snapshot
 from payper_agent.nvml import PROCESS_UTILIZATION, PROCESSES_UTILIZATION_INFO, NvmlBackend
 
 
@@ -33,6 +36,11 @@ class FakeDevice:
     samples: list[tuple[int, int, int]] = field(default_factory=list)
     """(pid, smUtil, timestamp)"""
     pids: list[int] = field(default_factory=list)
+    """On the compute process list."""
+    graphics_pids: list[int] = field(default_factory=list)
+    mps_pids: list[int] = field(default_factory=list)
+    list_errors: dict[str, int] = field(default_factory=dict)
+    """Per process list ("compute", "graphics", "mps"): the NVML error it raises."""
     error: int | None = None
     instances: list[FakeDevice] = field(default_factory=list)
     gpm_util: float = 0.0
@@ -60,6 +68,8 @@ class FakeNvml:
         self.has_new_call = has_new_call
         self.new_call_error = new_call_error
         self.calls: list[str] = []
+        self.missing: set[str] = set()
+        """Process lists ("compute", "graphics", "mps") this nvidia-ml-py lacks."""
         self.initialised = False
 
     # lifecycle
@@ -125,8 +135,22 @@ class FakeNvml:
         self.calls.append("old")
         return self._samples(handle, last)
 
+    def _processes(self, handle: FakeDevice, kind: str, pids: list[int]) -> list[Any]:
+        self.calls.append(kind)
+        if kind in self.missing:
+            raise AttributeError(f"module 'pynvml' has no attribute for the {kind} list")
+        if kind in handle.list_errors:
+            raise NVMLError(handle.list_errors[kind])
+        return [SimpleNamespace(pid=p, usedGpuMemory=None) for p in pids]
+
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeDevice) -> list[Any]:
-        return [SimpleNamespace(pid=p) for p in handle.pids]
+        return self._processes(handle, "compute", handle.pids)
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: FakeDevice) -> list[Any]:
+        return self._processes(handle, "graphics", handle.graphics_pids)
+
+    def nvmlDeviceGetMPSComputeRunningProcesses(self, handle: FakeDevice) -> list[Any]:
+        return self._processes(handle, "mps", handle.mps_pids)
 
     # GPM
     def nvmlGpmSampleAlloc(self) -> Any:
@@ -218,6 +242,72 @@ def test_pinning_the_newer_call_falls_back_when_it_is_missing(
     assert nvml.calls[-1] == "old"
 
 
+def test_running_pids_are_the_union_of_the_compute_graphics_and_mps_lists() -> None:
+    device = FakeDevice("GPU-a", pids=[5, 6], graphics_pids=[6, 7], mps_pids=[8, 5])
+    backend = NvmlBackend(FakeNvml([device]))  # type: ignore[arg-type]
+    assert backend.running_pids(backend.gpus()[0]) == {5, 6, 7, 8}
+
+
+def test_a_process_only_on_the_graphics_or_mps_list_is_metered() -> None:
+    device = FakeDevice(
+        "GPU-a", samples=[(7, 30, 2_000_000), (8, 20, 2_000_000)], graphics_pids=[7], mps_pids=[8]
+    )
+    backend = NvmlBackend(FakeNvml([device]))  # type: ignore[arg-type]
+    meter = Meter(KnownPids({7: SeriesIdentity("ns", "g", "uid-g", "c")}))
+    meter.last_seen_us["GPU-a"] = 1_000_000
+    result = meter.poll(backend)
+    assert (result.samples, result.dropped) == (2, 0)
+    (series,) = meter.series.values()
+    assert series.total_x100 == 30 * 1_000_000
+    assert meter.unattributed_x100 == 20 * 1_000_000, "an MPS client of no pod: unattributed"
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        {"graphics": FakeNvml.NVML_ERROR_NOT_SUPPORTED},
+        {"graphics": FakeNvml.NVML_ERROR_FUNCTION_NOT_FOUND},
+        {"graphics": None},  # None: the call is missing from nvidia-ml-py
+    ],
+    ids=["not-supported", "function-not-found", "missing-call"],
+)
+def test_an_unsupported_process_list_is_skipped_and_not_asked_again(
+    missing: dict[str, int | None],
+) -> None:
+    device = FakeDevice("GPU-a", pids=[5], graphics_pids=[6], mps_pids=[7])
+    nvml = FakeNvml([device])
+    for kind, code in missing.items():
+        if code is None:
+            nvml.missing.add(kind)
+        else:
+            device.list_errors[kind] = code
+    backend = NvmlBackend(nvml)  # type: ignore[arg-type]
+    (gpu,) = backend.gpus()
+    assert backend.running_pids(gpu) == {5, 7}
+    assert backend.running_pids(gpu) == {5, 7}
+    assert nvml.calls.count("graphics") == 1, "remembered, not retried every poll"
+    assert nvml.calls.count("compute") == nvml.calls.count("mps") == 2
+
+
+@pytest.mark.parametrize("code", ["NVML_ERROR_NOT_FOUND", "NVML_SUCCESS"])
+def test_a_process_list_answering_not_found_or_the_success_oddity_has_none(code: str) -> None:
+    device = FakeDevice("GPU-a", pids=[5], mps_pids=[7])
+    device.list_errors["mps"] = getattr(FakeNvml, code)
+    nvml = FakeNvml([device])
+    backend = NvmlBackend(nvml)  # type: ignore[arg-type]
+    (gpu,) = backend.gpus()
+    assert backend.running_pids(gpu) == {5}
+    assert backend.running_pids(gpu) == {5}
+    assert nvml.calls.count("mps") == 2, "none this time; asked again next poll"
+
+
+def test_other_process_list_errors_surface() -> None:
+    device = FakeDevice("GPU-a", pids=[5], list_errors={"graphics": FakeNvml.NVML_ERROR_UNKNOWN})
+    backend = NvmlBackend(FakeNvml([device]))  # type: ignore[arg-type]
+    with pytest.raises(NVMLError):
+        backend.running_pids(backend.gpus()[0])
+
+
 def test_unknown_api_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown NVML API"):
         NvmlBackend(FakeNvml([]), api="v3")  # type: ignore[arg-type]
@@ -277,4 +367,85 @@ def test_mig_with_gpm_meters_each_instance_for_its_process() -> None:
     samples = backend.utilization(gpu, 0)
     assert len(samples) == 1  # the instance with no process is not billed to anyone
     assert (samples[0].pid, samples[0].sm_util, samples[0].device) == (11, 37, "MIG-one")
+    assert (samples[0].shares, samples[0].split) == (((11, 1), (12, 1)), "equal")
     assert backend.running_pids(gpu) == {11, 12}
+
+
+@pytest.mark.parametrize(
+    ("amount", "weights", "parts"),
+    [
+        (50_000_000, [1, 1, 1], [16_666_667, 16_666_667, 16_666_666]),
+        (10, [3, 1], [8, 2]),  # 7.5 and 2.5: the tie goes to the first
+        (7, [0, 1], [0, 7]),
+        (0, [2, 5], [0, 0]),
+        (100, [1, 2, 3, 4], [10, 20, 30, 40]),
+        (11, [1, 1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 1, 1, 1]),
+    ],
+)
+def test_divide_is_exact_and_proportional(
+    amount: int, weights: list[int], parts: list[int]
+) -> None:
+    assert divide(amount, weights) == parts
+    assert sum(parts) == amount
+
+
+MIG_NAME = "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+IDENTITIES = {pid: SeriesIdentity("ns", f"p{pid}", f"uid-{pid}", "c") for pid in (11, 12, 13)}
+
+
+def _shared_instance(**instance: Any) -> tuple[FakeNvml, NvmlBackend, Meter, list[int]]:
+    """One MIG instance at 50 % held by three processes, and a meter over it with a fake
+    clock: polls at 1 s (the GPU's first sight), 2 s (the first GPM sample) and 3 s."""
+    one = FakeDevice("MIG-one", name=MIG_NAME, pids=[11, 12, 13], gpm_util=50.0, **instance)
+    one.gpu_instance_id = 1
+    nvml = FakeNvml([FakeDevice("GPU-mig", mig=True, gpm=True, instances=[one])])
+    backend = NvmlBackend(nvml)  # type: ignore[arg-type]
+    clock = [0]
+    backend.now_us = lambda: clock[0]  # type: ignore[method-assign]
+    meter = Meter(KnownPids(IDENTITIES))
+    for second in (1, 2, 3):
+        clock[0] = second * 1_000_000
+        meter.poll(backend)
+    return nvml, backend, meter, clock
+
+
+def test_a_shared_mig_instance_is_split_equally_without_per_process_samples() -> None:
+    nvml, backend, meter, clock = _shared_instance(error=FakeNvml.NVML_ERROR_NOT_SUPPORTED)
+    active = {s.identity.pod: s.total_x100 for s in meter.series.values()}
+    assert active == {"p11": 16_666_667, "p12": 16_666_667, "p13": 16_666_666}
+    assert sum(active.values()) == 50 * 1_000_000, "the instance's time, exactly"
+    assert all(s.split_x100 == {"equal": s.total_x100} for s in meter.series.values())
+    assert {(s.gpu, s.product) for s in meter.series.values()} == {("MIG-one", MIG_NAME)}
+    clock[0] = 4_000_000
+    meter.poll(backend)
+    assert nvml.calls.count("old") == 1, "NOT_SUPPORTED on the instance: not asked again"
+    report = reporting.cut(meter, "agent", 1, "node", 0, 10_000)
+    assert {s.pod: s.split_us for s in report.series} == {
+        "p11": SplitUs(equal=333_333),
+        "p12": SplitUs(equal=333_333),
+        "p13": SplitUs(equal=333_333),
+    }
+    assert {s.gpu_product for s in report.series} == {MIG_NAME}
+    restored = Meter(KnownPids(IDENTITIES))
+    restore(restored, snapshot(meter))
+    clock[0] = 5_000_000
+    restored.poll(backend)
+    later = reporting.cut(restored, "agent", 2, "node", 10_000, 20_000)
+    # The checkpoint kept what was reported: only the new second, carrying the remainders.
+    assert {s.pod: s.split_us for s in later.series} == {
+        "p11": SplitUs(equal=166_667),
+        "p12": SplitUs(equal=166_667),
+        "p13": SplitUs(equal=166_666),
+    }
+    assert all(s.split_us and s.split_us.equal == s.active_us for s in later.series)
+
+
+def test_a_shared_mig_instance_is_split_by_the_processes_own_samples() -> None:
+    # The driver's per-process samples on the instance: 11 ran three times as much as 12,
+    # 13 not at all. (The 1_500_000 sample is older than the period and not counted.)
+    samples = [(11, 30, 2_500_000), (12, 10, 2_500_000), (13, 90, 1_500_000)]
+    nvml, _backend, meter, _clock = _shared_instance(samples=samples)
+    active = {s.identity.pod: s.total_x100 for s in meter.series.values()}
+    assert active == {"p11": 37_500_000, "p12": 12_500_000}
+    assert all(s.split_x100 == {"proportional": s.total_x100} for s in meter.series.values())
+    assert nvml.calls.count("old") == 1

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from payper.api.inference_deployment import POD_LABEL
 from payper_agent import metrics, reporting
 from payper_agent.backends import Gpu, ProcessSample
-from payper_agent.meter import Meter, SeriesIdentity, restore, snapshot
+from payper_agent.meter import EXITED_PID_POLLS, Meter, SeriesIdentity, restore, snapshot
 from payper_agent.pods import PidResolver, PodIndex
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend, cgroup_line, fake_gpus
 
@@ -220,3 +220,104 @@ def test_a_minute_burst_that_ends_after_a_report_is_in_a_later_report() -> None:
                 for name, ms in series.rounded_ms.to_wire().items():
                     reported[name] += ms
     assert reported == {"1ms": 500, "1s": 1000, "1m": 60_000}
+
+
+class _Scripted:
+    """A driver told, poll by poll, what runs, what it samples and which /proc entries
+    still exist: the driver may report a process's samples after it exited."""
+
+    def __init__(self, gpu: Gpu) -> None:
+        self.gpu, self.clock_us = gpu, 0
+        self.running: set[int] = set()
+        self.samples: list[ProcessSample] = []
+        self.alive: dict[int, str] = {}
+        """PID -> the pod whose cgroup /proc/<pid>/cgroup shows, while the process lives."""
+        self.reads: list[int] = []
+
+    def refresh(self) -> None:
+        return None
+
+    def gpus(self) -> list[Gpu]:
+        return [self.gpu]
+
+    def now_us(self) -> int:
+        return self.clock_us
+
+    def utilization(self, gpu: Gpu, since_us: int) -> list[ProcessSample]:
+        return [s for s in self.samples if s.timestamp_us > since_us]
+
+    def running_pids(self, gpu: Gpu) -> set[int]:
+        return set(self.running)
+
+    def cgroup(self, pid: int) -> str | None:
+        self.reads.append(pid)
+        pod = self.alive.get(pid)
+        return cgroup_line(UIDS[pod], "server") if pod else None
+
+    def poll(self, meter: Meter, second: int, running: set[int], *busy: int) -> Any:
+        self.clock_us = second * 1_000_000
+        self.running = running
+        self.samples = [ProcessSample(pid, 50, self.clock_us) for pid in busy]
+        return meter.poll(self)
+
+
+def test_a_process_shorter_than_a_poll_is_billed_to_its_pod_after_it_exited() -> None:
+    """Seen running once, without samples yet; by the next poll it has exited (no /proc
+    entry, its pod deleted too) and the driver reports its sample late."""
+    pods = PodIndex()
+    pods.upsert(_pod("a"))
+    backend = _Scripted(Gpu(0, "GPU-0", "H100"))
+    meter = Meter(PidResolver(backend.cgroup, pods))
+    backend.poll(meter, 0, set())  # first sight of the GPU
+    backend.alive[PID] = "a"
+    backend.poll(meter, 1, {PID})  # running, no sample yet
+    assert backend.reads == [PID], "resolved in the poll it was first seen"
+    del backend.alive[PID]  # it exits: /proc/<pid> is gone
+    pods.remove(_pod("a"))  # and its pod goes with it
+    result = backend.poll(meter, 2, set(), PID)
+    assert (result.samples, result.dropped) == (1, 0)
+    (series,) = meter.series.values()
+    assert series.identity.pod == "a"
+    assert series.total_x100 == 50 * 1_000_000
+    assert meter.unattributed_x100 == 0
+    assert backend.reads == [PID], "no second read: the first one is remembered"
+
+
+def test_late_samples_count_for_a_few_polls_after_the_process_was_last_seen() -> None:
+    pods = PodIndex()
+    pods.upsert(_pod("a"))
+    backend = _Scripted(Gpu(0, "GPU-0", "H100"))
+    meter = Meter(PidResolver(backend.cgroup, pods))
+    backend.poll(meter, 0, set())
+    backend.alive[PID] = "a"
+    backend.poll(meter, 1, {PID})
+    del backend.alive[PID]
+    for second in range(2, 1 + EXITED_PID_POLLS):
+        backend.poll(meter, second, set())
+    last_chance = backend.poll(meter, 1 + EXITED_PID_POLLS, set(), PID)
+    assert (last_chance.samples, last_chance.dropped) == (1, 0)
+    assert meter.pid_last_seen["GPU-0"] == {}, "forgotten after its last chance"
+    assert backend.poll(meter, 2 + EXITED_PID_POLLS, set(), PID).dropped == 1
+    (series,) = meter.series.values()
+    assert series.total_x100 == 50 * 1_000_000, "only the sample within the polls allowed"
+
+
+def test_remembered_pids_are_bounded_per_gpu_the_longest_gone_forgotten_first() -> None:
+    pods = PodIndex()
+    pods.upsert(_pod("a"))
+    backend = _Scripted(Gpu(0, "GPU-0", "H100"))
+    meter = Meter(PidResolver(backend.cgroup, pods), max_pids_per_gpu=2)
+    backend.poll(meter, 0, set())
+    short_lived = [101, 102, 103, 104]  # one a poll, each gone by the next
+    for second, pid in enumerate(short_lived, start=1):
+        backend.alive[pid] = "a"
+        backend.poll(meter, second, {pid})
+        del backend.alive[pid]
+        assert len(meter.pid_last_seen["GPU-0"]) <= 2
+    assert list(meter.pid_last_seen["GPU-0"]) == [103, 104]
+    assert set(meter.resolver._resolved) == {103, 104}  # type: ignore[attr-defined]
+    result = backend.poll(meter, 5, set(), 101, 104)
+    assert (result.samples, result.dropped) == (1, 1), "101 was forgotten, 104 was not"
+    (series,) = meter.series.values()
+    assert series.identity.pod == "a"
+    assert backend.reads == short_lived, "nothing re-read after its process exited"

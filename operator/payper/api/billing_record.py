@@ -91,6 +91,28 @@ class RoundedMs(ApiModel):
 _ROUNDED_FIELDS = {"1ms": "per_millisecond", "1s": "per_second", "1m": "per_minute"}
 
 
+Split = Literal["proportional", "equal"]
+"""How the time of a MIG instance shared by several processes was divided among them."""
+PROPORTIONAL: Split = "proportional"
+EQUAL: Split = "equal"
+
+
+class SplitUs(ApiModel):
+    """Active time of MIG instances shared by several processes, by how it was divided."""
+
+    # proportional: in proportion to each process's own utilization samples, where the
+    # driver gave them; equal: equally among the instance's processes, where it did not
+    # (an estimate, and the record says so).
+
+    proportional: Micros = 0
+    equal: Micros = 0
+
+    def __add__(self, other: SplitUs) -> SplitUs:
+        return SplitUs.model_construct(
+            proportional=self.proportional + other.proportional, equal=self.equal + other.equal
+        )
+
+
 class Adjustment(ApiModel):
     """Usage that arrived after its own window was Final, billed in this open window."""
 
@@ -168,6 +190,14 @@ class BillingRecordStatus(ApiModel):
     """Pods whose intervals were folded away (the earliest ended first) to keep
     ``podIntervals`` within its bound; their provisioned time is in ``foldedProvisionedMs``."""
     folded_provisioned_ms: Millis = 0
+    split_us: Annotated[
+        SplitUs | None,
+        Field(
+            description="Of activeUs, the time of MIG instances shared by several processes:"
+            " divided in proportion to their own samples, or equally where the driver gave"
+            " none. Absent when none of the time was shared."
+        ),
+    ] = None
     last_update_time: datetime | None = None
     finalized_at: datetime | None = None
 

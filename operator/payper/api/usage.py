@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from payper.api.billing_record import RoundedMs
+from payper.api.billing_record import RoundedMs, SplitUs
 from payper.api.common import ApiModel, DnsLabel, ShortString
 
 MAX_SERIES = 4096
@@ -39,6 +39,9 @@ class SeriesUsage(ApiModel):
     rounded_ms: RoundedMs = Field(default_factory=RoundedMs)
     """Bursts that closed in this interval, each rounded up per granularity."""
     bursts: Annotated[int, Field(ge=0)] = 0
+    split_us: SplitUs | None = None
+    """Of ``activeUs``, what came from a MIG instance this container shared with other
+    processes, by how the instance's time was divided; None: none was shared."""
 
 
 class UsageReport(ApiModel):

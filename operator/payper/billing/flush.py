@@ -198,6 +198,7 @@ def _usage(plan: FlushPlan, seen: Observations, windows: BillingWindows, now_ms:
                     active_us=series.active_us,
                     rounded_ms=series.rounded_ms,
                     bursts=series.bursts,
+                    split_us=series.split_us,
                     original_window_ms=observed if late else None,
                 )
             )

@@ -21,6 +21,7 @@ from payper.api.billing_record import (
     BillingRecordStatus,
     PodInterval,
     RoundedMs,
+    SplitUs,
 )
 from payper.billing.pricing import amount, money, reserved_amount
 from payper.clock import iso, seconds
@@ -89,6 +90,8 @@ class UsageDelta:
     legacy_agent_id: str | None = None
     """The bare agent id, under which records written before node-keyed progress hold
     this agent's last applied sequence."""
+    split_us: SplitUs | None = None
+    """Of ``active_us``, the time of a shared MIG instance and how it was divided."""
 
 
 @dataclass
@@ -120,6 +123,7 @@ def apply(
     active_us = status.active_us
     rounded = status.rounded_ms
     bursts = status.bursts
+    split = status.split_us
     adjustments = {a.original_window_start: a for a in status.adjustments}
     applied: list[tuple[str, int]] = []
 
@@ -135,6 +139,8 @@ def apply(
             active_us += delta.active_us
             rounded += delta.rounded_ms
             bursts += delta.bursts
+            if delta.split_us is not None:
+                split = delta.split_us if split is None else split + delta.split_us
             if delta.original_window_ms is not None:
                 _adjust(adjustments, delta, spec)
         last[agent] = sequence
@@ -176,6 +182,7 @@ def apply(
             "pod_intervals": sorted(kept, key=lambda p: (p.start_ms, p.uid)),
             "folded_pods": folded_pods,
             "folded_provisioned_ms": folded_ms,
+            "split_us": split,
             "last_update_time": datetime.fromtimestamp(now_ms / 1000, UTC),
         }
     )
