@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from payper.api.billing_record import GRANULARITY_MS, RoundedMs
 from payper_agent.backends import Backend, Gpu, ProcessSample, Unmetered
+from payper_agent.gputime import GpuClock
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ class Meter:
         self.unattributed_reported_us = 0
         self.unmetered: set[str] = set()
         self.polls = 0
+        self.gpu_time = GpuClock()
+        """Per GPU, where its wall-clock time went (``payper_agent.gputime``)."""
 
     def _series(self, identity: SeriesIdentity, gpu: Gpu, device: str | None) -> Series:
         gpu_id = device or gpu.uuid
@@ -207,6 +210,7 @@ class Meter:
             except Unmetered:
                 result.unmetered.append(gpu.uuid)
                 self.unmetered.add(gpu.uuid)
+                self.gpu_time.unmetered(gpu.uuid, gpu.product, last, now)
                 self.last_seen_us[gpu.uuid] = now
                 continue
             except Exception as error:  # a driver error on one GPU must not stop the others
@@ -232,10 +236,14 @@ class Meter:
                 period = min(sample.timestamp_us - last, self.max_period_us)
                 amount = sample.sm_util * period
                 identity = self.resolver(sample.pid)
+                if sample.device is not None:
+                    self.gpu_time.device(sample.device, gpu.uuid)
                 if identity is None:
                     self.unattributed_x100 += amount
+                    self.gpu_time.unattributed(gpu.uuid, gpu.product, amount)
                     continue
                 self._series(identity, gpu, sample.device).add_active(amount)
+            self.gpu_time.metered(gpu.uuid, gpu.product, last, newest or now, self.max_period_us)
             self.last_seen_us[gpu.uuid] = newest or now
         self.resolver.forget_pids_except(running_anywhere)
         self._end_of_poll()
@@ -282,6 +290,7 @@ def snapshot(meter: Meter) -> dict[str, Any]:
         "unmeteredUs": meter.unmetered_us,
         "unmeteredReportedUs": meter.unmetered_reported_us,
         "series": [_series_snapshot(s) for s in meter.series.values()],
+        "gpuTime": meter.gpu_time.to_json(),
     }
 
 
@@ -310,6 +319,7 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
     meter.unattributed_reported_us = int(data["unattributedReportedUs"])
     meter.unmetered_us = int(data.get("unmeteredUs", 0))
     meter.unmetered_reported_us = int(data.get("unmeteredReportedUs", 0))
+    meter.gpu_time = GpuClock.from_json(data.get("gpuTime"))
     meter.series = {}
     for item in data["series"]:
         series = Series(

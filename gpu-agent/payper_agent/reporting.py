@@ -43,6 +43,7 @@ def cut(
         )
     unattributed_us = meter.unattributed_x100 // 100 - meter.unattributed_reported_us
     unmetered_us = meter.unmetered_us - meter.unmetered_reported_us
+    gpus = meter.gpu_time.rows(series_usage)
     report = UsageReport(
         agent_id=agent_id,
         sequence=sequence,
@@ -53,6 +54,7 @@ def cut(
         unattributed_us=unattributed_us,
         unmetered_gpus=sorted(meter.unmetered),
         unmetered_us=unmetered_us,
+        gpus=gpus,
     )
     for series, active_us in included:
         series.reported_us += active_us
@@ -62,6 +64,7 @@ def cut(
         series.bursts = 0
     meter.unattributed_reported_us += unattributed_us
     meter.unmetered_reported_us += unmetered_us
+    meter.gpu_time.mark_reported(gpus)
     return report
 
 
