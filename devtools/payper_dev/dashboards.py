@@ -219,6 +219,40 @@ PANELS: tuple[PanelSpec, ...] = (
         "Requests held while a deployment starts, and requests in flight.",
     ),
     PanelSpec(
+        "Where GPU time went (every metered GPU)",
+        "timeseries",
+        "s",
+        (
+            Query(
+                'sum by (use) (increase(payper_gpu_time_seconds_total{use!="excess"}'
+                "[$__rate_interval]))",
+                "{{use}}",
+            ),
+            Query(
+                "sum (increase(payper_gpu_wall_seconds_total[$__rate_interval]))",
+                "wall clock",
+            ),
+        ),
+        "The per-GPU reconciliation, all nodes: attributed to pods + unattributed (no pod) + "
+        "unmetered (the driver could not say) + idle = wall-clock time. Per node and GPU: "
+        "payper reconcile.",
+        width=18,
+    ),
+    PanelSpec(
+        "Unmetered GPU capacity",
+        "stat",
+        "short",
+        (
+            Query(
+                "sum(payper_gpu_unmetered_capacity_gpus) or vector(0)",
+                "GPUs",
+                True,
+            ),
+        ),
+        "GPUs held by pods on nodes that send no usage reports (no payper-agent there).",
+        width=6,
+    ),
+    PanelSpec(
         "Top spenders",
         "table",
         "currencyUSD",

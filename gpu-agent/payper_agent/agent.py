@@ -101,9 +101,16 @@ class Agent:
         )
         self.last_report_end_ms = boundary
         if not (
-            report.series or report.unattributed_us or report.unmetered_gpus or report.unmetered_us
+            report.series
+            or report.unattributed_us
+            or report.unmetered_gpus
+            or report.unmetered_us
+            or report.gpus
         ):
-            return None  # nothing happened: no report, and no sequence number used
+            # Nothing happened (no GPU either): no report, and no sequence number used. A
+            # node with GPUs reports every interval: its idle time is accounted too, and
+            # the operator tells a node with GPU pods and no reports as unmetered.
+            return None
         for series in report.series:
             metrics.ACTIVE_SECONDS.labels(
                 series.namespace, series.pod, series.container, series.gpu

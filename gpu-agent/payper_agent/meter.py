@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 from payper.api.billing_record import GRANULARITY_MS, RoundedMs, Split
 from payper_agent.backends import Backend, Gpu, ProcessSample, Unmetered
+from payper_agent.gputime import GpuClock
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,8 @@ class Meter:
         self.max_pids_per_gpu = max_pids_per_gpu
         self.pid_last_seen: dict[str, dict[int, int]] = {}
         """Per GPU: PID -> the poll it was last seen running, the longest gone first."""
+        self.gpu_time = GpuClock()
+        """Per GPU, where its wall-clock time went (``payper_agent.gputime``)."""
 
     def _series(self, identity: SeriesIdentity, gpu: Gpu, sample: ProcessSample) -> Series:
         gpu_id = sample.device or gpu.uuid
@@ -241,6 +244,7 @@ class Meter:
         identity = self.resolver(pid)
         if identity is None:
             self.unattributed_x100 += amount_x100
+            self.gpu_time.unattributed(gpu.uuid, gpu.product, amount_x100)
             return
         series = self._series(identity, gpu, sample)
         series.add_active(amount_x100)
@@ -267,6 +271,7 @@ class Meter:
             except Unmetered:
                 result.unmetered.append(gpu.uuid)
                 self.unmetered.add(gpu.uuid)
+                self.gpu_time.unmetered(gpu.uuid, gpu.product, last, now)
                 self.last_seen_us[gpu.uuid] = now
                 continue
             except Exception as error:  # a driver error on one GPU must not stop the others
@@ -291,12 +296,15 @@ class Meter:
                     continue
                 period = min(sample.timestamp_us - last, self.max_period_us)
                 amount = sample.sm_util * period
+                if sample.device is not None:
+                    self.gpu_time.device(sample.device, gpu.uuid)
                 if not sample.shares:
                     self._attribute(sample.pid, amount, gpu, sample, None)
                     continue
                 parts = divide(amount, [weight for _, weight in sample.shares])
                 for (pid, _), part in zip(sample.shares, parts, strict=True):
                     self._attribute(pid, part, gpu, sample, sample.split)
+            self.gpu_time.metered(gpu.uuid, gpu.product, last, newest or now, self.max_period_us)
             self.last_seen_us[gpu.uuid] = newest or now
         self._forget_pids()
         self._end_of_poll()
@@ -378,6 +386,7 @@ def snapshot(meter: Meter) -> dict[str, Any]:
         "unmeteredUs": meter.unmetered_us,
         "unmeteredReportedUs": meter.unmetered_reported_us,
         "series": [_series_snapshot(s) for s in meter.series.values()],
+        "gpuTime": meter.gpu_time.to_json(),
     }
 
 
@@ -409,6 +418,7 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
     meter.unattributed_reported_us = int(data["unattributedReportedUs"])
     meter.unmetered_us = int(data.get("unmeteredUs", 0))
     meter.unmetered_reported_us = int(data.get("unmeteredReportedUs", 0))
+    meter.gpu_time = GpuClock.from_json(data.get("gpuTime"))
     meter.series = {}
     for item in data["series"]:
         series = Series(

@@ -48,6 +48,7 @@ def cut(
         )
     unattributed_us = meter.unattributed_x100 // 100 - meter.unattributed_reported_us
     unmetered_us = meter.unmetered_us - meter.unmetered_reported_us
+    gpus = meter.gpu_time.rows(series_usage)
     report = UsageReport(
         agent_id=agent_id,
         sequence=sequence,
@@ -58,6 +59,7 @@ def cut(
         unattributed_us=unattributed_us,
         unmetered_gpus=sorted(meter.unmetered),
         unmetered_us=unmetered_us,
+        gpus=gpus,
     )
     for series, active_us, split in included:
         series.reported_us += active_us
@@ -69,6 +71,7 @@ def cut(
         series.bursts = 0
     meter.unattributed_reported_us += unattributed_us
     meter.unmetered_reported_us += unmetered_us
+    meter.gpu_time.mark_reported(gpus)
     return report
 
 

@@ -1,6 +1,7 @@
 """The ``payper`` command line: what a user of a cluster running Payper types.
 
-``payper bill`` prints an invoice from the BillingRecords. Each sub-command is a thin
+``payper bill`` prints an invoice from the BillingRecords; ``payper reconcile`` shows,
+per node and GPU, where every GPU-second went, next to the records. Each sub-command is a thin
 shell over a library function, so tests exercise the same code a user runs. Development
 commands (the local cluster, the demo, the generators) are ``payper-dev``'s.
 """
@@ -39,6 +40,42 @@ def _bill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconcile(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from payper.api.billing_record import PLURAL, BillingRecord
+    from payper.api.common import API_VERSION
+    from payper.api.reconciliation import NodeWindowReconciliation
+    from payper.billing import invoice, reconcile_report
+    from payper.billing.reconciliation_store import parse, selector
+    from payper.kube import Kube, resource_path
+
+    try:
+        start = invoice.parse_time(args.start) if args.start else None
+        end = invoice.parse_time(args.end) if args.end else None
+    except ValueError as error:
+        print(f"payper: --from/--to must be ISO dates or date-times: {error}", file=sys.stderr)
+        return 2
+
+    async def fetch() -> tuple[list[NodeWindowReconciliation], list[BillingRecord] | None]:
+        async with Kube.connect(args.kubeconfig) as kube:
+            objects = await kube.list(
+                resource_path("v1", "configmaps", args.operator_namespace),
+                {"labelSelector": selector(node=args.node)},
+            )
+            records = None
+            if args.node is None:  # records are not per node
+                listing = await kube.list(resource_path(API_VERSION, PLURAL))
+                records = [BillingRecord.model_validate(i) for i in listing["items"]]
+        return [parse(item) for item in objects["items"]], records
+
+    objects, records = asyncio.run(fetch())
+    result = reconcile_report.build(objects, records, start, end, args.node)
+    render = {"table": reconcile_report.as_table, "json": reconcile_report.as_json}
+    sys.stdout.write(render[args.output](result))
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payper", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     bill.add_argument("-o", "--output", choices=("table", "json", "csv"), default="table")
     bill.add_argument("--kubeconfig", default=None)
     bill.set_defaults(func=_bill)
+
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="where every GPU-second went, per node and GPU, and whether it adds up "
+        "(exit status 1 when it does not)",
+    )
+    reconcile.add_argument("--from", dest="start", help="first window start to include (ISO)")
+    reconcile.add_argument("--to", dest="end", help="windows starting before this (ISO)")
+    reconcile.add_argument("--node", default=None, help="one node only")
+    reconcile.add_argument(
+        "--operator-namespace",
+        default="payper-system",
+        help="where the operator keeps the reconciliation (its namespace)",
+    )
+    reconcile.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    reconcile.add_argument("--kubeconfig", default=None)
+    reconcile.set_defaults(func=_reconcile)
     return parser
 
 

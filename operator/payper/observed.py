@@ -85,6 +85,8 @@ class PodView:
     """Every container: regular, init (native sidecars among them) and ephemeral."""
     container_ids: dict[str, str] = field(default_factory=dict)
     """Runtime container ID (without the ``containerd://`` scheme) -> container name."""
+    finished: bool = False
+    """Its phase is Succeeded or Failed: it holds no GPU any more."""
     owner: Owner | None = None
     """Its controller: billing follows this chain (ReplicaSet -> Deployment ->
     InferenceDeployment), never the label, which the tenant can change."""
@@ -145,5 +147,6 @@ class PodView:
                 for container in status.get(kind, []) or []
                 if (bare := (container.get("containerID") or "").partition("://")[2])
             },
+            finished=status.get("phase") in ("Succeeded", "Failed"),
             owner=controller_of(meta),
         )

@@ -357,18 +357,7 @@ class LocalCluster:
     def node_manifests(self, config: ClusterConfig) -> list[dict[str, Any]]:
         nodes = []
         for index in range(config.gpu_nodes):
-            nodes.append(
-                _node(
-                    f"gpu-node-{index}",
-                    labels={
-                        GPU_PRESENT_LABEL: "true",
-                        GPU_PRODUCT_LABEL: config.gpu_product,
-                        "nvidia.com/gpu.count": str(config.gpus_per_node),
-                    },
-                    taints=[{"key": GPU_TAINT_KEY, "value": "present", "effect": "NoSchedule"}],
-                    extra_resources={"nvidia.com/gpu": str(config.gpus_per_node)},
-                )
-            )
+            nodes.append(gpu_node(f"gpu-node-{index}", config.gpu_product, config.gpus_per_node))
         for index in range(config.cpu_nodes):
             nodes.append(_node(f"cpu-node-{index}", labels={"payper.dev/node-pool": "system"}))
         return nodes
@@ -537,6 +526,20 @@ def _condition(obj: dict[str, Any], type_: str) -> str | None:
         if condition.get("type") == type_:
             return str(condition.get("status"))
     return None
+
+
+def gpu_node(name: str, product: str, gpus: int) -> dict[str, Any]:
+    """A fake GPU node, tainted and labelled as GPU feature discovery does."""
+    return _node(
+        name,
+        labels={
+            GPU_PRESENT_LABEL: "true",
+            GPU_PRODUCT_LABEL: product,
+            "nvidia.com/gpu.count": str(gpus),
+        },
+        taints=[{"key": GPU_TAINT_KEY, "value": "present", "effect": "NoSchedule"}],
+        extra_resources={"nvidia.com/gpu": str(gpus)},
+    )
 
 
 def _node(

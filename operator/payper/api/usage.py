@@ -5,6 +5,11 @@ per series (container x GPU), the deltas observed in its interval. The operator 
 each (agent id, sequence) at most once, so reports may be resent freely. Reports are
 cut on wall-clock boundaries of the report interval, so one report never straddles two
 billing windows. Times are integer microseconds (active) or milliseconds (rounded).
+
+Each report also says, per GPU, where all of that GPU's time in the interval went
+(``gpus``): attributed to pods, unattributed (processes in no pod), unmetered (the driver
+could not say) or idle, adding up to the wall-clock time the agent accounted on it. That
+is what the per-GPU reconciliation (``payper reconcile``) is built from.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from payper.api.common import ApiModel, DnsLabel, ShortString
 
 MAX_SERIES = 4096
 MAX_BATCH = 200
+MAX_GPUS = 64
 Micros = Annotated[int, Field(ge=0, le=10**15)]
 
 
@@ -44,6 +50,47 @@ class SeriesUsage(ApiModel):
     processes, by how the instance's time was divided; None: none was shared."""
 
 
+class GpuTime(ApiModel):
+    """Where one GPU's wall-clock time went: each microsecond in exactly one place.
+
+    ``wall_us`` is the time the agent accounted on this GPU: from where the previous
+    report's accounting on it ended to where this one's ends (the driver's newest sample),
+    so consecutive reports tile the GPU's timeline without gap or overlap; about the report
+    interval, and longer after an agent outage (the outage is then unmetered).
+    ``attributed_us`` is the sum of this report's series on this GPU (its MIG instances
+    included); ``unattributed_us`` processes in no pod; ``unmetered_us`` time no sample
+    could account for (a gap longer than a few polls, MIG without GPM); ``idle_us`` the
+    rest. ``excess_us`` is normally 0: time attributed beyond the wall clock, when the
+    driver's per-process percentages of one period summed to more than 100 % (integer
+    rounding, or MIG instances each counting their own time); ``idle_us`` is then 0.
+    """
+
+    gpu: ShortString
+    """GPU UUID (a MIG GPU's instances are summed on it)."""
+    gpu_product: ShortString
+    wall_us: Micros
+    attributed_us: Micros = 0
+    unattributed_us: Micros = 0
+    unmetered_us: Micros = 0
+    idle_us: Micros = 0
+    excess_us: Micros = 0
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> GpuTime:
+        if not adds_up(self):
+            raise ValueError(
+                "attributedUs + unattributedUs + unmeteredUs + idleUs must equal "
+                "wallUs + excessUs, with idleUs or excessUs zero"
+            )
+        return self
+
+
+def adds_up(time: GpuTime) -> bool:
+    """attributed + unattributed + unmetered + idle = wall (+ excess, when idle is 0)."""
+    used = time.attributed_us + time.unattributed_us + time.unmetered_us + time.idle_us
+    return used == time.wall_us + time.excess_us and min(time.idle_us, time.excess_us) == 0
+
+
 class UsageReport(ApiModel):
     agent_id: Annotated[str, Field(min_length=1, max_length=64)]
     sequence: Annotated[int, Field(ge=1)]
@@ -63,6 +110,10 @@ class UsageReport(ApiModel):
     unmetered_us: Micros = 0
     """GPU time (summed over GPUs) no sample accounted for: gaps longer than a few polls
     (the agent down, driver errors) are not billed, they are reported here."""
+    gpus: Annotated[list[GpuTime], Field(max_length=MAX_GPUS)] = Field(default_factory=list)
+    """Per GPU, where its time in this report went (absent from earlier agents and
+    from gap markers). Its ``unmeteredUs`` also counts unmetered GPUs' whole time, which
+    the node-wide ``unmeteredUs`` above (gaps only) does not."""
 
     @model_validator(mode="after")
     def _interval(self) -> UsageReport:

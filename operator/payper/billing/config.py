@@ -99,6 +99,11 @@ class BillingConfig(ApiModel):
     """The plan of namespaces no grant mentions (the only plan they may use)."""
     grants: Annotated[list[PlanGrant], Field(max_length=1000)] = Field(default_factory=list)
     """First matching grant wins."""
+    reconciliation_retention_days: Annotated[int, Field(ge=1, le=3660)] = 14
+    """How long the per-GPU reconciliation (one ConfigMap per GPU node and window) is kept."""
+    unmetered_after_seconds: Annotated[int, Field(ge=5, le=86400)] = 60
+    """A node whose pods hold GPUs and from which no usage report arrived for this long is
+    reported as unmetered capacity (metric and event)."""
 
     @model_validator(mode="after")
     def _plans_exist(self) -> BillingConfig:

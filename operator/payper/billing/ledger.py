@@ -55,6 +55,7 @@ from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents, Observed
 from payper.billing.flush import BillingWindows, Observations
 from payper.billing.pricing import UNKNOWN_PRODUCT, Plan, amount, product_key
+from payper.billing.reconciliation_store import ReconciliationStore
 from payper.billing.records import (
     ACCOUNT_LABEL,
     DEPLOYMENT_LABEL,
@@ -107,6 +108,12 @@ class Ledger:
         self._unplaced_since: dict[Key, int] = {}
         """Deployments whose counts wait for a known GPU product, since when (ms)."""
         self._ledger_version: str | None = None
+        self.gpu_time = ReconciliationStore(
+            kube, namespace, self.windows, config.reconciliation_retention_days * 86_400_000
+        )
+        self.reported_at: dict[str, int] = {}
+        """Per node, when a report from it last arrived (ms): a node with GPU pods and
+        none for a while has no agent (``payper.operator.capacity``)."""
 
     # -- start -------------------------------------------------------------------------
     @property
@@ -143,6 +150,8 @@ class Ledger:
     async def submit(self, reports: list[UsageReport]) -> dict[str, int]:
         """Queue reports for the next flush; returns, per agent, what is applied durably."""
         future: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
+        for report in reports:
+            self.reported_at[report.node] = self.clock()
         self._queue.append((reports, future))
         return await future
 
@@ -308,6 +317,10 @@ class Ledger:
             failed |= await self._file_dead_letters(refused, now)
 
         progress = flush.acknowledge(planned, self.applied_through, failed)
+        # The per-GPU reconciliation of what is acknowledged, before the progress is
+        # saved: a report whose object is not written is not acknowledged either.
+        not_written = failed | {key for key, _, _ in refused}
+        progress = await self.gpu_time.record(planned, progress, not_written, now)
         advanced = sum(
             1
             for r in planned.selection.accepted
@@ -318,6 +331,10 @@ class Ledger:
             self.applied_through = await self._save_progress(progress)
             metrics.USAGE_REPORTS.labels("applied").inc(advanced)
         await self._finalize(now)
+        try:
+            await self.gpu_time.prune(now)
+        except (ApiError, OSError, TimeoutError) as error:
+            logger.warning("pruning GPU time objects: %s", error)
 
     # -- records -----------------------------------------------------------------------
     def _plan(self, namespace: str, deployment: str) -> tuple[str, Plan]:

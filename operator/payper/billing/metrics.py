@@ -89,6 +89,30 @@ RECORDS_MOVED = Counter(
     "Open BillingRecords moved into the operator's namespace because their own was being "
     "deleted (their later usage lands there, nothing is lost with the namespace).",
 )
+GPU_WALL = Counter(
+    "payper_gpu_wall_seconds_total",
+    "Wall-clock time agents accounted per metered GPU; the sum over use of "
+    "payper_gpu_time_seconds_total, less its excess.",
+    ("node", "gpu"),
+)
+GPU_TIME = Counter(
+    "payper_gpu_time_seconds_total",
+    "Where each metered GPU's time went, by use: attributed (to pods), unattributed "
+    "(processes in no pod), unmetered (the driver could not say), idle; excess is time "
+    "attributed beyond the wall clock (normally 0).",
+    ("node", "gpu", "use"),
+)
+GPU_ATTRIBUTED_IN_RECORDS = Counter(
+    "payper_gpu_attributed_in_records_seconds_total",
+    "Of the attributed GPU time, what the ledger applied to BillingRecords (per node).",
+    ("node",),
+)
+UNMETERED_CAPACITY = Gauge(
+    "payper_gpu_unmetered_capacity_gpus",
+    "GPUs held by running pods on a node from which no usage report arrived for several "
+    "report intervals (no agent there: its nodeSelector or tolerations do not match).",
+    ("node",),
+)
 FINALIZED = Counter("payper_billing_records_finalized_total", "BillingRecords that became Final.")
 
 

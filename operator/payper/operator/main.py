@@ -28,6 +28,7 @@ from payper.kube import Kube
 from payper.operator import config as config_module
 from payper.operator.api_server import ApiServer
 from payper.operator.auth import TokenVerifier
+from payper.operator.capacity import UnmeteredCapacity
 from payper.operator.controller import Controller
 from payper.operator.handlers import Memo, load
 from payper.operator.leader import LeaderElector, LostLeadership
@@ -90,6 +91,10 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
         controller.billing,
     )
     api = ApiServer(controller, verifier, lambda: elector.is_leader, ledger)
+    after_s = config.billing.unmetered_after_seconds
+    capacity = UnmeteredCapacity(
+        kube, ledger.reported_at, controller.registry.all_pods, after_s * 1000
+    )
     runners = [
         await http_sites.start_site(api.app(), config.listen.api, tls),
         await http_sites.start_site(_metrics_app(), config.listen.metrics),
@@ -111,6 +116,7 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
             asyncio.create_task(ledger.run(), name="ledger"),
             asyncio.create_task(elector.keep(), name="lease"),
             asyncio.create_task(controller.run(), name="autoscaler"),
+            asyncio.create_task(capacity.run(min(10.0, after_s / 4)), name="capacity"),
             asyncio.create_task(
                 kopf.operator(
                     registry=load(),
