@@ -236,6 +236,38 @@ class Kube:
         params = {"fieldManager": field_manager, "force": "true" if force else "false"}
         return await self.request("PATCH", path, body=body, params=params, content_type=APPLY_PATCH)
 
+    async def post_event(
+        self,
+        involved: Mapping[str, str],
+        namespace: str,
+        reason: str,
+        message: str,
+        at_iso: str,
+        type_: str = "Warning",
+    ) -> bool:
+        """Post a core/v1 Event about ``involved`` (apiVersion, kind, name[, namespace]);
+        whether it was posted. An event is news for people, never worth failing over: a
+        refusal is logged, not raised."""
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{involved['name'][:200]}.", "namespace": namespace},
+            "involvedObject": dict(involved),
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "payper-operator"},
+            "firstTimestamp": at_iso,
+            "lastTimestamp": at_iso,
+            "count": 1,
+        }
+        try:
+            await self.create(resource_path("v1", "events", namespace), event)
+        except (ApiError, OSError, TimeoutError) as error:
+            logger.warning("event %s about %s not posted: %s", reason, involved["name"], error)
+            return False
+        return True
+
     async def delete(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         try:
             return await self.request("DELETE", path, params=params)

@@ -24,7 +24,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from payper.api.billing_record import BillingRecordSpec
 from payper.api.inference_deployment import POD_LABEL
+from payper.billing.pricing import product_key
+from payper.billing.records import record_name
+from payper.clock import iso
 from payper_dev.cluster import podrunner
 from payper_dev.loopback import http_ok
 from payper_dev.testing.cluster import ClusterHandle, eventually
@@ -545,6 +549,12 @@ async def test_usage_for_a_deleted_namespace_is_filed_not_a_stall(
         assert entry["activeUs"] == 20 * 100_000
         assert entry["reason"] == "namespace-gone"
         assert len(entry["reports"]) == 20
+        events = cluster.get_json(
+            "events", "-n", SYSTEM_NAMESPACE, "--field-selector", "reason=UsageDeadLettered"
+        )["items"]
+        about = [e for e in events if f"{gone}/" in e["message"]]
+        assert len(about) == 1, "one event for the entry, not one per refused change"
+        assert about[0]["involvedObject"]["name"] == "payper-dead-letters"
     finally:
         cluster.kubectl("delete", "namespace", bystander, "--wait=false", check=False)
 
@@ -591,6 +601,88 @@ async def test_a_deleted_namespace_keeps_its_open_records_and_their_late_usage(
     assert truth > 0
     assert sum(int(r["status"]["activeUs"]) for r in moved.values()) == truth + 250_000
     assert scraped_sum(stack.metrics_url, "payper_billing_records_moved_total") >= len(before)
+
+
+async def test_a_record_the_ledger_did_not_create_is_never_adopted(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """Exploit: a tenant holding ``payper.dev/*`` in its namespace, on a cluster whose
+    admission policy is off (the test stack installs none), pre-creates its deployment's
+    records for this hour and the next at price 0. The ledger leaves them alone and keeps
+    the real records, at the real price, in its own namespace."""
+    cluster = stack.cluster
+    tenant = f"system:serviceaccount:{namespace}:tenant"
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "payper-everything"},
+        "rules": [{"apiGroups": ["payper.dev"], "resources": ["*"], "verbs": ["*"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "payper-everything"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        },
+        "subjects": [{"kind": "User", "name": tenant}],
+    }
+    cluster.apply_items([role, binding], "-n", namespace)
+    hour = 3_600_000
+    this_hour = int(time.time() * 1000) // hour * hour
+    forged = []
+    for start in (this_hour, this_hour + hour):
+        spec = BillingRecordSpec.model_validate(
+            {
+                "inferenceDeployment": "llm",
+                "account": namespace,
+                "window": {"start": iso(start), "end": iso(start + hour)},
+                "plan": "default",
+                "granularity": "1s",
+                "currency": "USD",
+                "pricePerGpuSecond": "0",
+                "reservedPricePerGpuHour": "0",
+                "gpuProduct": product_key(H100),
+            }
+        )
+        name = record_name("llm", start, product_key(H100))
+        forged.append(name)
+        record = {
+            "apiVersion": "payper.dev/v1alpha1",
+            "kind": "BillingRecord",
+            "metadata": {"name": name, "labels": {"payper.dev/state": "Open"}},
+            "spec": spec.to_wire(),
+        }
+        cluster.kubectl(
+            "create", "-n", namespace, "--as", tenant, "-f", "-", input=json.dumps(record)
+        )
+    foreign = ("payper_billing_foreign_records_total", {})
+    before = scraped_sum(stack.metrics_url, *foreign)
+    stack.deploy(namespace, model("llm"))
+    for ms in (300, 800):
+        async with http.post(f"{stack.gateway_url}/{namespace}/llm/v1/infer", json={"ms": ms}) as r:
+            assert r.status == 200, await r.text()
+    await stack.settle()
+
+    for name in forged:  # untouched: no usage, no status
+        assert not cluster.get_json("brec", name, "-n", namespace).get("status")
+    kept = [
+        r
+        for r in records(cluster, SYSTEM_NAMESPACE)
+        if r["metadata"]["labels"].get("payper.dev/moved-from-namespace") == namespace
+    ]
+    assert kept and {r["metadata"]["name"] for r in kept} <= {f"{namespace}.{n}" for n in forged}
+    assert all(r["spec"]["pricePerGpuSecond"] == str(H100_PRICE) for r in kept)
+    truth = stack.agent_truth()[(namespace, "llm")]
+    assert sum(int(r["status"]["activeUs"]) for r in kept) == truth["activeUs"] > 0
+    assert sum(Decimal(r["status"]["amount"]) for r in kept) == H100_PRICE * truth["1s"] / 1000
+    assert scraped_sum(stack.metrics_url, *foreign) - before >= 1
+    events = cluster.get_json(
+        "events", "-n", namespace, "--field-selector", "reason=ForeignBillingRecord"
+    )["items"]
+    assert events and events[0]["involvedObject"]["name"] in forged
 
 
 async def test_usage_from_the_wrong_caller_or_payload_changes_nothing(

@@ -17,7 +17,7 @@ from payper.api.billing_record import (
     RoundedMs,
     SplitUs,
 )
-from payper.billing import flush
+from payper.billing import flush, seal
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents
 from payper.billing.flush import BillingWindows, Observations
@@ -380,3 +380,26 @@ def test_a_thousand_and_one_churned_pods_keep_the_record_writable_and_exact() ->
     again, _ = apply(status, SPEC, RecordChange(pods={"u1000": spans["u1000"]}), 2_000_001)
     assert again.provisioned_ms == status.provisioned_ms, "re-applying a span changes nothing"
     BillingRecordStatus.model_validate(again.to_wire())  # within every bound of the CRD
+
+
+def test_a_seal_verifies_only_the_record_it_was_made_for() -> None:
+    key, other_key = b"k" * 32, b"o" * 32
+    spec = {"inferenceDeployment": "llm", "pricePerGpuSecond": "0.0012"}
+    record = {
+        "metadata": {
+            "namespace": "team-a",
+            "name": "llm-20261127-160000-abcdef",
+            "annotations": {
+                seal.ANNOTATION: seal.seal(key, "team-a", "llm-20261127-160000-abcdef", spec)
+            },
+        },
+        "spec": spec,
+    }
+    assert seal.verify(key, record) is True
+    assert seal.verify(other_key, record) is False, "another operator's key"
+    cheaper = {**record, "spec": {**spec, "pricePerGpuSecond": "0"}}
+    assert seal.verify(key, cheaper) is False, "a seal copied onto another spec"
+    elsewhere = {**record, "metadata": {**record["metadata"], "namespace": "team-b"}}
+    assert seal.verify(key, elsewhere) is False, "a seal copied into another namespace"
+    unsealed = {**record, "metadata": {"namespace": "team-a", "name": "x"}}
+    assert seal.verify(key, unsealed) is None

@@ -50,7 +50,7 @@ from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.inference_deployment import KIND as INFERENCE_DEPLOYMENT_KIND
 from payper.api.usage import UsageReport
-from payper.billing import deadletter, flush, metrics
+from payper.billing import deadletter, flush, metrics, seal
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents, Observed
 from payper.billing.flush import BillingWindows, Observations
@@ -75,6 +75,10 @@ from payper.observed import UNMANAGED, Key, Owner, PodView, controller_of
 
 logger = logging.getLogger(__name__)
 MAX_CONFLICT_RETRIES = 6
+DEAD_LETTERED = "UsageDeadLettered"
+DEAD_LETTERS_FULL = "DeadLetterStoreFull"
+FOREIGN_RECORD = "ForeignBillingRecord"
+"""Event reasons, on the dead-letter ConfigMap."""
 
 
 class Ledger:
@@ -108,6 +112,11 @@ class Ledger:
         self._unplaced_since: dict[Key, int] = {}
         """Deployments whose counts wait for a known GPU product, since when (ms)."""
         self._ledger_version: str | None = None
+        self._evented: set[tuple[RecordKey, str]] = set()
+        """Dead-letter entries an event was posted for (in this process)."""
+        self._store_full = False
+        self._seal_key = b""
+        """The key of the seals on records the ledger creates (``payper.billing.seal``)."""
         self.gpu_time = ReconciliationStore(
             kube, namespace, self.windows, config.reconciliation_retention_days * 86_400_000
         )
@@ -131,9 +140,13 @@ class Ledger:
         listing = await self.kube.list(
             resource_path(API_VERSION, PLURAL), {"labelSelector": f"{STATE_LABEL}!={FINAL}"}
         )
+        self._seal_key = await seal.load_key(self.kube, self.namespace)
         for item in listing["items"]:
             key = (item["metadata"]["namespace"], item["metadata"]["name"])
             if (item.get("status") or {}).get("state") != FINAL:
+                if seal.verify(self._seal_key, item) is False:
+                    logger.error("record %s/%s has a seal that does not verify: ignored", *key)
+                    continue  # unsealed ones are checked when first written
                 self.records[key] = item
                 moved_from = (item["metadata"].get("labels") or {}).get(MOVED_FROM_LABEL)
                 if key[0] == self.namespace and moved_from:
@@ -346,7 +359,12 @@ class Ledger:
         )
         return choice.name, self.config.plans[choice.name]
 
-    def _new_record(self, key: RecordKey) -> dict[str, Any]:
+    def _new_record(
+        self, key: RecordKey, location: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The record the ledger creates for ``key`` at ``location`` (its own namespace
+        and name unless moved), sealed."""
+        namespace, name = location or (key.namespace, key.name)
         plan_name, plan = self._plan(key.namespace, key.deployment)
         spec = BillingRecordSpec(
             inference_deployment=key.deployment or None,
@@ -364,20 +382,25 @@ class Ledger:
             reserved_price_per_gpu_hour=plan.reserved_price(key.product),
             gpu_product=key.product,
         )
+        labels = {
+            **({DEPLOYMENT_LABEL: key.deployment} if key.deployment else {}),
+            ACCOUNT_LABEL: key.namespace,
+            WINDOW_LABEL: window_label(key.window_start_ms),
+            STATE_LABEL: OPEN,
+        }
+        if namespace != key.namespace:
+            labels[MOVED_FROM_LABEL] = key.namespace
+        wire = spec.to_wire()
         return {
             "apiVersion": API_VERSION,
             "kind": KIND,
             "metadata": {
-                "name": key.name,
-                "namespace": key.namespace,
-                "labels": {
-                    **({DEPLOYMENT_LABEL: key.deployment} if key.deployment else {}),
-                    ACCOUNT_LABEL: key.namespace,
-                    WINDOW_LABEL: window_label(key.window_start_ms),
-                    STATE_LABEL: OPEN,
-                },
+                "name": name,
+                "namespace": namespace,
+                "labels": labels,
+                "annotations": {seal.ANNOTATION: seal.seal(self._seal_key, namespace, name, wire)},
             },
-            "spec": spec.to_wire(),
+            "spec": wire,
         }
 
     def _location(self, key: RecordKey) -> tuple[str, str]:
@@ -387,24 +410,59 @@ class Ledger:
         return key.namespace, key.name
 
     async def _get_or_create(self, key: RecordKey) -> dict[str, Any]:
-        namespace, name = self._location(key)
-        path = resource_path(API_VERSION, PLURAL, namespace, name)
+        location = self._location(key)
+        path = resource_path(API_VERSION, PLURAL, *location)
         found = await self.kube.get_or_none(path)
-        if found is not None:
+        if found is None:
+            try:
+                found = await self.kube.create(
+                    resource_path(API_VERSION, PLURAL, location[0]),
+                    self._new_record(key, location),
+                )
+            except ApiError as error:
+                if not error.conflict:
+                    raise
+                found = await self.kube.get(path)  # another writer created it first
+        if await self._adopt(key, location, found):
             return dict(found)
-        body = self._new_record(key)
-        if namespace != key.namespace:
-            body["metadata"] |= {"name": name, "namespace": namespace}
-            body["metadata"]["labels"][MOVED_FROM_LABEL] = key.namespace
+        if location[0] == self.namespace:
+            raise ApiError(409, {"reason": "Foreign"}, "ADOPT", f"{location}: not sealed by us")
+        # Someone else made a record under this name: leave it be; keep ours moved.
+        metrics.FOREIGN_RECORDS.inc()
+        message = (
+            f"BillingRecord {key.namespace}/{key.name} was not created by payper-operator "
+            f"(no valid seal): ignored; the ledger keeps this record as "
+            f"{self.namespace}/{moved_name(key.namespace, key.name)}"
+        )
+        logger.error(message)
+        involved = {"apiVersion": API_VERSION, "kind": KIND, "name": key.name}
+        await self.kube.post_event(
+            {**involved, "namespace": key.namespace},
+            key.namespace,
+            FOREIGN_RECORD,
+            message,
+            iso(self.clock()),
+        )
+        self._moved.add((key.namespace, key.name))
+        return await self._get_or_create(key)
+
+    async def _adopt(self, key: RecordKey, location: tuple[str, str], found: Any) -> bool:
+        """Whether the ledger may write to ``found``: sealed by it, or unsealed from before
+        seals (then it must be exactly the record the ledger would create; it is sealed)."""
+        verified = seal.verify(self._seal_key, found)
+        if verified is not None:
+            return verified
+        expected = self._new_record(key, location)
+        if found.get("spec") != expected["spec"]:
+            return False
         try:
-            created: dict[str, Any] = await self.kube.create(
-                resource_path(API_VERSION, PLURAL, namespace), body
+            await self.kube.patch(
+                resource_path(API_VERSION, PLURAL, *location),
+                {"metadata": {"annotations": expected["metadata"]["annotations"]}},
             )
         except ApiError as error:
-            if not error.conflict:
-                raise
-            created = await self.kube.get(path)  # another writer created it first
-        return created
+            logger.warning("sealing %s/%s: %s", *location, error)
+        return True
 
     async def _move_records_of_ending_namespaces(self) -> None:
         """Before a deleted namespace's records go (the namespace controller deletes them),
@@ -420,10 +478,18 @@ class Ledger:
         moved = moved_name(namespace, name)
         target = resource_path(API_VERSION, PLURAL, self.namespace, moved)
         labels = {**(record["metadata"].get("labels") or {}), MOVED_FROM_LABEL: namespace}
+        annotations = {
+            seal.ANNOTATION: seal.seal(self._seal_key, self.namespace, moved, record["spec"])
+        }
         body = {
             "apiVersion": API_VERSION,
             "kind": KIND,
-            "metadata": {"name": moved, "namespace": self.namespace, "labels": labels},
+            "metadata": {
+                "name": moved,
+                "namespace": self.namespace,
+                "labels": labels,
+                "annotations": annotations,
+            },
             "spec": record["spec"],
         }
         try:
@@ -588,29 +654,41 @@ class Ledger:
         self, refused: list[tuple[RecordKey, RecordChange, str]], now: int
     ) -> set[RecordKey]:
         """File changes the API server refuses for good; the keys that could not be."""
-        if await self.dead_letters.add(refused, now):
-            for key, change, reason in refused:
-                metrics.DEAD_LETTERS.labels(reason).inc()
-                logger.error(
-                    "record %s/%s refused for good (%s): %d µs of usage filed in %s/%s",
-                    key.namespace,
-                    key.name,
-                    reason,
-                    sum(d.active_us for d in change.usage),
-                    self.namespace,
-                    deadletter.NAME,
+        store = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "name": deadletter.NAME,
+            "namespace": self.namespace,
+        }
+        if not await self.dead_letters.add(refused, now):
+            metrics.DEAD_LETTERS_FULL.set(1)
+            message = (
+                f"the dead-letter store {self.namespace}/{deadletter.NAME} is full: reports "
+                f"for {len(refused)} refused records stay unacknowledged until it is emptied"
+            )
+            logger.critical(message)
+            if not self._store_full:
+                self._store_full = True
+                await self.kube.post_event(
+                    store, self.namespace, DEAD_LETTERS_FULL, message, iso(now)
                 )
-            metrics.DEAD_LETTERS_FULL.set(0)
-            return set()
-        metrics.DEAD_LETTERS_FULL.set(1)
-        logger.critical(
-            "the dead-letter store %s/%s is full: reports for %d refused records stay "
-            "unacknowledged until it is emptied",
-            self.namespace,
-            deadletter.NAME,
-            len(refused),
-        )
-        return {key for key, _, _ in refused}
+            return {key for key, _, _ in refused}
+        self._store_full = False
+        metrics.DEAD_LETTERS_FULL.set(0)
+        for key, change, reason in refused:
+            metrics.DEAD_LETTERS.labels(reason).inc()
+            active_us = sum(d.active_us for d in change.usage)
+            message = (
+                f"{active_us} µs of GPU time for {key.namespace}/{key.name} cannot be billed "
+                f"({reason}): filed in {self.namespace}/{deadletter.NAME} for the platform "
+                "team to settle"
+            )
+            logger.error(message)
+            if (key, reason) in self._evented or len(self._evented) >= deadletter.MAX_ENTRIES:
+                continue  # one event per entry (and no more than the store holds entries)
+            self._evented.add((key, reason))
+            await self.kube.post_event(store, self.namespace, DEAD_LETTERED, message, iso(now))
+        return set()
 
     async def _label_final(self, cache_key: tuple[str, str], record: dict[str, Any]) -> None:
         """Mark a Final record by label, so that start-up no longer lists it. Should this

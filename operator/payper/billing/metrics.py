@@ -113,6 +113,11 @@ UNMETERED_CAPACITY = Gauge(
     "report intervals (no agent there: its nodeSelector or tolerations do not match).",
     ("node",),
 )
+FOREIGN_RECORDS = Counter(
+    "payper_billing_foreign_records_total",
+    "BillingRecords found under a name the ledger wanted but not created by it (no valid "
+    "seal): left alone; the ledger keeps its record in its own namespace instead.",
+)
 FINALIZED = Counter("payper_billing_records_finalized_total", "BillingRecords that became Final.")
 
 

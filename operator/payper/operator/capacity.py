@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from payper.billing import metrics
 from payper.clock import iso, now_ms
-from payper.kube import ApiError, Kube, resource_path
+from payper.kube import Kube
 from payper.observed import PodView
 
 logger = logging.getLogger(__name__)
@@ -107,28 +107,15 @@ class UnmeteredCapacity:
         return found
 
     async def _event(self, node: str, gpus: int) -> None:
-        now = iso(self.clock())
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{node[:200]}.", "namespace": EVENT_NAMESPACE},
-            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node},
-            "reason": EVENT_REASON,
-            "message": (
-                f"Pods on this node hold {gpus} GPUs, but no payper-agent usage report arrived "
-                f"for {self.after_ms // 1000} s: their GPU time is not metered (does the "
-                "agent's nodeSelector or tolerations miss this node?)"
-            ),
-            "type": "Warning",
-            "source": {"component": "payper-operator"},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            await self.kube.create(resource_path("v1", "events", EVENT_NAMESPACE), event)
-        except (ApiError, OSError, TimeoutError) as error:
-            logger.warning("event for node %s not posted: %s", node, error)
+        await self.kube.post_event(
+            {"apiVersion": "v1", "kind": "Node", "name": node},
+            EVENT_NAMESPACE,
+            EVENT_REASON,
+            f"Pods on this node hold {gpus} GPUs, but no payper-agent usage report arrived "
+            f"for {self.after_ms // 1000} s: their GPU time is not metered (does the "
+            "agent's nodeSelector or tolerations miss this node?)",
+            iso(self.clock()),
+        )
 
     async def run(self, interval_s: float) -> None:
         while True:
