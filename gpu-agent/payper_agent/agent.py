@@ -29,6 +29,8 @@ class AgentSettings:
     state_dir: Path
     poll_interval_s: float = 1.0
     report_interval_s: int = 10
+    simulated: bool = False
+    """The backend is simulated: every report says so (a real operator refuses them)."""
 
 
 class Agent:
@@ -97,7 +99,13 @@ class Agent:
             return None
         start = max(self.last_report_end_ms, boundary - interval_ms)
         report = reporting.cut(
-            self.meter, self.agent_id, self.next_sequence, self.settings.node, start, boundary
+            self.meter,
+            self.agent_id,
+            self.next_sequence,
+            self.settings.node,
+            start,
+            boundary,
+            simulated=self.settings.simulated,
         )
         self.last_report_end_ms = boundary
         if not (

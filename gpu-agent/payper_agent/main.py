@@ -105,7 +105,13 @@ async def run(args: argparse.Namespace) -> int:
     backend = make_backend(args)
     pods = PodIndex()
     agent = Agent(
-        AgentSettings(args.node, args.state_dir, args.poll_interval, args.report_interval),
+        AgentSettings(
+            args.node,
+            args.state_dir,
+            args.poll_interval,
+            args.report_interval,
+            simulated=args.backend == "simulated",
+        ),
         backend,
         PidResolver(backend.cgroup, pods),
     )

@@ -15,7 +15,13 @@ from payper_agent.meter import Meter
 
 
 def cut(
-    meter: Meter, agent_id: str, sequence: int, node: str, start_ms: int, end_ms: int
+    meter: Meter,
+    agent_id: str,
+    sequence: int,
+    node: str,
+    start_ms: int,
+    end_ms: int,
+    simulated: bool = False,
 ) -> UsageReport:
     # Build the whole report first, then mark its usage reported: a series the report
     # cannot carry raises here with the meter untouched, so nothing is lost or repeated.
@@ -60,6 +66,7 @@ def cut(
         unmetered_gpus=sorted(meter.unmetered),
         unmetered_us=unmetered_us,
         gpus=gpus,
+        simulated=simulated,
     )
     for series, active_us, split in included:
         series.reported_us += active_us

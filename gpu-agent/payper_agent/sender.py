@@ -3,8 +3,11 @@
 The operator acknowledges a batch only after applying it durably, answering with the
 highest sequence per agent id it has applied (or recognised as already applied); the
 sender then deletes those files. Failures back off exponentially with jitter and never
-touch sampling. A report the operator rejects as malformed (400) is retried alone, then
-set aside and counted as dropped; reports older than the retention are dropped and
+touch sampling. A report the operator rejects as malformed (400, or 413: too large) is
+retried alone, and set aside and counted as dropped only once it has been refused for
+``reject_grace`` (10 min): during an upgrade a new agent can briefly talk to an older
+operator that does not know its newer fields, and those reports must wait, not be lost.
+Reports older than the retention are dropped and
 counted too. A dropped report leaves a gap marker under its sequence (no series, the lost
 GPU time and why), which the operator applies as an audited loss: the sequence never
 stalls. Nothing disappears without a metric and a log line.
@@ -18,6 +21,7 @@ import json
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -43,6 +47,8 @@ class Sender:
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         timeout_s: float = 30.0,
+        reject_grace_ms: int = 600_000,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
         self.node = node
@@ -54,10 +60,14 @@ class Sender:
         self.backoff_cap_s = backoff_cap_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.wakeup = asyncio.Event()
+        self.reject_grace_ms = reject_grace_ms
+        self.clock_ms = clock_ms
+        self._refused_since: dict[tuple[str, int], int] = {}
+        """The report at the head of the queue that the operator refuses, since when."""
 
     def _drop_expired(self, pending: list[PendingReport]) -> list[PendingReport]:
         """Drop the reports past retention; the rest, still in sending order."""
-        expired = self.store.expired(pending, now_ms(), self.retention_ms)
+        expired = self.store.expired(pending, self.clock_ms(), self.retention_ms)
         for report in expired:
             self._drop(report, "retention")
         return self.store.pending() if expired else pending
@@ -119,6 +129,14 @@ class Sender:
             metrics.REPORTS_SENT.labels("rejected").inc()
             if len(batch) > 1:
                 return await self.send_once(session, batch_size=1)  # find the bad one
+            head = (batch[0].agent_id, batch[0].sequence)
+            self._refused_since = {head: self._refused_since.get(head, self.clock_ms())}
+            if self.clock_ms() - self._refused_since[head] < self.reject_grace_ms:
+                raise RuntimeError(
+                    f"operator refused report {head[1]} ({status}: {payload}); kept for "
+                    f"{self.reject_grace_ms // 1000} s in case the operator is older than "
+                    "this agent (an upgrade in progress), then set aside"
+                )
             self._drop(batch[0], f"rejected-{status}")
             return True
         metrics.REPORTS_SENT.labels(f"http-{status}").inc()

@@ -202,6 +202,7 @@ class Store:
             "series": [],
             "lostUs": lost_us,
             "lostReason": reason,
+            "simulated": bool(original.get("simulated", False)),
         }
         self.reject(pending)
         atomic_write(pending.path, json.dumps({"report": marker}).encode())

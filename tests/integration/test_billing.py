@@ -685,6 +685,35 @@ async def test_a_record_the_ledger_did_not_create_is_never_adopted(
     assert events and events[0]["involvedObject"]["name"] in forged
 
 
+async def test_an_operator_left_at_its_defaults_refuses_simulated_reports(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """A simulated backend could bill anything, so a real cluster's operator (its
+    configuration left at the defaults) refuses reports marked simulated: 403 and a
+    count, nothing applied; a driver's report from the same caller is applied."""
+    assert stack.operator is not None
+    stack.operator.stop()
+    stack.options.accept_simulated_reports = False
+    try:
+        await asyncio.to_thread(stack.start_operator)
+        token = agent_token(stack, "gpu-node-0")
+        agent = f"sim-{namespace[-6:]}"
+        simulated = report(agent, 1, namespace, "llm", 5_000) | {"simulated": True}
+        status, payload = await post_usage(http, stack, token, {"reports": [simulated]})
+        assert status == 403, payload
+        assert "acceptSimulatedReports" in json.dumps(payload)
+        assert scraped_sum(stack.metrics_url, "payper_usage_simulated_refused_total") == 1
+        assert record_totals(stack.cluster, namespace) == {}, "nothing applied"
+        measured = report(agent, 1, namespace, "llm", 5_000)
+        status, _ = await post_usage(http, stack, token, {"reports": [measured]})
+        assert status == 200
+        assert record_totals(stack.cluster, namespace)["llm"]["activeUs"] == 5_000
+    finally:
+        stack.operator.stop()
+        stack.options.accept_simulated_reports = True
+        await asyncio.to_thread(stack.start_operator)
+
+
 async def test_usage_from_the_wrong_caller_or_payload_changes_nothing(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:

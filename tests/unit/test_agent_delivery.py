@@ -149,8 +149,23 @@ async def test_a_malformed_report_is_set_aside_and_counted(tmp_path: Path) -> No
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     before = metrics.DROPPED_USAGE_SECONDS.labels("rejected-400")._value.get()
-    sender = Sender(store, "node-a", f"http://127.0.0.1:{port}", TokenFile(tmp_path / "token"))
+    clock = [1_000_000]
+    sender = Sender(
+        store,
+        "node-a",
+        f"http://127.0.0.1:{port}",
+        TokenFile(tmp_path / "token"),
+        reject_grace_ms=600_000,
+        clock_ms=lambda: clock[0],
+    )
     async with __import__("aiohttp").ClientSession() as session:
+        assert await sender.send_once(session), "report 1 acknowledged"
+        for advance in (0, 599_999):  # an older operator, mid-upgrade: kept, not dropped
+            clock[0] += advance
+            with pytest.raises(RuntimeError, match="refused report 2"):
+                await sender.send_once(session)
+            assert [p.sequence for p in store.pending()] == [2, 3]
+        clock[0] += 1
         for _ in range(6):
             if not store.pending():
                 break

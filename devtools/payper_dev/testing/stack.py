@@ -128,6 +128,8 @@ class StackOptions:
     """Serve the operator's API over TLS (a fresh CA), as the chart does."""
     python: str = sys.executable
     """The interpreter of the operator (another virtualenv's, to compare two builds)."""
+    accept_simulated_reports: bool = True
+    """The operator's ``billing.acceptSimulatedReports`` (its default, off, refuses them)."""
 
 
 class Stack:
@@ -293,6 +295,12 @@ class Stack:
             },
             "leaderElection": {"namespace": SYSTEM_NAMESPACE, "leaseDurationSeconds": 15},
             **self.options.operator_extra,
+        }
+        # The stack's agents run the simulated backend: a development cluster's operator
+        # is the only one that accepts their reports.
+        config["billing"] = {
+            "acceptSimulatedReports": self.options.accept_simulated_reports,
+            **config.get("billing", {}),
         }
         path = self.workdir / "operator.yaml"
         path.write_text(yaml.safe_dump(config))

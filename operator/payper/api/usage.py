@@ -107,6 +107,9 @@ class UsageReport(ApiModel):
     or refused as malformed) and sends this, without series, in its place, so the ledger
     moves on and the loss is audited at its known size instead of a silent gap."""
     lost_reason: ShortString | None = None
+    simulated: bool = False
+    """Measured by the simulated backend, not a GPU driver: refused unless the operator's
+    ``billing.acceptSimulatedReports`` allows it (it never does by default)."""
     unmetered_us: Micros = 0
     """GPU time (summed over GPUs) no sample accounted for: gaps longer than a few polls
     (the agent down, driver errors) are not billed, they are reported here."""

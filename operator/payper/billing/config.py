@@ -101,6 +101,9 @@ class BillingConfig(ApiModel):
     """First matching grant wins."""
     reconciliation_retention_days: Annotated[int, Field(ge=1, le=3660)] = 14
     """How long the per-GPU reconciliation (one ConfigMap per GPU node and window) is kept."""
+    accept_simulated_reports: bool = False
+    """Accept usage reports from agents on the simulated backend (the local cluster, the
+    demo and the tests). A real cluster must not: a simulated meter could bill anything."""
     unmetered_after_seconds: Annotated[int, Field(ge=5, le=86400)] = 60
     """A node whose pods hold GPUs and from which no usage report arrived for this long is
     reported as unmetered capacity (metric and event)."""

@@ -146,6 +146,15 @@ class ApiServer:
                 )
         if self.ledger is None:
             raise HttpError(503, "billing is not running")
+        if not self.ledger.config.accept_simulated_reports and any(
+            r.simulated for r in batch.reports
+        ):
+            metrics.SIMULATED_REFUSED.inc()
+            raise HttpError(
+                403,
+                "simulated usage reports are refused: this agent runs the simulated backend, "
+                "which is for development clusters only (billing.acceptSimulatedReports)",
+            )
         acked = await self.ledger.submit(batch.reports)
         return web.json_response({"acked": acked})
 

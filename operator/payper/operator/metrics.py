@@ -36,3 +36,8 @@ API_REQUESTS = Counter(
     "Calls to the operator's API (demand, poke, usage), by endpoint and result.",
     ("endpoint", "result"),
 )
+SIMULATED_REFUSED = Counter(
+    "payper_usage_simulated_refused_total",
+    "Usage report batches refused because a simulated backend measured them "
+    "(billing.acceptSimulatedReports is off, as it must be on a real cluster).",
+)
