@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from payper.api.billing_record import (
+    MAX_AGENTS,
     MAX_POD_INTERVALS,
     BillingRecordSpec,
     BillingRecordStatus,
@@ -403,3 +404,28 @@ def test_a_seal_verifies_only_the_record_it_was_made_for() -> None:
     assert seal.verify(key, elsewhere) is False, "a seal copied into another namespace"
     unsealed = {**record, "metadata": {"namespace": "team-a", "name": "x"}}
     assert seal.verify(key, unsealed) is None
+
+
+def test_a_record_forgets_agents_whose_reports_are_durable_and_stays_bounded() -> None:
+    """More agent ids than the CRD's map allows touch one record in a window (a big fleet,
+    or agents restarted with new ids): the record keeps only those not yet durable in the
+    ledger's progress, so it stays writable; the totals are exact throughout."""
+    status, durable = BillingRecordStatus(), {}
+    for n in range(MAX_AGENTS + 100):
+        agent = f"node-{n}/agent"
+        change = RecordChange(usage=[usage(agent, 1, 1_000, 1_000)])
+        status, applied = apply(status, SPEC, change, 0, durable)
+        assert applied == [(agent, 1)]
+        durable[agent] = 1  # the ledger saved its progress after the flush
+        assert len(status.last_applied_sequence) <= 2
+    assert status.active_us == (MAX_AGENTS + 100) * 1_000
+    # An agent in flight (applied here, its progress not saved yet) is remembered: a
+    # resend after a crash is recognised by the record itself.
+    status, applied = apply(
+        status, SPEC, RecordChange(usage=[usage("late/agent", 1, 5, 0)]), 0, durable
+    )
+    again, reapplied = apply(
+        status, SPEC, RecordChange(usage=[usage("late/agent", 1, 5, 0)]), 0, durable
+    )
+    assert applied == [("late/agent", 1)] and reapplied == []
+    assert again.active_us == status.active_us

@@ -532,7 +532,7 @@ class Ledger:
                 logger.error("record %s/%s is Final; its usage stays unacknowledged", *cache_key)
                 raise ApiError(409, {"reason": "Final"}, "APPLY", key.name)
             spec = BillingRecordSpec.model_validate(record["spec"])
-            updated, _ = apply(status, spec, change, now)
+            updated, _ = apply(status, spec, change, now, self.applied_through)
             if same_totals(updated, status):
                 self.records[cache_key] = record
                 return  # a resend already in this record, or no change at all
@@ -713,7 +713,7 @@ class Ledger:
                 self.records.pop(cache_key)
                 continue
             spec = BillingRecordSpec.model_validate(record["spec"])
-            updated, _ = apply(status, spec, RecordChange(), now)
+            updated, _ = apply(status, spec, RecordChange(), now, self.applied_through)
             final = updated.model_copy(update={"state": FINAL, "finalized_at": iso(now)})
             try:
                 await self.kube.replace_status(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -116,9 +117,19 @@ def _millis(active_us: int) -> int:
 
 
 def apply(
-    status: BillingRecordStatus, spec: BillingRecordSpec, change: RecordChange, now_ms: int
+    status: BillingRecordStatus,
+    spec: BillingRecordSpec,
+    change: RecordChange,
+    now_ms: int,
+    durable: Mapping[str, int] | None = None,
 ) -> tuple[BillingRecordStatus, list[tuple[str, int]]]:
-    """The record's next status, and the (agent, sequence) pairs newly applied to it."""
+    """The record's next status, and the (agent, sequence) pairs newly applied to it.
+
+    ``durable`` is the progress the ledger has saved (per agent, the last report applied
+    everywhere): a resend at or below it never reaches a record (the ledger recognises it
+    first), so the record forgets such agents. Its map then holds only agents whose
+    latest reports are in flight, however many agents and restarts (new agent ids) a
+    window sees: it stays below the CRD's bound."""
     last = dict(status.last_applied_sequence)
     active_us = status.active_us
     rounded = status.rounded_ms
@@ -145,6 +156,9 @@ def apply(
                 _adjust(adjustments, delta, spec)
         last[agent] = sequence
         applied.append((agent, sequence))
+
+    if durable:
+        last = {agent: seq for agent, seq in last.items() if seq > durable.get(agent, 0)}
 
     pods = {p.uid: p for p in status.pod_intervals}
     for span in change.pods.values():
