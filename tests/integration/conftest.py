@@ -1,7 +1,8 @@
 """The integration tier: one real local cluster per test session.
 
-The cluster lives in a directory of its own, with pod IPs in 127.2.0.0/16, so a
-developer's cluster (``make cluster-up``, 127.1.0.0/16) keeps running undisturbed.
+The cluster lives in a directory of its own, with pod IPs in 127.2.0.0/16 (or the next
+loopback range no other test run here holds), so a developer's cluster (``make
+cluster-up``, 127.1.0.0/16), the demo's and a second test run keep running undisturbed.
 Set PAYPER_TEST_KUBECONFIG to run against a cluster that is already up instead.
 """
 
@@ -16,9 +17,13 @@ import aiohttp
 import pytest
 
 from payper_dev.cluster.local import ClusterConfig
+from payper_dev.loopback import claimed_pod_range
 from payper_dev.testing.cluster import ClusterHandle, local_cluster
 
+TEST_POD_RANGE = 2
+"""Pod IPs from 127.2.0.0/16, or the next loopback range no other cluster here holds."""
 TEST_POD_CIDR = "127.2.0.0/16"
+"""The range a cluster given by PAYPER_TEST_KUBECONFIG is assumed to use."""
 TEST_COLD_START_MS = 1500
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 
@@ -36,11 +41,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
         return
     # Payper's CRDs are served before the controller-manager starts, so its garbage
     # collector cascades their deletion from the first test on (see payper_dev.cluster.local).
-    config = ClusterConfig(
-        pod_cidr=TEST_POD_CIDR, cold_start_ms=TEST_COLD_START_MS, crds_dir=str(CRDS)
-    )
-    with local_cluster(tmp_path_factory.mktemp("cluster"), config) as handle:
-        yield handle
+    with claimed_pod_range(preferred=TEST_POD_RANGE) as pod_cidr:
+        config = ClusterConfig(
+            pod_cidr=pod_cidr, cold_start_ms=TEST_COLD_START_MS, crds_dir=str(CRDS)
+        )
+        with local_cluster(tmp_path_factory.mktemp("cluster"), config) as handle:
+            yield handle
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -103,7 +104,9 @@ def test_gpu_pods_schedule_on_gpu_nodes_and_become_ready_after_the_cold_start(
     ready = eventually(all_ready, timeout_s=30, what="3 Ready pods")
     for pod in ready:
         assert pod["spec"]["nodeName"].startswith("gpu-node-")
-        assert pod["status"]["podIP"].startswith("127.2.")
+        assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(
+            cluster.pod_cidr
+        )
         scheduled = _condition_time(pod, "PodScheduled")
         became_ready = _condition_time(pod, "Ready")
         assert scheduled is not None and became_ready is not None

@@ -12,6 +12,7 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from payper_dev import loopback
 from payper_dev.cluster import binaries, kwok, pki, podrunner
 from payper_dev.cluster.local import ClusterConfig, ClusterError, LocalCluster
 
@@ -202,3 +203,13 @@ async def test_pod_runner_announces_a_pod_only_once_its_process_listens(tmp_path
         assert not crashed.listening.is_set()
     finally:
         await runner.on_event("DELETED", _pod(ip="127.9.0.11", uid="u3"))
+
+
+def test_two_clusters_never_claim_the_same_pod_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loopback, "RANGE_LOCKS", tmp_path)
+    with loopback.claimed_pod_range(5) as first, loopback.claimed_pod_range(5) as second:
+        assert (first, second) == ("127.5.0.0/16", "127.6.0.0/16")
+    with loopback.claimed_pod_range(5) as again:
+        assert again == "127.5.0.0/16", "released when the first cluster's claim ended"
