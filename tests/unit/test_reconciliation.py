@@ -250,6 +250,13 @@ def test_objects_stay_bounded_in_gpus_and_agents_with_sums_kept() -> None:
     assert sum(g.attributed_us for g in stored.gpus) == MAX_AGENTS + 6
     assert all(adds_up(g) for g in stored.gpus)
     assert len(stored.model_dump_json(by_alias=True)) < 64_000
+    # Agents whose reports the ledger has saved as applied are forgotten first: nothing
+    # in flight is forgotten however many agent ids come and go.
+    durable = {t.agent: 1 for t in times}
+    more = [reconciliation.ReportTimes("n1/fresh", 1, (row(wall_us=S),), 0)]
+    stored, new = reconciliation.merge(stored, more, 0, durable)
+    assert stored.last_applied_sequence == {"n1/fresh": 1}
+    assert stored.forgotten_agents == 6, "none forgotten that was still needed"
 
 
 def _record(active_us: int, window_start: datetime) -> BillingRecord:

@@ -333,7 +333,9 @@ class Ledger:
         # The per-GPU reconciliation of what is acknowledged, before the progress is
         # saved: a report whose object is not written is not acknowledged either.
         not_written = failed | {key for key, _, _ in refused}
-        progress = await self.gpu_time.record(planned, progress, not_written, now)
+        progress = await self.gpu_time.record(
+            planned, progress, not_written, now, self.applied_through
+        )
         advanced = sum(
             1
             for r in planned.selection.accepted

@@ -112,10 +112,15 @@ def add_times(a: GpuTime, b: GpuTime, gpu: str | None = None) -> GpuTime:
 
 
 def merge(
-    stored: NodeWindowReconciliation, reports: Sequence[ReportTimes], now_ms: int
+    stored: NodeWindowReconciliation,
+    reports: Sequence[ReportTimes],
+    now_ms: int,
+    durable: Mapping[str, int] | None = None,
 ) -> tuple[NodeWindowReconciliation, list[ReportTimes]]:
     """The object with ``reports`` added, and which of them were new to it (a report
-    whose sequence it already holds for its agent is a resend: skipped)."""
+    whose sequence it already holds for its agent is a resend: skipped). Agents whose
+    reports are durable in the ledger's progress (``durable``: a resend at or below it
+    never gets here) are forgotten first, as records forget them."""
     last = dict(stored.last_applied_sequence)
     rows = {row.gpu: row for row in stored.gpus}
     attributed_in_records = stored.attributed_in_records_us
@@ -134,6 +139,8 @@ def merge(
         last.pop(report.agent, None)
         last[report.agent] = report.sequence  # most recently applied last
         new.append(report)
+    if durable:
+        last = {agent: seq for agent, seq in last.items() if seq > durable.get(agent, 0)}
     while len(last) > MAX_AGENTS:
         del last[next(iter(last))]  # the agent applied longest ago
         forgotten += 1

@@ -78,6 +78,8 @@ class ReconciliationStore:
         self.cache: dict[str, dict[str, Any]] = {}
         """Objects of open windows as last read or written, by name."""
         self._pruned_window: int | None = None
+        self.durable: dict[str, int] = {}
+        """The ledger's saved progress as of this flush (agents it lets objects forget)."""
 
     def _path(self, name: str | None = None) -> str:
         return resource_path("v1", "configmaps", self.namespace, name)
@@ -88,9 +90,11 @@ class ReconciliationStore:
         acknowledged: Mapping[str, int],
         not_written: set[RecordKey],
         now_ms: int,
+        durable: Mapping[str, int] | None = None,
     ) -> dict[str, int]:
         """Add the acknowledged reports' per-GPU times; returns the progress that may be
         saved: lowered, per agent, to before its first report whose object failed."""
+        self.durable = dict(durable or {})
         grouped = reconciliation.collect(planned, acknowledged, not_written, self.windows, now_ms)
         progress = dict(acknowledged)
         if not grouped:
@@ -128,7 +132,7 @@ class ReconciliationStore:
                     target.node, target.window_start_ms, self.windows.window_ms
                 )
             )
-            updated, new = reconciliation.merge(stored, target.reports, now_ms)
+            updated, new = reconciliation.merge(stored, target.reports, now_ms, self.durable)
             if not new:
                 if found is not None:
                     self.cache[name] = found
