@@ -360,9 +360,11 @@ async def test_routing_headers_and_errors(
     assert upstream["x-tenant"] == "kept"
     assert "x-hop" not in upstream
     assert "proxy-authorization" not in upstream
-    assert upstream["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    # The client is no trusted proxy: its X-Forwarded-For is replaced, not extended.
+    assert upstream["x-forwarded-for"] == "127.0.0.1"
     assert upstream["x-forwarded-proto"] == "http"
     assert upstream["x-forwarded-host"] == f"web.{namespace}.payper.local"
+    assert upstream["forwarded"] == f'for=127.0.0.1;host="web.{namespace}.payper.local";proto=http'
 
     async with http.get(f"{stack.gateway_url}/{namespace}/web/deeper/x") as r:
         assert (await r.json())["path"] == "/deeper/x"

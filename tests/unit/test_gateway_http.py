@@ -6,6 +6,7 @@ A local aiohttp app plays the pod; ``Targets`` is fed by hand, as the watches wo
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,7 @@ async def backend() -> AsyncIterator[Backend]:
         return response
 
     async def echo(request: web.Request) -> web.StreamResponse:
+        state.seen.append({"path": request.path_qs, "headers": dict(request.headers)})
         response = web.StreamResponse()
         await response.prepare(request)
         async for chunk in request.content.iter_any():
@@ -159,8 +161,10 @@ async def test_small_response_filters_hop_by_hop_and_adds_forwarding(
     assert seen["path"] == "/small?q=1"
     assert "X-Secret" not in seen["headers"]
     assert seen["headers"]["X-Keep"] == "yes"
-    assert seen["headers"]["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+    # A stranger's X-Forwarded-For is not believed: the gateway says what it saw.
+    assert seen["headers"]["X-Forwarded-For"] == "127.0.0.1"
     assert seen["headers"]["X-Forwarded-Host"] == "gw.test"
+    assert seen["headers"]["Forwarded"] == 'for=127.0.0.1;host="gw.test";proto=http'
 
 
 async def test_keep_alive_reuses_one_upstream_connection(
@@ -279,7 +283,15 @@ async def test_malformed_requests_get_400_and_unknown_routes_404(
     huge = await exchange(
         port, b"GET /ns/m/small HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
     )
-    assert huge.startswith(b"HTTP/1.1 400")
+    assert huge.startswith(b"HTTP/1.1 431")
+    many = b"".join(b"X-%d: 1\r\n" % n for n in range(server.MAX_HEADERS + 1))
+    crowded = await exchange(port, b"GET /ns/m/small HTTP/1.1\r\n" + many + b"\r\n")
+    assert crowded.startswith(b"HTTP/1.1 431") and b"header fields" in crowded
+    two_hosts = await exchange(
+        port,
+        b"GET /small HTTP/1.1\r\nHost: m.ns.x.test\r\nHost: o.ns.x.test\r\nConnection: close\r\n\r\n",
+    )
+    assert two_hosts.startswith(b"HTTP/1.1 400") and b"more than one Host" in two_hosts
     unrouted = REGISTRY.get_sample_value("payper_gateway_unrouted_requests_total") or 0
     missing = await exchange(
         port, b"GET /ns/absent/x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
@@ -363,3 +375,79 @@ async def test_an_unread_body_awaiting_100_continue_closes_after_the_answer(
     )
     assert data.startswith(b"HTTP/1.1 404")
     assert b"100 Continue" not in data, "no invitation to send a body after the final answer"
+
+
+async def test_forged_forwarding_headers_are_dropped_and_trailers_never_become_headers(
+    gateway: tuple[int, Targets], backend: Backend
+) -> None:
+    """A stranger claims to be someone else (X-Forwarded-*, Forwarded, X-Real-IP) and
+    smuggles a header in a chunked body's trailers: the upstream sees none of it."""
+    port, _ = gateway
+    raw = (
+        b"POST /ns/m/echo HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n"
+        b"X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: bank.example\r\nForwarded: for=10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Smuggled: yes\r\nAuthorization: Bearer stolen\r\n\r\n"
+    )
+    data = await exchange(port, raw)
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"0\r\n\r\n")
+    headers = backend.seen[-1]["headers"]
+    assert "X-Smuggled" not in headers and "Authorization" not in headers
+    assert "X-Real-IP" not in headers
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    assert (headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"]) == ("http", "gw.test")
+    assert headers["Forwarded"] == 'for=127.0.0.1;host="gw.test";proto=http'
+
+
+async def test_a_trusted_proxy_s_forwarding_headers_are_extended(backend: Backend) -> None:
+    targets = Targets()
+    targets.upsert_deployment(
+        {
+            "metadata": {"namespace": "ns", "name": "m"},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {"name": "s", "image": "i", "ports": [{"containerPort": backend.port}]}
+                        ]
+                    }
+                }
+            },
+        }
+    )
+    targets.upsert_pod(
+        "m",
+        {
+            "metadata": {"namespace": "ns", "name": "p", "uid": "uid-p"},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        },
+    )
+
+    async def poke(namespace: str, name: str) -> None:
+        return None
+
+    trusted = (ipaddress.ip_network("127.0.0.0/8"),)
+    proxy = Gateway(targets, GatewaySettings(domain="x.test", trusted_proxies=trusted), poke)
+    port = free_port()
+    listening = await server.serve(proxy.handle, "127.0.0.1", port)
+    try:
+        raw = (
+            b"GET /ns/m/small HTTP/1.1\r\nHost: gw.internal\r\nConnection: close\r\n"
+            b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-Host: api.example\r\nForwarded: for=203.0.113.7;proto=https\r\n\r\n"
+        )
+        assert (await exchange(port, raw)).startswith(b"HTTP/1.1 200")
+    finally:
+        listening.close()
+        proxy.close()
+    headers = backend.seen[-1]["headers"]
+    assert headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert (headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"]) == ("https", "api.example")
+    assert headers["Forwarded"] == (
+        'for=203.0.113.7;proto=https, for=127.0.0.1;host="api.example";proto=https'
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -27,12 +28,19 @@ from payper.api.common import API_VERSION
 from payper.api.inference_deployment import PLURAL, POD_LABEL
 from payper.gateway import server
 from payper.gateway.demand import DemandReporter
-from payper.gateway.proxy import Gateway, GatewaySettings
+from payper.gateway.proxy import Gateway, GatewaySettings, IPNetwork
 from payper.gateway.targets import API_KEY_SECRET_TYPE, Targets
 from payper.identity import TokenFile
 from payper.kube import Informer, Kube, resource_path
 
 logger = logging.getLogger("payper.gateway")
+
+
+def _networks(value: str) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(c.strip()) for c in value.split(",") if c.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--trusted-proxies: {error}") from error
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -48,6 +56,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="projected ServiceAccount token presented to the operator",
     )
     parser.add_argument("--max-queue", type=int, default=100, help="held requests per deployment")
+    parser.add_argument(
+        "--trusted-proxies",
+        type=_networks,
+        default=(),
+        help="comma-separated CIDRs whose X-Forwarded-*/Forwarded headers are believed",
+    )
     parser.add_argument("--kubeconfig", default=None)
     parser.add_argument("--gateway-id", default=os.environ.get("POD_NAME", socket.gethostname()))
     parser.add_argument("--log-level", default="INFO")
@@ -108,7 +122,11 @@ async def serve(args: argparse.Namespace) -> None:
         ssl_context=ssl_context,
     )
     gateway = Gateway(
-        targets, GatewaySettings(domain=args.domain, max_queue=args.max_queue), reporter.poke
+        targets,
+        GatewaySettings(
+            domain=args.domain, max_queue=args.max_queue, trusted_proxies=args.trusted_proxies
+        ),
+        reporter.poke,
     )
     kube = Kube.connect(args.kubeconfig)
     watches = informers(kube, targets)

@@ -9,6 +9,7 @@ scale it up; they are forwarded the moment a pod is ready.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from payper.gateway.upstream import (
 )
 
 logger = logging.getLogger(__name__)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 HOP_BY_HOP = frozenset(
     (
@@ -44,7 +46,10 @@ HOP_BY_HOP = frozenset(
         b"expect",
     )
 )
-PROXY_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
+FORWARDING_HEADERS = frozenset(
+    (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip")
+)
+"""Set by the gateway itself; a client's own are believed only from a trusted proxy."""
 COLD_START_HEADER = "X-Payper-Cold-Start-Ms"
 MAX_ATTEMPTS = 3
 SMALL_BODY = 64 * 1024
@@ -58,10 +63,22 @@ class UpstreamUnreachable(Exception):  # noqa: N818 - control flow: try another 
 @dataclass(frozen=True)
 class GatewaySettings:
     domain: str = "payper.local"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    """Peers (a load balancer in front) whose X-Forwarded-*/Forwarded headers are kept
+    and extended; anyone else's are replaced by what the gateway itself sees."""
     max_queue: int = 100
     """Requests held per deployment while it has no ready endpoint."""
     retry_after_s: int = 5
     upstream_connect_timeout_s: float = 5.0
+
+    def trusts(self, peer: str) -> bool:
+        if not self.trusted_proxies or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
 
 
 async def send_error(
@@ -93,32 +110,58 @@ async def request_body(request: Request) -> tuple[RequestBody, bytes]:
     return request.body_chunks(), b"Transfer-Encoding: chunked"
 
 
+def _forwarded_for(peer: bytes) -> bytes:
+    """A node of RFC 7239's ``for=``: IPv6 addresses are bracketed and quoted."""
+    return b'"[%b]"' % peer if b":" in peer else peer
+
+
 def request_head(
-    request: Request, target: Target, address: str, path: str, framing: bytes
+    request: Request,
+    target: Target,
+    address: str,
+    path: str,
+    framing: bytes,
+    trusted: bool = False,
 ) -> bytes:
-    """The upstream request line and headers: hop-by-hop headers dropped, proxy headers added."""
+    """The upstream request line and headers: hop-by-hop headers dropped, and the
+    forwarding headers set by the gateway itself: ``X-Forwarded-For/Proto/Host`` and
+    ``Forwarded`` (RFC 7239). A client's own are extended only when it is a ``trusted``
+    proxy; from anyone else they are dropped, never passed on as the truth."""
     tokens: set[bytes] = set()
     host = b""
-    prior = None
+    prior: dict[bytes, bytes] = {}
     for name, value in request.headers:
         lowered = name.lower()
         if lowered == b"connection":
             tokens |= _connection_tokens(value)
         elif lowered == b"host":
             host = value
-        elif lowered == b"x-forwarded-for":
-            prior = value
+        elif trusted and lowered in FORWARDING_HEADERS and lowered not in prior:
+            prior[lowered] = value
     parts = [f"{request.method} {path} HTTP/1.1\r\nHost: {address}\r\n".encode("latin-1")]
     for name, value in request.headers:
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in tokens or lowered in PROXY_HEADERS:
+        if lowered in HOP_BY_HOP or lowered in tokens or lowered in FORWARDING_HEADERS:
             continue
         if lowered == b"authorization" and target.auth_secret is not None:
             continue  # the gateway consumed the tenant's API key; it is not the model's
         parts.append(b"%b: %b\r\n" % (name, value))
     peer = request.remote.encode()
-    parts.append(b"X-Forwarded-For: %b\r\n" % (prior + b", " + peer if prior else peer))
-    parts.append(b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %b\r\n%b\r\n\r\n" % (host, framing))
+    proto = prior.get(b"x-forwarded-proto", b"http").split(b",")[0].strip().lower()
+    if proto not in (b"http", b"https"):
+        proto = b"http"
+    original_host = prior.get(b"x-forwarded-host", host).split(b",")[0].strip()
+    chain = prior.get(b"x-forwarded-for")
+    forwarded = b'for=%b;host="%b";proto=%b' % (
+        _forwarded_for(peer),
+        original_host.replace(b'"', b""),
+        proto,
+    )
+    if b"forwarded" in prior:
+        forwarded = prior[b"forwarded"] + b", " + forwarded
+    parts.append(b"X-Forwarded-For: %b\r\n" % (chain + b", " + peer if chain else peer))
+    parts.append(b"X-Forwarded-Proto: %b\r\nX-Forwarded-Host: %b\r\n" % (proto, original_host))
+    parts.append(b"Forwarded: %b\r\n%b\r\n\r\n" % (forwarded, framing))
     return b"".join(parts)
 
 
@@ -150,6 +193,10 @@ class Gateway:
         self.pool.close()
 
     async def handle(self, request: Request, responder: Responder) -> None:
+        if sum(1 for name, _ in request.headers if name.lower() == b"host") > 1:
+            # Which one would route and which one the model sees? Neither: refused.
+            await send_error(responder, 400, "more than one Host header")
+            return
         found = route(request.header(b"host"), request.target, self.settings.domain)
         if found is None:
             if request.target == "/healthz":
@@ -270,7 +317,8 @@ class Gateway:
         body: RequestBody,
         framing: bytes,
     ) -> None:
-        head = request_head(request, target, endpoint.address, found.path, framing)
+        trusted = self.settings.trusts(request.remote)
+        head = request_head(request, target, endpoint.address, found.path, framing, trusted)
         endpoint.in_flight += 1
         upstream: UpstreamResponse | None = None
         started = False

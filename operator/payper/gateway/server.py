@@ -25,6 +25,8 @@ import httptools
 logger = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+"""Header fields per request head (and per trailer section): beyond, 431."""
 BODY_HIGH_WATER = 16
 """Request body chunks buffered before the server stops reading from the client."""
 REASONS = {
@@ -44,6 +46,10 @@ REASONS = {
 
 class ClientGone(Exception):  # noqa: N818 - control flow: the peer closed the connection
     pass
+
+
+class HeadTooLarge(httptools.HttpParserError):
+    """The request head (or its trailers) is over ``MAX_HEAD_BYTES`` or ``MAX_HEADERS``."""
 
 
 @dataclass
@@ -161,6 +167,8 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._header_count = 0
+        self._in_trailers = False
         self._reading_paused = False
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -178,7 +186,12 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject(400, "protocol upgrades are not supported")
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as error:
+            # A callback's own exception arrives as the context of httptools' error.
+            cause = error if isinstance(error, HeadTooLarge) else error.__context__
+            if isinstance(cause, HeadTooLarge):
+                self._reject(431, str(cause))
+                return
             self._reject(400, "malformed HTTP request")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -201,18 +214,26 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_bytes = 0
+        self._header_count = 0
+        self._in_trailers = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_bytes += len(url)
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise httptools.HttpParserError("request head too large")
+            raise HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
         self._head_bytes += len(name) + len(value)
+        self._header_count += 1
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise httptools.HttpParserError("request head too large")
+            raise HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
+        if self._header_count > MAX_HEADERS:
+            raise HeadTooLarge(f"more than {MAX_HEADERS} header fields")
+        if not self._in_trailers:
+            self._headers.append((name, value))
+        # Trailers of a chunked body (counted against the same bounds) are dropped: they
+        # are never forwarded as headers, and nothing upstream relies on them.
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -240,6 +261,8 @@ class _Connection(asyncio.Protocol):
         )
         self.requests.append(request)
         self._request_ready.set()
+        self._in_trailers = True
+        self._header_count = 0
 
     def on_body(self, body: bytes) -> None:
         request = self.requests[-1]
