@@ -451,3 +451,87 @@ async def test_a_trusted_proxy_s_forwarding_headers_are_extended(backend: Backen
     assert headers["Forwarded"] == (
         'for=203.0.113.7;proto=https, for=127.0.0.1;host="api.example";proto=https'
     )
+
+
+@pytest.fixture
+async def bounded() -> AsyncIterator[tuple[int, server.Connections, asyncio.Event]]:
+    """A bare server with small limits whose handler answers once ``release`` is set."""
+    release = asyncio.Event()
+
+    async def handler(request: server.Request, responder: server.Responder) -> None:
+        await release.wait()
+        await responder.send(200, [], b"ok")
+
+    limits = server.Limits(
+        max_connections=2, max_pipelined=4, header_timeout_s=0.3, idle_timeout_s=0.3
+    )
+    connections = server.Connections(limits)
+    port = free_port()
+    listening = await server.serve(handler, "127.0.0.1", port, connections=connections)
+    yield port, connections, release
+    listening.close()
+
+
+async def until(condition: Any, limit_s: float = 5) -> None:
+    """Until the server's own state says so (it has no event to wait on), within a bound."""
+    async with asyncio.timeout(limit_s):
+        while not condition():  # noqa: ASYNC110 - polls state that has no event
+            await asyncio.sleep(0.01)
+
+
+async def test_connections_beyond_the_bound_get_503_and_are_closed(
+    bounded: tuple[int, server.Connections, asyncio.Event],
+) -> None:
+    port, connections, release = bounded
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    await until(lambda: len(connections.live) == 2)
+    refused = await exchange(port, b"")
+    assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused
+    assert len(connections.live) == 2
+    for _, writer in held:
+        writer.close()
+    await until(lambda: not connections.live)
+    release.set()
+
+
+async def test_pipelined_requests_beyond_the_bound_wait_in_the_socket_not_in_memory(
+    bounded: tuple[int, server.Connections, asyncio.Event],
+) -> None:
+    """A client pipelines 200 requests and reads nothing: the server parses at most its
+    bound ahead and stops reading; once answers flow, every request is served."""
+    port, connections, release = bounded
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request * 200)
+    await until(lambda: len(connections.live) == 1)
+    (connection,) = connections.live
+    await until(lambda: connection._reading_paused)
+    # Parsing stops at the piece in which the bound was reached: at most one piece more.
+    bound = connections.limits.max_pipelined + server.FEED_PIECE // len(request)
+    for _ in range(20):  # the loop runs, more bytes wait: still within the bound
+        await asyncio.sleep(0.01)
+        assert len(connection.requests) <= bound < 200
+    release.set()
+    answers = b""
+    async with asyncio.timeout(10):
+        while answers.count(b"HTTP/1.1 200") < 200:
+            answers += await reader.read(65536)
+    writer.close()
+
+
+async def test_a_slow_head_gets_408_and_an_idle_connection_is_closed(
+    bounded: tuple[int, server.Connections, asyncio.Event],
+) -> None:
+    port, connections, release = bounded
+    release.set()
+    slow = await exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow")  # never finished
+    assert slow.startswith(b"HTTP/1.1 408")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    data = b""
+    async with asyncio.timeout(5):
+        while chunk := await reader.read(65536):  # until the server closes the idle link
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok")
+    writer.close()
+    await until(lambda: not connections.live)

@@ -36,6 +36,20 @@ from payper.kube import Informer, Kube, resource_path
 logger = logging.getLogger("payper.gateway")
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number")
+    return number
+
+
 def _networks(value: str) -> tuple[IPNetwork, ...]:
     try:
         return tuple(ipaddress.ip_network(c.strip()) for c in value.split(",") if c.strip())
@@ -56,6 +70,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="projected ServiceAccount token presented to the operator",
     )
     parser.add_argument("--max-queue", type=int, default=100, help="held requests per deployment")
+    defaults = server.Limits()
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=defaults.max_connections,
+        help="client connections; beyond, 503",
+    )
+    parser.add_argument(
+        "--max-pipelined",
+        type=_positive_int,
+        default=defaults.max_pipelined,
+        help="requests parsed ahead per connection; beyond, reading pauses",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=defaults.header_timeout_s,
+        help="seconds for a request head to arrive; then 408",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=defaults.idle_timeout_s,
+        help="seconds an idle keep-alive connection stays open",
+    )
     parser.add_argument(
         "--trusted-proxies",
         type=_networks,
@@ -145,8 +184,17 @@ async def serve(args: argparse.Namespace) -> None:
     admin.router.add_get("/metrics", http_sites.metrics)
 
     admin_runner = await http_sites.start_site(admin, args.admin_listen)
+    limits = server.Limits(
+        max_connections=args.max_connections,
+        max_pipelined=args.max_pipelined,
+        header_timeout_s=args.header_timeout,
+        idle_timeout_s=args.idle_timeout,
+    )
     tenant_server = await server.serve(
-        gateway.handle, *http_sites.host_port(args.listen), backlog=4096
+        gateway.handle,
+        *http_sites.host_port(args.listen),
+        backlog=4096,
+        connections=server.Connections(limits),
     )
     await asyncio.gather(*(w.synced.wait() for w in watches))
     tasks.append(asyncio.create_task(reporter.run()))

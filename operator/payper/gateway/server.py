@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 """Header fields per request head (and per trailer section): beyond, 431."""
+FEED_PIECE = 1024
+"""Bytes handed to the parser at once: after each piece the bounds are checked."""
 BODY_HIGH_WATER = 16
 """Request body chunks buffered before the server stops reading from the client."""
 REASONS = {
@@ -35,6 +37,7 @@ REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
+    408: "Request Timeout",
     413: "Payload Too Large",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
@@ -42,6 +45,29 @@ REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one stranger with a TCP socket may make the gateway hold. Beyond each, the
+    connection is answered and closed (or reading pauses), never buffered without end."""
+
+    max_connections: int = 4096
+    """Open client connections per gateway process; beyond, 503 with Retry-After."""
+    max_pipelined: int = 16
+    """Requests parsed ahead on one connection; beyond, reading pauses until they drain."""
+    header_timeout_s: float = 10.0
+    """From a connection's (or request's) first byte to its complete head; then 408."""
+    idle_timeout_s: float = 75.0
+    """A keep-alive connection with no request in flight is closed after this long."""
+
+
+@dataclass
+class Connections:
+    """The live client connections of one server (for the connection bound)."""
+
+    limits: Limits = field(default_factory=Limits)
+    live: set[_Connection] = field(default_factory=set)
 
 
 class ClientGone(Exception):  # noqa: N818 - control flow: the peer closed the connection
@@ -155,8 +181,15 @@ Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, connections: Connections | None = None) -> None:
         self.handler = handler
+        self.connections = connections or Connections()
+        self.limits = self.connections.limits
+        self._timer: asyncio.TimerHandle | None = None
+        self._pipeline_full = False
+        self._inbox = bytearray()
+        """Received and not parsed yet: at most one read's worth (reading pauses)."""
+        self._pumping = False
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.remote = ""
@@ -179,11 +212,68 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if peer else ""
+        if len(self.connections.live) >= self.limits.max_connections:
+            self._reject(503, "too many connections", [("Retry-After", "1")])
+            return
+        self.connections.live.add(self)
+        self._arm(self.limits.header_timeout_s, 408)
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
+    def _arm(self, seconds: float, status: int | None) -> None:
+        """(Re)start the one timer: at its end, answer ``status`` (None: just close)."""
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expired, status)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self, status: int | None) -> None:
+        self._timer = None
+        if status is None:
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self._reject(status, "the request head did not arrive in time")
+
+    def _apply_reading(self) -> None:
+        """Pause reading while the body being received is backed up (high water to half
+        of it) or the pipeline is full; resume when neither holds."""
+        arriving = self.requests[-1] if self.requests else None
+        if arriving is None:
+            backed_up = False
+        elif self._reading_paused:
+            backed_up = len(arriving._body) >= BODY_HIGH_WATER // 2
+        else:
+            backed_up = len(arriving._body) >= BODY_HIGH_WATER
+        self._pipeline_full = len(self.requests) >= self.limits.max_pipelined
+        pause = backed_up or self._pipeline_full
+        if self.transport is None or pause == self._reading_paused:
+            return
+        self._reading_paused = pause
+        if pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+            self._pump()  # what arrived before the pause first
+
     def data_received(self, data: bytes) -> None:
+        self._inbox += data
+        self._pump()
+
+    def _pump(self) -> None:
+        """Parse what arrived, a piece at a time, while reading is not paused: a pipeline
+        that fills (or a body that backs up) mid-buffer stops the parsing there, so what
+        one read brought in waits as bytes, not as parsed requests."""
+        if self._pumping:
+            return
+        self._pumping = True
         try:
-            self.parser.feed_data(data)
+            while self._inbox and not self._reading_paused and not self.closed:
+                piece = bytes(self._inbox[:FEED_PIECE])
+                del self._inbox[:FEED_PIECE]
+                self.parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
             self._reject(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as error:
@@ -191,11 +281,15 @@ class _Connection(asyncio.Protocol):
             cause = error if isinstance(error, HeadTooLarge) else error.__context__
             if isinstance(cause, HeadTooLarge):
                 self._reject(431, str(cause))
-                return
-            self._reject(400, "malformed HTTP request")
+            else:
+                self._reject(400, "malformed HTTP request")
+        finally:
+            self._pumping = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._disarm()
+        self.connections.live.discard(self)
         self._can_write.set()
         self._request_ready.set()
         if self._current is not None:
@@ -211,6 +305,7 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._arm(self.limits.header_timeout_s, 408)
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -259,8 +354,10 @@ class _Connection(asyncio.Protocol):
             _connection=self,
             _continue_pending=expect_continue and (chunked or bool(length)),
         )
+        self._disarm()
         self.requests.append(request)
         self._request_ready.set()
+        self._apply_reading()
         self._in_trailers = True
         self._header_count = 0
 
@@ -268,9 +365,8 @@ class _Connection(asyncio.Protocol):
         request = self.requests[-1]
         request._body.append(body)
         request._body_event.set()
-        if len(request._body) >= BODY_HIGH_WATER and self.transport and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        if len(request._body) >= BODY_HIGH_WATER:
+            self._apply_reading()
 
     def on_message_complete(self) -> None:
         request = self.requests[-1]
@@ -285,9 +381,7 @@ class _Connection(asyncio.Protocol):
             and current is not None
             and len(current._body) < BODY_HIGH_WATER // 2
         ):
-            self._reading_paused = False
-            if self.transport is not None:
-                self.transport.resume_reading()
+            self._apply_reading()
 
     def send_continue(self) -> None:
         if self.transport is not None:
@@ -302,13 +396,16 @@ class _Connection(asyncio.Protocol):
             if self.closed:
                 raise ClientGone
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(
+        self, status: int, message: str, headers: list[tuple[str, str]] | None = None
+    ) -> None:
         if self.transport is None or self.closed:
             return
         body = json.dumps({"error": message, "status": status}).encode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers or [])
         self.transport.write(
             f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
         self.transport.close()
@@ -316,6 +413,8 @@ class _Connection(asyncio.Protocol):
     async def _serve(self) -> None:
         try:
             while not self.closed:
+                if not self.requests:
+                    self._arm(self.limits.idle_timeout_s, None)  # kept alive, not for ever
                 while not self.requests:
                     if self.closed:
                         return
@@ -333,6 +432,8 @@ class _Connection(asyncio.Protocol):
                         pass
                 self.requests.popleft()
                 self._current = None
+                if self._reading_paused:
+                    self._apply_reading()
                 if not request.keep_alive:
                     break
         except (ClientGone, asyncio.CancelledError):
@@ -345,6 +446,15 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
 
-async def serve(handler: Handler, host: str, port: int, backlog: int = 1024) -> asyncio.Server:
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    backlog: int = 1024,
+    connections: Connections | None = None,
+) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Connection(handler), host, port, backlog=backlog)
+    shared = connections or Connections()
+    return await loop.create_server(
+        lambda: _Connection(handler, shared), host, port, backlog=backlog
+    )
