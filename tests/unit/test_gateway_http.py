@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from payper.gateway import server
+from payper.gateway import server, upstream
 from payper.gateway.proxy import Gateway, GatewaySettings
 from payper.gateway.targets import Targets
 from payper_dev.loopback import free_port
@@ -287,6 +287,9 @@ async def test_malformed_requests_get_400_and_unknown_routes_404(
     many = b"".join(b"X-%d: 1\r\n" % n for n in range(server.MAX_HEADERS + 1))
     crowded = await exchange(port, b"GET /ns/m/small HTTP/1.1\r\n" + many + b"\r\n")
     assert crowded.startswith(b"HTTP/1.1 431") and b"header fields" in crowded
+    # One header line that never ends: refused once it outgrows the bound, not buffered.
+    endless = await exchange(port, b"GET /ns/m/small HTTP/1.1\r\nX-Endless: " + b"e" * 300_000)
+    assert endless.startswith(b"HTTP/1.1 431")
     two_hosts = await exchange(
         port,
         b"GET /small HTTP/1.1\r\nHost: m.ns.x.test\r\nHost: o.ns.x.test\r\nConnection: close\r\n\r\n",
@@ -535,3 +538,81 @@ async def test_a_slow_head_gets_408_and_an_idle_connection_is_closed(
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok")
     writer.close()
     await until(lambda: not connections.live)
+
+
+async def _gateway_to(port: int, settings: GatewaySettings) -> tuple[Gateway, int, Any]:
+    targets = Targets()
+    targets.upsert_deployment(
+        {
+            "metadata": {"namespace": "ns", "name": "m"},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {"name": "s", "image": "i", "ports": [{"containerPort": port}]}
+                        ]
+                    }
+                }
+            },
+        }
+    )
+    targets.upsert_pod(
+        "m",
+        {
+            "metadata": {"namespace": "ns", "name": "p", "uid": "uid-p"},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        },
+    )
+
+    async def poke(namespace: str, name: str) -> None:
+        return None
+
+    proxy = Gateway(targets, settings, poke)
+    gateway_port = free_port()
+    listening = await server.serve(proxy.handle, "127.0.0.1", gateway_port)
+    return proxy, gateway_port, listening
+
+
+async def test_a_pod_s_silence_is_a_504_and_its_giant_head_a_502() -> None:
+    """A tenant's own pod misbehaves against the gateway: it never answers, or answers
+    with an endless head. Neither holds the gateway for long nor makes it buffer."""
+    mode = {"reply": b""}
+
+    async def pod(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if mode["reply"]:
+            writer.write(mode["reply"])
+            await writer.drain()
+        await asyncio.sleep(30)  # then say nothing more
+
+    pod_port = free_port()
+    pod_server = await asyncio.start_server(pod, "127.0.0.1", pod_port)
+    settings = GatewaySettings(domain="x.test", upstream_response_head_timeout_s=0.3)
+    proxy, port, listening = await _gateway_to(pod_port, settings)
+    try:
+        silent = await exchange(
+            port, b"GET /ns/m/x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+        )
+        assert silent.startswith(b"HTTP/1.1 504") and b"no response head" in silent
+        mode["reply"] = b"HTTP/1.1 200 OK\r\n" + b"X-Junk: " + b"j" * 70_000 + b"\r\n"
+        giant = await exchange(
+            port, b"GET /ns/m/x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+        )
+        assert giant.startswith(b"HTTP/1.1 502") and b"response head over" in giant
+        mode["reply"] = (
+            b"HTTP/1.1 200 OK\r\n"
+            + b"".join(b"X-%d: 1\r\n" % n for n in range(upstream.MAX_HEADERS + 1))
+            + b"Content-Length: 0\r\n\r\n"
+        )
+        crowded = await exchange(
+            port, b"GET /ns/m/x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+        )
+        assert crowded.startswith(b"HTTP/1.1 502") and b"100 fields" in crowded
+    finally:
+        listening.close()
+        proxy.close()
+        pod_server.close()

@@ -96,6 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds an idle keep-alive connection stays open",
     )
     parser.add_argument(
+        "--upstream-head-timeout",
+        type=_positive_float,
+        default=GatewaySettings.upstream_response_head_timeout_s,
+        help="seconds for a pod to begin its answer (streaming after that is not limited)",
+    )
+    parser.add_argument(
         "--trusted-proxies",
         type=_networks,
         default=(),
@@ -163,7 +169,10 @@ async def serve(args: argparse.Namespace) -> None:
     gateway = Gateway(
         targets,
         GatewaySettings(
-            domain=args.domain, max_queue=args.max_queue, trusted_proxies=args.trusted_proxies
+            domain=args.domain,
+            max_queue=args.max_queue,
+            trusted_proxies=args.trusted_proxies,
+            upstream_response_head_timeout_s=args.upstream_head_timeout,
         ),
         reporter.poke,
     )

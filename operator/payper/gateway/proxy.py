@@ -26,6 +26,7 @@ from payper.gateway.upstream import (
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
+    UpstreamTimeoutError,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class GatewaySettings:
     """Requests held per deployment while it has no ready endpoint."""
     retry_after_s: int = 5
     upstream_connect_timeout_s: float = 5.0
+    upstream_response_head_timeout_s: float = 300.0
+    """A pod that sends no response head this long after the request is answered 504."""
 
     def trusts(self, peer: str) -> bool:
         if not self.trusted_proxies or not peer:
@@ -187,7 +190,9 @@ class Gateway:
         self.targets = targets
         self.settings = settings
         self.poke = poke
-        self.pool = UpstreamPool(settings.upstream_connect_timeout_s)
+        self.pool = UpstreamPool(
+            settings.upstream_connect_timeout_s, settings.upstream_response_head_timeout_s
+        )
 
     def close(self) -> None:
         self.pool.close()
@@ -348,7 +353,8 @@ class Gateway:
             logger.warning("upstream %s for %s/%s failed: %s", endpoint.address, *found.key, error)
             if started:
                 raise ClientGone from error  # the headers are out: all that is left is to cut
-            await send_error(responder, 502, f"upstream {endpoint.pod} failed: {error}")
+            status = 504 if isinstance(error, UpstreamTimeoutError) else 502
+            await send_error(responder, status, f"upstream {endpoint.pod} failed: {error}")
         finally:
             endpoint.in_flight -= 1
             if upstream is not None and not upstream.finished:

@@ -189,6 +189,9 @@ class _Connection(asyncio.Protocol):
         self._pipeline_full = False
         self._inbox = bytearray()
         """Received and not parsed yet: at most one read's worth (reading pauses)."""
+        self._awaiting_head = True
+        self._head_raw = 0
+        """Bytes fed since the current request head began (bounded like the head)."""
         self._pumping = False
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -273,7 +276,12 @@ class _Connection(asyncio.Protocol):
             while self._inbox and not self._reading_paused and not self.closed:
                 piece = bytes(self._inbox[:FEED_PIECE])
                 del self._inbox[:FEED_PIECE]
+                if self._awaiting_head:
+                    self._head_raw += len(piece)
                 self.parser.feed_data(piece)
+                if self._awaiting_head and self._head_raw > MAX_HEAD_BYTES + FEED_PIECE:
+                    # One endless header line: the parser holds it whole until it ends.
+                    raise HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
         except httptools.HttpParserUpgrade:
             self._reject(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as error:
@@ -355,6 +363,7 @@ class _Connection(asyncio.Protocol):
             _continue_pending=expect_continue and (chunked or bool(length)),
         )
         self._disarm()
+        self._awaiting_head = False
         self.requests.append(request)
         self._request_ready.set()
         self._apply_reading()
@@ -369,6 +378,8 @@ class _Connection(asyncio.Protocol):
             self._apply_reading()
 
     def on_message_complete(self) -> None:
+        self._awaiting_head = True
+        self._head_raw = 0
         request = self.requests[-1]
         request._body.append(None)
         request._body_event.set()

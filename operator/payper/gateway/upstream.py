@@ -20,6 +20,10 @@ from typing import cast
 import httptools
 
 MAX_IDLE_PER_ENDPOINT = 256
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+"""A pod's response head beyond either is refused (502): a tenant's own pod must not be
+able to make the gateway buffer without bound either."""
 HIGH_WATER = 8
 """Body chunks buffered from the pod before reading pauses."""
 
@@ -35,6 +39,13 @@ class UpstreamError(Exception):
 class UpstreamConnectError(UpstreamError):
     def __init__(self, message: str) -> None:
         super().__init__(message, sent=False)
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The pod did not begin its answer within the response-head timeout."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, sent=True)
 
 
 @dataclass
@@ -73,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._head: asyncio.Future[None] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
         self._reason = b""
         self._chunks: collections.deque[bytes | None] = collections.deque()
         self._chunk_ready: asyncio.Event = asyncio.Event()
@@ -98,10 +110,15 @@ class _Connection(asyncio.Protocol):
         self._received = True
         try:
             self._parser.feed_data(data)
+            if self._head is not None and not self._head.done():
+                self._head_bytes += len(data)  # one endless line is held whole until it ends
+                self._check_head()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("upstream switched protocols; not supported", sent=True))
         except httptools.HttpParserError as error:
-            self._fail(UpstreamError(f"bad response from upstream: {error}", sent=True))
+            # A callback's own exception arrives as the context of httptools' error.
+            cause = error.__context__ if error.__context__ is not None else error
+            self._fail(UpstreamError(f"bad response from upstream: {cause}", sent=True))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -136,9 +153,21 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        self._head_bytes += len(status)
+        self._check_head()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head is not None and self._head.done():
+            return  # trailers of a chunked response: not forwarded as headers
         self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value)
+        self._check_head()
+
+    def _check_head(self) -> None:
+        if self._head_bytes > MAX_HEAD_BYTES or len(self._headers) > MAX_HEADERS:
+            raise httptools.HttpParserError(
+                f"response head over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} fields"
+            )
 
     def _content_length(self) -> int | None:
         for name, value in self._headers:
@@ -188,6 +217,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._head = loop.create_future()
         self._headers, self._reason = [], b""
+        self._head_bytes = 0
         self._chunks.clear()
         self._received = self._complete = self._keep_alive = False
         self._head_only = head_only
@@ -203,7 +233,14 @@ class _Connection(asyncio.Protocol):
             self._pump.add_done_callback(_retrieve)
         parser = self._parser
         try:
-            await self._head
+            async with asyncio.timeout(self.pool.response_head_timeout_s):
+                await self._head
+        except TimeoutError as error:
+            self.abort()
+            raise UpstreamTimeoutError(
+                f"no response head from {self.address} within "
+                f"{self.pool.response_head_timeout_s:g} s"
+            ) from error
         except BaseException:
             self.abort()
             raise
@@ -267,8 +304,13 @@ def _retrieve(task: asyncio.Task[None]) -> None:
 
 
 class UpstreamPool:
-    def __init__(self, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, connect_timeout_s: float = 5.0, response_head_timeout_s: float = 300.0
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.response_head_timeout_s = response_head_timeout_s
+        """From the request sent to the response's head; a body streaming after that
+        (an LLM's tokens) has no such limit."""
         self._idle: dict[str, list[_Connection]] = {}
 
     def release(self, connection: _Connection) -> None:
