@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 """Header fields per request head (and per trailer section): beyond, 431."""
+LINGER_S = 2.0
+"""After a refusal, how long the client's further bytes are read and discarded."""
 FEED_PIECE = 1024
 """Bytes handed to the parser at once: after each piece the bounds are checked."""
 BODY_HIGH_WATER = 16
@@ -193,6 +195,8 @@ class _Connection(asyncio.Protocol):
         self._head_raw = 0
         """Bytes fed since the current request head began (bounded like the head)."""
         self._pumping = False
+        self._rejected = False
+        """A refusal was sent: the connection only lingers to let the client read it."""
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.remote = ""
@@ -262,6 +266,8 @@ class _Connection(asyncio.Protocol):
             self._pump()  # what arrived before the pause first
 
     def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return  # lingering after a refusal: discarded
         self._inbox += data
         self._pump()
 
@@ -273,7 +279,7 @@ class _Connection(asyncio.Protocol):
             return
         self._pumping = True
         try:
-            while self._inbox and not self._reading_paused and not self.closed:
+            while self._inbox and not (self._reading_paused or self.closed or self._rejected):
                 piece = bytes(self._inbox[:FEED_PIECE])
                 del self._inbox[:FEED_PIECE]
                 if self._awaiting_head:
@@ -399,7 +405,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def write(self, data: bytes) -> None:
-        if self.closed or self.transport is None:
+        if self.closed or self._rejected or self.transport is None:
             raise ClientGone
         self.transport.write(data)
         if not self._can_write.is_set():
@@ -412,6 +418,9 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         if self.transport is None or self.closed:
             return
+        if self._rejected:
+            return
+        self._rejected = True
         body = json.dumps({"error": message, "status": status}).encode()
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers or [])
         self.transport.write(
@@ -419,7 +428,18 @@ class _Connection(asyncio.Protocol):
             f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
-        self.transport.close()
+        # Lingering close: closing with the client's bytes unread would reset the
+        # connection and could destroy the answer before it is read. Send EOF, discard
+        # what still arrives, and close when the client does (or after LINGER_S).
+        self._inbox.clear()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._arm(LINGER_S, None)
 
     async def _serve(self) -> None:
         try:
