@@ -128,6 +128,12 @@ class StackOptions:
     """Serve the operator's API over TLS (a fresh CA), as the chart does."""
     python: str = sys.executable
     """The interpreter of the operator (another virtualenv's, to compare two builds)."""
+    source: Path | None = None
+    """Another Payper tree to run instead of this one (a released version, to test an
+    upgrade from it): the operator, the gateway and the agents import its ``operator/``
+    and ``gpu-agent/`` ahead of the installed packages (the dependencies must be this
+    environment's), and the RBAC comes from its chart. The test tooling (pod runner,
+    model servers) is always this tree's. None: this tree."""
 
 
 class Stack:
@@ -181,6 +187,19 @@ class Stack:
         # An API server warning (an unknown field, a deprecated API) fails loudly here.
         return {**self.cluster.env(), "PYTHONUNBUFFERED": "1", WARNINGS_ENV: "error"}
 
+    def payper_env(self) -> dict[str, str]:
+        """The environment of Payper's own processes: ``options.source``'s code first."""
+        env = self.env()
+        source = self.options.source
+        if source is not None:
+            paths = [str(source / "operator"), str(source / "gpu-agent")]
+            env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
+        return env
+
+    @property
+    def chart(self) -> Path:
+        return CHART if self.options.source is None else self.options.source / "charts" / "payper"
+
     # -- deployments -------------------------------------------------------------------
     def gateway_endpoints(self, namespace: str) -> dict[str, int]:
         """Ready endpoints per InferenceDeployment of a namespace that the gateway routes
@@ -208,9 +227,9 @@ class Stack:
     # -- identities --------------------------------------------------------------------
     def ensure_system(self) -> None:
         """The system namespace, and the chart's own ServiceAccounts and RBAC for the
-        operator, the gateway and the agents (rendered by helm, as a user installs them):
-        the stack's components run as those accounts, so the chart's roles are what
-        every end-to-end test exercises."""
+        operator, the gateway and the agents (rendered by helm, as a user installs them;
+        ``options.source``'s chart when set): the stack's components run as those
+        accounts, so the chart's roles are what every end-to-end test exercises."""
         namespace = {
             "apiVersion": "v1",
             "kind": "Namespace",
@@ -222,7 +241,7 @@ class Stack:
                 binaries.binary("helm"),
                 "template",
                 "payper",
-                str(CHART),
+                str(self.chart),
                 "-n",
                 SYSTEM_NAMESPACE,
                 "--set",
@@ -314,7 +333,7 @@ class Stack:
                 identity,
             ],
             self.workdir / "operator.log",
-            self.env(),
+            self.payper_env(),
         )
         process.start()
         self.operator = process
@@ -357,7 +376,7 @@ class Stack:
                 "gateway-0",
             ],
             self.workdir / "gateway.log",
-            self.env(),
+            self.payper_env(),
         )
         process.start()
         self.gateway = process
@@ -482,7 +501,7 @@ class Stack:
                 str(AGENT_POLL_MS / 1000),
             ],
             self.workdir / f"agent-{node}.log",
-            self.env(),
+            self.payper_env(),
         )
         process.start()
         self.agents[node] = process
