@@ -130,6 +130,12 @@ class StackOptions:
     """The interpreter of the operator (another virtualenv's, to compare two builds)."""
     accept_simulated_reports: bool = True
     """The operator's ``billing.acceptSimulatedReports`` (its default, off, refuses them)."""
+    source: Path | None = None
+    """Another Payper tree to run instead of this one (a released version, to test an
+    upgrade from it): the operator, the gateway and the agents import its ``operator/``
+    and ``gpu-agent/`` ahead of the installed packages (the dependencies must be this
+    environment's), and the RBAC comes from its chart. The test tooling (pod runner,
+    model servers) is always this tree's. None: this tree."""
 
 
 class Stack:
@@ -183,6 +189,19 @@ class Stack:
         # An API server warning (an unknown field, a deprecated API) fails loudly here.
         return {**self.cluster.env(), "PYTHONUNBUFFERED": "1", WARNINGS_ENV: "error"}
 
+    def payper_env(self) -> dict[str, str]:
+        """The environment of Payper's own processes: ``options.source``'s code first."""
+        env = self.env()
+        source = self.options.source
+        if source is not None:
+            paths = [str(source / "operator"), str(source / "gpu-agent")]
+            env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
+        return env
+
+    @property
+    def chart(self) -> Path:
+        return CHART if self.options.source is None else self.options.source / "charts" / "payper"
+
     # -- deployments -------------------------------------------------------------------
     def gateway_endpoints(self, namespace: str) -> dict[str, int]:
         """Ready endpoints per InferenceDeployment of a namespace that the gateway routes
@@ -210,9 +229,9 @@ class Stack:
     # -- identities --------------------------------------------------------------------
     def ensure_system(self) -> None:
         """The system namespace, and the chart's own ServiceAccounts and RBAC for the
-        operator, the gateway and the agents (rendered by helm, as a user installs them):
-        the stack's components run as those accounts, so the chart's roles are what
-        every end-to-end test exercises."""
+        operator, the gateway and the agents (rendered by helm, as a user installs them;
+        ``options.source``'s chart when set): the stack's components run as those
+        accounts, so the chart's roles are what every end-to-end test exercises."""
         namespace = {
             "apiVersion": "v1",
             "kind": "Namespace",
@@ -224,7 +243,7 @@ class Stack:
                 binaries.binary("helm"),
                 "template",
                 "payper",
-                str(CHART),
+                str(self.chart),
                 "-n",
                 SYSTEM_NAMESPACE,
                 "--set",
@@ -298,10 +317,11 @@ class Stack:
         }
         # The stack's agents run the simulated backend: a development cluster's operator
         # is the only one that accepts their reports.
-        config["billing"] = {
-            "acceptSimulatedReports": self.options.accept_simulated_reports,
-            **config.get("billing", {}),
-        }
+        if self.options.source is None:  # (a released tree may not know the setting)
+            config["billing"] = {
+                "acceptSimulatedReports": self.options.accept_simulated_reports,
+                **config.get("billing", {}),
+            }
         path = self.workdir / "operator.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -322,7 +342,7 @@ class Stack:
                 identity,
             ],
             self.workdir / "operator.log",
-            self.env(),
+            self.payper_env(),
         )
         process.start()
         self.operator = process
@@ -365,7 +385,7 @@ class Stack:
                 "gateway-0",
             ],
             self.workdir / "gateway.log",
-            self.env(),
+            self.payper_env(),
         )
         process.start()
         self.gateway = process
@@ -490,7 +510,7 @@ class Stack:
                 str(AGENT_POLL_MS / 1000),
             ],
             self.workdir / f"agent-{node}.log",
-            self.env(),
+            self.payper_env(),
         )
         process.start()
         self.agents[node] = process
