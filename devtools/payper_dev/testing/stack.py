@@ -130,6 +130,8 @@ class StackOptions:
     """The interpreter of the operator (another virtualenv's, to compare two builds)."""
     accept_simulated_reports: bool = True
     """The operator's ``billing.acceptSimulatedReports`` (its default, off, refuses them)."""
+    require_auth: bool = False
+    """The chart's ``gateway.requireAuth``: the gateway's flag and the operator's setting."""
 
 
 class Stack:
@@ -294,6 +296,7 @@ class Stack:
                 "panicWindowSeconds": self.options.panic_window_s,
             },
             "leaderElection": {"namespace": SYSTEM_NAMESPACE, "leaseDurationSeconds": 15},
+            "apiKeys": {"required": self.options.require_auth},
             **self.options.operator_extra,
         }
         # The stack's agents run the simulated backend: a development cluster's operator
@@ -359,6 +362,7 @@ class Stack:
                 str(self.token_file("payper-gateway")),
                 "--max-queue",
                 str(self.options.max_queue),
+                *(["--require-auth"] if self.options.require_auth else []),
                 "--kubeconfig",
                 str(self.kubeconfig_of("payper-gateway")),
                 "--gateway-id",
