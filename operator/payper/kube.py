@@ -323,7 +323,7 @@ class Kube:
         ) as response:
             if response.status >= 400:
                 raise ApiError(response.status, await response.text(), "WATCH", path)
-            async for line in response.content:
+            async for line in _lines(response.content, path):
                 if not line.strip():
                     continue
                 event = json.loads(line)
@@ -347,6 +347,27 @@ class Kube:
                 last = error
             await asyncio.sleep(0.2)
         raise TimeoutError(f"API server at {self.credentials.host} not ready: {last}")
+
+
+MAX_WATCH_EVENT_BYTES = 16 * 1024 * 1024
+"""Far above the largest object the API server stores (etcd's request limit, 1.5 MiB, as
+JSON): aiohttp's own line limit (512 KiB) broke watches on a large Secret or object."""
+
+
+async def _lines(content: aiohttp.StreamReader, path: str) -> AsyncIterator[bytes]:
+    """The newline-delimited events of a watch, each whole, however large (within bounds)."""
+    buffer = bytearray()
+    scanned = 0
+    async for chunk in content.iter_any():
+        buffer += chunk
+        while (newline := buffer.find(b"\n", scanned)) >= 0:
+            yield bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            scanned = 0
+        scanned = len(buffer)
+        if scanned > MAX_WATCH_EVENT_BYTES:
+            raise ApiError(413, {"message": "watch event over 16 MiB"}, "WATCH", path)
+    # A partial last line is a cut connection: the next watch resumes before that event.
 
 
 EventHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -431,7 +452,7 @@ class Informer:
                     await self.handler(event["type"], obj)
             except WatchExpiredError:
                 version = None
-            except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as error:
+            except (TimeoutError, ApiError, aiohttp.ClientError, OSError, ValueError) as error:
                 logger.warning(
                     "watch %s failed (%s); relisting in %.1fs", self.path, error, self.retry_s
                 )
