@@ -223,11 +223,15 @@ class Kube:
             "PUT", path, body={**obj, "status": status.to_wire()}, params=STRICT
         )
 
-    async def write_status(self, path: str, status: ApiModel) -> Any:
+    async def write_status(self, path: str, status: ApiModel, clear: tuple[str, ...] = ()) -> Any:
         """Merge-patch a status subresource with a typed status, serialised here and only
         here; strict field validation turns a field the CRD does not know into an error
-        instead of a silent prune."""
-        return await self.patch(path, {"status": status.to_wire()}, params=STRICT)
+        instead of a silent prune. ``clear``: status fields to remove (a merge patch keeps
+        the fields it does not mention)."""
+        wire = status.to_wire()
+        for name in clear:
+            wire.setdefault(name, None)
+        return await self.patch(path, {"status": wire}, params=STRICT)
 
     async def apply(
         self, path: str, body: Mapping[str, Any], field_manager: str, force: bool = True
@@ -319,7 +323,7 @@ class Kube:
         ) as response:
             if response.status >= 400:
                 raise ApiError(response.status, await response.text(), "WATCH", path)
-            async for line in response.content:
+            async for line in _lines(response.content, path):
                 if not line.strip():
                     continue
                 event = json.loads(line)
@@ -345,6 +349,27 @@ class Kube:
         raise TimeoutError(f"API server at {self.credentials.host} not ready: {last}")
 
 
+MAX_WATCH_EVENT_BYTES = 16 * 1024 * 1024
+"""Far above the largest object the API server stores (etcd's request limit, 1.5 MiB, as
+JSON): aiohttp's own line limit (512 KiB) broke watches on a large Secret or object."""
+
+
+async def _lines(content: aiohttp.StreamReader, path: str) -> AsyncIterator[bytes]:
+    """The newline-delimited events of a watch, each whole, however large (within bounds)."""
+    buffer = bytearray()
+    scanned = 0
+    async for chunk in content.iter_any():
+        buffer += chunk
+        while (newline := buffer.find(b"\n", scanned)) >= 0:
+            yield bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            scanned = 0
+        scanned = len(buffer)
+        if scanned > MAX_WATCH_EVENT_BYTES:
+            raise ApiError(413, {"message": "watch event over 16 MiB"}, "WATCH", path)
+    # A partial last line is a cut connection: the next watch resumes before that event.
+
+
 EventHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
@@ -355,6 +380,9 @@ class Informer:
     expired watch it lists again and reconciles the cache, emitting the events that were
     missed (objects deleted meanwhile arrive as ``DELETED``), so a consumer never needs
     its own resync logic. ``synced`` is set once the first list has been delivered.
+    With ``metadata_only`` the cache keeps each object's name, namespace and
+    resourceVersion and nothing else (Secrets: their data is never held here), and a
+    deletion found by a relist is delivered with that metadata alone.
     """
 
     def __init__(
@@ -364,14 +392,23 @@ class Informer:
         handler: EventHandler,
         params: Mapping[str, str] | None = None,
         retry_s: float = 1.0,
+        metadata_only: bool = False,
     ) -> None:
         self.kube = kube
         self.path = path
         self.handler = handler
         self.params = dict(params or {})
         self.retry_s = retry_s
+        self.metadata_only = metadata_only
         self.cache: dict[str, dict[str, Any]] = {}
         self.synced = asyncio.Event()
+
+    def _kept(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if not self.metadata_only:
+            return obj
+        meta = obj.get("metadata", {})
+        kept = ("namespace", "name", "resourceVersion")
+        return {"metadata": {name: meta[name] for name in kept if name in meta}}
 
     @staticmethod
     def key(obj: Mapping[str, Any]) -> str:
@@ -387,7 +424,7 @@ class Informer:
         for key, item in fresh.items():
             kind = "MODIFIED" if key in self.cache else "ADDED"
             old = self.cache.get(key)
-            self.cache[key] = item
+            self.cache[key] = self._kept(item)
             if old is None or old["metadata"].get("resourceVersion") != item["metadata"].get(
                 "resourceVersion"
             ):
@@ -411,11 +448,11 @@ class Informer:
                     if event["type"] == "DELETED":
                         self.cache.pop(key, None)
                     else:
-                        self.cache[key] = obj
+                        self.cache[key] = self._kept(obj)
                     await self.handler(event["type"], obj)
             except WatchExpiredError:
                 version = None
-            except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as error:
+            except (TimeoutError, ApiError, aiohttp.ClientError, OSError, ValueError) as error:
                 logger.warning(
                     "watch %s failed (%s); relisting in %.1fs", self.path, error, self.retry_s
                 )

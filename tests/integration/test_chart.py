@@ -213,18 +213,25 @@ EXPECTED = {
             "create billingrecords.payper.dev",
             "get nodes",
             "update leases.coordination.k8s.io",
+            "list secrets",  # API key Secrets: it publishes their digests for the gateway
+            "watch secrets",
         ],
         [
             "delete billingrecords.payper.dev",
-            "list secrets",
+            "update secrets",
+            "patch secrets",
+            "delete secrets",
             "delete deployments.apps",
             "update billingrecords.payper.dev",
             "create pods",
         ],
     ),
     "gateway": (
-        ["watch inferencedeployments.payper.dev", "list pods", "watch secrets"],
+        ["watch inferencedeployments.payper.dev", "list pods"],
         [
+            "get secrets",
+            "list secrets",
+            "watch secrets",
             "patch deployments.apps",
             "create tokenreviews.authentication.k8s.io",
             "update billingrecords.payper.dev/status",

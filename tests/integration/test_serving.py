@@ -486,17 +486,23 @@ async def test_api_keys_are_required_before_anything_wakes(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:
     cluster = stack.cluster
+    first, second = "key-alice-1-" + "a" * 32, "key-alice-2-" + "b" * 32
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": "keys"},
         "type": "payper.dev/api-keys",
-        "data": {"alice": base64.b64encode(b"key-alice-1").decode()},
+        "data": {"alice": base64.b64encode(first.encode()).decode()},
     }
     apply(cluster, namespace, secret)
     stack.deploy(namespace, inference_deployment("private", auth_secret="keys", idle_timeout_s=60))
     eventually(lambda: spec_replicas(cluster, namespace, "private") == 0, 20, what="at zero")
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic key-alice-1"}):
+    eventually(
+        lambda: condition(cluster, namespace, "private", "ApiKeysAccepted", status="True"),
+        20,
+        what="the key's digest published",
+    )
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {first}"}):
         status, response_headers, body = await infer(
             http, stack, namespace, "private", headers=headers
         )
@@ -506,15 +512,6 @@ async def test_api_keys_are_required_before_anything_wakes(
     await asyncio.sleep(2.5)
     assert spec_replicas(cluster, namespace, "private") == 0
 
-    status, _, _ = await infer(
-        http, stack, namespace, "private", headers={"Authorization": "Bearer key-alice-1"}
-    )
-    assert status == 200
-    assert spec_replicas(cluster, namespace, "private") == 1
-
-    secret["data"] = {"alice": base64.b64encode(b"key-alice-2").decode()}
-    apply(cluster, namespace, secret)
-
     async def status_with(key: str) -> int:
         return (
             await infer(
@@ -522,12 +519,19 @@ async def test_api_keys_are_required_before_anything_wakes(
             )
         )[0]
 
-    for _ in range(50):
-        if await status_with("key-alice-1") == 401:
-            break
-        await asyncio.sleep(0.1)
-    assert await status_with("key-alice-1") == 401
-    assert await status_with("key-alice-2") == 200
+    async def until(key: str, wanted: int, limit_s: float = 10) -> None:
+        deadline = time.monotonic() + limit_s
+        while await status_with(key) != wanted:
+            assert time.monotonic() < deadline, f"no {wanted} within {limit_s}s"
+            await asyncio.sleep(0.1)
+
+    await until(first, 200)  # the gateway's watch may trail the status read above
+    assert spec_replicas(cluster, namespace, "private") == 1
+
+    secret["data"] = {"alice": base64.b64encode(second.encode()).decode()}
+    apply(cluster, namespace, secret)
+    await until(first, 401)
+    await until(second, 200)
 
 
 async def test_operator_restart_keeps_warm_deployments_and_children(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
+import hashlib
 from typing import Any
 
 import pytest
@@ -125,14 +125,17 @@ async def test_waiting_for_an_endpoint_times_out_wakes_up_or_sees_deletion() -> 
         await asyncio.wait_for(waiter, 1)
 
 
-def _secret(name: str, **keys: str) -> dict[str, Any]:
-    return {
-        "metadata": {"namespace": "ns", "name": name},
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in keys.items()},
-    }
+KEY_1 = "k1-" + "a" * 40
+KEY_2 = "k2-" + "b" * 40
 
 
-def test_api_keys_fail_closed() -> None:
+def _published(deployment: dict[str, Any], secret: str, *keys: str) -> dict[str, Any]:
+    """The deployment with status.auth as the operator publishes it."""
+    digests = [hashlib.sha256(key.encode()).hexdigest() for key in keys]
+    return {**deployment, "status": {"auth": {"secretName": secret, "keyDigests": digests}}}
+
+
+def test_api_keys_are_the_published_digests_and_fail_closed() -> None:
     targets = Targets()
     targets.upsert_deployment(_deployment("open"))
     targets.upsert_deployment(_deployment("private", auth="keys"))
@@ -140,18 +143,63 @@ def test_api_keys_fail_closed() -> None:
     assert isinstance(open_target, Target)
     assert isinstance(private, Target)
     assert targets.authorized(open_target, None)
-    assert not targets.authorized(private, "Bearer k1"), "no Secret yet: nothing is accepted"
-    targets.upsert_secret(_secret("keys", a="k1", b="k2\n"))
-    assert targets.authorized(private, "Bearer k1")
-    assert targets.authorized(private, "bearer k2")
+    assert not targets.authorized(private, f"Bearer {KEY_1}"), "nothing published: no key"
+    targets.upsert_deployment(_published(_deployment("private", auth="keys"), "keys", KEY_1, KEY_2))
+    assert targets.authorized(private, f"Bearer {KEY_1}")
+    assert targets.authorized(private, f"bearer {KEY_2} ")
     assert not targets.authorized(private, "Bearer k3")
-    assert not targets.authorized(private, "Basic k1")
+    assert not targets.authorized(private, f"Basic {KEY_1}")
     assert not targets.authorized(private, None)
     assert not targets.authorized(private, "Bearer ")
-    targets.upsert_secret(_secret("keys", a="k9"))
-    assert not targets.authorized(private, "Bearer k1")
-    targets.remove_secret(_secret("keys"))
-    assert not targets.authorized(private, "Bearer k9")
+    assert not targets.authorized(private, f"Bearer {KEY_1}\xe9")
+    # Rotation: the next status replaces the digests.
+    targets.upsert_deployment(_published(_deployment("private", auth="keys"), "keys", KEY_2))
+    assert not targets.authorized(private, f"Bearer {KEY_1}")
+    assert targets.authorized(private, f"Bearer {KEY_2}")
+    # The spec now names another Secret: the old Secret's digests no longer count.
+    targets.upsert_deployment(_published(_deployment("private", auth="other"), "keys", KEY_2))
+    assert not targets.authorized(private, f"Bearer {KEY_2}")
+    # auth removed from the spec: open again, whatever the status still says.
+    targets.upsert_deployment(_published(_deployment("private"), "keys", KEY_2))
+    assert targets.authorized(private, None)
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"secretName": "keys", "keyDigests": ["not-hex"]},
+        {"secretName": "keys", "keyDigests": ["A" * 64]},
+        {"secretName": "keys", "keyDigests": "0" * 64},
+        {"secretName": "keys", "keyDigests": ["0" * 64] * 65},
+        {"keyDigests": ["0" * 64]},
+        {"secretName": "keys", "keyDigests": ["0" * 64], "extra": 1},
+        "keys",
+        None,
+    ],
+)
+def test_a_malformed_published_status_accepts_nothing(auth: Any) -> None:
+    targets = Targets()
+    deployment = {**_deployment("private", auth="keys"), "status": {"auth": auth}}
+    targets.upsert_deployment(deployment)
+    target = targets.get(("ns", "private"))
+    assert target is not None
+    assert target.key_digests == ()
+    assert not targets.authorized(target, "Bearer " + "0" * 64)
+
+
+def test_require_auth_closes_open_deployments_and_unknown_ones() -> None:
+    targets = Targets(require_auth=True)
+    targets.upsert_deployment(_deployment("open"))
+    targets.upsert_deployment(_published(_deployment("private", auth="keys"), "keys", KEY_1))
+    open_target, private = targets.get(("ns", "open")), targets.get(("ns", "private"))
+    assert open_target is not None
+    assert private is not None
+    assert open_target.auth_required
+    assert not targets.authorized(open_target, None)
+    assert not targets.authorized(open_target, f"Bearer {KEY_1}")
+    assert targets.authorized(private, f"Bearer {KEY_1}")
+    assert not targets.authorized(None, f"Bearer {KEY_1}")
+    assert not targets.authorized(None, None)
 
 
 def test_an_invalid_spec_removes_the_route() -> None:

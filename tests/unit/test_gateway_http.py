@@ -6,6 +6,7 @@ A local aiohttp app plays the pod; ``Targets`` is fed by hand, as the watches wo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -616,3 +617,100 @@ async def test_a_pod_s_silence_is_a_504_and_its_giant_head_a_502() -> None:
         listening.close()
         proxy.close()
         pod_server.close()
+
+
+KEY = "the-key-" + "k" * 40
+
+
+@pytest.fixture
+async def guarded(backend: Backend) -> AsyncIterator[int]:
+    """A gateway with requireAuth: deployment ns/m has one published key."""
+    targets = Targets(require_auth=True)
+    targets.upsert_deployment(
+        {
+            "metadata": {"namespace": "ns", "name": "m"},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {"name": "s", "image": "i", "ports": [{"containerPort": backend.port}]}
+                        ]
+                    }
+                },
+                "auth": {"secretName": "keys"},
+            },
+            "status": {
+                "auth": {
+                    "secretName": "keys",
+                    "keyDigests": [hashlib.sha256(KEY.encode()).hexdigest()],
+                }
+            },
+        }
+    )
+    targets.upsert_pod(
+        "m",
+        {
+            "metadata": {"namespace": "ns", "name": "p", "uid": "uid-p"},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        },
+    )
+
+    async def poke(namespace: str, name: str) -> None:
+        return None
+
+    proxy = Gateway(targets, GatewaySettings(domain="x.test"), poke)
+    port = free_port()
+    listening = await server.serve(proxy.handle, "127.0.0.1", port)
+    yield port
+    listening.close()
+    proxy.close()
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        b"",
+        b"Authorization: Bearer wrong\r\n",
+        b"Authorization: Basic " + KEY.encode() + b"\r\n",
+        b"Authorization: Bearer " + KEY.encode() + b"x\r\n",
+        b"Authorization: \xff\xfe\r\n",
+    ],
+)
+async def test_require_auth_answers_alike_whether_or_not_the_deployment_exists(
+    guarded: int, backend: Backend, credentials: bytes
+) -> None:
+    answers = set()
+    for route in (
+        b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\n",
+        b"GET /ns/absent/small HTTP/1.1\r\nHost: g\r\n",
+        b"GET /other-ns/m/small HTTP/1.1\r\nHost: g\r\n",
+        b"GET /small HTTP/1.1\r\nHost: m.ns.x.test\r\n",
+        b"GET /small HTTP/1.1\r\nHost: absent.ns.x.test\r\n",
+        b"POST /ns/absent/small HTTP/1.1\r\nHost: g\r\nContent-Length: 3\r\n",
+    ):
+        body = b"abc" if route.startswith(b"POST") else b""
+        raw = route + credentials + b"Connection: close\r\n\r\n" + body
+        answers.add(await exchange(guarded, raw))
+    assert len(answers) == 1, answers
+    (answer,) = answers
+    assert answer.startswith(b"HTTP/1.1 401")
+    assert b'WWW-Authenticate: Bearer realm="payper"' in answer
+    assert backend.seen == []
+
+
+async def test_require_auth_serves_a_valid_key_and_keeps_it_from_the_pod(
+    guarded: int, backend: Backend
+) -> None:
+    answer = await exchange(
+        guarded,
+        b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer "
+        + KEY.encode()
+        + b"\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(b"hello")
+    assert "Authorization" not in backend.seen[0]["headers"]

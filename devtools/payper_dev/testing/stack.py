@@ -136,6 +136,8 @@ class StackOptions:
     and ``gpu-agent/`` ahead of the installed packages (the dependencies must be this
     environment's), and the RBAC comes from its chart. The test tooling (pod runner,
     model servers) is always this tree's. None: this tree."""
+    require_auth: bool = False
+    """The chart's ``gateway.requireAuth``: the gateway's flag and the operator's setting."""
 
 
 class Stack:
@@ -313,6 +315,7 @@ class Stack:
                 "panicWindowSeconds": self.options.panic_window_s,
             },
             "leaderElection": {"namespace": SYSTEM_NAMESPACE, "leaseDurationSeconds": 15},
+            "apiKeys": {"required": self.options.require_auth},
             **self.options.operator_extra,
         }
         # The stack's agents run the simulated backend: a development cluster's operator
@@ -379,6 +382,7 @@ class Stack:
                 str(self.token_file("payper-gateway")),
                 "--max-queue",
                 str(self.options.max_queue),
+                *(["--require-auth"] if self.options.require_auth else []),
                 "--kubeconfig",
                 str(self.kubeconfig_of("payper-gateway")),
                 "--gateway-id",

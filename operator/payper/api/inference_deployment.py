@@ -8,6 +8,7 @@ creates the Deployment.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -42,6 +43,25 @@ READY = "Ready"
 SCALED_TO_ZERO = "ScaledToZero"
 DEGRADED = "Degraded"
 PLAN_GRANTED = "PlanGranted"
+API_KEYS_ACCEPTED = "ApiKeysAccepted"
+
+# API keys: a Secret of this type holds them, one per data entry. The operator reads it and
+# publishes only the SHA-256 digests in status.auth, where the gateway (which reads no
+# Secrets) finds them. Unsalted digests of short keys could be brute-forced from the
+# status, so shorter keys are refused; the bounds keep status and the gateway's memory small.
+API_KEY_SECRET_TYPE = "payper.dev/api-keys"
+MIN_API_KEY_CHARS = 32
+MAX_API_KEY_BYTES = 4096
+MAX_API_KEYS = 64
+"""Keys per deployment (per Secret): more and the whole Secret is refused."""
+SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$"
+Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_HEX_PATTERN, max_length=64)]
+
+
+def api_key_digest(key: bytes) -> str:
+    """What status.auth.keyDigests holds for ``key``: its SHA-256, lower-case hex."""
+    return hashlib.sha256(key).hexdigest()
+
 
 MAX_CONTAINERS = 32
 MAX_PORTS = 64
@@ -141,7 +161,11 @@ class BillingSpec(ApiModel):
 class AuthSpec(ApiModel):
     secret_name: Annotated[
         DnsSubdomain,
-        Field(description="Secret in the same namespace; every data value is an API key."),
+        Field(
+            description=f"Secret of type {API_KEY_SECRET_TYPE} in the same namespace; every "
+            f"data value is an API key of at least {MIN_API_KEY_CHARS} printable ASCII "
+            f"characters (at most {MAX_API_KEYS} keys)."
+        ),
     ]
 
 
@@ -176,6 +200,21 @@ class InferenceDeploymentSpec(ApiModel):
         return None
 
 
+class AuthStatus(ApiModel):
+    """The API keys the gateway accepts, as the operator published them from the Secret."""
+
+    secret_name: Annotated[
+        DnsSubdomain, Field(description="The Secret the digests were read from.")
+    ]
+    key_digests: Annotated[
+        list[Sha256Hex],
+        Field(
+            max_length=MAX_API_KEYS,
+            description="SHA-256 (hex) of each accepted key; empty: no key is accepted.",
+        ),
+    ] = Field(default_factory=list)
+
+
 class InferenceDeploymentStatus(ApiModel):
     conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
     observed_generation: Annotated[int, Field(ge=0)] | None = None
@@ -187,6 +226,7 @@ class InferenceDeploymentStatus(ApiModel):
         Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]{1,3})?$", max_length=16)] | None
     ) = None
     url: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    auth: AuthStatus | None = None
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)

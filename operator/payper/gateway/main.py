@@ -1,8 +1,9 @@
 """payper-gateway: the request path of every InferenceDeployment.
 
 Serves tenant traffic on ``--listen`` and ``/metrics``, ``/healthz``, ``/readyz`` on
-``--admin-listen``; watches InferenceDeployments, their Pods and API key Secrets; reports
-demand to the operator with its projected ServiceAccount token.
+``--admin-listen``; watches InferenceDeployments (their status carries the digests of
+their API keys: the gateway reads no Secrets) and their Pods; reports demand to the
+operator with its projected ServiceAccount token.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from payper.api.inference_deployment import PLURAL, POD_LABEL
 from payper.gateway import server
 from payper.gateway.demand import DemandReporter
 from payper.gateway.proxy import Gateway, GatewaySettings, IPNetwork
-from payper.gateway.targets import API_KEY_SECRET_TYPE, Targets
+from payper.gateway.targets import Targets
 from payper.identity import TokenFile
 from payper.kube import Informer, Kube, resource_path
 
@@ -107,6 +108,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=(),
         help="comma-separated CIDRs whose X-Forwarded-*/Forwarded headers are believed",
     )
+    parser.add_argument(
+        "--require-auth",
+        action="store_true",
+        help="every deployment requires an API key; unknown ones answer like refused keys",
+    )
     parser.add_argument("--kubeconfig", default=None)
     parser.add_argument("--gateway-id", default=os.environ.get("POD_NAME", socket.gethostname()))
     parser.add_argument("--log-level", default="INFO")
@@ -147,17 +153,11 @@ def informers(kube: Kube, targets: Targets) -> list[Informer]:
             _on(pod_upsert, pod_remove),
             params={"labelSelector": POD_LABEL},
         ),
-        Informer(
-            kube,
-            resource_path("v1", "secrets"),
-            _on(targets.upsert_secret, targets.remove_secret),
-            params={"fieldSelector": f"type={API_KEY_SECRET_TYPE}"},
-        ),
     ]
 
 
 async def serve(args: argparse.Namespace) -> None:
-    targets = Targets()
+    targets = Targets(require_auth=args.require_auth)
     ssl_context = ssl.create_default_context(cafile=args.operator_ca) if args.operator_ca else None
     reporter = DemandReporter(
         args.operator_url,

@@ -55,6 +55,8 @@ COLD_START_HEADER = "X-Payper-Cold-Start-Ms"
 MAX_ATTEMPTS = 3
 SMALL_BODY = 64 * 1024
 JSON = [("Content-Type", "application/json")]
+UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key>"
+UNAUTHORIZED_HEADERS = [("WWW-Authenticate", 'Bearer realm="payper"')]
 
 
 class UpstreamUnreachable(Exception):  # noqa: N818 - control flow: try another endpoint
@@ -146,7 +148,7 @@ def request_head(
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in tokens or lowered in FORWARDING_HEADERS:
             continue
-        if lowered == b"authorization" and target.auth_secret is not None:
+        if lowered == b"authorization" and target.auth_required:
             continue  # the gateway consumed the tenant's API key; it is not the model's
         parts.append(b"%b: %b\r\n" % (name, value))
     peer = request.remote.encode()
@@ -211,22 +213,24 @@ class Gateway:
             await send_error(responder, 404, "no InferenceDeployment matches this host or path")
             return
         target = self.targets.get(found.key)
-        if target is None:
+        if target is None and not self.targets.require_auth:
             metrics.UNROUTED.inc()
             await send_error(
                 responder, 404, f"InferenceDeployment {found.namespace}/{found.name} not found"
             )
             return
-        meters = target.meters
-        if not self.targets.authorized(target, request.header(b"authorization")):
-            meters.answered(401)
-            await send_error(
-                responder,
-                401,
-                "a valid API key is required: Authorization: Bearer <key>",
-                [("WWW-Authenticate", 'Bearer realm="payper"')],
-            )
+        # With requireAuth, a deployment that does not exist gets the very answer one
+        # that exists gives a request without a valid key (same status, headers, body,
+        # and the same digest work): strangers cannot list deployments.
+        authorized = self.targets.authorized(target, request.header(b"authorization"))
+        if target is None or not authorized:
+            if target is None:
+                metrics.UNROUTED.inc()
+            else:
+                target.meters.answered(401)
+            await send_error(responder, 401, UNAUTHORIZED, UNAUTHORIZED_HEADERS)
             return
+        meters = target.meters
         started = time.monotonic()
         target.requests_total += 1
         target.last_request_at = started

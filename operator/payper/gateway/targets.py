@@ -1,28 +1,29 @@
 """What the gateway knows about each InferenceDeployment: ready endpoints, load, waiters.
 
-Fed by watches of InferenceDeployments, their Pods (IP and Ready condition, read from the
-Pods themselves: no Service VIP, no EndpointSlice batching delay, and loopback pod IPs
-work) and API key Secrets. Read on every request, so everything here is plain data and
-O(endpoints) at worst.
+Fed by watches of InferenceDeployments and their Pods (IP and Ready condition, read from
+the Pods themselves: no Service VIP, no EndpointSlice batching delay, and loopback pod IPs
+work). Read on every request, so everything here is plain data and O(endpoints) at worst.
+
+API keys: the gateway reads no Secrets. The operator publishes the SHA-256 digests of a
+deployment's acceptable keys in its status (``status.auth``, which only the operator may
+write); they count only while they were read from the Secret the spec names now.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import hmac
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from payper.api.inference_deployment import InferenceDeploymentSpec
+from payper.api.inference_deployment import AuthStatus, InferenceDeploymentSpec
 from payper.gateway import metrics
 from payper.observed import Key, PodView
-
-API_KEY_SECRET_TYPE = "payper.dev/api-keys"
 
 
 class TargetGone(Exception):  # noqa: N818 - a signal to waiters, not an error of the caller
@@ -50,7 +51,10 @@ class Target:
     name: str
     port: int | None
     cold_start_timeout_s: float
-    auth_secret: str | None
+    auth_required: bool = False
+    """Only requests with one of ``key_digests`` are served (spec.auth, or requireAuth)."""
+    key_digests: tuple[bytes, ...] = ()
+    """SHA-256 of each accepted key, as the operator published them."""
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     in_flight: int = 0
     queued: int = 0
@@ -106,15 +110,39 @@ def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
 
-class Targets:
-    """The gateway's whole view, updated by watch events."""
+_DECOY = (_digest(os.urandom(32)),)
+"""Compared against when there is no such deployment, so that answer costs the same work."""
 
-    def __init__(self) -> None:
+
+def published_digests(obj: Mapping[str, Any], spec: InferenceDeploymentSpec) -> tuple[bytes, ...]:
+    """The key digests in ``status.auth``, if they were read from the Secret the spec names
+    now (a spec that just switched Secrets accepts nothing until the operator publishes the
+    new one's); anything malformed accepts nothing."""
+    raw = (obj.get("status") or {}).get("auth")
+    if spec.auth is None or not isinstance(raw, Mapping):
+        return ()
+    try:
+        published = AuthStatus.model_validate(raw)
+    except ValueError:
+        return ()
+    if published.secret_name != spec.auth.secret_name:
+        return ()
+    return tuple(bytes.fromhex(digest) for digest in published.key_digests)
+
+
+class Targets:
+    """The gateway's whole view, updated by watch events.
+
+    ``require_auth``: every deployment requires an API key (one without spec.auth then
+    accepts nothing), and no answer to a request without a valid key says whether the
+    deployment exists.
+    """
+
+    def __init__(self, require_auth: bool = False) -> None:
+        self.require_auth = require_auth
         self.targets: dict[Key, Target] = {}
         self._pods: dict[Key, dict[str, tuple[str, bool]]] = {}
         """Per deployment: pod name -> (pod IP, ready)."""
-        self._keys: dict[Key, list[bytes]] = {}
-        """Per Secret (namespace, name): SHA-256 digests of its API keys."""
 
     def get(self, key: Key) -> Target | None:
         return self.targets.get(key)
@@ -130,11 +158,12 @@ class Targets:
             return
         target = self.targets.get(key)
         if target is None:
-            target = Target(meta["namespace"], meta["name"], None, 0.0, None)
+            target = Target(meta["namespace"], meta["name"], None, 0.0)
             self.targets[key] = target
         target.port = spec.serving_port()
         target.cold_start_timeout_s = float(spec.scaling.cold_start_timeout_seconds)
-        target.auth_secret = spec.auth.secret_name if spec.auth else None
+        target.auth_required = spec.auth is not None or self.require_auth
+        target.key_digests = published_digests(obj, spec)
         self._refresh(key)
 
     def remove_deployment(self, key: Key) -> None:
@@ -159,19 +188,6 @@ class Targets:
             self._pods.pop(key, None)
         self._refresh(key)
 
-    def upsert_secret(self, obj: Mapping[str, Any]) -> None:
-        meta = obj["metadata"]
-        digests = []
-        for value in (obj.get("data") or {}).values():
-            raw = base64.b64decode(value).strip()
-            if raw:
-                digests.append(_digest(raw))
-        self._keys[(meta["namespace"], meta["name"])] = digests
-
-    def remove_secret(self, obj: Mapping[str, Any]) -> None:
-        meta = obj["metadata"]
-        self._keys.pop((meta["namespace"], meta["name"]), None)
-
     def _refresh(self, key: Key) -> None:
         target = self.targets.get(key)
         if target is None:
@@ -190,17 +206,16 @@ class Targets:
             target.ready_event.set()
 
     # -- auth ----------------------------------------------------------------------
-    def authorized(self, target: Target, authorization: str | None) -> bool:
-        """Constant-time check of ``Authorization: Bearer <key>`` against the Secret's keys.
-
-        A deployment without ``spec.auth`` is open; one whose Secret is missing, empty or
-        of the wrong type accepts nothing (fail closed).
-        """
-        if target.auth_secret is None:
+    def authorized(self, target: Target | None, authorization: str | None) -> bool:
+        """Constant-time check of ``Authorization: Bearer <key>`` against the published
+        digests. A deployment that requires no key is open; one with no published digest
+        accepts nothing (fail closed); no key opens a deployment that does not exist, and
+        checking costs the same there (a decoy digest)."""
+        if target is not None and not target.auth_required:
             return True
         scheme, _, presented = (authorization or "").partition(" ")
-        candidate = _digest(presented.strip().encode())
+        candidate = _digest(presented.strip().encode("latin-1"))
         matched = False
-        for digest in self._keys.get((target.namespace, target.auth_secret), []):
+        for digest in target.key_digests if target is not None else _DECOY:
             matched |= hmac.compare_digest(candidate, digest)
-        return matched and scheme.lower() == "bearer"
+        return matched and target is not None and scheme.lower() == "bearer"

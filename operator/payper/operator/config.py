@@ -69,6 +69,12 @@ class LeaderElectionConfig(ApiModel):
     renew_seconds: Annotated[float, Field(ge=0.2, le=60)] = 2.0
 
 
+class ApiKeysConfig(ApiModel):
+    required: bool = False
+    """The gateway requires API keys of every deployment (the chart's gateway.requireAuth):
+    the operator says so in the condition of a deployment without spec.auth."""
+
+
 class OperatorConfig(ApiModel):
     domain: ShortString = "payper.local"
     url_template: ShortString = "http://{name}.{namespace}.{domain}/"
@@ -77,6 +83,7 @@ class OperatorConfig(ApiModel):
     autoscaler: AutoscalerConfig = defaulted(AutoscalerConfig)
     leader_election: LeaderElectionConfig = defaulted(LeaderElectionConfig)
     billing: BillingConfig = defaulted(BillingConfig)
+    api_keys: ApiKeysConfig = defaulted(ApiKeysConfig)
 
     def url(self, namespace: str, name: str) -> str:
         return self.url_template.format(name=name, namespace=namespace, domain=self.domain)

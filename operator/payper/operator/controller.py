@@ -28,7 +28,7 @@ from payper.billing.events import BillingEvents
 from payper.clock import now_ms
 from payper.kube import ApiError, Kube, resource_path
 from payper.observed import Key, PodView
-from payper.operator import builders, metrics, status
+from payper.operator import apikeys, builders, metrics, status
 from payper.operator.autoscaler import Decision, Observation, Policy, Reason, Windows
 from payper.operator.config import OperatorConfig
 from payper.operator.state import DemandStore, DemandTotals, Registry, Tracked
@@ -55,6 +55,9 @@ class Controller:
         self.registry = Registry()
         self.demand = DemandStore(int(config.autoscaler.demand_expiry_seconds * 1000))
         self.billing = BillingEvents()
+        self.key_secrets_synced: Callable[[], bool] = lambda: True
+        """Whether every API key Secret has been seen: until then, no status of a deployment
+        with spec.auth is written (it would publish no digests and lock its clients out)."""
         self.windows = Windows(
             stable_ms=config.autoscaler.stable_window_seconds * 1000,
             panic_ms=config.autoscaler.panic_window_seconds * 1000,
@@ -173,6 +176,32 @@ class Controller:
                 if tracked.namespace == meta["name"]:
                     tracked.dirty = True
 
+    # -- API key Secrets ------------------------------------------------------------
+    def observe_key_secret(self, obj: Mapping[str, Any], deleted: bool) -> None:
+        """An API key Secret changed: check it (only digests are kept) and mark the
+        deployments that name it, so the next tick publishes their digests."""
+        meta = obj.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        if deleted:
+            self.registry.key_secrets.pop(key, None)
+        else:
+            self.registry.key_secrets[key] = apikeys.check_secret(obj)
+        for tracked in self.registry:
+            spec = tracked.spec
+            if (
+                tracked.namespace == key[0]
+                and spec is not None
+                and spec.auth is not None
+                and spec.auth.secret_name == key[1]
+            ):
+                tracked.dirty = True
+
+    def keys_of(self, tracked: Tracked) -> apikeys.KeyCheck | None:
+        spec = tracked.spec
+        if spec is None or spec.auth is None:
+            return None
+        return self.registry.key_secrets.get((tracked.namespace, spec.auth.secret_name))
+
     # -- pods ------------------------------------------------------------------------
     def observe_pod(self, obj: Mapping[str, Any], deleted: bool) -> None:
         """Every pod: billing attributes GPU time to any of them (by owner chain); those
@@ -287,12 +316,16 @@ class Controller:
         )
 
     async def _write_status(self, tracked: Tracked, at: int) -> None:
+        if tracked.spec is not None and tracked.spec.auth and not self.key_secrets_synced():
+            return  # still dirty: written once the key Secrets are known
         computed = status.compute(
             tracked,
             self.registry.pods_of(tracked.key),
             self.config.url(*tracked.key),
             at,
             self.plan_of(tracked),
+            self.keys_of(tracked),
+            self.config.api_keys.required,
         )
         if computed == tracked.written_status:
             tracked.dirty = False
@@ -301,6 +334,7 @@ class Controller:
             await self.kube.write_status(
                 resource_path(API_VERSION, PLURAL, tracked.namespace, tracked.name, "status"),
                 computed,
+                clear=() if computed.auth is not None else ("auth",),
             )
         except ApiError as error:
             if error.not_found:

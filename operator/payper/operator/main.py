@@ -18,13 +18,15 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import kopf
 from aiohttp import web
 
 from payper import http_sites
+from payper.api.inference_deployment import API_KEY_SECRET_TYPE
 from payper.billing.ledger import Ledger
-from payper.kube import Kube
+from payper.kube import Informer, Kube, resource_path
 from payper.operator import config as config_module
 from payper.operator.api_server import ApiServer
 from payper.operator.auth import TokenVerifier
@@ -65,6 +67,22 @@ def _settings() -> kopf.OperatorSettings:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     return settings
+
+
+def api_key_secrets(kube: Kube, controller: Controller) -> Informer:
+    """The watch of API key Secrets (by type; RBAC cannot narrow it): the operator checks
+    them and publishes digests, so the internet-facing gateway needs no Secret access."""
+
+    async def handler(kind: str, obj: dict[str, Any]) -> None:
+        controller.observe_key_secret(obj, deleted=kind == "DELETED")
+
+    return Informer(
+        kube,
+        resource_path("v1", "secrets"),
+        handler,
+        params={"fieldSelector": f"type={API_KEY_SECRET_TYPE}"},
+        metadata_only=True,
+    )
 
 
 async def run(args: argparse.Namespace, config: config_module.OperatorConfig) -> int:
@@ -110,9 +128,12 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
     await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
     tasks: list[asyncio.Task[None]] = []
     if acquire.done():
+        secrets = api_key_secrets(kube, controller)
+        controller.key_secrets_synced = secrets.synced.is_set
         await ledger.load()
         kopf_stop = asyncio.Event()
         tasks = [
+            asyncio.create_task(secrets.run(), name="api-key-secrets"),
             asyncio.create_task(ledger.run(), name="ledger"),
             asyncio.create_task(elector.keep(), name="lease"),
             asyncio.create_task(controller.run(), name="autoscaler"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from payper.api.demand import DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import InferenceDeploymentSpec, InferenceDeploymentStatus
 from payper.observed import Key, PodView
+from payper.operator.apikeys import KeyCheck
 from payper.operator.autoscaler import Decision, History, Policy
 
 
@@ -73,6 +74,9 @@ class Registry:
         self.ending_namespaces: OrderedDict[str, None] = OrderedDict()
         """Namespaces being deleted or gone, latest last, at most ``MAX_ENDING_NAMESPACES``:
         the ledger moves their open records into its own namespace."""
+        self.key_secrets: dict[Key, KeyCheck] = {}
+        """The check of every API key Secret by (namespace, name): digests only, never the
+        keys, and at most MAX_API_KEYS of them per Secret."""
 
     def __iter__(self) -> Iterator[Tracked]:
         return iter(list(self.tracked.values()))

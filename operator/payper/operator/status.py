@@ -11,6 +11,11 @@ does). Conditions follow the Kubernetes conventions:
 - ``Degraded``: something needs the user: ``InvalidSpec``, ``PlanNotGranted``,
   ``Unschedulable``, ``ColdStartTimeout``, ``MaxReplicasReached`` (False with
   ``AsExpected`` otherwise).
+- ``ApiKeysAccepted`` (deployments with ``spec.auth``, or all where the platform requires
+  keys): every entry of the key Secret is an acceptable key, whose SHA-256 digest is in
+  ``status.auth``. False names the problem (``ApiKeySecretNotFound``, ``NoApiKeys``,
+  ``TooManyApiKeys``, ``ApiKeysRefused``, ``ApiKeysRequired``), with ``Degraded`` saying
+  the same: refused keys are never accepted, the others still are.
 - ``PlanGranted``: the plan that prices the deployment is one the platform grants its
   namespace. False (``NotGranted``, with ``Degraded``/``PlanNotGranted``): the deployment
   is not woken from zero, and its usage while running is priced at the namespace's
@@ -21,16 +26,19 @@ from __future__ import annotations
 
 from payper.api.common import Condition
 from payper.api.inference_deployment import (
+    API_KEYS_ACCEPTED,
     DEGRADED,
     GPU_PRODUCT_LABEL,
     PLAN_GRANTED,
     READY,
     SCALED_TO_ZERO,
+    AuthStatus,
     InferenceDeploymentStatus,
 )
 from payper.billing.config import PlanChoice
 from payper.clock import iso, seconds
 from payper.observed import PodView
+from payper.operator import apikeys
 from payper.operator.state import Tracked
 
 LAST_REQUEST_RESOLUTION_MS = 5_000
@@ -38,12 +46,18 @@ LAST_REQUEST_RESOLUTION_MS = 5_000
 
 
 def _degraded(
-    tracked: Tracked, pods: list[PodView], now_ms: int, plan: PlanChoice | None
+    tracked: Tracked,
+    pods: list[PodView],
+    now_ms: int,
+    plan: PlanChoice | None,
+    keys: tuple[bool, str, str] | None,
 ) -> tuple[str, str] | None:
     if tracked.invalid is not None:
         return "InvalidSpec", tracked.invalid
     if plan is not None and not plan.granted:
         return "PlanNotGranted", _not_granted(tracked, plan)
+    if keys is not None and not keys[0]:
+        return keys[1], keys[2]
     spec = tracked.spec
     live = [p for p in pods if not p.deleting]
     for pod in live:
@@ -118,18 +132,39 @@ def _condition(
     )
 
 
+def api_keys(
+    tracked: Tracked, keys: apikeys.KeyCheck | None, keys_required: bool
+) -> tuple[AuthStatus | None, tuple[bool, str, str] | None]:
+    """What status.auth publishes, and the ApiKeysAccepted condition (None: no keys asked).
+
+    ``keys``: the check of the Secret ``spec.auth`` names (None: no such Secret seen).
+    """
+    spec = tracked.spec
+    if spec is None:
+        return None, None  # an invalid spec is not served at all; Degraded says why
+    if spec.auth is None:
+        return None, apikeys.required_but_unset() if keys_required else None
+    check = keys if keys is not None else apikeys.missing()
+    auth = AuthStatus(secret_name=spec.auth.secret_name, key_digests=list(check.digests))
+    return auth, apikeys.describe(check, spec.auth.secret_name)
+
+
 def compute(
     tracked: Tracked,
     pods: list[PodView],
     url: str,
     now_ms: int,
     plan: PlanChoice | None,
+    keys: apikeys.KeyCheck | None = None,
+    keys_required: bool = False,
 ) -> InferenceDeploymentStatus:
-    """``plan``: how the deployment is priced (None while its spec is invalid)."""
+    """``plan``: how the deployment is priced (None while its spec is invalid); ``keys``:
+    the check of its API key Secret; ``keys_required``: the platform requires keys."""
     live = [p for p in pods if not p.deleting]
     ready = sum(1 for p in live if p.ready)
     desired = tracked.replicas or 0
-    degraded = _degraded(tracked, pods, now_ms, plan)
+    auth, keys_condition = api_keys(tracked, keys, keys_required)
+    degraded = _degraded(tracked, pods, now_ms, plan, keys_condition)
 
     if ready > 0:
         ready_condition = (True, "Serving", f"{ready} of {desired} replicas ready")
@@ -160,6 +195,8 @@ def compute(
     granted = _plan_granted(tracked, plan)
     if granted is not None:
         conditions.append(_condition(tracked, PLAN_GRANTED, *granted, now_ms))
+    if keys_condition is not None:
+        conditions.append(_condition(tracked, API_KEYS_ACCEPTED, *keys_condition, now_ms))
     last_request = tracked.last_request_ms
     return InferenceDeploymentStatus(
         conditions=conditions,
@@ -168,6 +205,7 @@ def compute(
         ready_replicas=ready,
         desired_replicas=desired,
         url=url,
+        auth=auth,
         last_request_time=(
             None
             if last_request is None
