@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -41,11 +42,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
         return
     # Payper's CRDs are served before the controller-manager starts, so its garbage
     # collector cascades their deletion from the first test on (see payper_dev.cluster.local).
+    with own_cluster(tmp_path_factory.mktemp("cluster"), CRDS) as handle:
+        yield handle
+
+
+@contextmanager
+def own_cluster(directory: Path, crds_dir: Path) -> Iterator[ClusterHandle]:
+    """A local cluster of a module's own, serving ``crds_dir`` from the start, on a
+    loopback pod range no other cluster here holds: for a module whose assertions cover
+    cluster-wide state (every record, the shared system namespace) or old CRDs."""
     with claimed_pod_range(preferred=TEST_POD_RANGE) as pod_cidr:
         config = ClusterConfig(
-            pod_cidr=pod_cidr, cold_start_ms=TEST_COLD_START_MS, crds_dir=str(CRDS)
+            pod_cidr=pod_cidr, cold_start_ms=TEST_COLD_START_MS, crds_dir=str(crds_dir)
         )
-        with local_cluster(tmp_path_factory.mktemp("cluster"), config) as handle:
+        with local_cluster(directory, config) as handle:
             yield handle
 
 

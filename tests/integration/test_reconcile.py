@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from conftest import CRDS, own_cluster
 from payper.billing.pricing import product_key
 from payper.operator.capacity import EVENT_NAMESPACE, EVENT_REASON
 from payper_dev.cluster.local import gpu_node
@@ -34,13 +35,30 @@ UNMETERED_AFTER_S = 10
 
 
 @pytest.fixture(scope="module")
+def reconcile_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]:
+    """A cluster of its own: the comparison covers every BillingRecord and reconciliation
+    object in the cluster, which other modules' records (and their namespaces' deletion)
+    would change under it."""
+    with own_cluster(tmp_path_factory.mktemp("reconcile-cluster"), CRDS) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
 def stack(
-    crds_installed: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
+    reconcile_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     billing = {"flushIntervalSeconds": 1, "unmeteredAfterSeconds": UNMETERED_AFTER_S}
     options = StackOptions(agents=True, operator_extra={"billing": billing})
-    with running(crds_installed, tmp_path_factory.mktemp("reconcile"), options) as started:
+    with running(reconcile_cluster, tmp_path_factory.mktemp("reconcile"), options) as started:
         yield started
+
+
+@pytest.fixture
+def namespace(stack: Stack) -> Iterator[str]:
+    """A namespace in this module's own cluster."""
+    name = stack.cluster.namespace("reconcile")
+    yield name
+    stack.cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def reconcile(stack: Stack, *args: str) -> tuple[int, dict[str, Any]]:

@@ -39,11 +39,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from conftest import own_cluster
 from payper.billing.pricing import product_key
 from payper.billing.records import window_start
 from payper.clock import now_ms
-from payper_dev.cluster.local import ClusterConfig
-from payper_dev.testing.cluster import ClusterHandle, eventually, local_cluster
+from payper_dev.testing.cluster import ClusterHandle, eventually
 from payper_dev.testing.stack import (
     AGENT_POLL_MS,
     SYSTEM_NAMESPACE,
@@ -55,8 +55,6 @@ from payper_dev.testing.stack import (
 RELEASED = "83d825bb2252595266e2673972f10d14e126efe7"
 """The last released Payper (the last commit that passed CI): what the upgrade starts from."""
 REPO = Path(__file__).resolve().parents[2]
-UPGRADE_POD_CIDR = "127.4.0.0/16"
-COLD_START_MS = 1500
 H100_PRICE = Decimal("0.0012")  # the default plan, 1 s granularity
 WINDOW_MS = 3_600_000  # the default billing window
 FLUSH = {"billing": {"flushIntervalSeconds": 1}}
@@ -107,10 +105,7 @@ def upgrade_cluster(
 ) -> Iterator[ClusterHandle]:
     """A cluster of its own, serving the released CRDs from the start (as a cluster
     running the release does; the garbage collector knows them from its first discovery)."""
-    config = ClusterConfig(
-        pod_cidr=UPGRADE_POD_CIDR, cold_start_ms=COLD_START_MS, crds_dir=str(released / "crds")
-    )
-    with local_cluster(tmp_path_factory.mktemp("upgrade-cluster"), config) as handle:
+    with own_cluster(tmp_path_factory.mktemp("upgrade-cluster"), released / "crds") as handle:
         yield handle
 
 
