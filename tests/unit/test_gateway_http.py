@@ -310,6 +310,36 @@ async def test_malformed_requests_get_400_and_unknown_routes_404(
     assert health.endswith(b"ok")
 
 
+async def test_a_ready_pod_that_opens_its_port_late_is_waited_for_not_a_502() -> None:
+    """kwok, or a kubelet whose readiness probe is lenient, says Ready before the
+    process listens: the refused connections are retried, backing off, within the
+    request's deadline, and the request is answered once the port opens."""
+    late_port = free_port()
+    settings = GatewaySettings(domain="x.test")
+    proxy, port, listening = await _gateway_to(late_port, settings)
+
+    async def pod(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+        await writer.drain()
+        writer.close()
+
+    async def open_later() -> asyncio.Server:
+        await asyncio.sleep(2.5)  # the pod's process is still starting (3 quick tries would fail)
+        return await asyncio.start_server(pod, "127.0.0.1", late_port)
+
+    opening = asyncio.create_task(open_later())
+    try:
+        data = await exchange(
+            port, b"GET /ns/m/x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n", limit_s=10
+        )
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"late")
+    finally:
+        (await opening).close()
+        listening.close()
+        proxy.close()
+
+
 async def test_a_dead_endpoint_ends_in_502(gateway: tuple[int, Targets]) -> None:
     port, targets = gateway
     targets.upsert_pod(

@@ -52,7 +52,6 @@ FORWARDING_HEADERS = frozenset(
 )
 """Set by the gateway itself; a client's own are believed only from a trusted proxy."""
 COLD_START_HEADER = "X-Payper-Cold-Start-Ms"
-MAX_ATTEMPTS = 3
 SMALL_BODY = 64 * 1024
 JSON = [("Content-Type", "application/json")]
 UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key>"
@@ -249,13 +248,21 @@ class Gateway:
     ) -> None:
         cold_start_ms: int | None = None
         body, framing = await request_body(request)  # read once: a retry sends it again
-        for _ in range(MAX_ATTEMPTS):
+        # A refused connection sent nothing: it is retried (backing off, on the same or
+        # another ready pod) for as long as the request's deadline allows, never a 502
+        # while there is time (a Ready pod whose process is not listening yet, or stopping).
+        deadline = started + target.cold_start_timeout_s
+        while time.monotonic() < deadline:
             endpoint = target.pick()
             if endpoint is None and target.endpoints:
                 # Pods are ready but refused us a moment ago: no cold start to wait for,
-                # just a short pause before the next attempt.
-                await asyncio.sleep(target.quarantine_left())
+                # just a pause (the shortest quarantine) before the next attempt.
+                await asyncio.sleep(
+                    min(target.quarantine_left(), max(0.0, deadline - time.monotonic()))
+                )
                 endpoint = target.pick()
+                if endpoint is None and target.endpoints:
+                    continue
             if endpoint is None:
                 endpoint = await self._hold(responder, found, target, started)
                 if endpoint is None:
@@ -267,11 +274,15 @@ class Gateway:
                 await self._forward(
                     request, responder, found, endpoint, target, cold_start_ms, body, framing
                 )
+                endpoint.reachable()
                 return
             except UpstreamUnreachable:
                 endpoint.quarantine()
         await send_error(
-            responder, 502, f"no endpoint of {found.namespace}/{found.name} accepted the request"
+            responder,
+            502,
+            f"no endpoint of {found.namespace}/{found.name} accepted the request within "
+            f"its deadline ({target.cold_start_timeout_s:.0f}s)",
         )
 
     async def _hold(

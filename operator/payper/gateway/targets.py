@@ -31,7 +31,9 @@ class TargetGone(Exception):  # noqa: N818 - a signal to waiters, not an error o
 
 
 QUARANTINE_S = 1.0
-"""An endpoint that refused a connection is skipped this long (its process may be stopping)."""
+"""The longest an endpoint that refused connections is skipped (its process may be
+stopping, or not listening yet): it backs off from ``FIRST_QUARANTINE_S``, doubling."""
+FIRST_QUARANTINE_S = 0.05
 
 
 @dataclass
@@ -40,9 +42,17 @@ class Endpoint:
     address: str
     in_flight: int = 0
     unreachable_until: float = 0.0
+    refusals: int = 0
+    """Connections it refused in a row (reset by one it accepts)."""
 
     def quarantine(self) -> None:
-        self.unreachable_until = time.monotonic() + QUARANTINE_S
+        backoff = min(QUARANTINE_S, FIRST_QUARANTINE_S * 2**self.refusals)
+        self.refusals = min(self.refusals + 1, 16)
+        self.unreachable_until = time.monotonic() + backoff
+
+    def reachable(self) -> None:
+        self.refusals = 0
+        self.unreachable_until = 0.0
 
 
 @dataclass
