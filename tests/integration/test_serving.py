@@ -17,8 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from payper.api.inference_deployment import POD_LABEL
 from payper_dev.testing.cluster import ClusterHandle, eventually
-from payper_dev.testing.stack import Stack, inference_deployment, running
+from payper_dev.testing.stack import SYSTEM_NAMESPACE, Stack, inference_deployment, running
 
 
 @pytest.fixture(scope="module")
@@ -435,9 +436,49 @@ async def test_deleting_removes_children_and_the_route(
     eventually(
         lambda: get(cluster, namespace, "service", "gone") is None, 30, what="Service collected"
     )
+    eventually(
+        lambda: get(cluster, namespace, "networkpolicy", "gone") is None,
+        30,
+        what="NetworkPolicy collected",
+    )
     status, _, body = await infer(http, stack, namespace, "gone")
     assert status == 404
     assert "not found" in body["error"]
+
+
+async def test_each_deployment_is_fenced_to_the_gateway(stack: Stack, namespace: str) -> None:
+    """Tenant A must not call team B's pods (or Service) directly, around B's API keys,
+    on B's bill: the operator fences every deployment's pods with a NetworkPolicy that
+    admits only the gateway's pods, on the serving port, before any pod runs. (kwok
+    nodes enforce nothing: this checks the policy the API server holds; a CNI that
+    enforces NetworkPolicy applies it.)"""
+    cluster = stack.cluster
+    stack.deploy(namespace, inference_deployment("fenced"))
+    policy = eventually(
+        lambda: get(cluster, namespace, "networkpolicy", "fenced"), 20, what="the fence"
+    )
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {POD_LABEL: "fenced"}}
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": SYSTEM_NAMESPACE}
+    }
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    (owner,) = policy["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"]) == ("InferenceDeployment", "fenced")
+    # Someone with the built-in edit role deletes the fence: the next reconcile (any
+    # change of the deployment) puts it back.
+    cluster.kubectl("delete", "networkpolicy", "fenced", "-n", namespace)
+    patch = {"spec": {"scaling": {"idleTimeoutSeconds": 31}}}
+    cluster.kubectl(
+        "patch", "infd", "fenced", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+    )
+    eventually(
+        lambda: get(cluster, namespace, "networkpolicy", "fenced"), 20, what="the fence again"
+    )
 
 
 async def test_demand_endpoints_refuse_wrong_identities(

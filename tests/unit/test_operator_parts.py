@@ -329,3 +329,34 @@ def test_a_relabelled_pod_leaves_its_former_deployment() -> None:
     assert registry.pods_of(("team-a", "llm")) == []
     assert [p.uid for p in registry.pods_of(("team-a", "cheap"))] == ["u1"]
     assert relabelled.owner is None
+
+
+def test_the_fence_admits_only_the_gateway_on_the_serving_port_and_listed_peers() -> None:
+    spec = InferenceDeploymentSpec.model_validate(
+        {
+            "template": {
+                "spec": {
+                    "containers": [{"name": "s", "image": "i", "ports": [{"containerPort": 9000}]}]
+                }
+            }
+        }
+    )
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    policy = builders.network_policy(
+        "llm",
+        "team-a",
+        "uid-1",
+        spec,
+        "payper-system",
+        {"app.kubernetes.io/component": "gateway"},
+        [prometheus],
+    )
+    gateway_rule, platform_rule = policy["spec"]["ingress"]
+    assert gateway_rule["ports"] == [{"port": 9000, "protocol": "TCP"}]
+    (peer,) = gateway_rule["from"]
+    assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/component": "gateway"}}
+    assert platform_rule == {"from": [prometheus]}
+    assert policy["spec"]["podSelector"] == {"matchLabels": {POD_LABEL: "llm"}}
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    alone = builders.network_policy("llm", "team-a", "uid-1", spec, "payper-system", {}, [])
+    assert len(alone["spec"]["ingress"]) == 1, "no listed peers: the gateway alone"

@@ -315,12 +315,12 @@ class Stack:
                 "panicWindowSeconds": self.options.panic_window_s,
             },
             "leaderElection": {"namespace": SYSTEM_NAMESPACE, "leaseDurationSeconds": 15},
-            "apiKeys": {"required": self.options.require_auth},
             **self.options.operator_extra,
         }
-        # The stack's agents run the simulated backend: a development cluster's operator
-        # is the only one that accepts their reports.
-        if self.options.source is None:  # (a released tree may not know the setting)
+        if self.options.source is None:  # (a released tree may not know these settings)
+            config["apiKeys"] = {"required": self.options.require_auth}
+            # The stack's agents run the simulated backend: a development cluster's
+            # operator is the only one that accepts their reports.
             config["billing"] = {
                 "acceptSimulatedReports": self.options.accept_simulated_reports,
                 **config.get("billing", {}),

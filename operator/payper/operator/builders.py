@@ -118,3 +118,42 @@ def service(name: str, namespace: str, uid: str, spec: InferenceDeploymentSpec) 
             ],
         },
     }
+
+
+def network_policy(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: InferenceDeploymentSpec,
+    gateway_namespace: str,
+    gateway_pod_labels: dict[str, str],
+    allow_from: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Ingress to the deployment's pods only from the gateway's pods, on the serving
+    port (and from the platform's listed peers): every request pays its way through the
+    gateway's API keys and metering, never around them."""
+    ingress: list[dict[str, Any]] = [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": gateway_namespace}
+                    },
+                    "podSelector": {"matchLabels": dict(gateway_pod_labels)},
+                }
+            ],
+            "ports": [{"port": spec.serving_port(), "protocol": "TCP"}],
+        }
+    ]
+    if allow_from:
+        ingress.append({"from": [dict(peer) for peer in allow_from]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(name, namespace, uid),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    }

@@ -8,7 +8,7 @@ surfacing later as odd scaling or wrong bills.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -75,6 +75,20 @@ class ApiKeysConfig(ApiModel):
     the operator says so in the condition of a deployment without spec.auth."""
 
 
+class TenantFenceConfig(ApiModel):
+    """Per InferenceDeployment, a NetworkPolicy that admits ingress to its pods only from
+    the gateway (and what the platform lists): no tenant reaches another's pods or
+    Service directly, around its API keys, on its bill."""
+
+    enabled: bool = True
+    gateway_namespace: ShortString = "payper-system"
+    gateway_pod_labels: dict[ShortString, ShortString] = Field(
+        default_factory=lambda: {"app.kubernetes.io/component": "gateway"}
+    )
+    allow_from: Annotated[list[dict[str, Any]], Field(max_length=32)] = Field(default_factory=list)
+    """Further NetworkPolicy peers admitted to every port (a platform's Prometheus)."""
+
+
 class OperatorConfig(ApiModel):
     domain: ShortString = "payper.local"
     url_template: ShortString = "http://{name}.{namespace}.{domain}/"
@@ -84,6 +98,7 @@ class OperatorConfig(ApiModel):
     leader_election: LeaderElectionConfig = defaulted(LeaderElectionConfig)
     billing: BillingConfig = defaulted(BillingConfig)
     api_keys: ApiKeysConfig = defaulted(ApiKeysConfig)
+    tenant_fence: TenantFenceConfig = defaulted(TenantFenceConfig)
 
     def url(self, namespace: str, name: str) -> str:
         return self.url_template.format(name=name, namespace=namespace, domain=self.domain)

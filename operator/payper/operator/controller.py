@@ -135,6 +135,21 @@ class Controller:
         assert tracked.spec is not None and tracked.replicas is not None
         ns, name, uid = tracked.namespace, tracked.name, tracked.uid
         try:
+            fence = self.config.tenant_fence
+            if fence.enabled:  # before the pods: none ever runs unfenced
+                await self.kube.apply(
+                    resource_path("networking.k8s.io/v1", "networkpolicies", ns, name),
+                    builders.network_policy(
+                        name,
+                        ns,
+                        uid,
+                        tracked.spec,
+                        fence.gateway_namespace,
+                        fence.gateway_pod_labels,
+                        fence.allow_from,
+                    ),
+                    FIELD_MANAGER,
+                )
             await self.kube.apply(
                 resource_path("v1", "services", ns, name),
                 builders.service(name, ns, uid, tracked.spec),
