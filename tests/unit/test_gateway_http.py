@@ -571,19 +571,22 @@ async def test_a_slow_head_gets_408_and_an_idle_connection_is_closed(
     await until(lambda: not connections.live)
 
 
-async def _gateway_to(port: int, settings: GatewaySettings) -> tuple[Gateway, int, Any]:
+async def _gateway_to(
+    port: int, settings: GatewaySettings, scaling: dict[str, Any] | None = None
+) -> tuple[Gateway, int, Any]:
     targets = Targets()
     targets.upsert_deployment(
         {
             "metadata": {"namespace": "ns", "name": "m"},
             "spec": {
+                "scaling": scaling or {},
                 "template": {
                     "spec": {
                         "containers": [
                             {"name": "s", "image": "i", "ports": [{"containerPort": port}]}
                         ]
                     }
-                }
+                },
             },
         }
     )
@@ -744,3 +747,39 @@ async def test_require_auth_serves_a_valid_key_and_keeps_it_from_the_pod(
     assert answer.startswith(b"HTTP/1.1 200")
     assert answer.endswith(b"hello")
     assert "Authorization" not in backend.seen[0]["headers"]
+
+
+async def test_a_replica_is_sent_at_most_its_concurrency_the_rest_queue_then_429(
+    backend: Backend,
+) -> None:
+    """containerConcurrency 1: a second request waits for the first to finish (never two
+    on the replica at once); with the queue full, a third is told 429 (the deployment is
+    warm, just busy), with Retry-After."""
+    settings = GatewaySettings(domain="x.test", max_queue=1)
+    proxy, port, listening = await _gateway_to(backend.port, settings, {"containerConcurrency": 1})
+    target = proxy.targets.get(("ns", "m"))
+    assert target is not None
+    (endpoint,) = target.endpoints.values()
+    try:
+        first = asyncio.create_task(
+            exchange(
+                port,
+                b"GET /ns/m/stream?n=4&delay=0.25 HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+            )
+        )
+        await until(lambda: endpoint.in_flight == 1)
+        second = asyncio.create_task(
+            exchange(port, b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+        )
+        await until(lambda: target.queued == 1)
+        assert endpoint.in_flight == 1, "the second waits: the replica is at its cap"
+        third = await exchange(
+            port, b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+        )
+        assert third.startswith(b"HTTP/1.1 429") and b"Retry-After: 5" in third
+        assert (await first).startswith(b"HTTP/1.1 200")
+        assert (await second).startswith(b"HTTP/1.1 200")
+        assert b"X-Payper-Cold-Start-Ms" not in (await second), "a busy wait is no cold start"
+    finally:
+        listening.close()
+        proxy.close()

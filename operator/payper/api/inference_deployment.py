@@ -143,6 +143,15 @@ class ScalingSpec(ApiModel):
     cold_start_timeout_seconds: Annotated[
         int, Field(ge=1, le=3600, description="How long the gateway holds a request.")
     ] = 300
+    container_concurrency: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=10000,
+            description="Requests one replica is sent at once (0: no cap); more wait in the "
+            "gateway's bounded queue (LLM servers degrade past a few concurrent requests).",
+        ),
+    ] = 0
 
 
 class BillingSpec(ApiModel):

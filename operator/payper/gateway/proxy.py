@@ -254,22 +254,21 @@ class Gateway:
         deadline = started + target.cold_start_timeout_s
         while time.monotonic() < deadline:
             endpoint = target.pick()
-            if endpoint is None and target.endpoints:
+            quarantine = target.quarantine_left() if endpoint is None else None
+            if quarantine is not None:
                 # Pods are ready but refused us a moment ago: no cold start to wait for,
                 # just a pause (the shortest quarantine) before the next attempt.
-                await asyncio.sleep(
-                    min(target.quarantine_left(), max(0.0, deadline - time.monotonic()))
-                )
-                endpoint = target.pick()
-                if endpoint is None and target.endpoints:
-                    continue
-            if endpoint is None:
+                await asyncio.sleep(min(quarantine, max(0.0, deadline - time.monotonic())))
+                continue
+            if endpoint is None:  # none ready (a cold start), or all busy at their cap
+                waking = not target.endpoints
+                held_since = time.monotonic()
                 endpoint = await self._hold(responder, found, target, started)
                 if endpoint is None:
                     return
-                if cold_start_ms is None:
+                target.meters.queue_wait.observe(time.monotonic() - held_since)
+                if waking and cold_start_ms is None:
                     cold_start_ms = int((time.monotonic() - started) * 1000)
-                    target.meters.queue_wait.observe(cold_start_ms / 1000)
             try:
                 await self._forward(
                     request, responder, found, endpoint, target, cold_start_ms, body, framing
@@ -293,13 +292,23 @@ class Gateway:
         None means an error response was sent instead.
         """
         if target.queued >= self.settings.max_queue:
-            await send_error(
-                responder,
-                503,
-                f"{found.namespace}/{found.name} is starting and its queue is full "
-                f"({self.settings.max_queue} requests); retry later",
-                [("Retry-After", str(self.settings.retry_after_s))],
-            )
+            retry = [("Retry-After", str(self.settings.retry_after_s))]
+            if target.endpoints:  # warm: its replicas are busy (at their cap): too many
+                await send_error(
+                    responder,
+                    429,
+                    f"{found.namespace}/{found.name} is busy and its queue is full "
+                    f"({self.settings.max_queue} requests); retry later",
+                    retry,
+                )
+            else:
+                await send_error(
+                    responder,
+                    503,
+                    f"{found.namespace}/{found.name} is starting and its queue is full "
+                    f"({self.settings.max_queue} requests); retry later",
+                    retry,
+                )
             return None
         target.queued += 1
         target.meters.queued.inc()
@@ -371,6 +380,6 @@ class Gateway:
             status = 504 if isinstance(error, UpstreamTimeoutError) else 502
             await send_error(responder, status, f"upstream {endpoint.pod} failed: {error}")
         finally:
-            endpoint.in_flight -= 1
+            target.released(endpoint)
             if upstream is not None and not upstream.finished:
                 upstream.connection.abort()  # cancelled or failed mid-body: never reuse

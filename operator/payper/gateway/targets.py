@@ -61,6 +61,8 @@ class Target:
     name: str
     port: int | None
     cold_start_timeout_s: float
+    container_concurrency: int = 0
+    """Requests one endpoint is sent at once; 0: no cap."""
     auth_required: bool = False
     """Only requests with one of ``key_digests`` are served (spec.auth, or requireAuth)."""
     key_digests: tuple[bytes, ...] = ()
@@ -79,23 +81,35 @@ class Target:
         self.meters = metrics.TargetMeters(self.namespace, self.name)
 
     def pick(self) -> Endpoint | None:
-        """The reachable ready endpoint with the fewest requests in flight."""
+        """The reachable ready endpoint with the fewest requests in flight, below its
+        concurrency cap."""
         best: Endpoint | None = None
         now = 0.0
+        cap = self.container_concurrency
         for endpoint in self.endpoints.values():
             if endpoint.unreachable_until:
                 now = now or time.monotonic()
                 if endpoint.unreachable_until > now:
                     continue
+            if cap and endpoint.in_flight >= cap:
+                continue
             if best is None or endpoint.in_flight < best.in_flight:
                 best = endpoint
         return best
 
-    def quarantine_left(self) -> float:
-        """Seconds until the first quarantined endpoint may be tried again."""
+    def quarantine_left(self) -> float | None:
+        """Seconds until the first quarantined endpoint may be tried again; None: none
+        is quarantined (every ready endpoint is busy at its cap, or there is none)."""
         now = time.monotonic()
         waits = [e.unreachable_until - now for e in self.endpoints.values()]
-        return max(0.0, min(waits, default=0.0))
+        quarantined = [w for w in waits if w > 0]
+        return min(quarantined) if quarantined else None
+
+    def released(self, endpoint: Endpoint) -> None:
+        """A request on ``endpoint`` ended: a request waiting for a free slot may go."""
+        endpoint.in_flight -= 1
+        if self.container_concurrency:
+            self.ready_event.set()
 
     async def wait_for_endpoint(self, timeout_s: float) -> Endpoint:
         """Until an endpoint is ready (TimeoutError) or the target is deleted (TargetGone)."""
@@ -172,6 +186,7 @@ class Targets:
             self.targets[key] = target
         target.port = spec.serving_port()
         target.cold_start_timeout_s = float(spec.scaling.cold_start_timeout_seconds)
+        target.container_concurrency = spec.scaling.container_concurrency
         target.auth_required = spec.auth is not None or self.require_auth
         target.key_digests = published_digests(obj, spec)
         self._refresh(key)
