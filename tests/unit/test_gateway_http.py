@@ -783,3 +783,18 @@ async def test_a_replica_is_sent_at_most_its_concurrency_the_rest_queue_then_429
     finally:
         listening.close()
         proxy.close()
+
+
+async def test_websocket_and_http2_are_refused_with_a_clear_answer(
+    gateway: tuple[int, Targets], backend: Backend
+) -> None:
+    port, _ = gateway
+    websocket = await exchange(
+        port,
+        b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    assert websocket.startswith(b"HTTP/1.1 501") and b"WebSocket" in websocket
+    h2 = await exchange(port, server.H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    assert h2.startswith(b"HTTP/1.1 505") and b"gRPC" in h2
+    assert backend.seen == [], "neither reached a pod"

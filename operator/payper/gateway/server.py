@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 """Header fields per request head (and per trailer section): beyond, 431."""
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 LINGER_S = 2.0
 """After a refusal, how long the client's further bytes are read and discarded."""
 FEED_PIECE = 1024
@@ -44,9 +45,11 @@ REASONS = {
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -75,6 +78,10 @@ class Connections:
 
 class ClientGone(Exception):  # noqa: N818 - control flow: the peer closed the connection
     pass
+
+
+class UpgradeRefused(httptools.HttpParserError):
+    """An Upgrade (or CONNECT) request: refused with 501, never forwarded."""
 
 
 class HeadTooLarge(httptools.HttpParserError):
@@ -198,6 +205,8 @@ class _Connection(asyncio.Protocol):
         self._pumping = False
         self._rejected = False
         """A refusal was sent: the connection only lingers to let the client read it."""
+        self._fresh = True
+        """Nothing was received yet (the HTTP/2 preface can only come first)."""
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.remote = ""
@@ -269,6 +278,11 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return  # lingering after a refusal: discarded
+        if self._fresh and data.startswith(H2_PREFACE[:14]):  # "PRI * HTTP/2.0"
+            # HTTP/2 with prior knowledge (gRPC clients do this): say so plainly.
+            self._reject(505, "HTTP/2 (h2c, gRPC) is not supported: use HTTP/1.1")
+            return
+        self._fresh = False
         self._inbox += data
         self._pump()
 
@@ -290,11 +304,13 @@ class _Connection(asyncio.Protocol):
                     # One endless header line: the parser holds it whole until it ends.
                     raise HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
         except httptools.HttpParserUpgrade:
-            self._reject(400, "protocol upgrades are not supported")
+            self._reject(501, "protocol upgrades (WebSocket, h2c) are not supported: use HTTP/1.1")
         except httptools.HttpParserError as error:
             # A callback's own exception arrives as the context of httptools' error.
-            cause = error if isinstance(error, HeadTooLarge) else error.__context__
-            if isinstance(cause, HeadTooLarge):
+            cause = error.__context__ if error.__context__ is not None else error
+            if isinstance(cause, UpgradeRefused):
+                self._reject(501, f"{cause}: use HTTP/1.1")
+            elif isinstance(cause, HeadTooLarge):
                 self._reject(431, str(cause))
             else:
                 self._reject(400, "malformed HTTP request")
@@ -347,6 +363,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        if parser.should_upgrade():  # refused before it is queued: no pod ever sees it
+            raise UpgradeRefused("protocol upgrades (WebSocket, h2c) are not supported")
         length: int | None = None
         chunked = expect_continue = False
         for name, value in self._headers:
