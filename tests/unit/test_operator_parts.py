@@ -360,3 +360,39 @@ def test_the_fence_admits_only_the_gateway_on_the_serving_port_and_listed_peers(
     assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     alone = builders.network_policy("llm", "team-a", "uid-1", spec, "payper-system", {}, [])
     assert len(alone["spec"]["ingress"]) == 1, "no listed peers: the gateway alone"
+
+
+def test_pods_drain_before_they_stop_so_scale_down_cuts_no_stream() -> None:
+    spec = InferenceDeploymentSpec.model_validate(
+        {
+            "template": {
+                "spec": {
+                    "containers": [{"name": "s", "image": "i", "ports": [{"containerPort": 9000}]}]
+                }
+            },
+            "scaling": {"streamDrainSeconds": 600},
+        }
+    )
+    pod = builders.pod_template("llm", spec)["spec"]
+    assert pod["terminationGracePeriodSeconds"] == builders.DRAIN_DELAY_S + 600
+    (container,) = pod["containers"]
+    assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": builders.DRAIN_DELAY_S}}
+    own = InferenceDeploymentSpec.model_validate(
+        {
+            "template": {
+                "spec": {
+                    "terminationGracePeriodSeconds": 7,
+                    "containers": [
+                        {
+                            "name": "s",
+                            "image": "i",
+                            "lifecycle": {"preStop": {"exec": {"command": ["drain"]}}},
+                        }
+                    ],
+                }
+            }
+        }
+    )
+    kept = builders.pod_template("llm", own)["spec"]
+    assert kept["terminationGracePeriodSeconds"] == 7, "the tenant's own choice stands"
+    assert kept["containers"][0]["lifecycle"]["preStop"] == {"exec": {"command": ["drain"]}}

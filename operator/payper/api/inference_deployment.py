@@ -143,6 +143,15 @@ class ScalingSpec(ApiModel):
     cold_start_timeout_seconds: Annotated[
         int, Field(ge=1, le=3600, description="How long the gateway holds a request.")
     ] = 300
+    stream_drain_seconds: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=3600,
+            description="How long a request may run on once its pod is told to stop (a "
+            "scale-down): the pod's termination grace beyond the gateway's drain delay.",
+        ),
+    ] = 120
     container_concurrency: Annotated[
         int,
         Field(

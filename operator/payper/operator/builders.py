@@ -20,6 +20,8 @@ from payper.api.inference_deployment import (
 MANAGED_BY = {"app.kubernetes.io/managed-by": "payper"}
 GPU_TAINT_KEY = "nvidia.com/gpu"
 SERVICE_PORT = 80
+DRAIN_DELAY_S = 5
+"""A stopping pod's preStop pause: time for every gateway to see it terminating."""
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -58,6 +60,15 @@ def pod_template(name: str, spec: InferenceDeploymentSpec) -> dict[str, Any]:
     resources["limits"] = {**(resources.get("limits") or {}), spec.gpu.resource: count}
     if spec.gpu.resource in (resources.get("requests") or {}):
         resources["requests"] = {**resources["requests"], spec.gpu.resource: count}
+
+    # Scale-down never cuts a stream: the pod keeps serving for DRAIN_DELAY_S after it
+    # is told to stop (the gateway sees it terminating and sends it nothing new), then
+    # gets SIGTERM with the deployment's stream drain time to finish what it serves.
+    lifecycle = container.setdefault("lifecycle", {})
+    lifecycle.setdefault("preStop", {"sleep": {"seconds": DRAIN_DELAY_S}})
+    pod.setdefault(
+        "terminationGracePeriodSeconds", DRAIN_DELAY_S + spec.scaling.stream_drain_seconds
+    )
 
     tolerations = list(pod.get("tolerations") or [])
     gpu_toleration = {"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
