@@ -30,6 +30,7 @@ from payper_dev.testing.usage_receiver import UsageReceiver
 NODE = "gpu-node-0"
 GPU = f"GPU-{NODE}-0"
 POLL_S = 1.0
+REPORT_S = 5
 
 
 def start_agent(
@@ -68,7 +69,7 @@ def start_agent(
                 "--poll-interval",
                 str(POLL_S),
                 "--report-interval",
-                "5",
+                str(REPORT_S),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -165,9 +166,18 @@ async def test_sigkilled_agent_totals_equal_an_undisturbed_run(
             int(line.split()[1])
             for line in (sim_dir / f"{process.pid}.busy").read_text().splitlines()
         )
-        await asyncio.sleep(
-            max(0.0, last_busy_end / 1000 - time.time()) + 12
-        )  # two report intervals + sending
+        # Until both agents delivered a report cut two report intervals past the last busy
+        # moment (every burst closed and reported); an agent with GPUs reports every
+        # interval, busy or not.
+        covered_ms = last_busy_end + 2 * REPORT_S * 1000
+
+        def delivered() -> bool:
+            return all(
+                any(r["intervalEndMs"] >= covered_ms for r in receiver.applied)
+                for receiver in receivers.values()
+            )
+
+        await asyncio.to_thread(eventually, delivered, 120, 0.2, "reports past the last burst")
         steady, killed = receivers["steady"].active_us(), receivers["killed"].active_us()
         log = (tmp_path / "killed.log").read_text()
         assert kills >= 3
