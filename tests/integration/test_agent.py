@@ -162,6 +162,14 @@ async def test_sigkilled_agent_totals_equal_an_undisturbed_run(
             agents["killed"] = start_agent(
                 cluster, sim_dir, tmp_path / "killed", receivers["killed"], tmp_path / "killed.log"
             )
+            # Each kill must hit an agent that resumed (a busy machine starts it slowly).
+            await asyncio.to_thread(
+                eventually,
+                lambda: (tmp_path / "killed.log").read_text().count("resumed") >= kills,
+                60,
+                0.1,
+                "the restarted agent resumed",
+            )
         last_busy_end = max(
             int(line.split()[1])
             for line in (sim_dir / f"{process.pid}.busy").read_text().splitlines()
