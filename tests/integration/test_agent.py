@@ -165,7 +165,9 @@ async def test_sigkilled_agent_totals_equal_an_undisturbed_run(
             # Each kill must hit an agent that resumed (a busy machine starts it slowly).
             await asyncio.to_thread(
                 eventually,
-                lambda: (tmp_path / "killed.log").read_text().count("resumed") >= kills,
+                lambda wanted=kills: (  # type: ignore[misc]
+                    (tmp_path / "killed.log").read_text().count("resumed") >= wanted
+                ),
                 60,
                 0.1,
                 "the restarted agent resumed",
