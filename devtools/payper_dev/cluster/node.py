@@ -42,7 +42,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -80,7 +82,7 @@ REAL_NODE_TAINT = {"key": REAL_NODE_LABEL, "value": "true", "effect": "NoSchedul
 DOWN_TAINT = {"key": "payper.dev/node-going-down", "value": "true", "effect": "NoExecute"}
 LOCK_FILE = Path("/run/payper-node.lock")
 GPUS = 1
-COMPONENTS = ("registry", "containerd", "coredns", "kubelet", "kube-proxy")
+COMPONENTS = ("registry", "apiserver-proxy", "containerd", "coredns", "kubelet", "kube-proxy")
 
 SYSCTLS = (
     "net.ipv4.ip_forward",
@@ -356,7 +358,11 @@ class RealNode:
             }
             _make_cgroup_root()
             self._write_configs(bin_dir, state)
-            asyncio.run(self._apply_objects(cluster_dns_objects()))
+            asyncio.run(
+                self._apply_objects(
+                    [*cluster_dns_objects(), apiserver_slice(self._apiserver_port())]
+                )
+            )
             for name in COMPONENTS:
                 state.pids[name] = self._spawn(name, self._command(name, bin_dir))
                 state.save(self.state_file)
@@ -411,7 +417,7 @@ table inet {NFT_TABLE} {{
 
     def _write_configs(self, bin_dir: Path, state: NodeState) -> None:
         d, p = self.directory, self.cluster.pki_dir
-        api = f"https://127.0.0.1:{self.cluster.state().ports['apiserver']}"  # type: ignore[union-attr]
+        api = f"https://127.0.0.1:{self._apiserver_port()}"
         for stem in ("node", "kube-proxy", "coredns"):
             _kubeconfig(d / f"{stem}.kubeconfig", api, p, stem)
         cni_dir = node_binaries.cni_dir()
@@ -452,6 +458,16 @@ table inet {NFT_TABLE} {{
         d = self.directory
         if name == "registry":
             return [str(bin_dir / "registry"), "serve", str(d / "registry.yaml")]
+        if name == "apiserver-proxy":
+            port = self._apiserver_port()
+            return [
+                sys.executable,
+                "-m",
+                "payper_dev.cluster.tcpproxy",
+                f"--listen={NODE_IP}:{port}",
+                f"--to=127.0.0.1:{port}",
+                f"--owner={d}",
+            ]
         if name == "containerd":
             return [str(bin_dir / "containerd"), "--config", str(d / "containerd" / "config.toml")]
         if name == "coredns":
@@ -499,6 +515,7 @@ table inet {NFT_TABLE} {{
         ports = state.ports
         probes: dict[str, Callable[[], bool]] = {
             "registry": lambda: get_text(f"http://127.0.0.1:{ports['registry']}/v2/") is not None,
+            "apiserver-proxy": lambda: _connects(NODE_IP, self._apiserver_port()),
             "containerd": self.socket.exists,
             "coredns": lambda: get_text(f"http://127.0.0.1:{ports['dns-ready']}/ready") == "OK",
             "kubelet": lambda: (
@@ -517,6 +534,12 @@ table inet {NFT_TABLE} {{
             if time.monotonic() > deadline:
                 raise NodeError(f"{name} not ready in time; its log ends:\n" + self._log_tail(name))
             time.sleep(0.1)
+
+    def _apiserver_port(self) -> int:
+        state = self.cluster.state()
+        if state is None:
+            raise NodeError(f"no local cluster in {self.cluster.directory}")
+        return state.ports["apiserver"]
 
     def ctr(self, *args: str, bin_dir: Path | None = None) -> str:
         directory = bin_dir or node_binaries.find_dir()
@@ -649,6 +672,11 @@ table inet {NFT_TABLE} {{
                 await asyncio.sleep(0.5)
             with contextlib.suppress(ApiError):
                 await kube.delete(node_path)
+            slice_path = resource_path(
+                "discovery.k8s.io/v1", "endpointslices", "default", "kubernetes-real-node"
+            )
+            with contextlib.suppress(ApiError):
+                await kube.delete(slice_path)
 
     def _kill_pods(self) -> None:
         """SIGKILL every process still in the node's pod cgroups (after the kubelet)."""
@@ -736,6 +764,32 @@ table inet {NFT_TABLE} {{
             if now.get(name) != value:
                 with contextlib.suppress(OSError):
                     _sysctl_path(name).write_text(value)
+
+
+def _connects(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def apiserver_slice(port: int) -> dict[str, Any]:
+    """The ``kubernetes`` Service's endpoint for pods: the forwarder on the node IP (the
+    API server's own endpoint reconciler is off: it would publish 127.0.0.1)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubernetes-real-node",
+            "namespace": "default",
+            "labels": {
+                "kubernetes.io/service-name": "kubernetes",
+                "endpointslice.kubernetes.io/managed-by": "payper-dev",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    }
 
 
 def _make_cgroup_root() -> None:
