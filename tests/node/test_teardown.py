@@ -27,6 +27,8 @@ def test_down_leaves_nothing(node_cluster: NodeCluster, served_pod: dict[str, An
         "/run/containerd/runc",
     ):
         assert not os.path.lexists(path), path
+    # Every fixed path the node (or the chart's hostPath volumes) created is gone.
+    assert not [p for p in state.absent_paths if os.path.lexists(p)]
     assert not Path(f"/sys/class/net/{real_node.BRIDGE}").exists()
     assert real_node.node_cgroups() == []
     assert real_node.iptables_kube_chains() == []
@@ -35,6 +37,7 @@ def test_down_leaves_nothing(node_cluster: NodeCluster, served_pod: dict[str, An
     assert real_node.mounts_under(str(node.directory), "/var/lib/kubelet", "/run/netns") == []
     assert not [n for n in real_node._netns() if n.name.startswith("cni-")]
     assert real_node.read_sysctls() == state.sysctls
+    assert not real_node.LOCK_FILE.exists()
     on_node = node_cluster.handle.get_json(
         "pods", "-A", "--field-selector", f"spec.nodeName={real_node.NODE_NAME}"
     )

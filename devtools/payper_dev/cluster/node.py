@@ -102,6 +102,7 @@ SYSCTLS = (
 
 FIXED_PATHS = (
     "/var/lib/kubelet",
+    "/var/lib/payper-agent",
     "/var/log/pods",
     "/var/log/containers",
     "/var/lib/cni",
@@ -110,8 +111,9 @@ FIXED_PATHS = (
     "/etc/cni",
     "/opt/cni",
 )
-"""Paths outside the node directory that the kubelet, containerd or CNI write to at fixed
-places; each one that did not exist before ``up`` is removed at ``down``."""
+"""Paths outside the node directory that the kubelet, containerd, CNI or the chart's
+hostPath volumes (the agent's state) write to at fixed places; each one that did not
+exist before ``up`` is removed at ``down``."""
 
 
 class NodeError(ClusterError):
@@ -327,10 +329,9 @@ class RealNode:
             )
         if self.is_up():
             return
-        self._take_lock()
+        self._refuse_if_another_node_runs()
         if self.state_file.exists() or leftovers(self.directory):
             self.down()
-            self._take_lock()
         bin_dir = node_binaries.find_dir() or node_binaries.build()
         started = time.monotonic()
         deadline = started + timeout_s
@@ -343,7 +344,7 @@ class RealNode:
             absent_netns=[],
             nft_tables_before=nft_tables(),
         )
-        state.save(self.state_file)
+        self._save(state)
         try:
             self._network()
             self.timings["network"] = time.monotonic() - started
@@ -365,7 +366,7 @@ class RealNode:
             )
             for name in COMPONENTS:
                 state.pids[name] = self._spawn(name, self._command(name, bin_dir))
-                state.save(self.state_file)
+                self._save(state)
                 self._wait_component(name, state, deadline)
                 self.timings[name] = time.monotonic() - started
                 if name == "containerd":
@@ -376,19 +377,26 @@ class RealNode:
             self.down()
             raise
 
-    def _take_lock(self) -> None:
+    def _save(self, state: NodeState) -> None:
+        """The node directory's state, and the same record machine-wide in LOCK_FILE: it
+        marks the one node of this machine, and lets a later ``down`` restore what this
+        run changed even if the node directory is gone."""
+        state.save(self.state_file)
+        state.save(LOCK_FILE)
+
+    def _refuse_if_another_node_runs(self) -> None:
         """One real node per machine: refuse while another one's processes run."""
-        if LOCK_FILE.exists():
-            owner = LOCK_FILE.read_text().strip()
-            if owner != str(self.directory):
-                with contextlib.suppress(OSError, ValueError, TypeError):
-                    other = NodeState.load(Path(owner, "state.json"))
-                    if any(_pid_alive(pid, owner) for pid in other.pids.values()):
-                        raise NodeError(
-                            f"another real node runs on this machine ({owner}): run "
-                            f"`payper-dev node down --dir {Path(owner).parent}` first"
-                        )
-        LOCK_FILE.write_text(str(self.directory))
+        other = _lock_record()
+        if other is None:
+            return
+        owner = str(Path(other.cluster_dir) / "node")
+        if owner != str(self.directory) and any(
+            _pid_alive(pid, owner) for pid in other.pids.values()
+        ):
+            raise NodeError(
+                f"another real node runs on this machine ({owner}): run "
+                f"`payper-dev node down --dir {other.cluster_dir}` first"
+            )
 
     def _network(self) -> None:
         """The bridge (gateway address = node IP) and the fence that keeps pods inside it."""
@@ -612,33 +620,39 @@ table inet {NFT_TABLE} {{
     def down(self, grace_s: float = 10.0) -> list[str]:
         """Remove the node and everything it left on the machine; returns what remains
         (empty unless something could not be removed, which raises NodeError)."""
-        state = self.state()
+        self._refuse_if_another_node_runs()
+        # This directory's record or, if it is gone (a crashed run), the machine's.
+        state = self.state() or _lock_record()
         marker = str(self.directory)
         if state is not None and self.cluster.is_up():
             with contextlib.suppress(Exception):
                 asyncio.run(self._drain(timeout_s=60.0))
         pids = dict(state.pids) if state else {}
-        for name in ("kube-proxy", "kubelet", "coredns"):
+        for name in ("kube-proxy", "kubelet", "coredns", "apiserver-proxy"):
             if name in pids:
                 _stop(pids[name], marker, grace_s)
         self._kill_pods()
         for name in ("containerd", "registry"):
             if name in pids:
                 _stop(pids[name], marker, grace_s)
-        self._kill_strays(marker)
+        # A crashed run's processes (its shims outlive containerd) and mounts are under
+        # its own directory, which the machine-wide record names.
+        recorded = Path(state.cluster_dir) / "node" if state is not None else self.directory
+        directories = sorted({self.directory, recorded})
+        for directory in directories:
+            self._kill_strays(str(directory))
         bin_dir = node_binaries.find_dir()
         if bin_dir is not None:
             _sh(str(bin_dir / "kube-proxy"), "--cleanup", check=False)
         self._remove_network_state(state)
-        self._unmount()
+        self._unmount(directories)
         self._remove_cgroups()
         if state is not None:
             self._remove_paths(state)
             self._restore_sysctls(state)
-        if LOCK_FILE.exists() and LOCK_FILE.read_text().strip() == marker:
-            LOCK_FILE.unlink()
         self.state_file.unlink(missing_ok=True)
-        remaining = leftovers(self.directory)
+        LOCK_FILE.unlink(missing_ok=True)
+        remaining = [item for d in directories for item in leftovers(d)]
         if remaining:
             raise NodeError("the real node left behind: " + "; ".join(remaining))
         return remaining
@@ -723,8 +737,8 @@ table inet {NFT_TABLE} {{
             if ours or emptied:
                 _sh("nft", "delete", "table", family, name, check=False)
 
-    def _unmount(self) -> None:
-        prefixes = [str(self.directory), "/var/lib/kubelet", "/run/containerd", "/run/netns"]
+    def _unmount(self, directories: list[Path]) -> None:
+        prefixes = [*map(str, directories), "/var/lib/kubelet", "/run/containerd", "/run/netns"]
         for _ in range(3):
             points = mounts_under(*prefixes)
             if not points:
@@ -764,6 +778,13 @@ table inet {NFT_TABLE} {{
             if now.get(name) != value:
                 with contextlib.suppress(OSError):
                     _sysctl_path(name).write_text(value)
+
+
+def _lock_record() -> NodeState | None:
+    try:
+        return NodeState.load(LOCK_FILE)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _connects(host: str, port: int) -> bool:
