@@ -90,7 +90,7 @@ def _node_status(args: argparse.Namespace) -> int:
     node = RealNode(args.dir)
     running = node.running()
     for name, alive in running.items():
-        print(f"{name:<12} {'running' if alive else 'NOT RUNNING'}")
+        print(f"{name:<16} {'running' if alive else 'NOT RUNNING'}")
     if running:
         print(f"registry: {node.registry()}")
     else:
