@@ -16,7 +16,7 @@ DASHBOARDS_DIR ?= charts/payper/dashboards
         dashboards dashboards-check docs docs-check chart-schema chart-schema-check \
         generated generated-check \
         lint format test test-deps test-unit test-integration demo images clean \
-        bench-deps
+        bench-deps node-deps node-binaries node-images node-up node-down node-status test-node
 
 help:
 	@echo "make demo         - the main job: Payper end to end on a local cluster"
@@ -34,6 +34,18 @@ test-deps:
 
 bench-deps: venv
 	.ci/debian-deps bench/debian-packages
+
+# The real node (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS, a loopback
+# registry): its Debian packages, its binaries (built once, cached beside the cluster's)
+# and its test images (the payper image and the stand-in model server).
+node-deps:
+	.ci/debian-deps .ci/node-packages
+
+node-binaries: binaries node-deps
+	$(PAYPER_DEV) node build
+
+node-images: node-deps images
+	.ci/build-standin-image
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 venv: $(VENV)/.installed
@@ -55,6 +67,21 @@ cluster-down: venv
 
 cluster-status: venv
 	$(PAYPER_DEV) cluster status --dir $(CLUSTER_DIR)
+
+# The real node in the cluster of CLUSTER_DIR (started with `cluster up --real-node`, or
+# `make node-up`, which starts both), with the test images in its registry.
+VERSION = $(shell $(PYTHON) -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
+node-up: node-binaries node-images
+	$(PAYPER_DEV) cluster up --dir $(CLUSTER_DIR) --pod-cidr $(POD_CIDR) --crds crds --real-node
+	$(PAYPER_DEV) node up --dir $(CLUSTER_DIR) \
+	  --image build/images/payper-$(VERSION).tar=payper/payper:$(VERSION) \
+	  --image build/images/payper-model-server-$(VERSION).tar=payper/model-server:$(VERSION)
+
+node-down: venv
+	$(PAYPER_DEV) node down --dir $(CLUSTER_DIR)
+
+node-status: venv
+	$(PAYPER_DEV) node status --dir $(CLUSTER_DIR)
 
 # Generated files: the CRDs (top level and the chart's copy), the Grafana dashboards and
 # the configuration reference. Each has a -check twin that fails on drift.
@@ -108,6 +135,11 @@ test-unit: binaries
 
 test-integration: binaries
 	$(call run_tier,tests/integration)
+
+# The real-node tier (root, containerd, runc; see tests/node/conftest.py). Not part of
+# `make test` yet. PAYPER_SKIP_NODE_TESTS=1 skips it, with a warning.
+test-node: node-binaries node-images
+	$(call run_tier,tests/node)
 
 test: test-deps lint generated-check test-unit test-integration
 

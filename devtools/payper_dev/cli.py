@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from payper_dev.cluster import binaries
 from payper_dev.cluster.local import ClusterConfig, ClusterError, LocalCluster
+from payper_dev.cluster.pki import REAL_NODE_NAME as NODE_NAME
 
 
 def _cluster_up(args: argparse.Namespace) -> int:
@@ -25,6 +27,7 @@ def _cluster_up(args: argparse.Namespace) -> int:
         cold_start_ms=args.cold_start_ms,
         pod_cidr=args.pod_cidr,
         crds_dir=args.crds,
+        real_node=args.real_node,
     )
     cluster = LocalCluster(args.dir)
     kubeconfig = cluster.up(config, timeout_s=args.timeout)
@@ -58,6 +61,66 @@ def _cluster_status(args: argparse.Namespace) -> int:
 def _cluster_build(args: argparse.Namespace) -> int:
     print(binaries.build(force=args.force))
     return 0
+
+
+def _node_up(args: argparse.Namespace) -> int:
+    from payper_dev.cluster.node import RealNode
+
+    node = RealNode(args.dir)
+    node.up(timeout_s=args.timeout)
+    for archive, name in args.image or []:
+        print(f"pushed {node.push(Path(archive), name)}", file=sys.stderr)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in node.timings.items())
+    print(f"real node {NODE_NAME} up ({timings or 'already running'}); registry {node.registry()}")
+    return 0
+
+
+def _node_down(args: argparse.Namespace) -> int:
+    from payper_dev.cluster.node import RealNode
+
+    started = time.monotonic()
+    RealNode(args.dir).down()
+    print(f"real node down in {time.monotonic() - started:.1f}s; nothing of it is left")
+    return 0
+
+
+def _node_status(args: argparse.Namespace) -> int:
+    from payper_dev.cluster.node import RealNode, leftovers
+
+    node = RealNode(args.dir)
+    running = node.running()
+    for name, alive in running.items():
+        print(f"{name:<16} {'running' if alive else 'NOT RUNNING'}")
+    if running:
+        print(f"registry: {node.registry()}")
+    else:
+        print(f"no real node in {node.directory}")
+        for item in leftovers(node.directory):
+            print(f"left over: {item}")
+    return 0 if node.is_up() else 1
+
+
+def _node_push(args: argparse.Namespace) -> int:
+    from payper_dev.cluster.node import RealNode
+
+    print(RealNode(args.dir).push(Path(args.archive), args.name))
+    return 0
+
+
+def _node_build(args: argparse.Namespace) -> int:
+    from payper_dev.cluster import node_binaries
+
+    print(node_binaries.build(force=args.force))
+    return 0
+
+
+def _image_arg(text: str) -> tuple[str, str]:
+    archive, sep, name = text.partition("=")
+    if not sep or not archive or not name:
+        raise argparse.ArgumentTypeError(
+            "expected ARCHIVE=NAME, e.g. build/images/x.tar=payper/x:1"
+        )
+    return archive, name
 
 
 def _generated(
@@ -165,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--crds", help="a directory of CRD manifests to serve before the controllers start"
     )
+    up.add_argument(
+        "--real-node",
+        action="store_true",
+        help="add the real node (kubelet, containerd; needs root): see `payper-dev node`",
+    )
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
     up.set_defaults(func=_cluster_up)
     for name, func, text in (
@@ -177,6 +245,37 @@ def build_parser() -> argparse.ArgumentParser:
     build = cluster_commands.add_parser("build", help="build the control-plane binaries once")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=_cluster_build)
+
+    node = commands.add_parser(
+        "node", help="the real node of the local cluster (kubelet, containerd, kube-proxy, DNS)"
+    )
+    node_commands = node.add_subparsers(dest="node_command", required=True)
+    node_up = node_commands.add_parser("up", help="start it in a cluster up with --real-node")
+    node_up.add_argument("--dir", default="build/cluster", help="cluster directory")
+    node_up.add_argument("--timeout", type=float, default=180.0)
+    node_up.add_argument(
+        "--image",
+        type=_image_arg,
+        action="append",
+        metavar="ARCHIVE=NAME",
+        help="push an OCI archive into the node's registry as NAME (repeatable)",
+    )
+    node_up.set_defaults(func=_node_up)
+    for name, func, text in (
+        ("down", _node_down, "remove it and everything it left on the machine"),
+        ("status", _node_status, "show which of its processes run (or what is left over)"),
+    ):
+        sub = node_commands.add_parser(name, help=text)
+        sub.add_argument("--dir", default="build/cluster", help="cluster directory")
+        sub.set_defaults(func=func)
+    push = node_commands.add_parser("push", help="push an OCI archive into its registry")
+    push.add_argument("--dir", default="build/cluster", help="cluster directory")
+    push.add_argument("archive")
+    push.add_argument("name", help="repository:tag in the registry, e.g. payper/payper:0.1.0")
+    push.set_defaults(func=_node_push)
+    node_build = node_commands.add_parser("build", help="build its binaries and pause image once")
+    node_build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    node_build.set_defaults(func=_node_build)
 
     boards = commands.add_parser("dashboards", help="write (or --check) the Grafana dashboards")
     boards.add_argument("--dir", default="charts/payper/dashboards")

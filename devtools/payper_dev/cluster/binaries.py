@@ -129,12 +129,18 @@ def _go_env(work: Path) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], work: Path, label: str, verbose_build: bool = False) -> None:
+def _run(
+    cmd: list[str],
+    work: Path,
+    label: str,
+    verbose_build: bool = False,
+    env: dict[str, str] | None = None,
+) -> None:
     progress = _Progress(label)
     proc = subprocess.Popen(
         cmd,
         cwd=work,
-        env=_go_env(work),
+        env={**_go_env(work), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -196,6 +202,13 @@ def _staging_modules(kubernetes_gomod: str) -> list[str]:
 
 
 def _build_kube(out: Path, work: Path) -> None:
+    build_kubernetes(out, work, KUBE_BINARIES, "kube")
+
+
+def build_kubernetes(out: Path, work: Path, names: tuple[str, ...], label: str) -> None:
+    """Build ``k8s.io/kubernetes/cmd/<name>`` for each name, with the module recipe that
+    every Kubernetes binary here shares: a wrapper module requiring k8s.io/kubernetes, its
+    staging modules replaced by their published versions, and version ldflags."""
     _write_module(work, "payper.local/build/kube", "")
     gomod = _module_gomod(work, f"k8s.io/kubernetes@{KUBERNETES_VERSION}")
     staging_version = "v0." + KUBERNETES_VERSION.split(".", 1)[1]
@@ -205,8 +218,8 @@ def _build_kube(out: Path, work: Path) -> None:
         "payper.local/build/kube",
         f"\nrequire k8s.io/kubernetes {KUBERNETES_VERSION}\n\nreplace (\n{replaces}\n)\n",
     )
-    packages = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_BINARIES]
-    _run(["go", "get", *[f"{p}@{KUBERNETES_VERSION}" for p in packages]], work, "kube get")
+    packages = [f"k8s.io/kubernetes/cmd/{name}" for name in names]
+    _run(["go", "get", *[f"{p}@{KUBERNETES_VERSION}" for p in packages]], work, f"{label} get")
     major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
     base = "k8s.io/component-base/version"
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -224,7 +237,7 @@ def _build_kube(out: Path, work: Path) -> None:
         ]
     )
     cmd = ["go", "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(out) + "/"]
-    _run([*cmd, *packages], work, "kube build", verbose_build=True)
+    _run([*cmd, *packages], work, f"{label} build", verbose_build=True)
 
 
 def _build_etcd(out: Path, work: Path) -> None:

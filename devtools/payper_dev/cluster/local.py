@@ -62,6 +62,10 @@ class ClusterConfig:
     pod_cidr: str = "127.1.0.0/16"
     crds_dir: str | None = None
     """CRD manifests (``*.yaml``) served before the controller-manager starts."""
+    real_node: bool = False
+    """Start the real node too (payper_dev.cluster.node), and with it the EndpointSlice
+    controller, which real pods' Services need (kwok's loopback pod IPs make it log
+    errors, so it is off otherwise)."""
 
     def validate(self) -> None:
         if not 0 <= self.gpu_nodes <= 100:
@@ -171,7 +175,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         try:
             for name in COMPONENTS:
-                state.pids[name] = self._spawn(name, self._command(name, bin_dir, ports))
+                state.pids[name] = self._spawn(name, self._command(name, bin_dir, ports, config))
                 state.save(self.state_file)
                 if name == "etcd":
                     self._wait_etcd(ports["etcd"], deadline)
@@ -185,12 +189,20 @@ class LocalCluster:
                         self.timings["crds served"] = time.monotonic() - started
             asyncio.run(self._register_nodes(config, deadline))
             self.timings["nodes ready"] = time.monotonic() - started
+            if config.real_node:
+                from payper_dev.cluster.node import RealNode
+
+                node = RealNode(self.directory)
+                node.up(timeout_s=120.0)
+                self.timings["real node ready"] = time.monotonic() - started
         except BaseException:
             self.down()
             raise
         return self.kubeconfig
 
-    def _command(self, name: str, bin_dir: Path, ports: dict[str, int]) -> list[str]:
+    def _command(
+        self, name: str, bin_dir: Path, ports: dict[str, int], config: ClusterConfig
+    ) -> list[str]:
         p, d = self.pki_dir, self.directory
         if name == "etcd":
             return [
@@ -222,6 +234,12 @@ class LocalCluster:
                 f"--service-account-signing-key-file={p / 'sa.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                # Logs, exec and port-forward reach a kubelet by its node IP, never by a
+                # name to resolve, and with a client certificate it trusts.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+                f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
                 "--endpoint-reconciler-type=none",
                 "--allow-privileged=true",
                 "--profiling=false",
@@ -247,8 +265,10 @@ class LocalCluster:
                 f"--cluster-signing-key-file={p / 'ca.key'}",
                 # Pod IPs are loopback addresses, which Endpoints and EndpointSlices refuse:
                 # those controllers would only log errors. Nothing in Payper reads them.
+                # The real node's pods have real addresses, and kube-proxy needs slices.
                 "--controllers=*,-node-ipam-controller,-endpoints-controller,"
-                "-endpointslice-controller,-endpointslice-mirroring-controller",
+                + ("" if config.real_node else "-endpointslice-controller,")
+                + "-endpointslice-mirroring-controller",
                 "--allocate-node-cidrs=false",
                 "--kube-api-qps=200",
                 "--kube-api-burst=400",
@@ -435,6 +455,11 @@ class LocalCluster:
         Components stop one at a time in reverse start order (kwok first, etcd last), so
         the API server can still reach etcd while it shuts down gracefully.
         """
+        if (self.directory / "node" / "state.json").exists():
+            # The real node first, while the API server can still see its pods deleted.
+            from payper_dev.cluster.node import RealNode
+
+            RealNode(self.directory).down()
         state = self.state() if self.state_file.exists() else None
         marker = str(self.directory)
         pids = dict(state.pids) if state else {}

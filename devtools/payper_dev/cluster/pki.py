@@ -31,11 +31,23 @@ class Identity:
     organizations: tuple[str, ...] = ()
 
 
+REAL_NODE_NAME = "payper-node"
+"""The real node's name (payper_dev.cluster.node); its credential is issued with the rest."""
+REAL_NODE_IP = "198.18.0.1"
+"""The real node's address: its CNI bridge's gateway, in 198.18.0.0/15 (network tests)."""
+
 CLIENTS = (
     Identity("admin", "payper-admin", ("system:masters",)),
     Identity("controller-manager", "system:kube-controller-manager"),
     Identity("scheduler", "system:kube-scheduler"),
     Identity("kwok", "payper-kwok", ("system:masters",)),
+    # The API server's client identity towards kubelets (logs, exec, port-forward).
+    Identity("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",)),
+    # The real node: a proper node credential, so the Node authorizer and NodeRestriction
+    # treat it as they treat any kubelet. Fresh with every cluster's PKI.
+    Identity("node", f"system:node:{REAL_NODE_NAME}", ("system:nodes",)),
+    Identity("kube-proxy", "system:kube-proxy"),
+    Identity("coredns", "payper:coredns"),
 )
 
 
@@ -157,6 +169,16 @@ def generate(directory: Path, service_ip: str) -> None:
         )
         _write_key(directory / f"{identity.file_stem}.key", key)
         _write_cert(directory / f"{identity.file_stem}.crt", cert)
+
+    # The kubelet's serving certificate, for the node IP the API server reaches it on.
+    key, cert = ca.issue(
+        _name(f"system:node:{REAL_NODE_NAME}", ("system:nodes",)),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        dns_names=(REAL_NODE_NAME,),
+        ips=(REAL_NODE_IP,),
+    )
+    _write_key(directory / "kubelet-serving.key", key)
+    _write_cert(directory / "kubelet-serving.crt", cert)
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(directory / "sa.key", sa_key)

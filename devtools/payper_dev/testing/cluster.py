@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from payper.kube import Kube
 from payper_dev.cluster import binaries
 from payper_dev.cluster.local import ClusterConfig, LocalCluster
+from payper_dev.cluster.node import RealNode
 
 T = TypeVar("T")
 
@@ -87,6 +88,16 @@ class ClusterHandle:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         self.kubectl("create", "namespace", name)
         return name
+
+
+@dataclass
+class NodeCluster:
+    """A local cluster with the real node, and the images pushed to the node's registry."""
+
+    handle: ClusterHandle
+    node: RealNode
+    model_server_image: str
+    payper_image: str
 
 
 @contextmanager
