@@ -329,3 +329,12 @@ def test_a_relabelled_pod_leaves_its_former_deployment() -> None:
     assert registry.pods_of(("team-a", "llm")) == []
     assert [p.uid for p in registry.pods_of(("team-a", "cheap"))] == ["u1"]
     assert relabelled.owner is None
+
+
+def test_the_initial_listing_of_every_pod_comes_in_chunks() -> None:
+    """Unchunked, kopf lists every pod of the cluster in one response at start-up: 10,000
+    pods peaked above the chart's memory limit (bench/operator_memory.py)."""
+    from payper.operator.main import _settings
+
+    chunk = _settings().watching.chunk_size
+    assert chunk is not None and 0 < chunk <= 1000
