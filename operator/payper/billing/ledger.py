@@ -173,8 +173,17 @@ class Ledger:
 
     # -- flush ---------------------------------------------------------------------------
     async def run(self) -> None:
+        """Flush on a fixed cadence: each flush starts one interval after the previous one
+        started (at once if that one took longer), not one interval after it ended. A
+        report then waits at most about an interval and a flush for its acknowledgement;
+        sleeping a whole interval after each flush added the flush's own duration to
+        every wait, and an agent's next report, sent only once the previous one is
+        acknowledged, missed the next flush as well (``bench/README.md``)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.config.flush_interval_seconds)
+            due = flush.next_due(due, loop.time(), self.config.flush_interval_seconds)
+            await asyncio.sleep(due - loop.time())
             try:
                 await self.flush()
             except Exception:
