@@ -5,9 +5,11 @@ their usage spreads over 200 InferenceDeployments, so every flush writes 200
 BillingRecords, each holding the last applied sequence of every agent that reported to
 it (640 agents per record at 4,000 agents). Each configuration is measured for each
 record write concurrency in ``--concurrency`` (``billing.recordWriteConcurrency``; 1 is
-the one-after-another flush of the code before it), in one run, each in a namespace of
-its own and from an empty progress ConfigMap, so the runs are comparable. The chart's
-records admission policy is installed, as in a cluster.
+the one-after-another flush of the code before it) and, end to end, for the code before
+(``--baseline``: its operator, which also slept a whole interval after each flush instead
+of keeping a fixed cadence), in one run, each in a namespace of its own and from an empty
+progress ConfigMap, so the runs are comparable. The chart's records admission policy is
+installed, as in a cluster.
 
 1. The ledger alone (``--ledger-agents``): a ``Ledger`` in this process, pinned to CPU
    1, as the operator's ServiceAccount against the real API server; each round every
@@ -34,7 +36,9 @@ objects (one ConfigMap per node and window, written at up to 16 at a time) are 2
 not one per agent as in a real fleet.
 
     .venv/bin/python bench/ingestion.py --ledger-agents 1000,4000 --fleets "" --rounds 5
-    .venv/bin/python bench/ingestion.py --ledger-agents "" --fleets 1000,2000 --rounds 6
+    mkdir /tmp/payper-before && git archive 766006d operator | tar -x -C /tmp/payper-before
+    .venv/bin/python bench/ingestion.py --ledger-agents "" --fleets 1000,2000 --rounds 6 \
+        --baseline /tmp/payper-before
 """
 
 from __future__ import annotations
@@ -78,6 +82,12 @@ MAX_BATCH = 100
 AGENT_TIMEOUT_S = 30.0
 """payper_agent's sender: a request unanswered for 30 s is sent again after a backoff."""
 GOAL_P99_INTERVALS = 2.0
+BEFORE = 0
+"""The concurrency of an end-to-end run of the code before (``--baseline``)."""
+
+
+def label(concurrency: int) -> str:
+    return "before" if concurrency == BEFORE else str(concurrency)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -407,12 +417,18 @@ def measure(
 ) -> Run:
     handle.kubectl("create", "namespace", namespace)
     fresh_progress(handle)
-    billing: dict[str, Any] = {
-        "flushIntervalSeconds": FLUSH_INTERVAL_S,
-        "recordWriteConcurrency": concurrency,
-    }
+    billing: dict[str, Any] = {"flushIntervalSeconds": FLUSH_INTERVAL_S}
+    environment = dict(os.environ)
+    if concurrency == BEFORE:  # the code before: its own operator package, no such setting
+        os.environ["PYTHONPATH"] = str(Path(args.baseline).resolve() / "operator")
+    else:
+        billing["recordWriteConcurrency"] = concurrency
     stack.options.operator_extra = {"billing": billing}
-    operator = stack.start_operator()
+    try:
+        operator = stack.start_operator()
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     assert operator.popen is not None
     pid = operator.popen.pid
     subprocess.run(["taskset", "-acp", "1", str(pid)], check=True, capture_output=True)
@@ -465,6 +481,11 @@ def main() -> None:
         "--ledger-agents", default="4000", help="the ledger alone: agents' reports per flush"
     )
     parser.add_argument("--concurrency", default="1,16", help="record write concurrencies")
+    parser.add_argument(
+        "--baseline",
+        help="a tree holding the code before's operator/ (git archive COMMIT operator): "
+        "end-to-end runs of its operator come first, labelled 'before'",
+    )
     parser.add_argument("--rounds", type=int, default=6, help="report rounds (first: warm-up)")
     parser.add_argument("--drain", type=float, default=40, help="s after the last cut")
     args = parser.parse_args()
@@ -497,10 +518,10 @@ def main() -> None:
                     )
                 )
         for size in [int(x) for x in args.fleets.split(",") if x]:
-            for concurrency in concurrencies:
+            for concurrency in ([BEFORE] if args.baseline else []) + concurrencies:
                 index += 1
                 namespace = f"bench-usage-{index}"
-                print(f"run {index}: {size} agents, record write concurrency {concurrency}")
+                print(f"run {index}: {size} agents, record write concurrency {label(concurrency)}")
                 run = measure(handle, stack, tokens, size, concurrency, namespace, args)
                 runs.append(run)
                 print(f"  ack p99 {percentile(run.result.lags, 0.99):.2f} s", flush=True)
@@ -544,7 +565,7 @@ def main() -> None:
         r = run.result
         p99 = percentile(r.lags, 0.99)
         print(
-            f"{run.agents:>6}  {run.concurrency:>14}  {statistics.median(r.lags):>9.2f}  "
+            f"{run.agents:>6}  {label(run.concurrency):>14}  {statistics.median(r.lags):>9.2f}  "
             f"{p99:>9.2f}  {max(r.lags):>9.2f}  {p99 / FLUSH_INTERVAL_S:>12.2f}  "
             f"{percentile(r.send_delays, 0.99):>16.2f}  {run.flush_mean_s:>12.2f}  "
             f"{run.flushes:>7}  {run.cpu_share * 100:>10.0f}%  {run.rss_mib:>7.0f}  "
@@ -552,12 +573,12 @@ def main() -> None:
         )
     for size in sorted({run.agents for run in runs}):
         of_size = [run for run in runs if run.agents == size]
-        base = next((run for run in of_size if run.concurrency == 1), None)
+        base = next((run for run in of_size if run.concurrency in (BEFORE, 1)), None)
         for run in of_size:
             if base is None or run is base:
                 continue
             print(
-                f"{size} agents, concurrency {run.concurrency} vs 1: ack p99 "
+                f"{size} agents, {label(run.concurrency)} vs {label(base.concurrency)}: ack p99 "
                 f"{percentile(run.result.lags, 0.99) / percentile(base.result.lags, 0.99):.2f}x, "
                 f"flush mean {run.flush_mean_s / base.flush_mean_s:.2f}x"
             )
