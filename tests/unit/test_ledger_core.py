@@ -393,3 +393,15 @@ def test_progress_from_before_node_keys_still_counts_after_an_upgrade() -> None:
     again, newly = apply(status, SPEC, change, T0 + 2_000)
     assert newly == [], "report 8 is already in this record, under the bare id"
     assert again.active_us == 0, "and is not counted twice"
+
+
+@pytest.mark.parametrize(
+    ("previous", "now", "due"),
+    [
+        (100.0, 100.0, 110.0),  # just flushed: the next one interval after this one was due
+        (100.0, 103.5, 110.0),  # a flush of 3.5 s does not push the next one back
+        (100.0, 112.5, 112.5),  # a flush longer than the interval: the next one at once
+    ],
+)
+def test_flushes_keep_a_fixed_cadence(previous: float, now: float, due: float) -> None:
+    assert flush.next_due(previous, now, 10.0) == due

@@ -396,3 +396,12 @@ def test_pods_drain_before_they_stop_so_scale_down_cuts_no_stream() -> None:
     kept = builders.pod_template("llm", own)["spec"]
     assert kept["terminationGracePeriodSeconds"] == 7, "the tenant's own choice stands"
     assert kept["containers"][0]["lifecycle"]["preStop"] == {"exec": {"command": ["drain"]}}
+
+
+def test_the_initial_listing_of_every_pod_comes_in_chunks() -> None:
+    """Unchunked, kopf lists every pod of the cluster in one response at start-up: 10,000
+    pods peaked above the chart's memory limit (bench/operator_memory.py)."""
+    from payper.operator.main import _settings
+
+    chunk = _settings().watching.chunk_size
+    assert chunk is not None and 0 < chunk <= 1000

@@ -92,6 +92,9 @@ class BillingConfig(ApiModel):
     """A record becomes Final this long after its window ends; later usage is an adjustment."""
     flush_interval_seconds: Annotated[float, Field(ge=0.2, le=300)] = 10.0
     """Each record is written at most once per flush; usage reports are acknowledged after it."""
+    record_write_concurrency: Annotated[int, Field(ge=1, le=32)] = 16
+    """How many BillingRecords a flush writes at the same time (each still at most once per
+    flush); 1 writes them one after another."""
     ledger_config_map: ShortString = "payper-usage-ledger"
     """Per agent id, the last report applied everywhere (in the leader election namespace)."""
     plans: dict[DnsLabel, Plan] = Field(default_factory=default_plans)

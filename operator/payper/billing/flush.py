@@ -306,6 +306,12 @@ def acknowledge(
     return progress
 
 
+def next_due(previous_s: float, now_s: float, interval_s: float) -> float:
+    """When the next flush starts: one interval after the previous one was due, or now
+    if that time has passed (a flush that took longer than the interval)."""
+    return max(previous_s + interval_s, now_s)
+
+
 def closing(window_starts: Mapping[K, int], windows: BillingWindows, now_ms: int) -> list[K]:
     """The open records (by whatever key the caller holds them) whose window, grace
     included, is over: they become Final in this flush."""

@@ -1,0 +1,239 @@
+"""Benchmark: the ledger's pure core plans one flush of 10,000 agents' reports, on one core.
+
+A fleet of N GPU nodes (default 10,000), one agent each, 8 GPUs per node, 8 one-GPU pods
+per node with 4 containers each: 32 series per report, and 8 per-GPU rows (``gpus``), as a
+real agent sends. Pods belong to 2,000 InferenceDeployments in 200 namespaces (40
+replicas each, spread over the fleet); 1 pod in 20 belongs to no InferenceDeployment (its
+namespace's own records). Half the nodes carry H100s, half A100s; each deployment names
+one of the two and runs on nodes that carry it. Every report is the
+next in its agent's sequence (all are applied: the most work), every pod holds its GPU
+(provisioned spans for all 80,000), and the gateways counted requests for every
+deployment.
+
+Timed in CPU seconds of this process, pinned to one core (the machine may run other work:
+wall time is printed too, but CPU time is what the step costs), median of ``--repeat``
+runs, the garbage collector on as in the operator:
+
+- the baseline: parsing and validating the same reports from JSON
+  (``UsageBatch.model_validate_json``, one batch per agent), which the operator's usage
+  endpoint does for every report anyway, before any flush;
+- ``flush.plan`` (the target: under 10 % of the 10 s flush interval);
+- for the record, the other pure steps of the same flush: ``flush.acknowledge`` and the
+  per-GPU reconciliation's ``collect``.
+
+    .venv/bin/python bench/flush_plan.py [--agents 10000] [--repeat 5] [--cpu 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from payper.api.usage import UsageBatch, UsageReport
+from payper.billing import flush, reconciliation
+from payper.billing.events import BillingEvents
+from payper.billing.flush import BillingWindows, Observations
+from payper.observed import UNMANAGED, Key, Owner, PodView
+
+FLUSH_INTERVAL_S = 10.0
+GOAL = 0.10
+GPUS_PER_NODE = 8
+CONTAINERS = ("server", "tokenizer", "metrics", "init-weights")
+NAMESPACES = 200
+DEPLOYMENTS_PER_NAMESPACE = 10
+UNMANAGED_ONE_IN = 20
+HOUR_MS = 3_600_000
+PRODUCTS = ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB")
+
+
+def fleet(agents: int, now_ms: int) -> tuple[list[bytes], Observations, dict[str, int]]:
+    """The agents' request bodies, what the operator observed, and the progress so far."""
+    rng = random.Random(agents)
+    deployments = [
+        (f"tenant-{n:03d}", f"model-{d}")
+        for n in range(NAMESPACES)
+        for d in range(DEPLOYMENTS_PER_NAMESPACE)
+    ]
+    interval_end = now_ms // 10_000 * 10_000
+    bodies: list[bytes] = []
+    pods: dict[Key, dict[str, PodView]] = {}
+    owners: dict[str, Key] = {}
+    node_products: dict[str, str] = {}
+    progress: dict[str, int] = {}
+    for index in range(agents):
+        node = f"gpu-node-{index:05d}"
+        product = PRODUCTS[index % 2]
+        node_products[node] = product.replace(" ", "-")
+        agent_id = f"agent-{index:05d}"
+        sequence = rng.randrange(100, 10_000)
+        progress[f"{node}/{agent_id}"] = sequence - 1
+        series: list[dict[str, Any]] = []
+        gpus: list[dict[str, Any]] = []
+        for gpu_index in range(GPUS_PER_NODE):
+            gpu = f"GPU-{index:05d}-{gpu_index}"
+            namespace, deployment = rng.choice(deployments[index % 2 :: 2])  # its product
+            managed = rng.randrange(UNMANAGED_ONE_IN) != 0
+            pod_name = f"{deployment}-{rng.getrandbits(40):010x}"
+            uid = f"uid-{index:05d}-{gpu_index}"
+            key: Key = (namespace, deployment if managed else UNMANAGED)
+            owners[uid] = key
+            pods.setdefault(key, {})[uid] = PodView(
+                name=pod_name,
+                uid=uid,
+                created_ms=now_ms - 7_200_000,
+                ready=True,
+                unschedulable=None,
+                scheduled_ms=now_ms - rng.randrange(60_000, 7_200_000),
+                node=node,
+                gpus=1,
+                namespace=namespace,
+                deployment=deployment if managed else None,
+                containers=CONTAINERS,
+                owner=Owner("ReplicaSet", f"{deployment}-abc", f"rs-{deployment}")
+                if managed
+                else None,
+            )
+            attributed = 0
+            for container in CONTAINERS:
+                active = rng.randrange(0, 10_000_000) if container == "server" else 0
+                active = active or rng.randrange(0, 50_000)
+                attributed += active
+                series.append(
+                    {
+                        "namespace": namespace,
+                        "pod": pod_name,
+                        "podUid": uid,
+                        "container": container,
+                        "gpu": gpu,
+                        "gpuProduct": product,
+                        "inferenceDeployment": deployment if managed else None,
+                        "activeUs": active,
+                        "roundedMs": {
+                            "1ms": -(-active // 1000),
+                            "1s": -(-active // 1_000_000) * 1000,
+                            "1m": 60_000 if active else 0,
+                        },
+                        "bursts": rng.randrange(0, 20),
+                    }
+                )
+            wall = 10_000_000 + max(0, attributed - 10_000_000)
+            gpus.append(
+                {
+                    "gpu": gpu,
+                    "gpuProduct": product,
+                    "wallUs": wall,
+                    "attributedUs": attributed,
+                    "idleUs": wall - attributed,
+                }
+            )
+        report = {
+            "agentId": agent_id,
+            "sequence": sequence,
+            "node": node,
+            "intervalStartMs": interval_end - 10_000,
+            "intervalEndMs": interval_end,
+            "series": series,
+            "gpus": gpus,
+        }
+        bodies.append(json.dumps({"reports": [report]}).encode())
+    events = BillingEvents()
+    for key in deployments:
+        events.requests[key] = rng.randrange(1, 5000)
+        if rng.randrange(10) == 0:
+            events.cold_starts[key] = 1
+    seen = Observations(
+        events=events,
+        pods=pods,
+        deployment_products={
+            key: PRODUCTS[i % 2].replace(" ", "-") for i, key in enumerate(deployments)
+        },
+        node_products=node_products,
+        unplaced_since={},
+        owners=owners,
+    )
+    return bodies, seen, progress
+
+
+def timed(step: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
+    """Median wall and CPU seconds of ``step`` over ``repeat`` runs, and its last result."""
+    walls, cpus = [], []
+    result = None
+    for _ in range(repeat):
+        gc.collect()
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = step()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--agents", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1)
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {args.cpu})
+
+    now_ms = int(time.time() * 1000) // HOUR_MS * HOUR_MS + 1_800_000  # mid-window
+    windows = BillingWindows(HOUR_MS, 300_000)
+    bodies, seen, progress = fleet(args.agents, now_ms)
+    body_mib = sum(len(b) for b in bodies) / 2**20
+
+    def parse() -> list[UsageReport]:
+        return [r for body in bodies for r in UsageBatch.model_validate_json(body).reports]
+
+    parse_s, parse_cpu, reports = timed(parse, args.repeat)
+
+    def plan() -> flush.FlushPlan:
+        return flush.plan(reports, progress, seen, windows, now_ms)
+
+    plan_s, plan_cpu, planned = timed(plan, args.repeat)
+    ack_s, ack_cpu, acknowledged = timed(
+        lambda: flush.acknowledge(planned, progress, set()), args.repeat
+    )
+    collect_s, collect_cpu, grouped = timed(
+        lambda: reconciliation.collect(planned, acknowledged, set(), windows, now_ms),
+        args.repeat,
+    )
+
+    series = sum(len(r.series) for r in reports)
+    pod_count = sum(len(p) for p in seen.pods.values())
+    print(
+        f"fleet: {args.agents} agents x {len(reports[0].series)} series ({series} series, "
+        f"{body_mib:.1f} MiB of JSON), {pod_count} GPU pods, "
+        f"{NAMESPACES * DEPLOYMENTS_PER_NAMESPACE} deployments in {NAMESPACES} namespaces; "
+        f"one core (CPU {args.cpu}), median of {args.repeat}"
+    )
+    print(
+        f"plan: {len(planned.selection.accepted)} reports accepted, {len(planned.changes)} "
+        f"records touched, {len(grouped)} node objects"
+    )
+    print("step                                   cpu s   wall s   vs parse   of the interval")
+    for name, wall, cpu in (
+        ("baseline: parse + validate reports", parse_s, parse_cpu),
+        ("flush.plan", plan_s, plan_cpu),
+        ("flush.acknowledge", ack_s, ack_cpu),
+        ("reconciliation.collect", collect_s, collect_cpu),
+    ):
+        print(
+            f"{name:<36} {cpu:8.3f} {wall:8.3f} {cpu / parse_cpu:10.2f} "
+            f"{cpu / FLUSH_INTERVAL_S:16.1%}"
+        )
+    share = plan_cpu / FLUSH_INTERVAL_S
+    verdict = "met" if share < GOAL else "NOT met"
+    print(
+        f"goal: flush.plan under {GOAL:.0%} of the {FLUSH_INTERVAL_S:.0f} s flush interval "
+        f"on one core (CPU time): {share:.1%}, {share / GOAL:.2f} of the goal ({verdict})"
+    )
+
+
+if __name__ == "__main__":
+    main()
