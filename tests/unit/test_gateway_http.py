@@ -435,40 +435,9 @@ async def test_forged_forwarding_headers_are_dropped_and_trailers_never_become_h
 
 
 async def test_a_trusted_proxy_s_forwarding_headers_are_extended(backend: Backend) -> None:
-    targets = Targets()
-    targets.upsert_deployment(
-        {
-            "metadata": {"namespace": "ns", "name": "m"},
-            "spec": {
-                "template": {
-                    "spec": {
-                        "containers": [
-                            {"name": "s", "image": "i", "ports": [{"containerPort": backend.port}]}
-                        ]
-                    }
-                }
-            },
-        }
-    )
-    targets.upsert_pod(
-        "m",
-        {
-            "metadata": {"namespace": "ns", "name": "p", "uid": "uid-p"},
-            "status": {
-                "phase": "Running",
-                "podIP": "127.0.0.1",
-                "conditions": [{"type": "Ready", "status": "True"}],
-            },
-        },
-    )
-
-    async def poke(namespace: str, name: str) -> None:
-        return None
-
     trusted = (ipaddress.ip_network("127.0.0.0/8"),)
-    proxy = Gateway(targets, GatewaySettings(domain="x.test", trusted_proxies=trusted), poke)
-    port = free_port()
-    listening = await server.serve(proxy.handle, "127.0.0.1", port)
+    settings = GatewaySettings(domain="x.test", trusted_proxies=trusted)
+    proxy, port, listening = await _gateway_to(backend.port, settings)
     try:
         raw = (
             b"GET /ns/m/small HTTP/1.1\r\nHost: gw.internal\r\nConnection: close\r\n"
