@@ -70,6 +70,13 @@ def parse_run(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--sim-dir", type=Path, help="simulated: where model servers publish")
     parser.add_argument("--sim-gpus", type=int, default=8, help="simulated: GPUs on this node")
     parser.add_argument("--sim-product", default="NVIDIA H100 80GB HBM3")
+    parser.add_argument(
+        "--sim-cgroups",
+        choices=("published", "proc"),
+        default="published",
+        help="simulated: each process's cgroup made from its published pod (kwok nodes), "
+        "or read from /proc/<pid>/cgroup (a real node's containers)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("PAYPER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     if not args.node:
@@ -90,7 +97,10 @@ def make_backend(args: argparse.Namespace) -> Backend:
         from payper_agent.simulated import LiveBackend, fake_gpus
 
         return LiveBackend(
-            args.sim_dir, args.node, fake_gpus(args.node, args.sim_gpus, args.sim_product)
+            args.sim_dir,
+            args.node,
+            fake_gpus(args.node, args.sim_gpus, args.sim_product),
+            cgroups=args.sim_cgroups,
         )
     import pynvml
 

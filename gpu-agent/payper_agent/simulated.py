@@ -7,9 +7,18 @@ at all for a process that was idle. Two sources of busy intervals:
 - a *scenario* (``payper-agent replay``): GPUs, processes and intervals from a JSON file,
   on a simulated clock, so a run is deterministic and takes no wall time;
 - *live* model servers on the local cluster, which append a ``start`` line (epoch ms)
-  when a kernel starts and a ``start end`` line when it ends to ``<dir>/<pid>.busy``, and
-  describe themselves in ``<dir>/<pid>.json`` (pod, node, GPU); the backend gives each the
-  cgroup line a real containerd container of that pod would have.
+  when a kernel starts and a ``start end`` line when it ends to ``<dir>/<stem>.busy``, and
+  describe themselves in ``<dir>/<stem>.json`` (PID, start time, pod, node, GPU).
+
+A model server in a container knows only its PID in its own PID namespace, while the
+driver (and the agent, with hostPID) speak host PIDs; it also publishes its start time
+in clock ticks since boot (``/proc/self/stat``, the same in every PID namespace), and the
+backend finds the host process with that start time whose innermost PID (``NSpid``) is
+the published one. On kwok nodes the model servers are host processes, and the backend
+gives each the cgroup line a real containerd container of its pod would have
+(``cgroups="published"``); on a real node it reads the process's real
+``/proc/<pid>/cgroup`` (``cgroups="proc"``), so PID → cgroup → pod → container
+resolution runs on what the kubelet and containerd made.
 """
 
 from __future__ import annotations
@@ -21,7 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from payper_agent.backends import Gpu, ProcessSample
+from payper_agent.backends import Gpu, ProcessSample, read_proc_cgroup
+
+UNRESOLVED_GRACE_US = 30_000_000
+"""How long a published process may stay unmatched to a host process before it is
+ignored (it exited, or it was never on this machine)."""
 
 
 @dataclass
@@ -133,14 +146,72 @@ def fake_gpus(node: str, count: int, product: str) -> list[Gpu]:
     return [Gpu(i, f"GPU-{node}-{i}", product) for i in range(count)]
 
 
+def start_ticks(pid: int | str = "self", proc: str = "/proc") -> int | None:
+    """A process's start time in clock ticks since boot (field 22 of ``/proc/<pid>/stat``)."""
+    try:
+        with open(f"{proc}/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name may contain spaces
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def innermost_pid(pid: int, proc: str = "/proc") -> int | None:
+    """The PID a process has in its own (innermost) PID namespace (``NSpid``)."""
+    try:
+        with open(f"{proc}/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def host_pid(pid: int, ticks: int | None, proc: str = "/proc") -> int | None:
+    """The host PID of the process that calls itself ``pid`` and started at ``ticks``.
+
+    Without a start time (an older publisher) the PID is taken as a host PID."""
+    if ticks is None:
+        return pid
+    if start_ticks(pid, proc) == ticks and innermost_pid(pid, proc) == pid:
+        return pid  # the same PID namespace as ours
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        candidate = int(entry.name)
+        if start_ticks(candidate, proc) == ticks and innermost_pid(candidate, proc) == pid:
+            return candidate
+    return None
+
+
 class LiveBackend(SimulatedBackend):
     """Busy intervals published by model-server processes on this machine, for one node."""
 
-    def __init__(self, directory: Path, node: str, gpus: list[Gpu]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        node: str,
+        gpus: list[Gpu],
+        cgroups: str = "published",
+        proc: str = "/proc",
+    ) -> None:
         super().__init__(gpus)
+        if cgroups not in ("published", "proc"):
+            raise ValueError(f"cgroups must be 'published' or 'proc', not {cgroups!r}")
         self.directory = directory
         self.node = node
-        self._offsets: dict[int, int] = {}
+        self.cgroups = cgroups
+        self.proc = proc
+        self._stems: dict[str, int] = {}
+        """Published stem -> host PID, for the processes being metered."""
+        self._ignored: set[str] = set()
+        """Stems of other nodes, other GPUs, or never matched to a host process."""
+        self._offsets: dict[str, int] = {}
 
     def now_us(self) -> int:
         import time
@@ -156,37 +227,57 @@ class LiveBackend(SimulatedBackend):
             return True
         return True
 
+    def cgroup(self, pid: int) -> str | None:
+        if self.cgroups == "proc":
+            return read_proc_cgroup(pid, self.proc) if pid in self.processes else None
+        return super().cgroup(pid)
+
+    def _discover(self, identity_file: Path) -> None:
+        stem = identity_file.stem
+        try:
+            identity: dict[str, Any] = json.loads(identity_file.read_text())
+            published_pid = int(identity.get("pid", stem))
+            ticks = identity.get("startTicks")
+            ticks = None if ticks is None else int(ticks)
+        except (OSError, ValueError, TypeError):
+            return  # half-written: read again next time
+        known_uuids = {g.uuid for g in self._gpus}
+        if identity.get("node") != self.node or identity.get("gpu") not in known_uuids:
+            self._ignored.add(stem)
+            return
+        pid = host_pid(published_pid, ticks, self.proc)
+        if pid is None:
+            started_us = int(identity.get("startedMs", 0)) * 1000
+            if self.now_us() - started_us > UNRESOLVED_GRACE_US:
+                self._ignored.add(stem)
+            return
+        pod = identity.get("pod") or {}
+        cgroup = None
+        if self.cgroups == "published" and pod.get("uid"):
+            cgroup = cgroup_line(pod["uid"], pod.get("container", "server"))
+        self._stems[stem] = pid
+        self.processes[pid] = SimProcess(pid, identity["gpu"], Intervals(), cgroup)
+
     def refresh(self) -> None:
         """Pick up new processes and new busy lines; forget processes that exited."""
-        known_uuids = {g.uuid for g in self._gpus}
+        present = set()
         for identity_file in self.directory.glob("*.json"):
-            try:
-                pid = int(identity_file.stem)
-            except ValueError:
-                continue
-            if pid in self.processes:
-                continue
-            try:
-                identity: dict[str, Any] = json.loads(identity_file.read_text())
-            except (OSError, ValueError):
-                continue
-            if identity.get("node") != self.node or identity.get("gpu") not in known_uuids:
-                continue
-            pod = identity.get("pod") or {}
-            cgroup = (
-                cgroup_line(pod["uid"], pod.get("container", "server")) if pod.get("uid") else None
-            )
-            self.processes[pid] = SimProcess(pid, identity["gpu"], Intervals(), cgroup)
-        for pid, process in list(self.processes.items()):
-            busy_file = self.directory / f"{pid}.busy"
+            stem = identity_file.stem
+            present.add(stem)
+            if stem not in self._stems and stem not in self._ignored:
+                self._discover(identity_file)
+        self._ignored &= present  # bounded by the files there are
+        for stem, pid in list(self._stems.items()):
+            process = self.processes[pid]
+            busy_file = self.directory / f"{stem}.busy"
             try:
                 with busy_file.open("rb") as handle:
-                    handle.seek(self._offsets.get(pid, 0))
+                    handle.seek(self._offsets.get(stem, 0))
                     data = handle.read()
             except OSError:
                 data = b""
             complete = data.rfind(b"\n") + 1
-            self._offsets[pid] = self._offsets.get(pid, 0) + complete
+            self._offsets[stem] = self._offsets.get(stem, 0) + complete
             for line in data[:complete].splitlines():
                 start_ms, _, end_ms = line.partition(b" ")
                 start = int(start_ms) * 1000
@@ -200,7 +291,9 @@ class LiveBackend(SimulatedBackend):
                 and process.busy.overlap(self.now_us() - 60_000_000, 2**62) == 0
             ):
                 del self.processes[pid]
-                self._offsets.pop(pid, None)
+                del self._stems[stem]
+                self._offsets.pop(stem, None)
+                self._ignored.add(stem)
 
     def running_pids(self, gpu: Gpu) -> set[int]:
         return {pid for pid in super().running_pids(gpu) if self._alive(pid)}

@@ -433,3 +433,34 @@ def test_restricted_security_context_except_the_agent() -> None:
     assert volumes["pod-resources"]["hostPath"]["type"] == "DirectoryOrCreate"
     token = next(v for v in agent["volumes"] if v["name"] == "operator-token")
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "payper-operator"
+
+
+def _agent_container(*args: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    agent = next(d for d in render(*args) if d["kind"] == "DaemonSet")
+    pod = agent["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def test_the_agent_meters_nvml_unless_development_values_say_simulated() -> None:
+    pod, container = _agent_container()
+    assert not any(a.startswith(("--backend", "--sim-")) for a in container["args"])
+    assert "simulated-gpus" not in json.dumps(pod["volumes"])
+    pod, container = _agent_container(
+        "--set", "agent.simulatedBackend.enabled=true",
+        "--set", "agent.simulatedBackend.product=A: B",
+        "--set", "agent.simulatedBackend.hostPath=/srv/sim",
+    )  # fmt: skip
+    args = container["args"]
+    assert "--backend=simulated" in args
+    assert "--sim-cgroups=proc" in args  # the real containers' cgroups, from hostPID /proc
+    assert "--sim-product=A: B" in args  # quoted: a colon does not break the YAML
+    volume = next(v for v in pod["volumes"] if v["name"] == "simulated-gpus")
+    assert volume["hostPath"] == {"path": "/srv/sim", "type": "Directory"}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "simulated-gpus")
+    assert mount["readOnly"] is True
+    refused = helm(
+        "template", "t", str(CHART), "--set", "agent.simulatedBackend.hostPath=relative",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "simulatedBackend/hostPath" in refused.stderr

@@ -100,9 +100,14 @@ SYSCTLS = (
 )
 """What the kubelet, kube-proxy and the CNI bridge may change; each restored at ``down``."""
 
+SIM_DIR = "/var/lib/payper-sim"
+"""Where stand-in model servers on the node publish their busy time for the agent's
+simulated backend (the chart's ``agent.simulatedBackend.hostPath``)."""
+
 FIXED_PATHS = (
     "/var/lib/kubelet",
     "/var/lib/payper-agent",
+    SIM_DIR,
     "/var/log/pods",
     "/var/log/containers",
     "/var/lib/cni",
@@ -358,6 +363,9 @@ class RealNode:
                 "containerd-stream": free_port(),
             }
             _make_cgroup_root()
+            # Shared by the stand-in model servers (any user) and the agent (root).
+            os.makedirs(SIM_DIR, exist_ok=True)
+            os.chmod(SIM_DIR, 0o1777)
             self._write_configs(bin_dir, state)
             asyncio.run(
                 self._apply_objects(

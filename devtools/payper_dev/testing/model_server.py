@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from payper.clock import now_ms
+from payper_agent.simulated import start_ticks
 
 
 def simulated_gpu() -> str:
@@ -51,8 +53,13 @@ class BusyLog:
             return
         directory.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
+        # The PID as this process sees it (in a container: its own PID namespace's) and
+        # its start time, by which the agent finds the host PID. The files are named
+        # uniquely: containers sharing the directory may all be PID 1.
+        stem = uuid.uuid4().hex
         identity = {
             "pid": pid,
+            "startTicks": start_ticks(),
             "gpu": gpu,
             "pod": {
                 "namespace": os.environ.get("POD_NAMESPACE", ""),
@@ -63,9 +70,12 @@ class BusyLog:
             "node": os.environ.get("NODE_NAME", ""),
             "startedMs": now_ms(),
         }
-        (directory / f"{pid}.json").write_text(json.dumps(identity))
-        self.path = directory / f"{pid}.busy"
+        self.path = directory / f"{stem}.busy"
         self.path.touch()
+        # The identity last, written whole: the agent reads the busy file once it sees it.
+        partial = directory / f".{stem}.json.partial"
+        partial.write_text(json.dumps(identity))
+        partial.rename(directory / f"{stem}.json")
 
     def started(self, start_ms: int) -> None:
         """A kernel began: the simulated driver counts it busy from now on."""
