@@ -136,12 +136,17 @@ test-unit: binaries
 test-integration: binaries
 	$(call run_tier,tests/integration)
 
-# The real-node tier (root, containerd, runc; see tests/node/conftest.py). Not part of
-# `make test` yet. PAYPER_SKIP_NODE_TESTS=1 skips it, with a warning.
+# The real-node tier (root, containerd, runc; see tests/node/conftest.py), last in
+# `make test`. PAYPER_SKIP_NODE_TESTS=1 skips it, with a warning (its builds too).
+ifeq ($(PAYPER_SKIP_NODE_TESTS),)
 test-node: node-binaries node-images
 	$(call run_tier,tests/node)
+else
+test-node: venv
+	$(call run_tier,tests/node)
+endif
 
-test: test-deps lint generated-check test-unit test-integration
+test: test-deps lint generated-check test-unit test-integration test-node
 
 clean:
 	-$(PAYPER_DEV) cluster down --dir $(CLUSTER_DIR)
