@@ -29,6 +29,7 @@ from payper_agent.agent import Agent, AgentSettings
 from payper_agent.backends import Backend
 from payper_agent.pods import PidResolver, PodIndex
 from payper_agent.sender import Sender
+from payper_agent.store import claim_state_dir
 
 logger = logging.getLogger("payper.agent")
 
@@ -112,6 +113,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
 async def run(args: argparse.Namespace) -> int:
     from payper.kube import Informer, Kube, resource_path
 
+    # Before anything reads the state: a predecessor on this node may still be running.
+    await claim_state_dir(args.state_dir)
     backend = make_backend(args)
     pods = PodIndex()
     agent = Agent(

@@ -7,6 +7,12 @@ cut with it); each report file also carries the checkpoint taken right after it 
 cut. On start the newer of the two wins, so a crash between writing a report and the
 next checkpoint can neither count that report's usage twice nor lose it.
 
+One agent at a time: ``claim_state_dir`` takes an exclusive lock on the directory's
+``lock`` file, held for the process's life (the kernel drops it when the process dies,
+however it dies). Two agents on one directory would each send the same reports and
+checkpoints under one agent id; it happens when the DaemonSet moves (a new namespace, a
+new name) and the new pod starts while the old one is still terminating.
+
 A corrupt or unreadable state file is set aside (renamed ``*.corrupt-<time>``), logged,
 and a new agent id starts: the operator's exactly-once bookkeeping is per agent id, so
 a fresh id can never collide with reports it has already applied.
@@ -14,6 +20,8 @@ a fresh id can never collide with reports it has already applied.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -25,6 +33,30 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+
+
+def _open_lock(directory: Path) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    return os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+async def claim_state_dir(directory: Path, retry_s: float = 0.5) -> int:
+    """Wait until this process alone holds ``directory``; returns the open lock file
+    (kept open for the process's life)."""
+    fd = _open_lock(directory)
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                logger.warning("another agent holds %s; waiting for it to exit", directory)
+                waited = True
+            await asyncio.sleep(retry_s)
+            continue
+        if waited:
+            logger.info("%s is ours now", directory)
+        return fd
 
 
 def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:

@@ -10,10 +10,12 @@ writes), and reports it never saw (cut while no operator ran). The upgrade is wh
 user does: apply the new CRDs (helm never upgrades a chart's ``crds/``), then ``helm
 upgrade``: the chart's new RBAC, the operator replaced (``Recreate``: the old one stops
 first), the gateway replaced, the agents' DaemonSet rolled node by node on the same host
-state directories. Node 0's agent is replaced while no operator runs, so the new agent
-finds the old one's reports and open bursts on disk; node 1's old agent delivers its
-backlog to the new operator itself before it is replaced: both mixes happen in a real
-upgrade. The truth is the agents' own checkpoints, as in ``test_billing``.
+state directories. The agents also move to a namespace of their own, so the release's
+agents lose their identity at the upgrade: node 0's agent is replaced while no operator
+runs, so the new agent finds the old one's reports and open bursts on disk; node 1's old
+agent meters on until the new operator runs, then stops with reports the new operator
+never saw from it, which its successor delivers. The truth is the agents' own
+checkpoints, as in ``test_billing``.
 
 The module runs its own cluster (pod IPs in 127.4.0.0/16), always, even with
 PAYPER_TEST_KUBECONFIG: it starts from the released CRDs (which, installed in the shared
@@ -405,17 +407,22 @@ async def test_a_helm_upgrade_from_the_release_loses_and_double_counts_nothing(
     assert can_save_progress(cluster)
     await asyncio.to_thread(stack.start_operator, "operator-1")
     await asyncio.to_thread(stack.start_gateway)
-    # Node 1's agent is still the release's: it delivers its backlog to the new operator.
-    await asyncio.to_thread(
-        eventually,
-        lambda: not set(pending_reports(stack, NODES[1])) & set(pending[NODES[1]]),
-        90,  # its retries back off up to 30 s while no operator answered
-        0.2,
-        "the release's agent on node 1 acknowledged by the new operator",
-    )
+    # The agents move to their own namespace: helm deletes the release's DaemonSet and
+    # ServiceAccount (the new operator knows only the new one), so node 1's old agent
+    # stops with its backlog undelivered, and each new agent (the new ServiceAccount)
+    # finds its predecessor's reports on the host and delivers them.
+    assert stack.agent_namespace != SYSTEM_NAMESPACE
     old_state[NODES[1]] = stop_agent(stack, NODES[1])
+    assert set(pending_reports(stack, NODES[1])) >= set(pending[NODES[1]])
     for node in NODES:
         stack.start_agent(node)
+    await asyncio.to_thread(
+        eventually,
+        lambda: not any(set(pending_reports(stack, n)) & set(pending[n]) for n in NODES),
+        60,
+        0.2,
+        "the release's reports delivered by the new agents",
+    )
 
     # 4. Traffic through the upgraded stack, into the same records, then settle.
     await both(http, stack, namespace, 4, 6)

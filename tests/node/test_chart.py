@@ -48,10 +48,12 @@ def _helm(node_cluster: NodeCluster, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def release(node_cluster: NodeCluster) -> Iterator[str]:
-    """``helm install`` into a privileged namespace (the agent needs hostPID)."""
+    """``helm install`` into a namespace that enforces the ``restricted`` Pod Security
+    level: the operator and the gateway run under it; the agent (hostPID, root) runs in
+    the namespace of its own that the chart creates, ``<namespace>-agent``."""
     handle = node_cluster.handle
     namespace = handle.namespace("payper-system")
-    handle.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=privileged")
+    handle.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     registry = node_cluster.payper_image.split("/", 1)[0]
     _helm(
         node_cluster,
@@ -69,6 +71,10 @@ def release(node_cluster: NodeCluster) -> Iterator[str]:
             check=False,
         )
         handle.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _agent_namespace(release: str) -> str:
+    return f"{release}-agent"
 
 
 def _pod(node_cluster: NodeCluster, namespace: str, component: str) -> dict[str, Any]:
@@ -110,11 +116,14 @@ def test_the_agent_is_ready_under_its_security_context(
     node_cluster: NodeCluster, release: str
 ) -> None:
     handle = node_cluster.handle
+    agents = _agent_namespace(release)
+    labels = handle.get_json("namespace", agents)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
     handle.kubectl(
-        "rollout", "status", "-n", release, "daemonset/payper-agent", "--timeout=180s",
+        "rollout", "status", "-n", agents, "daemonset/payper-agent", "--timeout=180s",
         timeout=190,
     )  # fmt: skip
-    pod = _pod(node_cluster, release, "agent")
+    pod = _pod(node_cluster, agents, "agent")
     assert pod["spec"]["nodeName"] == real_node.NODE_NAME
     assert pod["spec"]["hostPID"] is True
     context = pod["spec"]["containers"][0]["securityContext"]
@@ -123,7 +132,7 @@ def test_the_agent_is_ready_under_its_security_context(
     # hostPID for real: the agent's container sees the node's processes, the kubelet's too.
     kubelet = node_cluster.node.state().pids["kubelet"]  # type: ignore[union-attr]
     name = pod["metadata"]["name"]
-    comm = handle.kubectl("exec", "-n", release, name, "--", "cat", f"/proc/{kubelet}/comm")
+    comm = handle.kubectl("exec", "-n", agents, name, "--", "cat", f"/proc/{kubelet}/comm")
     assert comm.stdout.strip() == "kubelet"
 
 
@@ -294,11 +303,14 @@ def test_upgrade_keeps_the_loop_running(
         "--set", "gateway.logLevel=DEBUG", "--set", "agent.logLevel=DEBUG",
         "--wait", "--timeout", "180s",
     )  # fmt: skip
-    for kind, name in (("deployment", "payper-gateway"), ("daemonset", "payper-agent")):
+    for namespace_, kind, name in (
+        (release, "deployment", "payper-gateway"),
+        (_agent_namespace(release), "daemonset", "payper-agent"),
+    ):
         handle.kubectl(
-            "rollout", "status", "-n", release, f"{kind}/{name}", "--timeout=180s", timeout=190
+            "rollout", "status", "-n", namespace_, f"{kind}/{name}", "--timeout=180s", timeout=190
         )
-        workload = handle.get_json("-n", release, kind, name)
+        workload = handle.get_json("-n", namespace_, kind, name)
         container = workload["spec"]["template"]["spec"]["containers"][0]
         assert "--log-level=DEBUG" in container["args"], (name, container["args"])
     before = _busy_us(namespace)
@@ -325,7 +337,12 @@ def test_uninstall_leaves_nothing_running(node_cluster: NodeCluster, release: st
     handle = node_cluster.handle
     _helm(node_cluster, "uninstall", "payper", "-n", release, "--wait", "--timeout", "120s")
 
-    def gone() -> bool:
-        return not handle.get_json("-n", release, "pods")["items"]
+    agents = _agent_namespace(release)
 
-    eventually(gone, 120, interval_s=0.5, what="the release's pods to be deleted")
+    def gone() -> bool:
+        if handle.get_json("-n", release, "pods")["items"]:
+            return False
+        # The agent's namespace goes with the release (its pods with it).
+        return handle.kubectl("get", "namespace", agents, check=False).returncode != 0
+
+    eventually(gone, 120, interval_s=0.5, what="the release's pods and the agent's namespace")

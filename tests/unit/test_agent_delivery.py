@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from payper_agent.agent import Agent, AgentSettings
 from payper_agent.meter import KnownPids, SeriesIdentity
 from payper_agent.sender import Sender
 from payper_agent.simulated import Intervals, SimProcess, SimulatedBackend, fake_gpus
-from payper_agent.store import Checkpoint, Store
+from payper_agent.store import Checkpoint, Store, claim_state_dir
 from payper_dev.loopback import free_port
 from payper_dev.testing.usage_receiver import UsageReceiver
 
@@ -266,3 +269,41 @@ def test_a_corrupt_state_file_is_set_aside_and_a_new_agent_id_starts(tmp_path: P
     third = _agent(tmp_path, backend, [0])
     assert third.agent_id not in (first.agent_id, second.agent_id)
     assert third.note == "no state file: starting a new agent id"
+
+
+def _hold_state_dir(directory: Path) -> subprocess.Popen[str]:
+    """Another agent process holding ``directory`` (until it is killed)."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import asyncio, sys, pathlib\n"
+            "from payper_agent.store import claim_state_dir\n"
+            f"asyncio.run(claim_state_dir(pathlib.Path({str(directory)!r})))\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+async def test_one_agent_at_a_time_holds_a_state_directory(tmp_path: Path) -> None:
+    """A second agent on the same directory (a DaemonSet moved to a new namespace, its
+    new pod up while the old one terminates) waits until the first one's process ends."""
+
+    holder = _hold_state_dir(tmp_path)
+    try:
+        waiting = asyncio.create_task(claim_state_dir(tmp_path, retry_s=0.01))
+        for _ in range(20):  # twenty retries while the holder lives: still waiting
+            await asyncio.sleep(0.01)
+        assert not waiting.done()
+        holder.kill()  # however it dies, the kernel drops its lock
+        fd = await asyncio.wait_for(waiting, 30)
+        os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -21,6 +21,7 @@ where they are missing these tests fail saying so, never skip quietly.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
@@ -464,3 +465,86 @@ def test_the_agent_meters_nvml_unless_development_values_say_simulated() -> None
     )  # fmt: skip
     assert refused.returncode != 0
     assert "simulatedBackend/hostPath" in refused.stderr
+
+
+def test_the_agent_has_a_namespace_of_its_own_so_the_release_can_be_restricted() -> None:
+    docs = render()
+    agent_kinds = {
+        d["kind"]: d["metadata"].get("namespace")
+        for d in docs
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "agent"
+    }
+    namespace = next(d for d in docs if d["kind"] == "Namespace")
+    assert namespace["metadata"]["name"] == "payper-system-agent"
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    for kind in ("DaemonSet", "ServiceAccount", "NetworkPolicy", "ConfigMap"):
+        assert agent_kinds[kind] == "payper-system-agent", kind
+    binding = next(
+        d for d in docs if d["kind"] == "ClusterRoleBinding" and "agent" in d["metadata"]["name"]
+    )
+    assert binding["subjects"][0]["namespace"] == "payper-system-agent"
+    config = yaml.safe_load(
+        next(
+            d
+            for d in docs
+            if d["metadata"]["name"] == "t-payper-operator" and d["kind"] == "ConfigMap"
+        )["data"]["config.yaml"]
+    )
+    assert config["identity"]["agentServiceAccounts"] == ["payper-system-agent:t-payper-agent"]
+    # The operator's API admits agents from their namespace only.
+    policy = next(
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "t-payper-operator"
+    )
+    assert policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "payper-system-agent"}
+    }
+    # The agent mounts the CA from its namespace's ConfigMap: the same CA as the Secret's.
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    ca = next(
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "t-payper-operator-ca"
+    )
+    assert (
+        base64.b64decode(secret["data"]["ca.crt"]).decode().strip() == ca["data"]["ca.crt"].strip()
+    )
+    daemonset = next(d for d in docs if d["kind"] == "DaemonSet")
+    volume = next(
+        v for v in daemonset["spec"]["template"]["spec"]["volumes"] if v["name"] == "operator-ca"
+    )
+    assert volume["configMap"]["name"] == "t-payper-operator-ca"
+
+
+def test_an_agent_namespace_named_by_the_platform() -> None:
+    docs = render(
+        "--set", "agent.namespace.name=gpu-agents", "--set", "agent.namespace.create=false"
+    )
+    assert not [d for d in docs if d["kind"] == "Namespace"]
+    assert (
+        next(d for d in docs if d["kind"] == "DaemonSet")["metadata"]["namespace"] == "gpu-agents"
+    )
+    refused = helm(
+        "template", "t", str(CHART), "--set", "agent.namespace.name=Bad_Name", check=False
+    )
+    assert refused.returncode != 0 and "agent/namespace/name" in refused.stderr
+
+
+def test_an_existing_tls_secret_needs_its_ca_for_the_agents() -> None:
+    refused = helm(
+        "template", "t", str(CHART), "--set", "operator.tls.existingSecret=mine", check=False
+    )
+    assert refused.returncode != 0
+    assert "operator.tls.caCertificate" in refused.stderr
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+    docs = render(
+        "--set", "operator.tls.existingSecret=mine", "--set", f"operator.tls.caCertificate={pem}"
+    )
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    ca = next(
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "t-payper-operator-ca"
+    )
+    assert ca["data"]["ca.crt"].strip() == pem

@@ -49,6 +49,16 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s.%s.svc" (include "payper.component" (list . "operator")) .Release.Namespace -}}
 {{- end -}}
 
+{{/* The agent's namespace: its own, since it alone needs the privileged Pod Security level. */}}
+{{- define "payper.agentNamespace" -}}
+{{- default (printf "%s-agent" .Release.Namespace) .Values.agent.namespace.name -}}
+{{- end -}}
+
+{{/* The operator's CA for the agent, in the agent's namespace (a Secret of another namespace cannot be mounted). */}}
+{{- define "payper.agentCaConfigMap" -}}
+{{- printf "%s-ca" (include "payper.component" (list . "operator")) -}}
+{{- end -}}
+
 {{- define "payper.tlsSecret" -}}
 {{- default (printf "%s-tls" (include "payper.component" (list . "operator"))) .Values.operator.tls.existingSecret -}}
 {{- end -}}
@@ -76,17 +86,24 @@ seccompProfile:
 {{- end -}}
 
 {{/* A projected ServiceAccount token for the operator's audience, and the operator's CA. */}}
+{{/* payper.identityVolumes: (list . "gateway"): the agent reads the CA from its own namespace's ConfigMap. */}}
 {{- define "payper.identityVolumes" -}}
+{{- $root := index . 0 -}}
 - name: operator-token
   projected:
     sources:
       - serviceAccountToken:
           path: token
-          audience: {{ .Values.tokenAudience }}
+          audience: {{ $root.Values.tokenAudience }}
           expirationSeconds: 3600
 - name: operator-ca
+{{- if eq (index . 1) "agent" }}
+  configMap:
+    name: {{ include "payper.agentCaConfigMap" $root }}
+{{- else }}
   secret:
-    secretName: {{ include "payper.tlsSecret" . }}
+    secretName: {{ include "payper.tlsSecret" $root }}
+{{- end }}
     items:
       - key: ca.crt
         path: ca.crt

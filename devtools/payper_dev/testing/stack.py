@@ -157,6 +157,8 @@ class Stack:
         self.agents: dict[str, Process] = {}
         self.agent_ports: dict[str, int] = {}
         self.sim_dir = self.workdir / "sim-gpu"
+        self.agent_namespace = SYSTEM_NAMESPACE
+        """Where the chart puts the agents' ServiceAccount (found by ``ensure_system``)."""
         self.runner: podrunner.PodRunner | None = None
         self.runner_process: Process | None = None
         self._runner_context: Any = None
@@ -239,7 +241,6 @@ class Stack:
             "kind": "Namespace",
             "metadata": {"name": SYSTEM_NAMESPACE},
         }
-        self.cluster.apply_items([namespace])
         rendered = subprocess.run(
             [
                 binaries.binary("helm"),
@@ -257,10 +258,26 @@ class Stack:
             timeout=60,
             check=True,
         ).stdout
-        self.cluster.apply_items([doc for doc in yaml.safe_load_all(rendered) if doc])
+        documents = [doc for doc in yaml.safe_load_all(rendered) if doc]
+        # The agents' namespace is the chart's (its own since the restricted-namespace
+        # split; the release namespace in a chart from before it).
+        self.agent_namespace = next(
+            d["metadata"]["namespace"]
+            for d in documents
+            if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "payper-agent"
+        )
+        namespaces = {SYSTEM_NAMESPACE, self.agent_namespace}
+        self.cluster.apply_items(
+            [{**namespace, "metadata": {"name": name}} for name in sorted(namespaces)]
+        )
+        self.cluster.apply_items(documents)
+
+    def namespace_of(self, service_account: str) -> str:
+        """The namespace of one of the chart's ServiceAccounts."""
+        return self.agent_namespace if service_account == "payper-agent" else SYSTEM_NAMESPACE
 
     def kubeconfig_of(self, service_account: str) -> Path:
-        """A kubeconfig that authenticates as a ServiceAccount of the system namespace."""
+        """A kubeconfig that authenticates as one of the chart's ServiceAccounts."""
         config = yaml.safe_load(self.cluster.kubeconfig.read_text())
         token = self.token(service_account, audience=None)
         config["users"] = [{"name": service_account, "user": {"token": token}}]
@@ -274,11 +291,13 @@ class Stack:
     def token(
         self,
         service_account: str,
-        namespace: str = SYSTEM_NAMESPACE,
+        namespace: str | None = None,
         audience: str | None = DEFAULT_AUDIENCE,
         bound_pod: str | None = None,
     ) -> str:
-        """A token of ``service_account``: for ``audience`` (None: the API server's own)."""
+        """A token of ``service_account`` (of the chart's, by default): for ``audience``
+        (None: the API server's own)."""
+        namespace = namespace or self.namespace_of(service_account)
         bound = ["--bound-object-kind=Pod", f"--bound-object-name={bound_pod}"] if bound_pod else []
         audiences = [f"--audience={audience}"] if audience else []
         return self.cluster.kubectl(
@@ -317,6 +336,13 @@ class Stack:
             "leaderElection": {"namespace": SYSTEM_NAMESPACE, "leaseDurationSeconds": 15},
             **self.options.operator_extra,
         }
+        # The agents' identity where the chart puts them (a released tree's default
+        # otherwise, which matches its chart).
+        if self.agent_namespace != SYSTEM_NAMESPACE:
+            config["identity"] = {
+                "agentServiceAccounts": [f"{self.agent_namespace}:payper-agent"],
+                **config.get("identity", {}),
+            }
         if self.options.source is None:  # (a released tree may not know these settings)
             config["apiKeys"] = {"required": self.options.require_auth}
             # The stack's agents run the simulated backend: a development cluster's
@@ -451,7 +477,7 @@ class Stack:
             "kind": "Pod",
             "metadata": {
                 "name": name,
-                "namespace": SYSTEM_NAMESPACE,
+                "namespace": self.agent_namespace,
                 "labels": {"app": "payper-agent"},
             },
             "spec": {
@@ -465,7 +491,7 @@ class Stack:
         eventually(
             lambda: (
                 self.cluster.kubectl(
-                    "get", "pod", name, "-n", SYSTEM_NAMESPACE, "-o", "jsonpath={.status.phase}"
+                    "get", "pod", name, "-n", self.agent_namespace, "-o", "jsonpath={.status.phase}"
                 ).stdout
                 == "Running"
             ),

@@ -44,7 +44,7 @@ class IdentityConfig(ApiModel):
         default_factory=lambda: ["payper-system:payper-gateway"]
     )
     agent_service_accounts: list[ShortString] = Field(
-        default_factory=lambda: ["payper-system:payper-agent"]
+        default_factory=lambda: ["payper-system-agent:payper-agent"]
     )
     token_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
 
