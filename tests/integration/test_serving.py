@@ -481,6 +481,61 @@ async def test_each_deployment_is_fenced_to_the_gateway(stack: Stack, namespace:
     )
 
 
+async def test_the_service_is_optional_and_a_tenants_own_is_never_deleted(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """``spec.service.enabled: false`` deletes the Service the operator made (the gateway
+    needs none) and the deployment still serves; a Service the tenant made under the same
+    name is never the operator's to delete."""
+    cluster = stack.cluster
+    stack.deploy(namespace, inference_deployment("plain"), inference_deployment("own"))
+    eventually(
+        lambda: all(get(cluster, namespace, "service", n) for n in ("plain", "own")),
+        20,
+        what="both Services",
+    )
+
+    def switch_off(name: str) -> None:
+        patch = {"spec": {"service": {"enabled": False}}}
+        cluster.kubectl(
+            "patch", "infd", name, "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+        )
+
+    switch_off("plain")
+    eventually(
+        lambda: get(cluster, namespace, "service", "plain") is None, 20, what="the Service gone"
+    )
+    status, _, _ = await infer(http, stack, namespace, "plain")
+    assert status == 200
+    # The tenant replaces the operator's Service with one of its own, same name (no
+    # owner), then turns the operator's off: the tenant's stays.
+    cluster.kubectl("delete", "service", "own", "-n", namespace)
+    mine = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "own", "labels": {"team": "mine"}},
+        "spec": {"selector": {"app": "mine"}, "ports": [{"port": 81, "targetPort": 9000}]},
+    }
+    switch_off("own")
+    cluster.apply_items([mine], "-n", namespace)
+    patch = {"spec": {"scaling": {"idleTimeoutSeconds": 31}}}  # one more reconcile
+    cluster.kubectl(
+        "patch", "infd", "own", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+    )
+    eventually(
+        lambda: (
+            (get(cluster, namespace, "infd", "own") or {})
+            .get("status", {})
+            .get("observedGeneration")
+            == 3
+        ),
+        20,
+        what="the last change reconciled",
+    )
+    service = get(cluster, namespace, "service", "own")
+    assert service is not None and service["metadata"]["labels"] == {"team": "mine"}
+
+
 async def test_demand_endpoints_refuse_wrong_identities(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:

@@ -176,6 +176,18 @@ class BillingSpec(ApiModel):
     ) = None
 
 
+class ServiceSpec(ApiModel):
+    enabled: Annotated[
+        bool,
+        Field(
+            description="A ClusterIP Service named like the deployment, for in-cluster "
+            "clients (the gateway goes to pod IPs; with the tenant fence only the gateway "
+            "and what the platform admits reach the pods). false: none, and the one the "
+            "operator made before is deleted."
+        ),
+    ] = True
+
+
 class AuthSpec(ApiModel):
     secret_name: Annotated[
         DnsSubdomain,
@@ -207,6 +219,7 @@ class InferenceDeploymentSpec(ApiModel):
     gpu: GpuSpec = defaulted(GpuSpec)
     scaling: ScalingSpec = defaulted(ScalingSpec)
     billing: BillingSpec = defaulted(BillingSpec)
+    service: ServiceSpec = defaulted(ServiceSpec)
     auth: AuthSpec | None = None
 
     def serving_port(self) -> int | None:

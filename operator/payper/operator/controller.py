@@ -150,17 +150,34 @@ class Controller:
                     ),
                     FIELD_MANAGER,
                 )
-            await self.kube.apply(
-                resource_path("v1", "services", ns, name),
-                builders.service(name, ns, uid, tracked.spec),
-                FIELD_MANAGER,
-            )
+            service_path = resource_path("v1", "services", ns, name)
+            if tracked.spec.service.enabled:
+                await self.kube.apply(
+                    service_path, builders.service(name, ns, uid, tracked.spec), FIELD_MANAGER
+                )
+            else:
+                await self._delete_own_service(service_path, uid)
             await self._apply_deployment(tracked, tracked.replicas)
         except ApiError as error:
             if error.status in (400, 422):
                 tracked.invalid = f"the API server rejected the workload: {error.message}"
                 return
             raise
+
+    async def _delete_own_service(self, path: str, uid: str) -> None:
+        """Delete the Service this deployment's operator made, never a tenant's own Service
+        of the same name (owner checked, and the delete preconditioned on its UID)."""
+        existing = await self.kube.get_or_none(path)
+        if existing is None:
+            return
+        meta = existing["metadata"]
+        if not any(ref.get("uid") == uid for ref in meta.get("ownerReferences") or []):
+            return
+        try:
+            await self.kube.delete(path, body={"preconditions": {"uid": meta["uid"]}})
+        except ApiError as error:
+            if not error.conflict:  # 409: replaced meanwhile, by someone else's Service
+                raise
 
     async def _apply_deployment(self, tracked: Tracked, replicas: int) -> None:
         assert tracked.spec is not None
