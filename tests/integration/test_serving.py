@@ -125,6 +125,24 @@ async def test_first_request_scales_from_zero_and_reports_the_cold_start(
     assert obj["status"]["url"] == f"http://llm.{namespace}.payper.local/"
     assert float(obj["status"]["lastColdStartSeconds"]) > 0
 
+    # The cold start in phases: the operator's marks, then the gateway's part.
+    def phases() -> dict[str, Any] | None:
+        cold = ((get(cluster, namespace, "infd", "llm") or {}).get("status") or {}).get(
+            "lastColdStart"
+        )
+        return cold if cold and cold["phasesMs"].get("forward") is not None else None
+
+    cold = eventually(phases, 15, what="the last cold start's phases, the gateway's included")
+    assert cold["pod"] == body["pod"]
+    measured = cold["phasesMs"]
+    assert "image" not in measured  # kwok pulls no image: not measured, never guessed
+    assert set(measured) == {"create", "schedule", "start", "ready", "forward"}
+    assert all(v >= 0 for v in measured.values())
+    # Each phase is a difference on one clock; together they are the gateway's total, or
+    # held -> Ready as the operator saw it where that was longer.
+    assert sum(measured.values()) >= cold_start_ms
+    assert measured["forward"] <= cold_start_ms
+
 
 async def test_burst_scales_out_and_idle_returns_to_zero(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
