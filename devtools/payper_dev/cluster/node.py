@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -163,8 +164,18 @@ def cannot_run() -> str | None:
     return None
 
 
-def _sh(*cmd: str, check: bool = True, input: str | None = None) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, input=input, check=False)
+def _sh(*cmd: str, check: bool = True, input: str | None = None, timeout_s: float = 300.0) -> str:
+    """Run a command, killed past ``timeout_s``; its stdout. With ``check`` a failure or
+    a timeout raises NodeError; without, a timed-out command's output is empty (teardown
+    goes on, and its final leftovers check reports what stayed)."""
+    try:
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, input=input, check=False, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as error:
+        if not check:
+            return ""
+        raise NodeError(f"`{' '.join(cmd)}` did not finish in {timeout_s:.0f}s") from error
     if check and result.returncode != 0:
         raise NodeError(f"`{' '.join(cmd)}` failed ({result.returncode}): {result.stderr.strip()}")
     return result.stdout
@@ -841,13 +852,14 @@ def _nft_has_rules(family: str, name: str) -> bool:
 
 
 def _kube_jumps() -> list[tuple[str, ...]]:
-    """``-D`` commands for rules in built-in chains that jump to a KUBE- chain."""
+    """``-D`` commands for rules in built-in chains that jump to a KUBE- chain (split as a
+    shell would: kube-router's comments are quoted and have spaces)."""
     commands = []
     for tool in ("iptables", "ip6tables"):
         for table in ("filter", "nat", "mangle"):
             out = _sh(tool, "-w", "-t", table, "-S", check=False)
             for line in out.splitlines():
-                parts = line.split()
+                parts = shlex.split(line)
                 if (
                     len(parts) > 2
                     and parts[0] == "-A"
