@@ -468,8 +468,8 @@ async def test_each_deployment_is_fenced_to_the_gateway(stack: Stack, namespace:
     """Tenant A must not call team B's pods (or Service) directly, around B's API keys,
     on B's bill: the operator fences every deployment's pods with a NetworkPolicy that
     admits only the gateway's pods, on the serving port, before any pod runs. (kwok
-    nodes enforce nothing: this checks the policy the API server holds; a CNI that
-    enforces NetworkPolicy applies it.)"""
+    nodes enforce nothing: this checks the policy the API server holds; the real node
+    enforces it, which tests/node/test_fence.py shows.)"""
     cluster = stack.cluster
     stack.deploy(namespace, inference_deployment("fenced"))
     policy = eventually(
