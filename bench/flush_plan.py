@@ -176,10 +176,18 @@ def fleet(agents: int, now_ms: int) -> tuple[list[bytes], Observations, dict[str
 
 
 def timed(step: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
-    """Median wall and CPU seconds of ``step`` over ``repeat`` runs, and its last result."""
+    """Median wall and CPU seconds of ``step`` over ``repeat`` runs, and its last result.
+
+    Each run starts with the previous one's result released, as the ledger releases a
+    flush's plan before planning the next: a result still held when the next run starts
+    swells the objects the collector counts as long-lived, and so delays the full
+    collection that a step making many objects sets off (the first version of this
+    script held it, which spared the code before's flush.plan that collection in every
+    run but the first: bench/README.md)."""
     walls, cpus = [], []
     result = None
     for _ in range(repeat):
+        result = None
         gc.collect()
         wall, cpu = time.perf_counter(), time.process_time()
         result = step()
