@@ -18,24 +18,38 @@ runs, the garbage collector on as in the operator:
   (``UsageBatch.model_validate_json``, one batch per agent), which the operator's usage
   endpoint does for every report anyway, before any flush;
 - ``flush.plan`` (the target: under 10 % of the 10 s flush interval);
+- with ``--baseline``, ``flush.plan`` of the code before, on the same fleet and the same
+  core, in a process of its own that imports that tree's ``payper`` (run first, so both
+  are timed in one invocation), and whether it planned the same: both plans are reduced
+  to what they write (per record: each report's usage summed, the counts, the pod
+  spans; what each report touched, what was refused, what waits) and compared by digest.
+  The code before made one usage delta per series; ``records.apply`` applies a report's
+  deltas in a record all or nothing, so their sum per report and record is what counts;
 - for the record, the other pure steps of the same flush: ``flush.acknowledge`` and the
   per-GPU reconciliation's ``collect``.
 
     .venv/bin/python bench/flush_plan.py [--agents 10000] [--repeat 5] [--cpu 1]
+    mkdir /tmp/flush-before && git archive f160efa operator | tar -x -C /tmp/flush-before
+    .venv/bin/python bench/flush_plan.py --agents 10000 --repeat 3 --baseline /tmp/flush-before
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import payper
 from payper.api.usage import UsageBatch, UsageReport
 from payper.billing import flush, reconciliation
 from payper.billing.events import BillingEvents
@@ -162,10 +176,18 @@ def fleet(agents: int, now_ms: int) -> tuple[list[bytes], Observations, dict[str
 
 
 def timed(step: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
-    """Median wall and CPU seconds of ``step`` over ``repeat`` runs, and its last result."""
+    """Median wall and CPU seconds of ``step`` over ``repeat`` runs, and its last result.
+
+    Each run starts with the previous one's result released, as the ledger releases a
+    flush's plan before planning the next: a result still held when the next run starts
+    swells the objects the collector counts as long-lived, and so delays the full
+    collection that a step making many objects sets off (the first version of this
+    script held it, which spared the code before's flush.plan that collection in every
+    run but the first: bench/README.md)."""
     walls, cpus = [], []
     result = None
     for _ in range(repeat):
+        result = None
         gc.collect()
         wall, cpu = time.perf_counter(), time.process_time()
         result = step()
@@ -174,15 +196,98 @@ def timed(step: Callable[[], Any], repeat: int) -> tuple[float, float, Any]:
     return statistics.median(walls), statistics.median(cpus), result
 
 
+def written(planned: flush.FlushPlan) -> dict[str, Any]:
+    """What a plan makes the ledger write and remember, in plain values: per record (in
+    the plan's order) each report's usage summed, the counts and the pod spans; what
+    each report touched; the refused series and their records; what waits."""
+
+    def usage(change: Any) -> list[list[Any]]:
+        by_report: dict[tuple[str, int], list[Any]] = {}
+        for d in change.usage:
+            report = (d.agent_id, d.sequence)
+            seed = [*report, d.legacy_agent_id, d.original_window_ms, 0, 0, 0, 0, 0, None]
+            total = by_report.setdefault(report, seed)
+            total[4] += d.active_us
+            total[5] += d.rounded_ms.per_millisecond
+            total[6] += d.rounded_ms.per_second
+            total[7] += d.rounded_ms.per_minute
+            total[8] += d.bursts
+            if d.split_us is not None:
+                split = total[9] or [0, 0]
+                total[9] = [split[0] + d.split_us.proportional, split[1] + d.split_us.equal]
+        return sorted(by_report.values())
+
+    def records(changes: Any) -> list[list[Any]]:
+        return [
+            [
+                [key.namespace, key.deployment, key.window_start_ms, key.product],
+                usage(change),
+                change.requests,
+                change.cold_starts,
+                [[u, s.uid, s.name, s.gpus, s.start_ms, s.end_ms] for u, s in change.pods.items()],
+            ]
+            for key, change in changes.items()
+        ]
+
+    def keys(held: Any) -> list[list[Any]]:
+        return sorted([*key, value] for key, value in held.items())
+
+    return {
+        "accepted": [[r.node, r.agent_id, r.sequence] for r in planned.selection.accepted],
+        "duplicates": planned.selection.duplicates,
+        "out_of_order": planned.selection.out_of_order,
+        "changes": records(planned.changes),
+        "touched": sorted(
+            [
+                *report,
+                sorted([k.namespace, k.deployment, k.window_start_ms, k.product] for k in records_),
+            ]
+            for report, records_ in planned.touched.items()
+        ),
+        "refused": [
+            [r.node, r.agent_id, r.sequence, s.pod_uid, s.container, s.gpu, why]
+            for r, s, why in planned.refused
+        ],
+        "refused_changes": records(planned.refused_changes),
+        "held_requests": keys(planned.held_requests),
+        "held_cold_starts": keys(planned.held_cold_starts),
+        "unplaced_since": keys(planned.unplaced_since),
+    }
+
+
+def digest(planned: flush.FlushPlan) -> str:
+    canonical = json.dumps(written(planned), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def baseline(args: argparse.Namespace, now_ms: int) -> dict[str, Any]:
+    """``flush.plan`` of the code before, timed in a process that imports its tree."""
+    environment = dict(os.environ, PYTHONPATH=str(Path(args.baseline).resolve() / "operator"))
+    command = [sys.executable, __file__, "--plan-only", "--now-ms", str(now_ms)]
+    command += ["--agents", str(args.agents), "--repeat", str(args.repeat), "--cpu", str(args.cpu)]
+    done = subprocess.run(command, env=environment, check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    assert Path(result["payper"]).resolve().is_relative_to(Path(args.baseline).resolve()), result
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--agents", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1)
+    parser.add_argument(
+        "--baseline",
+        help="a tree holding the code before's operator/ (git archive COMMIT operator): "
+        "its flush.plan is timed first, on the same fleet and core",
+    )
+    parser.add_argument("--plan-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--now-ms", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.cpu})
 
-    now_ms = int(time.time() * 1000) // HOUR_MS * HOUR_MS + 1_800_000  # mid-window
+    now_ms = args.now_ms or int(time.time() * 1000) // HOUR_MS * HOUR_MS + 1_800_000  # mid-window
+    before = baseline(args, now_ms) if args.baseline else None
     windows = BillingWindows(HOUR_MS, 300_000)
     bodies, seen, progress = fleet(args.agents, now_ms)
     body_mib = sum(len(b) for b in bodies) / 2**20
@@ -190,12 +295,21 @@ def main() -> None:
     def parse() -> list[UsageReport]:
         return [r for body in bodies for r in UsageBatch.model_validate_json(body).reports]
 
-    parse_s, parse_cpu, reports = timed(parse, args.repeat)
+    parse_s, parse_cpu, reports = timed(parse, 1 if args.plan_only else args.repeat)
 
     def plan() -> flush.FlushPlan:
         return flush.plan(reports, progress, seen, windows, now_ms)
 
     plan_s, plan_cpu, planned = timed(plan, args.repeat)
+    if args.plan_only:
+        deltas = sum(len(c.usage) for c in planned.changes.values())
+        print(
+            json.dumps(
+                {"payper": payper.__file__, "cpu": plan_cpu, "wall": plan_s}
+                | {"digest": digest(planned), "deltas": deltas}
+            )
+        )
+        return
     ack_s, ack_cpu, acknowledged = timed(
         lambda: flush.acknowledge(planned, progress, set()), args.repeat
     )
@@ -216,16 +330,30 @@ def main() -> None:
         f"plan: {len(planned.selection.accepted)} reports accepted, {len(planned.changes)} "
         f"records touched, {len(grouped)} node objects"
     )
-    print("step                                   cpu s   wall s   vs parse   of the interval")
-    for name, wall, cpu in (
+    steps = [
         ("baseline: parse + validate reports", parse_s, parse_cpu),
         ("flush.plan", plan_s, plan_cpu),
         ("flush.acknowledge", ack_s, ack_cpu),
         ("reconciliation.collect", collect_s, collect_cpu),
-    ):
+    ]
+    if before is not None:
+        steps.insert(1, ("flush.plan, the code before", before["wall"], before["cpu"]))
+    print(
+        "step                                   cpu s   wall s   vs parse   vs before"
+        "   of the interval"
+    )
+    for name, wall, cpu in steps:
+        versus = f"{cpu / before['cpu']:11.2f}" if before and name == "flush.plan" else " " * 11
         print(
-            f"{name:<36} {cpu:8.3f} {wall:8.3f} {cpu / parse_cpu:10.2f} "
+            f"{name:<36} {cpu:8.3f} {wall:8.3f} {cpu / parse_cpu:10.2f}{versus} "
             f"{cpu / FLUSH_INTERVAL_S:16.1%}"
+        )
+    if before is not None:
+        deltas = sum(len(c.usage) for c in planned.changes.values())
+        same = "yes" if before["digest"] == digest(planned) else "NO"
+        print(
+            f"same plan as the code before (what it writes, by digest): {same}; usage deltas "
+            f"{deltas} (before: {before['deltas']})"
         )
     share = plan_cpu / FLUSH_INTERVAL_S
     verdict = "met" if share < GOAL else "NOT met"

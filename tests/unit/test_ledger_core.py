@@ -7,16 +7,21 @@ row, as the autoscaler's are.
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from payper.api.billing_record import BillingRecordSpec, BillingRecordStatus, RoundedMs, SplitUs
 from payper.api.usage import SeriesUsage, UsageReport
 from payper.billing import flush
 from payper.billing.events import BillingEvents
 from payper.billing.flush import BillingWindows, Observations
-from payper.billing.records import RecordKey, apply
+from payper.billing.pricing import product_key
+from payper.billing.records import RecordChange, RecordKey, UsageDelta, apply
 from payper.observed import UNMANAGED, Key, PodView
 
 HOUR = 3_600_000
@@ -405,3 +410,196 @@ def test_progress_from_before_node_keys_still_counts_after_an_upgrade() -> None:
 )
 def test_flushes_keep_a_fixed_cadence(previous: float, now: float, due: float) -> None:
     assert flush.next_due(previous, now, 10.0) == due
+
+
+# Usage lands series by series where the operator bills its pod; the plan carries it as one
+# delta per report and record (``records.apply`` applies a report's usage in a record all or
+# nothing), so what a record gains must be what applying every series on its own would give.
+
+NOW = T0 + HOUR + 100_000
+"""Window T0 is within its grace; the window before it is Final."""
+PRODUCTS = [
+    "NVIDIA H100 80GB HBM3",
+    "NVIDIA-H100-80GB-HBM3",  # the same product key, as a node label spells it
+    "NVIDIA H100 80GB HBM3 MIG 1g.10gb",
+    "NVIDIA A100",
+]
+SEEN_PODS: dict[str, tuple[str | None, Key | None]] = {
+    "u0": ("gpu-node-0", ("team-a", "llm")),
+    "u1": ("gpu-node-0", ("team-a", UNMANAGED)),
+    "u2": ("gpu-node-1", ("team-b", "chat")),
+    "u3": (None, ("team-a", "llm")),  # attributed, but no longer among the pods
+    "u4": (None, None),  # never seen: the agent's word
+}
+"""Pod uid -> (the node the operator sees it on, the key it bills it under)."""
+
+
+def _observations() -> Observations:
+    pods: dict[Key, dict[str, PodView]] = {}
+    for uid, (node, key) in SEEN_PODS.items():
+        if node is not None and key is not None:
+            pods.setdefault(key, {})[uid] = _pod(uid, None, node=node)
+    owners = {uid: key for uid, (_, key) in SEEN_PODS.items() if key is not None}
+    return seen(pods=pods, owners=owners)
+
+
+_series = st.builds(
+    lambda uid, container, product, claimed, active_us, rounded, bursts, split: SeriesUsage(
+        namespace=claimed[0],
+        pod=f"pod-{uid}",
+        pod_uid=uid,
+        container=container,
+        gpu="GPU-0",
+        gpu_product=product,
+        inference_deployment=claimed[1],
+        active_us=active_us,
+        rounded_ms=RoundedMs(
+            per_millisecond=rounded[0], per_second=rounded[1], per_minute=rounded[2]
+        ),
+        bursts=bursts,
+        split_us=None if split is None else SplitUs(proportional=split[0], equal=split[1]),
+    ),
+    st.sampled_from(sorted(SEEN_PODS)),
+    st.sampled_from(["server", "tokenizer", "sidecar"]),
+    st.sampled_from(PRODUCTS),
+    st.sampled_from([("team-a", "llm"), ("team-a", "cheap"), ("team-a", None), ("team-b", "chat")]),
+    st.integers(0, 10**9),
+    st.tuples(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6)),
+    st.integers(0, 50),
+    st.none() | st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)),
+)
+_reports = st.lists(
+    st.tuples(
+        st.integers(0, 1),  # the agent (and node): gpu-node-0 or gpu-node-1
+        st.sampled_from([T0 - HOUR + 5_000, T0 + 600_000, T0 + HOUR + 50_000]),  # late or not
+        st.lists(_series, max_size=10),
+    ),
+    max_size=6,
+)
+
+
+def _sent(drawn: list[tuple[int, int, list[SeriesUsage]]]) -> list[UsageReport]:
+    sequences = {0: 0, 1: 0}
+    sent = []
+    for agent, start_ms, series in drawn:
+        sequences[agent] += 1
+        sent.append(
+            UsageReport(
+                agent_id=f"agent-{agent}",
+                sequence=sequences[agent],
+                node=f"gpu-node-{agent}",
+                interval_start_ms=start_ms,
+                interval_end_ms=start_ms + 10_000,
+                series=series,
+            )
+        )
+    return sent
+
+
+def _per_series(
+    accepted: list[UsageReport],
+) -> tuple[dict[RecordKey, RecordChange], list[str]]:
+    """Each series as a delta of its own in the record the rules say, one by one; and the
+    refused ones (pod uids, in order). Refused records are named as in namespace
+    "refused"."""
+    changes: dict[RecordKey, RecordChange] = {}
+    refused: list[str] = []
+    for report in accepted:
+        observed = WINDOWS.start(report.interval_start_ms)
+        late = WINDOWS.closed(observed, NOW)
+        for series in report.series:
+            node, key = SEEN_PODS[series.pod_uid]
+            namespace, deployment = key or (series.namespace, series.inference_deployment or "")
+            window = WINDOWS.start(NOW) if late else observed
+            record = RecordKey(namespace, deployment, window, product_key(series.gpu_product))
+            if node is not None and node != report.node:
+                refused.append(series.pod_uid)
+                record = RecordKey("refused", *dataclasses.astuple(record)[1:])
+            changes.setdefault(record, RecordChange()).usage.append(
+                UsageDelta(
+                    agent_id=flush.progress_key(report),
+                    legacy_agent_id=report.agent_id,
+                    sequence=report.sequence,
+                    active_us=series.active_us,
+                    rounded_ms=series.rounded_ms,
+                    bursts=series.bursts,
+                    split_us=series.split_us,
+                    original_window_ms=observed if late else None,
+                )
+            )
+    return changes, refused
+
+
+@settings(max_examples=150, deadline=None)
+@given(drawn=_reports)
+def test_each_record_gains_what_its_series_would_one_by_one(
+    drawn: list[tuple[int, int, list[SeriesUsage]]],
+) -> None:
+    sent = _sent(drawn)
+    planned = flush.plan(sent, {}, _observations(), WINDOWS, NOW)
+    assert sorted(planned.selection.accepted, key=id) == sorted(sent, key=id)
+    expected, refused = _per_series(planned.selection.accepted)
+    got = dict(planned.changes) | {
+        RecordKey("refused", *dataclasses.astuple(k)[1:]): c
+        for k, c in planned.refused_changes.items()
+    }
+    assert set(got) == set(expected)
+    for record, change in got.items():
+        reports = [(d.agent_id, d.sequence) for d in change.usage]
+        assert len(reports) == len(set(reports)), "one delta per report and record"
+        assert sorted(reports) == sorted({(d.agent_id, d.sequence) for d in expected[record].usage})
+        spec = SPEC.model_copy(update={"gpu_product": record.product})
+        assert apply(BillingRecordStatus(), spec, change, NOW) == apply(
+            BillingRecordStatus(), spec, expected[record], NOW
+        )
+    assert [series.pod_uid for _, series, _ in planned.refused] == refused
+    for report in sent:
+        records = {
+            k
+            for k, c in [*planned.changes.items(), *planned.refused_changes.items()]
+            if any(
+                (d.agent_id, d.sequence) == (flush.progress_key(report), report.sequence)
+                for d in c.usage
+            )
+        }
+        assert planned.touched.get((flush.progress_key(report), report.sequence), set()) == records
+
+
+@settings(max_examples=100, deadline=None)
+@given(drawn=_reports, order=st.randoms(use_true_random=False))
+def test_the_order_of_a_reports_series_changes_nothing(
+    drawn: list[tuple[int, int, list[SeriesUsage]]], order: random.Random
+) -> None:
+    """The plan follows runs of one pod's series (as agents send them) but depends on
+    nothing but where each series lands."""
+    sent = _sent(drawn)
+    shuffled = [
+        r.model_copy(update={"series": order.sample(r.series, len(r.series))}) for r in sent
+    ]
+    planned = flush.plan(sent, {}, _observations(), WINDOWS, NOW)
+    again = flush.plan(shuffled, {}, _observations(), WINDOWS, NOW)
+    assert again.changes == planned.changes
+    assert again.refused_changes == planned.refused_changes
+    assert again.touched == planned.touched
+    assert sorted(s.model_dump_json() for _, s, _ in again.refused) == sorted(
+        s.model_dump_json() for _, s, _ in planned.refused
+    )
+
+
+def test_a_pods_containers_in_one_record_are_one_delta_of_their_sum() -> None:
+    """Two containers of pod u0 around one of pod u1 (another record): u0's make one delta,
+    their sum, in report order; a MIG instance's split is summed too."""
+    sent = report("a", 1, active_us=1_000)
+    server = sent.series[0].model_copy(update={"split_us": SplitUs(proportional=400)})
+    other = server.model_copy(update={"pod_uid": "u1", "active_us": 5, "split_us": None})
+    sidecar = server.model_copy(update={"container": "sidecar", "active_us": 20, "bursts": 2})
+    sent = sent.model_copy(update={"series": [server, other, sidecar]})
+    owners: dict[str, Key] = {"u0": ("team-a", "llm"), "u1": ("team-a", UNMANAGED)}
+    planned = flush.plan([sent], {}, seen(owners=owners), WINDOWS, T0 + 1_000)
+    llm, unmanaged = planned.changes
+    assert (llm.deployment, unmanaged.deployment) == ("llm", UNMANAGED), "in the order seen"
+    (delta,) = planned.changes[llm].usage
+    assert (delta.active_us, delta.bursts) == (1_020, 3)
+    assert delta.rounded_ms == RoundedMs(per_millisecond=2, per_second=2000, per_minute=120_000)
+    assert delta.split_us == SplitUs(proportional=800)
+    assert [d.active_us for d in planned.changes[unmanaged].usage] == [5]
