@@ -416,6 +416,10 @@ async def test_an_agent_cannot_bill_usage_to_a_pod_on_another_node(
     agent = f"forger-{namespace[-6:]}"
     forged = report(agent, 1, namespace, "victim", 7_000_000, node=other)
     forged["series"][0] |= {"pod": pod["metadata"]["name"], "podUid": pod["metadata"]["uid"]}
+    # A second claim on the same pod (its sidecar): both land in the dead-letter entry.
+    sidecar = report(agent, 1, namespace, "victim", 2_000_000, node=other)["series"][0]
+    sidecar |= {"pod": pod["metadata"]["name"], "podUid": pod["metadata"]["uid"]}
+    forged["series"].append(sidecar | {"container": "sidecar"})
     honest = report(agent, 1, namespace, "bystander", 1_000_000, node=other)["series"][0]
     forged["series"].append(honest)
     refused = ("payper_usage_series_refused_total", {"node": other})
@@ -427,10 +431,12 @@ async def test_an_agent_cannot_bill_usage_to_a_pod_on_another_node(
     totals = record_totals(stack.cluster, namespace)
     assert totals["bystander"]["activeUs"] == 1_000_000, "the honest series is applied"
     assert totals.get("victim", {}).get("activeUs", 0) == 0, "nothing billed to the victim"
-    assert scraped_sum(stack.metrics_url, *refused) - before == 1
+    assert scraped_sum(stack.metrics_url, *refused) - before == 2
     letters = cluster_dead_letters(stack)
     (claim,) = [v for k, v in letters.items() if k.startswith(f"{namespace}.victim-")]
-    assert (claim["activeUs"], claim["reason"]) == (7_000_000, "pod-on-another-node")
+    # Every refused series is filed: before one delta per report and record, the second
+    # series of a report in the same record was skipped as "filed before".
+    assert (claim["activeUs"], claim["reason"]) == (9_000_000, "pod-on-another-node")
     assert claim["reports"] == [f"{other}/{agent}/1"], "filed once, under the claiming node"
 
 
