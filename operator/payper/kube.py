@@ -272,9 +272,12 @@ class Kube:
             return False
         return True
 
-    async def delete(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+    async def delete(
+        self, path: str, params: Mapping[str, str] | None = None, body: Any = None
+    ) -> Any:
+        """DELETE; None if already gone. ``body``: DeleteOptions (preconditions, grace)."""
         try:
-            return await self.request("DELETE", path, params=params)
+            return await self.request("DELETE", path, params=params, body=body)
         except ApiError as error:
             if error.not_found:
                 return None
