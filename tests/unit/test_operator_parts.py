@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from payper.api.demand import DemandSnapshot, DeploymentDemand
+from payper.api.demand import MAX_REPORTED_PODS, DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import (
     POD_LABEL,
     InferenceDeploymentSpec,
@@ -208,7 +208,12 @@ def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
         gateway="g1",
         deployments=[
             DeploymentDemand(
-                namespace="ns", name="a", in_flight=2, queued=1, ms_since_last_request=100
+                namespace="ns",
+                name="a",
+                in_flight=2,
+                queued=1,
+                ms_since_last_request=100,
+                in_flight_by_pod={"a-1": 1, "a-2": 1},
             )
         ],
     )
@@ -217,7 +222,13 @@ def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
         DemandSnapshot(
             gateway="g2",
             deployments=[
-                DeploymentDemand(namespace="ns", name="a", in_flight=3, ms_since_last_request=50)
+                DeploymentDemand(
+                    namespace="ns",
+                    name="a",
+                    in_flight=3,
+                    ms_since_last_request=50,
+                    in_flight_by_pod={"a-2": 2, "a-3": 1},
+                )
             ],
         ),
         now_ms=11_000,
@@ -226,14 +237,25 @@ def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
     totals = store.aggregate(now_ms=12_000)
     assert (totals[("ns", "a")].in_flight, totals[("ns", "a")].queued) == (5, 1)
     assert totals[("ns", "a")].last_request_ms == 10_950
+    assert totals[("ns", "a")].in_flight_by_pod == {"a-1": 1, "a-2": 3, "a-3": 1}
     assert totals[("ns", "b")].queued == 1
     for key in (("ns", "a"), ("ns", "b")):
         assert store.totals_for(key, now_ms=12_000) == totals[key], "a poke sees the same sum"
     assert store.totals_for(("ns", "absent"), now_ms=12_000) == DemandTotals()
     later = store.aggregate(now_ms=15_500)  # g1 expired (5.5 s old)
     assert later[("ns", "a")].in_flight == 3
+    assert later[("ns", "a")].in_flight_by_pod == {"a-2": 2, "a-3": 1}
     store.record(DemandSnapshot(gateway="g3", deployments=[]), now_ms=15_600)
     assert ("ns", "b") not in store.aggregate(now_ms=15_700)
+
+
+@pytest.mark.parametrize(
+    "by_pod",
+    [{"Not_A_Pod": 1}, {"idle": 0}, {f"p{i}": 1 for i in range(MAX_REPORTED_PODS + 1)}],
+)
+def test_per_pod_counts_in_a_snapshot_are_bounded(by_pod: dict[str, int]) -> None:
+    with pytest.raises(ValidationError):
+        DeploymentDemand(namespace="ns", name="a", in_flight_by_pod=by_pod)
 
 
 def test_bad_configuration_names_the_key(tmp_path: Path) -> None:
