@@ -15,6 +15,7 @@ from payper.api.inference_deployment import (
     POD_LABEL,
     InferenceDeploymentSpec,
     InferenceDeploymentStatus,
+    ScalingSpec,
 )
 from payper.billing.config import PlanChoice
 from payper.clock import iso
@@ -22,7 +23,8 @@ from payper.observed import PodView
 from payper.operator import builders, status
 from payper.operator.auth import Caller, Forbidden, Unauthenticated, bearer_token
 from payper.operator.autoscaler import Decision, Policy, Reason
-from payper.operator.config import ConfigError, load
+from payper.operator.config import ConfigError, OperatorConfig, load
+from payper.operator.controller import Controller
 from payper.operator.state import DemandStore, DemandTotals, Registry, Tracked
 
 GRANTED = PlanChoice("default", ("default", "gold"), True, None)
@@ -427,3 +429,88 @@ def test_the_initial_listing_of_every_pod_comes_in_chunks() -> None:
 
     chunk = _settings().watching.chunk_size
     assert chunk is not None and 0 < chunk <= 1000
+
+
+class _RecordingKube:
+    """The API as the controller's scale-down path uses it: records patches and applies."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+
+    async def patch(self, path: str, body: Any, *args: Any, **kw: Any) -> None:
+        self.calls.append(("patch", path, body))
+
+    async def apply(self, path: str, body: Any, *args: Any, **kw: Any) -> None:
+        self.calls.append(("apply", path, body))
+
+    async def write_status(self, path: str, *args: Any, **kw: Any) -> None:
+        pass
+
+
+def _serving_pod(name: str, cost: int | None = None) -> dict[str, Any]:
+    annotations = {} if cost is None else {"controller.kubernetes.io/pod-deletion-cost": str(cost)}
+    return {
+        "metadata": {
+            "namespace": "ns",
+            "name": name,
+            "uid": f"uid-{name}",
+            "labels": {"payper.dev/inference-deployment": "llm"},
+            "annotations": annotations,
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": "127.1.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+async def test_a_scale_down_first_marks_busy_pods_then_lowers_replicas() -> None:
+    """The streaming pod gets its in-flight count as its deletion cost (the idle one's
+    stale cost is cleared), and the replicas drop a tick later, once the ReplicaSet
+    controller can have seen the costs; unchanged costs cost no patch and no wait."""
+    kube = _RecordingKube()
+    controller = Controller(kube, OperatorConfig())  # type: ignore[arg-type]
+    spec = SPEC.model_copy(
+        update={"scaling": ScalingSpec(min_replicas=1, max_replicas=2, target_concurrency=1)}
+    )
+    tracked = Tracked("ns", "llm", "uid", 1, spec=spec, policy=Policy.from_spec(spec.scaling))
+    tracked.replicas, tracked.last_request_ms = 2, 1_000_000
+    controller.registry.tracked[tracked.key] = tracked
+    controller.observe_pod(_serving_pod("llm-idle", cost=4), deleted=False)
+    controller.observe_pod(_serving_pod("llm-busy"), deleted=False)
+    demand = DemandTotals(in_flight=1, in_flight_by_pod={"llm-busy": 1})
+
+    await controller.evaluate(tracked, demand, 1_000_500)
+    patches = sorted((path, body) for verb, path, body in kube.calls if verb == "patch")
+    assert patches == [
+        (
+            "/api/v1/namespaces/ns/pods/llm-busy",
+            {
+                "metadata": {
+                    "uid": "uid-llm-busy",
+                    "annotations": {"controller.kubernetes.io/pod-deletion-cost": "1"},
+                }
+            },
+        ),
+        (
+            "/api/v1/namespaces/ns/pods/llm-idle",
+            {
+                "metadata": {
+                    "uid": "uid-llm-idle",
+                    "annotations": {"controller.kubernetes.io/pod-deletion-cost": "0"},
+                }
+            },
+        ),
+    ]
+    assert tracked.replicas == 2 and tracked.scale_down_deferred, "costs first, scale next tick"
+    assert not [call for call in kube.calls if call[0] == "apply"]
+
+    # The pod watch brings the costs back; the next tick scales down without a patch.
+    controller.observe_pod(_serving_pod("llm-idle", cost=0), deleted=False)
+    controller.observe_pod(_serving_pod("llm-busy", cost=1), deleted=False)
+    kube.calls.clear()
+    await controller.evaluate(tracked, demand, 1_001_500)
+    assert [verb for verb, _, _ in kube.calls] == ["apply"]
+    assert kube.calls[0][2]["spec"]["replicas"] == 1
+    assert tracked.replicas == 1 and not tracked.scale_down_deferred

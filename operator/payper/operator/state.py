@@ -41,6 +41,9 @@ class Tracked:
     """The status as last written; conditions keep its transition times until they flip."""
     dirty: bool = True
     """Something changed since status was last written (pods, spec, demand)."""
+    scale_down_deferred: bool = False
+    """The last evaluation put off a scale-down by a tick: it had just set pod deletion
+    costs, which the ReplicaSet controller must see before it picks the pods to delete."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
