@@ -182,8 +182,9 @@ class Controller:
 
     def forget(self, key: Key) -> None:
         self.registry.tracked.pop(key, None)
-        with contextlib.suppress(KeyError):
-            metrics.DESIRED_REPLICAS.remove(*key)
+        for gauge in (metrics.DESIRED_REPLICAS, metrics.IN_FLIGHT):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*key)
 
     # -- namespaces --------------------------------------------------------------------
     def observe_namespace(self, obj: Mapping[str, Any], deleted: bool) -> None:
@@ -294,6 +295,7 @@ class Controller:
         busy = demand.in_flight > 0 or demand.queued > 0
         if not busy and not tracked.dirty and tracked.replicas == 0 and not pods:
             return  # the common case of a large fleet: idle at zero, nothing to do
+        metrics.IN_FLIGHT.labels(*tracked.key).set(demand.in_flight)
         async with tracked.lock:
             policy = tracked.policy
             timeout_ms = tracked.cold_start_timeout_ms
