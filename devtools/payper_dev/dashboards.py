@@ -177,6 +177,22 @@ PANELS: tuple[PanelSpec, ...] = (
         width=8,
     ),
     PanelSpec(
+        "Cold start phases (median)",
+        "timeseries",
+        "s",
+        (
+            Query(
+                "histogram_quantile(0.5, sum by (le, phase) "
+                f"(rate(payper_cold_start_phase_seconds_bucket{{{SELECTOR}}}[$__range])))",
+                "{{phase}}",
+            ),
+        ),
+        "Where cold starts spend their time: request held -> pod created (create), "
+        "scheduled (schedule), image pulled (image, as the kubelet measured it), containers "
+        "running (start), Ready (ready), first byte forwarded by the gateway (forward).",
+        width=24,
+    ),
+    PanelSpec(
         "Gateway requests by code",
         "timeseries",
         "reqps",

@@ -29,7 +29,7 @@ import aiohttp
 
 from payper_dev.cluster import binaries
 from payper_dev.cluster.local import ClusterConfig, LocalCluster
-from payper_dev.testing.cluster import ClusterHandle
+from payper_dev.testing.cluster import ClusterHandle, eventually
 from payper_dev.testing.stack import Stack, StackOptions, inference_deployment
 
 DEMO_DIR = Path("build/demo")
@@ -76,6 +76,39 @@ async def infer(
         return response.status, dict(response.headers)
 
 
+PHASE_NAMES = {
+    "create": "pod created",
+    "schedule": "scheduled",
+    "image": "image pulled",
+    "start": "containers started",
+    "ready": "Ready",
+    "forward": "forwarded",
+}
+
+
+def cold_start_phases(cluster: ClusterHandle, namespace: str, name: str) -> str:
+    """The last cold start's phases, once the operator has them all (a few seconds)."""
+
+    def phases() -> dict[str, int] | None:
+        out = cluster.kubectl(
+            "get", "infd", name, "-n", namespace, "-o", "jsonpath={.status.lastColdStart}",
+            check=False,
+        )  # fmt: skip
+        cold = json.loads(out.stdout) if out.stdout else {}
+        measured = cold.get("phasesMs") or {}
+        return measured if "forward" in measured else None
+
+    try:
+        measured = eventually(phases, 15, 0.2, "the cold start's phases")
+    except AssertionError:
+        return "not reported yet"
+    parts = [
+        f"{label} +{measured[phase]} ms" if phase in measured else f"{label} (not measured here)"
+        for phase, label in PHASE_NAMES.items()
+    ]
+    return " -> ".join(parts)
+
+
 def replicas(cluster: ClusterHandle, namespace: str, name: str) -> int:
     out = cluster.kubectl(
         "get", "deployment", name, "-n", namespace, "-o", "jsonpath={.spec.replicas}", check=False
@@ -92,6 +125,8 @@ async def traffic(stack: Stack) -> None:
             f"  answered {status} after a cold start of {headers.get('X-Payper-Cold-Start-Ms')} ms "
             f"(X-Payper-Cold-Start-Ms); the cold start is not billed"
         )
+        phases = await asyncio.to_thread(cold_start_phases, cluster, "team-vision", "resnet")
+        say(f"  where it went (status.lastColdStart): {phases}")
 
         say("team-vision bursts: 3 waves of 8 concurrent 700 ms inferences")
         for wave in range(3):

@@ -97,6 +97,8 @@ class PodView:
     """Runtime container ID (without the ``containerd://`` scheme) -> container name."""
     finished: bool = False
     """Its phase is Succeeded or Failed: it holds no GPU any more."""
+    started: bool = False
+    """Every regular container is running (a cold start's *started* mark)."""
     owner: Owner | None = None
     """Its controller: billing follows this chain (ReplicaSet -> Deployment ->
     InferenceDeployment), never the label, which the tenant can change."""
@@ -160,8 +162,19 @@ class PodView:
                 if (bare := (container.get("containerID") or "").partition("://")[2])
             },
             finished=status.get("phase") in ("Succeeded", "Failed"),
+            started=_all_running(spec, status),
             owner=controller_of(meta),
             deletion_cost=_int_or_zero(
                 (meta.get("annotations") or {}).get(DELETION_COST_ANNOTATION)
             ),
         )
+
+
+def _all_running(spec: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    names = {c.get("name") for c in spec.get("containers", []) or []}
+    running = {
+        c.get("name")
+        for c in status.get("containerStatuses", []) or []
+        if "running" in (c.get("state") or {})
+    }
+    return bool(names) and names <= running

@@ -125,6 +125,24 @@ async def test_first_request_scales_from_zero_and_reports_the_cold_start(
     assert obj["status"]["url"] == f"http://llm.{namespace}.payper.local/"
     assert float(obj["status"]["lastColdStartSeconds"]) > 0
 
+    # The cold start in phases: the operator's marks, then the gateway's part.
+    def phases() -> dict[str, Any] | None:
+        cold = ((get(cluster, namespace, "infd", "llm") or {}).get("status") or {}).get(
+            "lastColdStart"
+        )
+        return cold if cold and cold["phasesMs"].get("forward") is not None else None
+
+    cold = eventually(phases, 15, what="the last cold start's phases, the gateway's included")
+    assert cold["pod"] == body["pod"]
+    measured = cold["phasesMs"]
+    assert "image" not in measured  # kwok pulls no image: not measured, never guessed
+    assert set(measured) == {"create", "schedule", "start", "ready", "forward"}
+    assert all(v >= 0 for v in measured.values())
+    # Each phase is a difference on one clock; together they are the gateway's total, or
+    # held -> Ready as the operator saw it where that was longer.
+    assert sum(measured.values()) >= cold_start_ms
+    assert measured["forward"] <= cold_start_ms
+
 
 async def test_burst_scales_out_and_idle_returns_to_zero(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
@@ -450,8 +468,8 @@ async def test_each_deployment_is_fenced_to_the_gateway(stack: Stack, namespace:
     """Tenant A must not call team B's pods (or Service) directly, around B's API keys,
     on B's bill: the operator fences every deployment's pods with a NetworkPolicy that
     admits only the gateway's pods, on the serving port, before any pod runs. (kwok
-    nodes enforce nothing: this checks the policy the API server holds; a CNI that
-    enforces NetworkPolicy applies it.)"""
+    nodes enforce nothing: this checks the policy the API server holds; the real node
+    enforces it, which tests/node/test_fence.py shows.)"""
     cluster = stack.cluster
     stack.deploy(namespace, inference_deployment("fenced"))
     policy = eventually(
@@ -479,6 +497,61 @@ async def test_each_deployment_is_fenced_to_the_gateway(stack: Stack, namespace:
     eventually(
         lambda: get(cluster, namespace, "networkpolicy", "fenced"), 20, what="the fence again"
     )
+
+
+async def test_the_service_is_optional_and_a_tenants_own_is_never_deleted(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """``spec.service.enabled: false`` deletes the Service the operator made (the gateway
+    needs none) and the deployment still serves; a Service the tenant made under the same
+    name is never the operator's to delete."""
+    cluster = stack.cluster
+    stack.deploy(namespace, inference_deployment("plain"), inference_deployment("own"))
+    eventually(
+        lambda: all(get(cluster, namespace, "service", n) for n in ("plain", "own")),
+        20,
+        what="both Services",
+    )
+
+    def switch_off(name: str) -> None:
+        patch = {"spec": {"service": {"enabled": False}}}
+        cluster.kubectl(
+            "patch", "infd", name, "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+        )
+
+    switch_off("plain")
+    eventually(
+        lambda: get(cluster, namespace, "service", "plain") is None, 20, what="the Service gone"
+    )
+    status, _, _ = await infer(http, stack, namespace, "plain")
+    assert status == 200
+    # The tenant replaces the operator's Service with one of its own, same name (no
+    # owner), then turns the operator's off: the tenant's stays.
+    cluster.kubectl("delete", "service", "own", "-n", namespace)
+    mine = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "own", "labels": {"team": "mine"}},
+        "spec": {"selector": {"app": "mine"}, "ports": [{"port": 81, "targetPort": 9000}]},
+    }
+    switch_off("own")
+    cluster.apply_items([mine], "-n", namespace)
+    patch = {"spec": {"scaling": {"idleTimeoutSeconds": 31}}}  # one more reconcile
+    cluster.kubectl(
+        "patch", "infd", "own", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
+    )
+    eventually(
+        lambda: (
+            (get(cluster, namespace, "infd", "own") or {})
+            .get("status", {})
+            .get("observedGeneration")
+            == 3
+        ),
+        20,
+        what="the last change reconciled",
+    )
+    service = get(cluster, namespace, "service", "own")
+    assert service is not None and service["metadata"]["labels"] == {"team": "mine"}
 
 
 async def test_demand_endpoints_refuse_wrong_identities(

@@ -1,7 +1,8 @@
 """The real-node tier: a local cluster with one real node (kubelet, containerd, runc,
-CNI, kube-proxy, CoreDNS, a loopback registry), and tests of what only a real node
-shows: probes, pod IPs on a bridge, Services through kube-proxy, cluster DNS, container
-cgroups, and a teardown that leaves nothing behind.
+CNI, kube-proxy, CoreDNS, kube-router's policy controller, a loopback registry), and
+tests of what only a real node shows: probes, pod IPs on a bridge, Services through
+kube-proxy, cluster DNS, NetworkPolicy enforced, container cgroups, and a teardown that
+leaves nothing behind.
 
 A machine that cannot run the tier (not root, missing packages, no overlayfs) fails it
 with the reason. Set PAYPER_SKIP_NODE_TESTS=1 to skip it on purpose: the skip is
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,13 @@ def _pod(name: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
             ],
         },
     }
+
+
+@pytest.fixture(scope="session")
+def pod_manifest() -> Callable[[str, str, dict[str, str]], dict[str, Any]]:
+    """How this tier makes a pod on the real node (name, image, labels), for tests that
+    make several."""
+    return _pod
 
 
 @pytest.fixture

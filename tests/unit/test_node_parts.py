@@ -96,3 +96,64 @@ def test_a_machine_that_cannot_run_the_node_says_why(monkeypatch: pytest.MonkeyP
     reason = node.cannot_run() or ""
     assert "runc" in reason
     assert "make node-deps" in reason
+
+
+def test_kube_router_enforces_policies_only_and_listens_nowhere() -> None:
+    command = node.kube_router_command(Path("/bin/kube-router"), Path("/k/kube-router.kubeconfig"))
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in command[1:])
+    assert flags["run-firewall"] == "true"
+    assert flags["run-router"] == flags["run-service-proxy"] == "false"
+    assert flags["run-loadbalancer"] == "false"
+    assert flags["health-port"] == flags["metrics-port"] == "0"
+    assert flags["hostname-override"] == node.NODE_NAME
+    assert flags["service-cluster-ip-range"] == node.SERVICE_CIDR
+    assert flags["kubeconfig"] == "/k/kube-router.kubeconfig"
+    assert "kube-router" in node.COMPONENTS
+    assert "kube-router" in node.AFTER_REGISTRATION  # it reads its Node at start
+    role = node.kube_router_objects()[0]
+    verbs = {verb for rule in role["rules"] for verb in rule["verbs"]}
+    assert verbs <= {"get", "list", "watch"}
+
+
+def test_kube_router_is_cached_apart_from_the_other_node_parts() -> None:
+    """Adding or bumping kube-router never changes the other parts' cache key (a cold
+    build of those takes about 14 minutes)."""
+    router = node_binaries.kube_router_dir()
+    assert router.name == f"kube-router-{node_binaries.KUBE_ROUTER_VERSION}"
+    assert router.parent == node_binaries.cached_dir().parent
+    assert "kube-router" not in node_binaries.versions_tag()
+    assert "kube-router" not in node_binaries.NODE_BINARIES
+    assert node_binaries.DEBIAN_TOOLS["ipset"] == "ipset"
+
+
+def test_teardown_finds_kube_routers_jumps_and_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    filter_rules = "\n".join(
+        [
+            "-P FORWARD ACCEPT",
+            "-N KUBE-ROUTER-FORWARD",
+            '-A FORWARD -m comment --comment "kube-router netpol - TEMCG2JMHZYE7H7T" '
+            "-j KUBE-ROUTER-FORWARD",
+            "-A FORWARD -o docker0 -j ACCEPT",
+        ]
+    )
+    sets = "KUBE-SRC-ABCDEFGHIJKLMNOP\nKUBE-DST-ABCDEFGHIJKLMNOP\nTMP-ABCDEFGHIJKLMNOP\nmine\n"
+
+    def fake_sh(
+        *cmd: str, check: bool = True, input: str | None = None, timeout_s: float = 0
+    ) -> str:
+        if cmd[0] == "ipset":
+            return sets
+        return filter_rules if cmd[0] == "iptables" and cmd[3] == "filter" else ""
+
+    monkeypatch.setattr(node, "_sh", fake_sh)
+    monkeypatch.setattr(node.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    (jump,) = node._kube_jumps()
+    assert jump == (
+        "iptables", "-w", "-t", "filter", "-D", "FORWARD", "-m", "comment",
+        "--comment", "kube-router netpol - TEMCG2JMHZYE7H7T", "-j", "KUBE-ROUTER-FORWARD",
+    )  # fmt: skip
+    assert node.node_ipsets() == [
+        "KUBE-SRC-ABCDEFGHIJKLMNOP",
+        "KUBE-DST-ABCDEFGHIJKLMNOP",
+        "TMP-ABCDEFGHIJKLMNOP",
+    ]

@@ -1,4 +1,5 @@
-"""One real node in the local cluster: kubelet, containerd, runc, CNI, kube-proxy, DNS.
+"""One real node in the local cluster: kubelet, containerd, runc, CNI, kube-proxy, DNS,
+and NetworkPolicy enforcement.
 
 kwok's pods are timers and loopback processes; nothing about them checks Payper's
 images, its chart's pod specs (securityContext, hostPID, hostPath, probes) or the agent's
@@ -18,6 +19,12 @@ node starts listens on loopback or on 198.18.0.1: the kubelet (its API, for the 
 server's logs/exec), CoreDNS (53, behind the kube-dns Service at 10.96.0.10), the
 registry (loopback), containerd (a unix socket; its streaming server on loopback).
 
+NetworkPolicy: kube-router's network policy controller, alone (no routing, no service
+proxy, no health or metrics listener), enforces policies on the bridge with iptables
+rules (``-m physdev --physdev-is-bridged``, so the bridge must pass its frames through
+iptables: ``net.bridge.bridge-nf-call-iptables=1``) and ipsets. It reads its own Node
+object when it starts, so it starts once the node has registered.
+
 Machine-wide state, recorded at ``up`` and undone at ``down``:
 
 - sysctls the kubelet and the CNI bridge set (``vm.overcommit_memory``, ``kernel.panic``,
@@ -28,7 +35,8 @@ Machine-wide state, recorded at ``up`` and undone at ``down``:
 - pod cgroups, nested under ``/payper-node`` (``cgroupRoot``) in every hierarchy;
 - mounts under the node directory (the kubelet's rshared bind mount of its root
   survives its exit), network namespaces, the bridge, the kubelet's iptables chains and
-  kube-proxy's nftables tables (``kube-proxy --cleanup``).
+  kube-proxy's nftables tables (``kube-proxy --cleanup``), kube-router's iptables
+  chains (``KUBE-ROUTER-*``, ``KUBE-POD-FW-*``, ``KUBE-NWPLCY-*``) and its ipsets.
 
 Pods are deleted (and the node tainted NoExecute, so no controller puts them back)
 before the kubelet stops: a restarted kubelet would adopt them.
@@ -40,6 +48,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -82,7 +92,23 @@ REAL_NODE_TAINT = {"key": REAL_NODE_LABEL, "value": "true", "effect": "NoSchedul
 DOWN_TAINT = {"key": "payper.dev/node-going-down", "value": "true", "effect": "NoExecute"}
 LOCK_FILE = Path("/run/payper-node.lock")
 GPUS = 1
-COMPONENTS = ("registry", "apiserver-proxy", "containerd", "coredns", "kubelet", "kube-proxy")
+SERVICE_CIDR = "10.96.0.0/16"
+COMPONENTS = (
+    "registry",
+    "apiserver-proxy",
+    "containerd",
+    "coredns",
+    "kubelet",
+    "kube-proxy",
+    "kube-router",
+)
+AFTER_REGISTRATION = frozenset({"kube-router"})
+"""Components that read the node's Node object at start: started once it is Ready."""
+KUBE_ROUTER_CHAINS = ("KUBE-ROUTER-INPUT", "KUBE-ROUTER-FORWARD", "KUBE-ROUTER-OUTPUT")
+IPSET_PREFIXES = ("KUBE-SRC-", "KUBE-DST-", "inet6:KUBE-SRC-", "inet6:KUBE-DST-")
+"""kube-router's ipsets: a policy's source and destination pods (IPv4, IPv6)."""
+KUBE_ROUTER_TMP_IPSET = re.compile(r"^TMP-[A-Z2-7]{16}$")
+"""The swap set of kube-router's ``ipset restore``, left only by a crash mid-restore."""
 
 SYSCTLS = (
     "net.ipv4.ip_forward",
@@ -163,8 +189,18 @@ def cannot_run() -> str | None:
     return None
 
 
-def _sh(*cmd: str, check: bool = True, input: str | None = None) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, input=input, check=False)
+def _sh(*cmd: str, check: bool = True, input: str | None = None, timeout_s: float = 300.0) -> str:
+    """Run a command, killed past ``timeout_s``; its stdout. With ``check`` a failure or
+    a timeout raises NodeError; without, a timed-out command's output is empty (teardown
+    goes on, and its final leftovers check reports what stayed)."""
+    try:
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, input=input, check=False, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as error:
+        if not check:
+            return ""
+        raise NodeError(f"`{' '.join(cmd)}` did not finish in {timeout_s:.0f}s") from error
     if check and result.returncode != 0:
         raise NodeError(f"`{' '.join(cmd)}` failed ({result.returncode}): {result.stderr.strip()}")
     return result.stdout
@@ -232,6 +268,18 @@ def iptables_kube_chains() -> list[str]:
     return chains
 
 
+def node_ipsets() -> list[str]:
+    """kube-router's ipsets on this machine (none without the ``ipset`` tool)."""
+    if shutil.which("ipset") is None:
+        return []
+    out = _sh("ipset", "list", "-n", check=False)
+    return [
+        name
+        for name in out.split()
+        if name.startswith(IPSET_PREFIXES) or KUBE_ROUTER_TMP_IPSET.match(name)
+    ]
+
+
 def bridge_exists() -> bool:
     return Path(f"/sys/class/net/{BRIDGE}").exists()
 
@@ -244,6 +292,7 @@ def leftovers(node_dir: Path | None = None) -> list[str]:
     found += [f"cgroup {p}" for p in node_cgroups()]
     found += [f"nft table {t}" for t in nft_tables() if "kube-proxy" in t or NFT_TABLE in t]
     found += [f"iptables chain {c}" for c in iptables_kube_chains()]
+    found += [f"ipset {s}" for s in node_ipsets()]
     prefixes = ["/var/lib/kubelet", "/run/containerd", "/run/netns"]
     if node_dir is not None:
         prefixes.append(str(node_dir))
@@ -338,6 +387,7 @@ class RealNode:
         if self.state_file.exists() or leftovers(self.directory):
             self.down()
         bin_dir = node_binaries.find_dir() or node_binaries.build()
+        node_binaries.find_kube_router() or node_binaries.build_kube_router()
         started = time.monotonic()
         deadline = started + timeout_s
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -369,17 +419,27 @@ class RealNode:
             self._write_configs(bin_dir, state)
             asyncio.run(
                 self._apply_objects(
-                    [*cluster_dns_objects(), apiserver_slice(self._apiserver_port())]
+                    [
+                        *cluster_dns_objects(),
+                        *kube_router_objects(),
+                        apiserver_slice(self._apiserver_port()),
+                    ]
                 )
             )
+            registered = False
             for name in COMPONENTS:
+                if name in AFTER_REGISTRATION and not registered:
+                    asyncio.run(self._after_registration(deadline))
+                    registered = True
+                    self.timings["node ready"] = time.monotonic() - started
                 state.pids[name] = self._spawn(name, self._command(name, bin_dir))
                 self._save(state)
                 self._wait_component(name, state, deadline)
                 self.timings[name] = time.monotonic() - started
                 if name == "containerd":
                     self._import_pause(bin_dir)
-            asyncio.run(self._after_registration(deadline))
+            if not registered:
+                asyncio.run(self._after_registration(deadline))
             self.timings["ready"] = time.monotonic() - started
         except BaseException:
             self.down()
@@ -412,7 +472,7 @@ class RealNode:
             _sh("ip", "link", "add", BRIDGE, "type", "bridge")
         _sh("ip", "addr", "replace", f"{NODE_IP}/24", "dev", BRIDGE)
         _sh("ip", "link", "set", BRIDGE, "up")
-        service_cidr = "10.96.0.0/16"
+        service_cidr = SERVICE_CIDR
         # The host's own connections to Services leave from the node IP, into the bridge
         # (kube-proxy rewrites them to a pod there); gone with the bridge.
         _sh("ip", "route", "replace", service_cidr, "dev", BRIDGE, "src", NODE_IP)
@@ -430,11 +490,17 @@ table inet {NFT_TABLE} {{
 }}
 """
         _sh("nft", "-f", "-", input=fence)
+        # kube-router's policy rules match bridged frames (physdev): the bridge must hand
+        # them to iptables. Restored at `down` with the other sysctls.
+        bridge_nf = _sysctl_path("net.bridge.bridge-nf-call-iptables")
+        if not bridge_nf.exists():
+            raise NodeError(f"{bridge_nf} is missing: the kernel lacks bridge netfilter")
+        bridge_nf.write_text("1")
 
     def _write_configs(self, bin_dir: Path, state: NodeState) -> None:
         d, p = self.directory, self.cluster.pki_dir
         api = f"https://127.0.0.1:{self._apiserver_port()}"
-        for stem in ("node", "kube-proxy", "coredns"):
+        for stem in ("node", "kube-proxy", "coredns", "kube-router"):
             _kubeconfig(d / f"{stem}.kubeconfig", api, p, stem)
         cni_dir = node_binaries.cni_dir()
         (d / "cni" / "net.d").mkdir(parents=True)
@@ -501,6 +567,11 @@ table inet {NFT_TABLE} {{
             ]
         if name == "kube-proxy":
             return [str(bin_dir / "kube-proxy"), f"--config={d / 'kube-proxy.yaml'}", "--v=1"]
+        if name == "kube-router":
+            router = node_binaries.find_kube_router()
+            if router is None:
+                raise NodeError("kube-router is not built: run `payper-dev node build`")
+            return kube_router_command(router, d / "kube-router.kubeconfig")
         raise NodeError(f"unknown component {name}")
 
     def _spawn(self, name: str, command: list[str]) -> int:
@@ -540,6 +611,9 @@ table inet {NFT_TABLE} {{
             "kube-proxy": lambda: (
                 get_text(f"http://127.0.0.1:{ports['proxy-healthz']}/healthz") is not None
             ),
+            # No health listener (it would bind every interface): its top-level chains,
+            # which it makes before its first policy sync.
+            "kube-router": kube_router_chains_ready,
         }
         while not probes[name]():
             child = self._children[name]
@@ -595,8 +669,8 @@ table inet {NFT_TABLE} {{
                 node = await kube.get_or_none(node_path)
                 if node is not None and _condition(node, "Ready") == "True":
                     break
-                for name in COMPONENTS:
-                    if self._children[name].poll() is not None:
+                for name, child in self._children.items():
+                    if child.poll() is not None:
                         raise NodeError(f"{name} exited; its log ends:\n" + self._log_tail(name))
                 if time.monotonic() > deadline:
                     raise NodeError(
@@ -636,7 +710,7 @@ table inet {NFT_TABLE} {{
             with contextlib.suppress(Exception):
                 asyncio.run(self._drain(timeout_s=60.0))
         pids = dict(state.pids) if state else {}
-        for name in ("kube-proxy", "kubelet", "coredns", "apiserver-proxy"):
+        for name in ("kube-router", "kube-proxy", "kubelet", "coredns", "apiserver-proxy"):
             if name in pids:
                 _stop(pids[name], marker, grace_s)
         self._kill_pods()
@@ -737,6 +811,9 @@ table inet {NFT_TABLE} {{
         for chain in iptables_kube_chains():
             tool, table, name = chain.split()
             _sh(tool, "-w", "-t", table, "-X", name, check=False)
+        # kube-router's sets, once no rule refers to them.
+        for name in node_ipsets():
+            _sh("ipset", "destroy", name, check=False)
         before = set(state.nft_tables_before) if state else set()
         for table in nft_tables():
             family, name = table.split(maxsplit=1)
@@ -841,13 +918,14 @@ def _nft_has_rules(family: str, name: str) -> bool:
 
 
 def _kube_jumps() -> list[tuple[str, ...]]:
-    """``-D`` commands for rules in built-in chains that jump to a KUBE- chain."""
+    """``-D`` commands for rules in built-in chains that jump to a KUBE- chain (split as a
+    shell would: kube-router's comments are quoted and have spaces)."""
     commands = []
     for tool in ("iptables", "ip6tables"):
         for table in ("filter", "nat", "mangle"):
             out = _sh(tool, "-w", "-t", table, "-S", check=False)
             for line in out.splitlines():
-                parts = line.split()
+                parts = shlex.split(line)
                 if (
                     len(parts) > 2
                     and parts[0] == "-A"
@@ -1080,6 +1158,83 @@ def registry_config(storage: Path, port: int) -> dict[str, Any]:
         "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}", "debug": {"addr": ""}},
     }
+
+
+def kube_router_command(binary: Path, kubeconfig: Path) -> list[str]:
+    """kube-router as the node's NetworkPolicy enforcer only."""
+    return [
+        str(binary),
+        f"--kubeconfig={kubeconfig}",
+        f"--hostname-override={NODE_NAME}",
+        "--run-firewall=true",
+        "--run-router=false",
+        "--run-service-proxy=false",
+        "--run-loadbalancer=false",
+        "--enable-ipv4=true",
+        "--enable-ipv6=false",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # No listener on the machine's interfaces: health and metrics off.
+        "--health-port=0",
+        "--metrics-port=0",
+        "--cache-sync-timeout=60s",
+        "--iptables-sync-period=1m",
+        "--v=1",
+    ]
+
+
+def kube_router_chains_ready() -> bool:
+    """kube-router's top-level chains exist and the built-in chains jump to them."""
+    rules = _sh("iptables", "-w", "-t", "filter", "-S", check=False).splitlines()
+    return all(
+        f"-N {chain}" in rules and any(r.endswith(f"-j {chain}") for r in rules)
+        for chain in KUBE_ROUTER_CHAINS
+    )
+
+
+def kube_router_objects() -> list[dict[str, Any]]:
+    """kube-router's read access: the informers it starts (its policy controller uses
+    pods, namespaces, policies and its Node; it starts the rest whatever it runs)."""
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "payper:kube-router"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+                    "verbs": ["get", "list", "watch"],
+                },
+                {
+                    "apiGroups": ["networking.k8s.io"],
+                    "resources": ["networkpolicies"],
+                    "verbs": ["list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "payper:kube-router"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "payper:kube-router",
+            },
+            "subjects": [
+                {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "User",
+                    "name": "payper:kube-router",
+                }
+            ],
+        },
+    ]
 
 
 def cluster_dns_objects() -> list[dict[str, Any]]:

@@ -12,7 +12,12 @@ can be downloaded here, so the Go parts come from the Go module proxy:
 - the CNCF ``distribution`` registry, to serve images on loopback for the kubelet to
   pull as it would in a real cluster.
 
-runc and the CNI plugins are Debian packages (``.ci/node-packages``). The sandbox
+NetworkPolicy on the node is enforced by kube-router's network policy controller alone
+(its firewall; no routing, no service proxy): iptables rules and ipsets on the bridge.
+It is built from its module like the above, into a cache directory of its own keyed by
+its version, so that adding or bumping it never rebuilds the other parts.
+
+runc, ipset and the CNI plugins are Debian packages (``.ci/node-packages``). The sandbox
 ("pause") image is built here too: Kubernetes' own ``build/pause/linux/pause.c``, from
 the same k8s.io/kubernetes module, compiled statically with the Debian C compiler and
 packaged with buildah into an OCI archive.
@@ -38,6 +43,13 @@ CONTAINERD_VERSION = "v2.2.9"
 COREDNS_VERSION = "v1.15.0"
 REGISTRY_VERSION = "v3.1.2"
 PAUSE_VERSION = "3.10.2"
+KUBE_ROUTER_VERSION = "v2.1.0"
+"""The newest kube-router the Go module proxy serves here (later tags answer 403). The
+alternative, sigs.k8s.io/kube-network-policies, cannot work on this kind of machine: it
+hands packets to user space with the nftables ``queue`` statement, and the kernel is
+built without it (``# CONFIG_NFT_QUEUE is not set``; ``nft add rule ... queue num 100``
+fails with "No such file or directory"). kube-router needs only iptables matches the
+kernel has (set, physdev, conntrack, comment, mark) and ipsets."""
 """The pause version Kubernetes ships with KUBERNETES_VERSION (build/pause/Makefile)."""
 PAUSE_IMAGE = f"registry.k8s.io/pause:{PAUSE_VERSION}"
 """The name the sandbox image is imported under (never pulled: built here)."""
@@ -70,6 +82,7 @@ DEBIAN_TOOLS = {
     "iptables": "iptables",
     "nft": "nftables",
     "conntrack": "conntrack",
+    "ipset": "ipset",
 }
 CNI_PLUGIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 CNI_PLUGINS = ("bridge", "host-local", "portmap", "loopback")
@@ -84,6 +97,22 @@ def versions_tag() -> str:
 
 def cached_dir() -> Path:
     return binaries.cache_root() / "bin" / f"node-{versions_tag()}"
+
+
+def kube_router_dir() -> Path:
+    """kube-router's own cache directory: its version alone is the key."""
+    return binaries.cache_root() / "bin" / f"kube-router-{KUBE_ROUTER_VERSION}"
+
+
+def find_kube_router() -> Path | None:
+    """The kube-router binary, if built (``PAYPER_KUBE_ROUTER`` names another one)."""
+    override = os.environ.get("PAYPER_KUBE_ROUTER")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise BuildError(f"PAYPER_KUBE_ROUTER={override} is not an executable")
+        return Path(override)
+    binary = kube_router_dir() / "kube-router"
+    return binary if os.access(binary, os.X_OK) else None
 
 
 def coredns_wrapper() -> str:
@@ -175,6 +204,41 @@ def _build_registry(out: Path, work: Path) -> None:
     binaries._run([*cmd, package], work, "registry build", verbose_build=True)
 
 
+def _build_kube_router(out: Path, work: Path) -> None:
+    binaries._write_module(work, "payper.local/build/kube-router", "")
+    module = "github.com/cloudnativelabs/kube-router/v2"
+    package = f"{module}/cmd/kube-router"
+    binaries._run(["go", "get", f"{package}@{KUBE_ROUTER_VERSION}"], work, "kube-router get")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    ldflags = (
+        f"-s -w -X {module}/pkg/version.Version={KUBE_ROUTER_VERSION}"
+        f" -X {module}/pkg/version.BuildDate={stamp}"
+    )
+    cmd = ["go", "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(out / "kube-router")]
+    binaries._run([*cmd, package], work, "kube-router build", verbose_build=True)
+
+
+def build_kube_router(force: bool = False) -> Path:
+    """Build kube-router once into its own cache directory; returns the binary."""
+    existing = None if force else find_kube_router()
+    if existing is not None:
+        return existing
+    if shutil.which("go") is None:
+        raise BuildError("`go` is not on PATH; it is needed once to build kube-router")
+    out = kube_router_dir()
+    staging = out.parent / (out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    started = time.monotonic()
+    print(f"building kube-router {KUBE_ROUTER_VERSION} ...", file=sys.stderr, flush=True)
+    _build_kube_router(staging, binaries.cache_root() / "build" / "kube-router")
+    out.mkdir(parents=True, exist_ok=True)
+    os.replace(staging / "kube-router", out / "kube-router")
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"built kube-router in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+    return out / "kube-router"
+
+
 def _kubernetes_source(work: Path) -> Path:
     """The k8s.io/kubernetes module's files (for build/pause), from the module cache."""
     work.mkdir(parents=True, exist_ok=True)
@@ -248,7 +312,15 @@ BUILDERS = {
 
 
 def build(force: bool = False) -> Path:
-    """Build every missing node binary (and the pause image) into the cache."""
+    """Build every missing node binary (and the pause image) into the cache, and
+    kube-router into its own; returns the directory of the former."""
+    directory = _build_parts(force)
+    router = build_kube_router(force)
+    print(f"kube-router ready at {router}", file=sys.stderr)
+    return directory
+
+
+def _build_parts(force: bool) -> Path:
     existing = None if force else find_dir()
     if existing is not None:
         print(f"node binaries ready in {existing}", file=sys.stderr)

@@ -48,6 +48,7 @@ CLIENTS = (
     Identity("node", f"system:node:{REAL_NODE_NAME}", ("system:nodes",)),
     Identity("kube-proxy", "system:kube-proxy"),
     Identity("coredns", "payper:coredns"),
+    Identity("kube-router", "payper:kube-router"),
 )
 
 

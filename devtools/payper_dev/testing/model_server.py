@@ -54,9 +54,15 @@ class BusyLog:
         directory.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
         # The PID as this process sees it (in a container: its own PID namespace's) and
-        # its start time, by which the agent finds the host PID. The files are named
-        # uniquely: containers sharing the directory may all be PID 1.
-        stem = uuid.uuid4().hex
+        # its start time, by which the agent finds the host PID. The files are named by
+        # that PID where the name is free (agents before the start time was published read
+        # only such names: the upgrade test runs one), otherwise uniquely: containers
+        # sharing the directory may all be PID 1.
+        stem = str(pid)
+        try:
+            (directory / f"{stem}.busy").open("x").close()
+        except FileExistsError:
+            stem = uuid.uuid4().hex
         identity = {
             "pid": pid,
             "startTicks": start_ticks(),
@@ -71,7 +77,7 @@ class BusyLog:
             "startedMs": now_ms(),
         }
         self.path = directory / f"{stem}.busy"
-        self.path.touch()
+        self.path.touch()  # (already there, when named by the PID)
         # The identity last, written whole: the agent reads the busy file once it sees it.
         partial = directory / f".{stem}.json.partial"
         partial.write_text(json.dumps(identity))

@@ -29,6 +29,8 @@ class DeploymentDemand(ApiModel):
     queued: Count = 0
     requests_total: Annotated[int, Field(ge=0)] = 0
     ms_since_last_request: Annotated[int, Field(ge=0)] | None = None
+    cold_start_ms: Annotated[int, Field(ge=0, le=86_400_000)] | None = None
+    """A cold start a request waited through since the last report: held -> forwarded."""
     in_flight_by_pod: Annotated[
         dict[DnsSubdomain, Annotated[int, Field(ge=1, le=10_000_000)]],
         Field(max_length=MAX_REPORTED_PODS),

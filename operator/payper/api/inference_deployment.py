@@ -176,6 +176,18 @@ class BillingSpec(ApiModel):
     ) = None
 
 
+class ServiceSpec(ApiModel):
+    enabled: Annotated[
+        bool,
+        Field(
+            description="A ClusterIP Service named like the deployment, for in-cluster "
+            "clients (the gateway goes to pod IPs; with the tenant fence only the gateway "
+            "and what the platform admits reach the pods). false: none, and the one the "
+            "operator made before is deleted."
+        ),
+    ] = True
+
+
 class AuthSpec(ApiModel):
     secret_name: Annotated[
         DnsSubdomain,
@@ -207,6 +219,7 @@ class InferenceDeploymentSpec(ApiModel):
     gpu: GpuSpec = defaulted(GpuSpec)
     scaling: ScalingSpec = defaulted(ScalingSpec)
     billing: BillingSpec = defaulted(BillingSpec)
+    service: ServiceSpec = defaulted(ServiceSpec)
     auth: AuthSpec | None = None
 
     def serving_port(self) -> int | None:
@@ -233,6 +246,30 @@ class AuthStatus(ApiModel):
     ] = Field(default_factory=list)
 
 
+PhaseMs = Annotated[int, Field(ge=0, le=86_400_000)] | None
+
+
+class ColdStartPhases(ApiModel):
+    """Milliseconds per phase of a cold start; null where it could not be measured
+    (docs/architecture.md, "Cold starts in phases")."""
+
+    create: Annotated[PhaseMs, Field(description="Request held -> pod created.")] = None
+    schedule: Annotated[PhaseMs, Field(description="Pod created -> scheduled.")] = None
+    image: Annotated[PhaseMs, Field(description="Image pull, as the kubelet measured it.")] = None
+    start: Annotated[
+        PhaseMs, Field(description="Scheduled -> every container running, less the pull.")
+    ] = None
+    ready: Annotated[PhaseMs, Field(description="Containers running -> Ready.")] = None
+    forward: Annotated[
+        PhaseMs, Field(description="Ready -> first byte forwarded by the gateway.")
+    ] = None
+
+
+class ColdStartStatus(ApiModel):
+    pod: DnsSubdomain
+    phases_ms: ColdStartPhases = Field(default_factory=ColdStartPhases)
+
+
 class InferenceDeploymentStatus(ApiModel):
     conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
     observed_generation: Annotated[int, Field(ge=0)] | None = None
@@ -243,6 +280,7 @@ class InferenceDeploymentStatus(ApiModel):
     last_cold_start_seconds: (
         Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]{1,3})?$", max_length=16)] | None
     ) = None
+    last_cold_start: ColdStartStatus | None = None
     url: Annotated[str, StringConstraints(max_length=2048)] | None = None
     auth: AuthStatus | None = None
 

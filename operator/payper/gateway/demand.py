@@ -114,9 +114,12 @@ class DemandReporter:
                     queued=target.queued,
                     requests_total=target.requests_total,
                     ms_since_last_request=None if last is None else int((now - last) * 1000),
+                    cold_start_ms=target.unreported_cold_start_ms,
                     in_flight_by_pod=in_flight_by_pod(target) if per_pod else {},
                 )
             )
+            # Sent once (a lost report loses it: the phase then stays unmeasured).
+            target.unreported_cold_start_ms = None
         return DemandSnapshot(gateway=self.gateway_id, deployments=entries)
 
     async def report(self) -> int:

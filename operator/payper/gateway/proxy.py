@@ -269,6 +269,7 @@ class Gateway:
                 target.meters.queue_wait.observe(time.monotonic() - held_since)
                 if waking and cold_start_ms is None:
                     cold_start_ms = int((time.monotonic() - started) * 1000)
+                    target.unreported_cold_start_ms = cold_start_ms
             try:
                 await self._forward(
                     request, responder, found, endpoint, target, cold_start_ms, body, framing

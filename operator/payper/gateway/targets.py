@@ -73,6 +73,9 @@ class Target:
     requests_total: int = 0
     last_request_at: float | None = None
     """time.monotonic() of the last request's arrival."""
+    unreported_cold_start_ms: int | None = None
+    """The last cold start a request waited through (held -> forwarded), until the next
+    demand report carries it to the operator (its phases' last part)."""
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     gone: bool = False
     meters: metrics.TargetMeters = field(init=False)

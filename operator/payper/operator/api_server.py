@@ -111,6 +111,10 @@ class ApiServer:
             self.controller.billing.count_requests(
                 snapshot.gateway, (entry.namespace, entry.name), entry.requests_total
             )
+            if entry.cold_start_ms is not None:
+                self.controller.observe_cold_start_total(
+                    (entry.namespace, entry.name), entry.cold_start_ms
+                )
             if entry.queued > 0:
                 tracked = self.controller.registry.get((entry.namespace, entry.name))
                 if tracked is not None and tracked.replicas == 0:

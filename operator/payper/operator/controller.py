@@ -37,6 +37,12 @@ from payper.operator.autoscaler import (
     Windows,
     deletion_costs,
 )
+from payper.operator.coldstart import (
+    FORWARD_REPORT_WINDOW_MS,
+    ColdStart,
+    FinishedColdStart,
+    pull_ms,
+)
 from payper.operator.config import OperatorConfig
 from payper.operator.state import DemandStore, DemandTotals, Registry, Tracked
 
@@ -157,17 +163,34 @@ class Controller:
                     ),
                     FIELD_MANAGER,
                 )
-            await self.kube.apply(
-                resource_path("v1", "services", ns, name),
-                builders.service(name, ns, uid, tracked.spec),
-                FIELD_MANAGER,
-            )
+            service_path = resource_path("v1", "services", ns, name)
+            if tracked.spec.service.enabled:
+                await self.kube.apply(
+                    service_path, builders.service(name, ns, uid, tracked.spec), FIELD_MANAGER
+                )
+            else:
+                await self._delete_own_service(service_path, uid)
             await self._apply_deployment(tracked, tracked.replicas)
         except ApiError as error:
             if error.status in (400, 422):
                 tracked.invalid = f"the API server rejected the workload: {error.message}"
                 return
             raise
+
+    async def _delete_own_service(self, path: str, uid: str) -> None:
+        """Delete the Service this deployment's operator made, never a tenant's own Service
+        of the same name (owner checked, and the delete preconditioned on its UID)."""
+        existing = await self.kube.get_or_none(path)
+        if existing is None:
+            return
+        meta = existing["metadata"]
+        if not any(ref.get("uid") == uid for ref in meta.get("ownerReferences") or []):
+            return
+        try:
+            await self.kube.delete(path, body={"preconditions": {"uid": meta["uid"]}})
+        except ApiError as error:
+            if not error.conflict:  # 409: replaced meanwhile, by someone else's Service
+                raise
 
     async def _apply_deployment(self, tracked: Tracked, replicas: int) -> None:
         assert tracked.spec is not None
@@ -247,6 +270,12 @@ class Controller:
         if tracked is None:
             return
         tracked.dirty = True
+        trace = tracked.cold_start
+        if trace is not None and not deleted:
+            marks = trace.observe(pod, self.clock())
+            if marks is not None and marks.ready_ms is not None and pod.serving:
+                tracked.last_cold_start = FinishedColdStart.of(trace, pod)
+                tracked.cold_start = None
         if tracked.scale_from_zero_ms is None:
             return
         if any(p.ready and not p.deleting for p in self.registry.pods_of(key)):
@@ -275,10 +304,49 @@ class Controller:
         idle = DemandTotals()
         for tracked in self.registry:
             try:
+                await self._complete_cold_start(tracked)
                 await self.evaluate(tracked, totals.get(tracked.key, idle), at)
             except ApiError as error:
                 logger.warning("%s/%s: %s", *tracked.key, error)
         metrics.TICK_DURATION.observe(time.perf_counter() - started)
+
+    async def _complete_cold_start(self, tracked: Tracked) -> None:
+        """Once per finished cold start: its image pull from the kubelet's Pulled events
+        (one list call), then its phases into the histogram (forward comes later, with
+        the gateway's report)."""
+        finished = tracked.last_cold_start
+        if finished is None or finished.pull_checked:
+            return
+        pulled: int | None = None
+        try:
+            events = await self.kube.list(
+                resource_path("v1", "events", tracked.namespace),
+                {"fieldSelector": f"involvedObject.uid={finished.uid},reason=Pulled"},
+            )
+            pulls = [pull_ms(e.get("message") or "") for e in events.get("items", [])]
+            known = [p for p in pulls if p is not None]
+            pulled = sum(known) if known else None  # the kubelet pulls one image at a time
+        except ApiError as error:
+            logger.warning("%s/%s: no image pull time: %s", *tracked.key, error)
+        finished.add_pull(pulled)
+        for phase, ms in finished.phases.items():
+            if ms is not None:
+                metrics.COLD_START_PHASE.labels(*tracked.key, phase).observe(ms / 1000)
+        tracked.dirty = True
+
+    def observe_cold_start_total(self, key: Key, total_ms: int) -> None:
+        """A gateway's cold-start total for ``key``'s last cold start: the forward phase."""
+        tracked = self.registry.get(key)
+        finished = tracked.last_cold_start if tracked is not None else None
+        if tracked is None or finished is None or finished.forward_known:
+            return
+        if self.clock() - finished.ready_at_ms > FORWARD_REPORT_WINDOW_MS:
+            return  # a cold start this operator did not follow (a restart during it)
+        finished.add_forward(total_ms)
+        ms = finished.phases["forward"]
+        assert ms is not None
+        metrics.COLD_START_PHASE.labels(*key, "forward").observe(ms / 1000)
+        tracked.dirty = True
 
     async def evaluate(self, tracked: Tracked, demand: DemandTotals, at: int) -> None:
         if tracked.policy is None or tracked.replicas is None:
@@ -363,8 +431,10 @@ class Controller:
         metrics.DESIRED_REPLICAS.labels(*tracked.key).set(decision.desired)
         if previous == 0 and decision.desired > 0:
             tracked.scale_from_zero_ms = at
+            tracked.cold_start = ColdStart(held_ms=at)
         if decision.desired == 0:
             tracked.scale_from_zero_ms = None
+            tracked.cold_start = None
         logger.info(
             "%s/%s: %d -> %d replicas (%s)",
             *tracked.key,

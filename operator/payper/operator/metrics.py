@@ -12,6 +12,12 @@ COLD_START_DURATION = Histogram(
     LABELS,
     buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600),
 )
+COLD_START_PHASE = Histogram(
+    "payper_cold_start_phase_seconds",
+    "Each measured phase of a cold start (create, schedule, image, start, ready, forward).",
+    (*LABELS, "phase"),
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 45, 90, 180, 600),
+)
 COLD_STARTS = Counter(
     "payper_cold_starts_total", "Scale-ups from zero that reached a ready endpoint.", LABELS
 )

@@ -17,6 +17,7 @@ from payper.api.inference_deployment import InferenceDeploymentSpec, InferenceDe
 from payper.observed import Key, PodView
 from payper.operator.apikeys import KeyCheck
 from payper.operator.autoscaler import Decision, History, Policy
+from payper.operator.coldstart import ColdStart, FinishedColdStart
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Tracked:
     scale_from_zero_ms: int | None = None
     """When the current scale-up from zero was decided; cleared once a pod is ready."""
     last_cold_start_ms: int | None = None
+    cold_start: ColdStart | None = None
+    """The scale-up from zero in progress, followed phase by phase."""
+    last_cold_start: FinishedColdStart | None = None
     last_decision: Decision | None = None
     written_status: InferenceDeploymentStatus | None = None
     """The status as last written; conditions keep its transition times until they flip."""

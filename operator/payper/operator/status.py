@@ -33,6 +33,8 @@ from payper.api.inference_deployment import (
     READY,
     SCALED_TO_ZERO,
     AuthStatus,
+    ColdStartPhases,
+    ColdStartStatus,
     InferenceDeploymentStatus,
 )
 from payper.billing.config import PlanChoice
@@ -213,5 +215,13 @@ def compute(
         ),
         last_cold_start_seconds=(
             None if tracked.last_cold_start_ms is None else seconds(tracked.last_cold_start_ms)
+        ),
+        last_cold_start=(
+            None
+            if tracked.last_cold_start is None
+            else ColdStartStatus(
+                pod=tracked.last_cold_start.pod,
+                phases_ms=ColdStartPhases(**tracked.last_cold_start.phases),
+            )
         ),
     )
