@@ -275,7 +275,8 @@ class Kube:
     async def delete(
         self, path: str, params: Mapping[str, str] | None = None, body: Any = None
     ) -> Any:
-        """DELETE; None when it was gone already. ``body``: DeleteOptions (preconditions)."""
+        """DELETE; None when it was gone already. ``body``: DeleteOptions (preconditions,
+        grace)."""
         try:
             return await self.request("DELETE", path, params=params, body=body)
         except ApiError as error:

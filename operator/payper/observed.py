@@ -20,6 +20,9 @@ from payper.clock import parse_iso
 Key = tuple[str, str]
 """(namespace, InferenceDeployment name)."""
 
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+"""The ReplicaSet controller deletes pods with the lowest cost first at a scale-down."""
+
 UNMANAGED = ""
 """The deployment part of the key of GPU pods that belong to no InferenceDeployment: they
 are billed to their namespace, in records of their own, never dropped."""
@@ -39,6 +42,13 @@ def _is_name(value: str) -> bool:
 
 def parse_time_ms(value: str | None) -> int | None:
     return parse_iso(value) if value else None
+
+
+def _int_or_zero(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class PodView:
     owner: Owner | None = None
     """Its controller: billing follows this chain (ReplicaSet -> Deployment ->
     InferenceDeployment), never the label, which the tenant can change."""
+    deletion_cost: int = 0
+    """Its ``controller.kubernetes.io/pod-deletion-cost`` (0 when absent)."""
 
     @property
     def deleting(self) -> bool:
@@ -152,6 +164,9 @@ class PodView:
             finished=status.get("phase") in ("Succeeded", "Failed"),
             started=_all_running(spec, status),
             owner=controller_of(meta),
+            deletion_cost=_int_or_zero(
+                (meta.get("annotations") or {}).get(DELETION_COST_ANNOTATION)
+            ),
         )
 
 

@@ -177,6 +177,9 @@ def test_pod_runner_serves_on_the_pod_ip_and_stops_with_the_pod(
         cluster.kubectl("delete", "deployment", "served", "-n", namespace)
         eventually(lambda: entry.process.returncode is not None, timeout_s=20, what="process exit")
         assert get_text(url) is None
+        # As a kubelet does, the runner removes the terminating pod once its process
+        # stopped (kwok leaves runner pods to it until their grace runs out).
+        eventually(lambda: not _pods(cluster, namespace, "served"), 20, what="pod removed")
 
 
 def test_garbage_collection_removes_owned_objects(cluster: ClusterHandle, namespace: str) -> None:

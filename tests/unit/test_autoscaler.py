@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from payper.operator.autoscaler import (
+    MAX_COST_PATCHES,
+    MAX_DELETION_COST,
     Decision,
     History,
     Observation,
@@ -16,6 +18,7 @@ from payper.operator.autoscaler import (
     Sample,
     Windows,
     decide,
+    deletion_costs,
 )
 
 POLICY = Policy(
@@ -228,3 +231,34 @@ def test_history_keeps_only_its_windows_and_owns_the_scale_down_delay() -> None:
     restarted.seed(100_000, 3)
     quiet = Observation(100_500, 3, 0, 0, 0, last_request_ms=100_000)
     assert restarted.decide(policy, windows, quiet).desired == 3, "a restart keeps a warm size"
+
+
+@pytest.mark.parametrize(
+    ("current", "in_flight", "expected"),
+    [
+        ({"a": 0, "b": 0}, {}, {}),
+        ({"a": 0, "b": 0}, {"b": 3}, {"b": 3}),
+        ({"a": 0, "b": 3}, {"b": 3}, {}),  # unchanged: no patch
+        ({"a": 2, "b": 0}, {"b": 1}, {"b": 1, "a": 0}),  # a stale cost is cleared
+        ({"a": 0}, {"gone": 4}, {}),  # only serving pods get a cost
+        ({"a": 0}, {"a": 10**9}, {"a": MAX_DELETION_COST}),
+    ],
+)
+def test_deletion_costs_are_requests_in_flight_set_only_where_they_change(
+    current: dict[str, int], in_flight: dict[str, int], expected: dict[str, int]
+) -> None:
+    assert deletion_costs(current, in_flight) == expected
+
+
+def test_deletion_costs_set_per_scale_down_are_bounded_busiest_first() -> None:
+    pods = MAX_COST_PATCHES + 50
+    current = {f"p{i:04}": 7 for i in range(pods)}  # all stale...
+    busy = {f"p{i:04}": 1 + i % 3 for i in range(0, pods, 2)}  # ...half of them busy now
+    changes = deletion_costs(current, busy)
+    assert len(changes) == MAX_COST_PATCHES
+    busy_first = sorted(
+        ((cost, pod) for pod, cost in {p: busy.get(p, 0) for p in current}.items()),
+        key=lambda change: (-change[0], change[1]),
+    )
+    assert list(changes.items()) == [(pod, cost) for cost, pod in busy_first][:MAX_COST_PATCHES]
+    assert set(busy) <= set(changes), "every busy pod is marked before a stale cost clears"

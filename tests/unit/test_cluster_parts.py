@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ def test_kwok_configuration_simulates_cold_starts_with_a_per_pod_override() -> N
         "pod-ready",
         "pod-ready-listening",
         "pod-delete",
+        "pod-delete-overdue",
     }
     for name in ("pod-ready", "pod-ready-listening"):
         delay = stages[name]["delay"]
@@ -58,6 +61,15 @@ def test_kwok_configuration_simulates_cold_starts_with_a_per_pod_override() -> N
     assert listening[listening_key] == {"key": listening_key, "operator": "In", "values": ["true"]}
     assert "podIP: {{ PodIPWith" in stages["pod-create"]["next"]["statusTemplate"]
     assert stages["pod-delete"]["next"] == {"delete": True}
+    # A runner pod is removed by the runner once its process stopped (kwok removes it
+    # only when its grace has run out), never while it drains.
+    at_once = {e["key"]: e for e in stages["pod-delete"]["selector"]["matchExpressions"]}
+    assert at_once[runner_key]["operator"] == "DoesNotExist"
+    overdue = stages["pod-delete-overdue"]
+    assert {e["key"]: e["operator"] for e in overdue["selector"]["matchExpressions"]}[
+        runner_key
+    ] == "Exists"
+    assert overdue["delay"]["durationFrom"] == {"expressionFrom": ".metadata.deletionTimestamp"}
 
 
 def test_node_manifests_carry_gpu_capacity_labels_and_taint(tmp_path: Path) -> None:
@@ -123,7 +135,12 @@ def test_payper_k8s_bin_must_hold_every_binary(
 
 
 def _pod(
-    ip: str | None, uid: str = "u1", deleting: bool = False, profile: str = "sleep"
+    ip: str | None,
+    uid: str = "u1",
+    deleting: bool = False,
+    profile: str = "sleep",
+    grace_s: int | None = None,
+    pre_stop_s: int | None = None,
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "namespace": "ns",
@@ -133,12 +150,14 @@ def _pod(
     }
     if deleting:
         meta["deletionTimestamp"] = "2026-11-26T10:00:00Z"
+        if grace_s is not None:
+            meta["deletionGracePeriodSeconds"] = grace_s
+    container: dict[str, Any] = {"name": "c", "ports": [{"containerPort": 9000}]}
+    if pre_stop_s is not None:
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": pre_stop_s}}}
     return {
         "metadata": meta,
-        "spec": {
-            "nodeName": "gpu-node-0",
-            "containers": [{"name": "c", "ports": [{"containerPort": 9000}]}],
-        },
+        "spec": {"nodeName": "gpu-node-0", "containers": [container]},
         "status": {"podIP": ip} if ip else {},
     }
 
@@ -166,9 +185,10 @@ async def test_pod_runner_follows_the_pod_lifecycle(tmp_path: Path) -> None:
     await runner.on_event("MODIFIED", _pod(ip="127.9.0.8", uid="u2"))
     assert first.returncode is not None
     second = runner.running["ns/p"].process
-    await runner.on_event("MODIFIED", _pod(ip="127.9.0.8", uid="u2", deleting=True))
-    assert second.returncode is not None
+    await runner.on_event("MODIFIED", _pod(ip="127.9.0.8", uid="u2", deleting=True, grace_s=5))
     assert runner.running == {}
+    await asyncio.wait_for(asyncio.gather(*runner.draining.values()), 20)
+    assert second.returncode is not None
     await runner.on_event("ADDED", _pod(ip="127.9.0.9", profile="unknown"))
     assert runner.running == {}
 
@@ -203,6 +223,101 @@ async def test_pod_runner_announces_a_pod_only_once_its_process_listens(tmp_path
         assert not crashed.listening.is_set()
     finally:
         await runner.on_event("DELETED", _pod(ip="127.9.0.11", uid="u3"))
+
+
+class _RecordingKube:
+    """Stands in for the API server: records the runner's pod deletions, and whether the
+    pod's process had exited by then."""
+
+    def __init__(self) -> None:
+        self.deleted: list[tuple[str, Any]] = []
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def delete(self, path: str, params: Any = None, body: Any = None) -> None:
+        exited = None if self.process is None else self.process.returncode
+        self.deleted.append((path, {**body, "exited": exited}))
+
+
+async def test_pod_runner_stops_a_terminating_pod_as_a_kubelet_does(tmp_path: Path) -> None:
+    """preStop sleep first (the process serves on), then SIGTERM, SIGKILL once the grace
+    runs out; the pod object is removed (grace 0, on its UID) only after the exit."""
+    log = tmp_path / "log"
+    graceful = (
+        "import signal, sys, time\n"
+        f"log = open({str(log)!r}, 'a', buffering=1)\n"
+        "def term(*_):\n"
+        "    log.write(f'term {time.time()}\\n'); time.sleep(0.3); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "log.write('up\\n')\n"
+        "while True: time.sleep(1)\n"
+    )
+    stubborn = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(sys.argv[1], 'w').write('up')\n"
+        "time.sleep(60)\n"
+    )
+    ignoring = tmp_path / "ignoring"
+    (tmp_path / "graceful.py").write_text(graceful)
+    (tmp_path / "stubborn.py").write_text(stubborn)
+    runner = podrunner.PodRunner(
+        None,
+        {
+            "graceful": [sys.executable, str(tmp_path / "graceful.py")],
+            "stubborn": [sys.executable, str(tmp_path / "stubborn.py"), str(ignoring)],
+        },
+    )
+    kube = _RecordingKube()
+    runner.kube = kube  # type: ignore[assignment]
+
+    async def until(probe: Any) -> None:
+        for _ in range(400):
+            if probe():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {probe}")
+
+    async def drained() -> None:
+        await asyncio.wait_for(asyncio.gather(*runner.draining.values()), 30)
+
+    # (Neither process listens, so the runner never announces them: no patch.)
+    await runner.on_event("ADDED", _pod(ip="127.9.0.12", profile="graceful"))
+    kube.process = runner.running["ns/p"].process
+    await until(lambda: log.exists() and "up" in log.read_text())
+    asked = time.time()
+    await runner.on_event("MODIFIED", _pod("127.9.0.12", "u1", True, "graceful", 10, 1))
+    await drained()
+    term_at = float(log.read_text().split("term ")[1].split()[0])
+    assert term_at - asked >= 1.0, "SIGTERM only after the preStop sleep"
+    assert kube.process.returncode == 0, "it finished on its own within its grace"
+    path, options = kube.deleted[0]
+    assert path == "/api/v1/namespaces/ns/pods/p"
+    assert options == {
+        "apiVersion": "v1",
+        "kind": "DeleteOptions",
+        "gracePeriodSeconds": 0,
+        "preconditions": {"uid": "u1"},
+        "exited": 0,
+    }
+
+    # A process that ignores SIGTERM is killed when the grace period runs out.
+    await runner.on_event("ADDED", _pod(ip="127.9.0.13", uid="u2", profile="stubborn"))
+    kube.process = runner.running["ns/p"].process
+    await until(ignoring.exists)
+    await runner.on_event("MODIFIED", _pod("127.9.0.13", "u2", True, "stubborn", 1))
+    await drained()
+    assert kube.process.returncode == -signal.SIGKILL
+    assert kube.deleted[1][1]["exited"] == -signal.SIGKILL
+
+    # A terminating pod with nothing running (no IP yet) is removed at once; one of a
+    # profile this runner does not serve is left alone.
+    kube.process = None
+    await runner.on_event("MODIFIED", _pod(None, "u3", True, "graceful", 30))
+    await drained()
+    assert kube.deleted[2][1]["preconditions"] == {"uid": "u3"}
+    await runner.on_event("MODIFIED", _pod(None, "u4", True, "unknown", 30))
+    await drained()
+    assert len(kube.deleted) == 3
 
 
 def test_two_clusters_never_claim_the_same_pod_range(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
+from payper.gateway import demand
+from payper.gateway.demand import DemandReporter
 from payper.gateway.routing import Route, route
 from payper.gateway.targets import Target, TargetGone, Targets
 from payper.observed import PodView
@@ -245,3 +248,57 @@ def test_the_gateway_and_the_operator_agree_on_which_pods_serve() -> None:
         target = targets.get(("ns", "llm"))
         assert target is not None
         assert bool(target.endpoints) is serving, pod
+
+
+class _TokenStub:
+    def header(self) -> dict[str, str]:
+        return {}
+
+
+def test_snapshots_carry_the_busy_pods_bounded_and_only_when_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    targets = Targets()
+    targets.upsert_deployment(_deployment())
+    for index in range(4):
+        targets.upsert_pod("llm", _pod(f"p{index}", f"127.1.0.{index}", ready=True))
+    target = targets.get(("ns", "llm"))
+    assert target is not None
+    target.endpoints["p1"].in_flight = 2
+    target.endpoints["p2"].in_flight = 5
+    target.endpoints["p3"].in_flight = 1
+    target.in_flight = 8
+    reporter = DemandReporter("http://op", _TokenStub(), "g1", targets)  # type: ignore[arg-type]
+    (entry,) = reporter.snapshot().deployments
+    assert entry.in_flight_by_pod == {"p1": 2, "p2": 5, "p3": 1}, "idle pods are left out"
+    monkeypatch.setattr(demand, "MAX_REPORTED_PODS", 2)
+    assert demand.in_flight_by_pod(target) == {"p2": 5, "p1": 2}, "the busiest"
+    # A pod being deleted is no endpoint: its last requests count for the deployment only.
+    targets.upsert_pod("llm", _pod("p2", "127.1.0.2", ready=True, deleting=True))
+    (entry,) = reporter.snapshot().deployments
+    assert (entry.in_flight, entry.in_flight_by_pod) == (8, {"p1": 2, "p3": 1})
+    assert reporter.snapshot(per_pod=False).deployments[0].in_flight_by_pod == {}
+
+
+async def test_an_operator_that_refuses_per_pod_counts_gets_snapshots_without_them() -> None:
+    """Mid-upgrade, an operator from before per-pod counts answers 400 to them: the
+    snapshot is sent again without, and they stay out for a while."""
+    targets = Targets()
+    targets.upsert_deployment(_deployment())
+    targets.upsert_pod("llm", _pod("p1", "127.1.0.1", ready=True))
+    target = targets.get(("ns", "llm"))
+    assert target is not None
+    target.endpoints["p1"].in_flight = target.in_flight = 1
+    sent: list[dict[str, Any]] = []
+
+    async def old_operator(path: str, body: str) -> int:
+        wire = json.loads(body)
+        sent.append(wire)
+        return 400 if "inFlightByPod" in wire["deployments"][0] else 200
+
+    reporter = DemandReporter("http://op", _TokenStub(), "g1", targets)  # type: ignore[arg-type]
+    reporter._post = old_operator  # type: ignore[method-assign]
+    assert await reporter.report() == 200
+    assert await reporter.report() == 200
+    assert [("inFlightByPod" in s["deployments"][0]) for s in sent] == [True, False, False]
+    assert sent[1]["deployments"][0] == {"namespace": "ns", "name": "llm", "inFlight": 1}

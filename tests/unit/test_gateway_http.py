@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from payper.gateway import server, upstream
 from payper.gateway.proxy import Gateway, GatewaySettings
-from payper.gateway.targets import Targets
+from payper.gateway.targets import Endpoint, Targets
 from payper_dev.loopback import free_port
 
 
@@ -225,6 +225,63 @@ async def test_streams_are_rechunked_and_http10_gets_a_close_delimited_body(
     head, _, body = data10.partition(b"\r\n\r\n")
     assert b"Transfer-Encoding" not in head
     assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+def _pod(name: str, ip: str = "127.0.0.1", deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"namespace": "ns", "name": name, "uid": f"uid-{name}"}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "metadata": meta,
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+async def test_a_stream_outlives_its_pod_s_endpoint_and_new_requests_go_elsewhere(
+    gateway: tuple[int, Targets],
+) -> None:
+    """A pod being deleted (still Ready: its preStop runs) gets no new request, and the
+    stream it serves goes on to its end."""
+    port, targets = gateway
+    target = targets.get(("ns", "m"))
+    assert target is not None
+    picked: list[str] = []
+    pick = target.pick
+
+    def recorded() -> Endpoint | None:
+        endpoint = pick()
+        picked.append(endpoint.pod if endpoint else "")
+        return endpoint
+
+    target.pick = recorded  # type: ignore[method-assign]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /ns/m/stream?n=8&delay=0.05 HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+    )
+    data = b""
+    async with asyncio.timeout(5):
+        while b"data: 0" not in data:
+            data += await reader.read(65536)
+        streaming = target.endpoints["p"]
+        assert streaming.in_flight == 1
+        targets.upsert_pod("m", _pod("q"))  # a second replica
+        targets.upsert_pod("m", _pod("p", deleting=True))  # the scale-down picked p
+        assert set(target.endpoints) == {"q"}
+        small = await exchange(
+            port, b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+        )
+        assert small.startswith(b"HTTP/1.1 200")
+        assert picked == ["p", "q"], "the new request went to q"
+        while chunk := await reader.read(65536):
+            data += chunk
+    writer.close()
+    assert all(b"data: %d" % index in data for index in range(8))
+    assert data.endswith(b"0\r\n\r\n"), "the stream ended properly, not cut"
+    assert streaming.in_flight == 0
 
 
 async def test_request_bodies_fixed_and_chunked(gateway: tuple[int, Targets]) -> None:

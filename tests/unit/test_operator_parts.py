@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from payper.api.demand import DemandSnapshot, DeploymentDemand
+from payper.api.demand import MAX_REPORTED_PODS, DemandSnapshot, DeploymentDemand
 from payper.api.inference_deployment import (
     POD_LABEL,
     InferenceDeploymentSpec,
     InferenceDeploymentStatus,
+    ScalingSpec,
 )
 from payper.billing.config import PlanChoice
 from payper.clock import iso
@@ -22,7 +23,8 @@ from payper.observed import PodView
 from payper.operator import builders, status
 from payper.operator.auth import Caller, Forbidden, Unauthenticated, bearer_token
 from payper.operator.autoscaler import Decision, Policy, Reason
-from payper.operator.config import ConfigError, load
+from payper.operator.config import ConfigError, OperatorConfig, load
+from payper.operator.controller import Controller
 from payper.operator.state import DemandStore, DemandTotals, Registry, Tracked
 
 GRANTED = PlanChoice("default", ("default", "gold"), True, None)
@@ -208,7 +210,12 @@ def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
         gateway="g1",
         deployments=[
             DeploymentDemand(
-                namespace="ns", name="a", in_flight=2, queued=1, ms_since_last_request=100
+                namespace="ns",
+                name="a",
+                in_flight=2,
+                queued=1,
+                ms_since_last_request=100,
+                in_flight_by_pod={"a-1": 1, "a-2": 1},
             )
         ],
     )
@@ -217,7 +224,13 @@ def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
         DemandSnapshot(
             gateway="g2",
             deployments=[
-                DeploymentDemand(namespace="ns", name="a", in_flight=3, ms_since_last_request=50)
+                DeploymentDemand(
+                    namespace="ns",
+                    name="a",
+                    in_flight=3,
+                    ms_since_last_request=50,
+                    in_flight_by_pod={"a-2": 2, "a-3": 1},
+                )
             ],
         ),
         now_ms=11_000,
@@ -226,14 +239,25 @@ def test_demand_is_summed_over_fresh_gateways_and_pokes() -> None:
     totals = store.aggregate(now_ms=12_000)
     assert (totals[("ns", "a")].in_flight, totals[("ns", "a")].queued) == (5, 1)
     assert totals[("ns", "a")].last_request_ms == 10_950
+    assert totals[("ns", "a")].in_flight_by_pod == {"a-1": 1, "a-2": 3, "a-3": 1}
     assert totals[("ns", "b")].queued == 1
     for key in (("ns", "a"), ("ns", "b")):
         assert store.totals_for(key, now_ms=12_000) == totals[key], "a poke sees the same sum"
     assert store.totals_for(("ns", "absent"), now_ms=12_000) == DemandTotals()
     later = store.aggregate(now_ms=15_500)  # g1 expired (5.5 s old)
     assert later[("ns", "a")].in_flight == 3
+    assert later[("ns", "a")].in_flight_by_pod == {"a-2": 2, "a-3": 1}
     store.record(DemandSnapshot(gateway="g3", deployments=[]), now_ms=15_600)
     assert ("ns", "b") not in store.aggregate(now_ms=15_700)
+
+
+@pytest.mark.parametrize(
+    "by_pod",
+    [{"Not_A_Pod": 1}, {"idle": 0}, {f"p{i}": 1 for i in range(MAX_REPORTED_PODS + 1)}],
+)
+def test_per_pod_counts_in_a_snapshot_are_bounded(by_pod: dict[str, int]) -> None:
+    with pytest.raises(ValidationError):
+        DeploymentDemand(namespace="ns", name="a", in_flight_by_pod=by_pod)
 
 
 def test_bad_configuration_names_the_key(tmp_path: Path) -> None:
@@ -405,3 +429,88 @@ def test_the_initial_listing_of_every_pod_comes_in_chunks() -> None:
 
     chunk = _settings().watching.chunk_size
     assert chunk is not None and 0 < chunk <= 1000
+
+
+class _RecordingKube:
+    """The API as the controller's scale-down path uses it: records patches and applies."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+
+    async def patch(self, path: str, body: Any, *args: Any, **kw: Any) -> None:
+        self.calls.append(("patch", path, body))
+
+    async def apply(self, path: str, body: Any, *args: Any, **kw: Any) -> None:
+        self.calls.append(("apply", path, body))
+
+    async def write_status(self, path: str, *args: Any, **kw: Any) -> None:
+        pass
+
+
+def _serving_pod(name: str, cost: int | None = None) -> dict[str, Any]:
+    annotations = {} if cost is None else {"controller.kubernetes.io/pod-deletion-cost": str(cost)}
+    return {
+        "metadata": {
+            "namespace": "ns",
+            "name": name,
+            "uid": f"uid-{name}",
+            "labels": {"payper.dev/inference-deployment": "llm"},
+            "annotations": annotations,
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": "127.1.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+async def test_a_scale_down_first_marks_busy_pods_then_lowers_replicas() -> None:
+    """The streaming pod gets its in-flight count as its deletion cost (the idle one's
+    stale cost is cleared), and the replicas drop a tick later, once the ReplicaSet
+    controller can have seen the costs; unchanged costs cost no patch and no wait."""
+    kube = _RecordingKube()
+    controller = Controller(kube, OperatorConfig())  # type: ignore[arg-type]
+    spec = SPEC.model_copy(
+        update={"scaling": ScalingSpec(min_replicas=1, max_replicas=2, target_concurrency=1)}
+    )
+    tracked = Tracked("ns", "llm", "uid", 1, spec=spec, policy=Policy.from_spec(spec.scaling))
+    tracked.replicas, tracked.last_request_ms = 2, 1_000_000
+    controller.registry.tracked[tracked.key] = tracked
+    controller.observe_pod(_serving_pod("llm-idle", cost=4), deleted=False)
+    controller.observe_pod(_serving_pod("llm-busy"), deleted=False)
+    demand = DemandTotals(in_flight=1, in_flight_by_pod={"llm-busy": 1})
+
+    await controller.evaluate(tracked, demand, 1_000_500)
+    patches = sorted((path, body) for verb, path, body in kube.calls if verb == "patch")
+    assert patches == [
+        (
+            "/api/v1/namespaces/ns/pods/llm-busy",
+            {
+                "metadata": {
+                    "uid": "uid-llm-busy",
+                    "annotations": {"controller.kubernetes.io/pod-deletion-cost": "1"},
+                }
+            },
+        ),
+        (
+            "/api/v1/namespaces/ns/pods/llm-idle",
+            {
+                "metadata": {
+                    "uid": "uid-llm-idle",
+                    "annotations": {"controller.kubernetes.io/pod-deletion-cost": "0"},
+                }
+            },
+        ),
+    ]
+    assert tracked.replicas == 2 and tracked.scale_down_deferred, "costs first, scale next tick"
+    assert not [call for call in kube.calls if call[0] == "apply"]
+
+    # The pod watch brings the costs back; the next tick scales down without a patch.
+    controller.observe_pod(_serving_pod("llm-idle", cost=0), deleted=False)
+    controller.observe_pod(_serving_pod("llm-busy", cost=1), deleted=False)
+    kube.calls.clear()
+    await controller.evaluate(tracked, demand, 1_001_500)
+    assert [verb for verb, _, _ in kube.calls] == ["apply"]
+    assert kube.calls[0][2]["spec"]["replicas"] == 1
+    assert tracked.replicas == 1 and not tracked.scale_down_deferred

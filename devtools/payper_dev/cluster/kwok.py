@@ -9,6 +9,9 @@ as ``2500ms``). Pods on loopback IPs let a test bind a real process where the po
 A pod that the pod runner serves (annotated ``payper.dev/pod-runner``) is not Ready on a
 timer: its delay starts only once the runner has seen its process accept connections and
 annotated the pod, so nothing ever routes to a Ready pod whose server is still starting.
+Such a pod is not deleted at once either: the runner stops its process as a kubelet
+would (preStop, SIGTERM, grace) and then removes it; kwok removes it only once its grace
+period has run out (``deletionTimestamp``), in case no runner serves it.
 """
 
 from __future__ import annotations
@@ -164,6 +167,10 @@ def stages(cold_start_ms: int) -> list[dict[str, Any]]:
         _in('.status.conditions.[] | select( .type == "Initialized" ) | .status', "True"),
         _absent(".status.containerStatuses.[].state.running.startedAt"),
     ]
+    deleting = [
+        {"key": ".metadata.deletionTimestamp", "operator": "Exists"},
+        _absent(".metadata.finalizers"),
+    ]
     cold_start = {
         "durationMilliseconds": cold_start_ms,
         "durationFrom": {"expressionFrom": _annotation(COLD_START_ANNOTATION)},
@@ -207,11 +214,20 @@ def stages(cold_start_ms: int) -> list[dict[str, Any]]:
         _stage(
             "pod-delete",
             "Pod",
-            [
-                {"key": ".metadata.deletionTimestamp", "operator": "Exists"},
-                _absent(".metadata.finalizers"),
-            ],
+            [*deleting, _absent(_annotation(POD_RUNNER_ANNOTATION))],
             {"delete": True},
+        ),
+        # Pods the pod runner serves: it removes them once their process has stopped;
+        # this only removes one it does not (no runner), when its grace has run out.
+        _stage(
+            "pod-delete-overdue",
+            "Pod",
+            [*deleting, {"key": _annotation(POD_RUNNER_ANNOTATION), "operator": "Exists"}],
+            {"delete": True},
+            delay={
+                "durationMilliseconds": 0,
+                "durationFrom": {"expressionFrom": ".metadata.deletionTimestamp"},
+            },
         ),
     ]
 

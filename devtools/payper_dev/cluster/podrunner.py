@@ -2,9 +2,15 @@
 
 kwok gives pods loopback IPs but runs nothing. For pods annotated
 ``payper.dev/pod-runner: <profile>``, the runner starts the profile's command bound to
-the pod's IP and stops it (SIGTERM, then SIGKILL) when the pod is deleted or starts
-terminating. So the gateway really proxies to a process at ``podIP:port``, and the demo
+the pod's IP. So the gateway really proxies to a process at ``podIP:port``, and the demo
 and end-to-end tests exercise the whole request path with no container runtime.
+
+A pod that starts terminating is stopped the way a kubelet stops it, so that draining
+(scale-down never cuts a stream) is tested for real: its container's ``preStop`` sleep
+first, then SIGTERM, and SIGKILL once the pod's deletion grace period (counted from when
+the runner saw the deletion) has run out; only then does the runner remove the pod object
+(grace 0, on its UID), as a kubelet does. kwok's delete stage leaves runner pods to the
+runner (it removes one only when its grace has run out, in case no runner serves it).
 
 kwok's readiness is a timer, which a process that is still starting would race. So the
 runner probes ``podIP:port`` (a TCP connect, as a kubelet's tcpSocket probe does) and
@@ -35,6 +41,8 @@ from payper.kube import ApiError, Informer, Kube, resource_path
 ANNOTATION = "payper.dev/pod-runner"
 LISTENING_ANNOTATION = "payper.dev/pod-runner-listening"
 DEFAULT_PORT = 8000
+DEFAULT_GRACE_S = 30
+"""A pod's grace period when it names none (Kubernetes' default)."""
 PROBE_INTERVAL_S = 0.02
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,29 @@ def pod_port(pod: Mapping[str, Any]) -> int:
     return DEFAULT_PORT
 
 
+def grace_seconds(pod: Mapping[str, Any]) -> float:
+    """The time a terminating pod has, from the deletion on, to stop: the grace period
+    its deletion asked for, else its spec's, else Kubernetes' default."""
+    meta, spec = pod.get("metadata", {}), pod.get("spec", {})
+    for value in (
+        meta.get("deletionGracePeriodSeconds"),
+        spec.get("terminationGracePeriodSeconds"),
+    ):
+        if value is not None:
+            return max(0.0, float(value))
+    return float(DEFAULT_GRACE_S)
+
+
+def pre_stop_sleep_seconds(pod: Mapping[str, Any]) -> float:
+    """The longest ``lifecycle.preStop.sleep`` of the pod's containers (a kubelet runs
+    them in parallel); other kinds of hook (exec, httpGet) are not modelled: 0 for them."""
+    longest = 0.0
+    for container in pod.get("spec", {}).get("containers", []):
+        hook = ((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}
+        longest = max(longest, float(hook.get("seconds", 0)))
+    return longest
+
+
 class PodRunner:
     def __init__(
         self,
@@ -73,6 +104,8 @@ class PodRunner:
         self.stop_grace_s = stop_grace_s
         self.listen_timeout_s = listen_timeout_s
         self.running: dict[str, RunningPod] = {}
+        self.draining: dict[str, asyncio.Task[None]] = {}
+        """Pods (by UID) being stopped as a kubelet stops a terminating pod."""
         self.started = 0
         self.kube: Kube | None = None
 
@@ -164,9 +197,15 @@ class PodRunner:
         logger.warning("pod runner: %s exited (%s) before listening", key, entry.process.returncode)
 
     async def _stop(self, key: str) -> None:
+        """Stop a pod's process at once: its pod is gone from the API, or replaced."""
         entry = self.running.pop(key, None)
         if entry is None:
             return
+        await self._terminate(entry, self.stop_grace_s)
+        logger.info("pod runner: stopped %s", key)
+
+    async def _terminate(self, entry: RunningPod, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL once ``grace_s`` has passed without an exit."""
         if entry.probe is not None:
             entry.probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -176,27 +215,80 @@ class PodRunner:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), self.stop_grace_s)
+                await asyncio.wait_for(process.wait(), max(0.0, grace_s))
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 await process.wait()
-        logger.info("pod runner: stopped %s", key)
+
+    def _begin_drain(self, key: str, pod: Mapping[str, Any]) -> None:
+        uid = pod["metadata"]["uid"]
+        if uid in self.draining:
+            return
+        current = self.running.get(key)
+        entry = self.running.pop(key) if current is not None and current.uid == uid else None
+        task = asyncio.create_task(self._drain(key, pod, entry))
+        self.draining[uid] = task
+        task.add_done_callback(lambda _: self.draining.pop(uid, None))
+
+    async def _drain(self, key: str, pod: Mapping[str, Any], entry: RunningPod | None) -> None:
+        """Stop a terminating pod as a kubelet does, then remove the pod object."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds(pod)
+        if entry is not None:
+            try:
+                pre_stop = min(pre_stop_sleep_seconds(pod), deadline - loop.time())
+                if pre_stop > 0 and entry.process.returncode is None:
+                    logger.info("pod runner: %s terminating: preStop %.1fs", key, pre_stop)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(entry.process.wait(), pre_stop)
+                await self._terminate(entry, deadline - loop.time())
+            except asyncio.CancelledError:  # the runner itself stops: no grace left
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(entry.process.pid, signal.SIGKILL)
+                await entry.process.wait()
+                raise
+            logger.info("pod runner: stopped %s (exit %s)", key, entry.process.returncode)
+        await self._remove(pod)
+
+    async def _remove(self, pod: Mapping[str, Any]) -> None:
+        """Delete a pod whose process has stopped (grace 0, on its UID), as a kubelet does
+        once a terminating pod's containers are gone."""
+        if self.kube is None:
+            return
+        meta = pod["metadata"]
+        options = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": meta["uid"]},
+        }
+        try:
+            await self.kube.delete(
+                resource_path("v1", "pods", meta["namespace"], meta["name"]), body=options
+            )
+        except ApiError as error:  # 409: a new pod of that name; the old one is gone
+            if not error.conflict:
+                logger.warning("pod runner: cannot remove %s: %s", Informer.key(pod), error)
 
     async def on_event(self, kind: str, pod: dict[str, Any]) -> None:
         key = Informer.key(pod)
         meta = pod["metadata"]
         profile = (meta.get("annotations") or {}).get(ANNOTATION)
         ip = pod.get("status", {}).get("podIP")
-        gone = kind == "DELETED" or meta.get("deletionTimestamp") is not None
         current = self.running.get(key)
-        if current is not None and (gone or current.uid != meta["uid"]):
-            await self._stop(key)
+        if current is not None and (kind == "DELETED" or current.uid != meta["uid"]):
+            await self._stop(key)  # gone from the API without a drain seen, or replaced
             current = None
-        if gone or current is not None or not ip or profile is None:
+        if kind == "DELETED" or profile is None:
             return
         if profile not in self.profiles:
             logger.warning("pod runner: %s names unknown profile %r", key, profile)
+            return
+        if meta.get("deletionTimestamp") is not None:
+            self._begin_drain(key, pod)
+            return
+        if current is not None or not ip:
             return
         await self._start(key, pod, profile)
 
@@ -214,6 +306,9 @@ class PodRunner:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                for draining in list(self.draining.values()):
+                    draining.cancel()
+                await asyncio.gather(*self.draining.values(), return_exceptions=True)
                 for key in list(self.running):
                     await self._stop(key)
 

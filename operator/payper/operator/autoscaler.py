@@ -16,6 +16,11 @@ only ``History.decide`` extends and trims, so the controller keeps no window sta
   would delete the starting pod first, wasting its cold start), unless its start is
   overdue (past ``coldStartTimeoutSeconds``).
 
+Which replicas go is the ReplicaSet controller's choice; ``deletion_costs`` steers it:
+before a scale-down every serving pod carries its requests in flight (summed over the
+gateways) as its pod-deletion-cost, so idle pods are deleted first and streams keep
+their pods.
+
 Times are integer milliseconds.
 """
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -200,3 +205,28 @@ class History:
         decision = decide(policy, windows, obs, self.samples, self.recommendations)
         self.recommendations.append(Recommendation(obs.now_ms, decision.wanted))
         return decision
+
+
+MAX_DELETION_COST = 1_000_000
+"""In-flight counts above this all mark a pod as busy as can be (the annotation is an
+int32; past this, more precision spares no stream)."""
+MAX_COST_PATCHES = 100
+"""Pods whose deletion cost one scale-down sets, at most (a deployment has up to 1000)."""
+
+
+def deletion_costs(current: Mapping[str, int], in_flight: Mapping[str, int]) -> dict[str, int]:
+    """The pod-deletion-costs to set before a scale-down: pod name -> cost, only where it
+    changes, at most ``MAX_COST_PATCHES``.
+
+    ``current``: each serving pod's cost now; ``in_flight``: requests in flight per pod,
+    summed over the gateways. A pod's cost is its requests in flight, so the ReplicaSet
+    controller deletes the idlest pods first. Past the bound, the busiest pods are marked
+    first (they hold the streams), then idle pods' stale costs are cleared.
+    """
+    changes = [
+        (cost, pod)
+        for pod, now in current.items()
+        if (cost := min(in_flight.get(pod, 0), MAX_DELETION_COST)) != now
+    ]
+    changes.sort(key=lambda change: (-change[0], change[1]))
+    return {pod: cost for cost, pod in changes[:MAX_COST_PATCHES]}

@@ -27,9 +27,16 @@ from payper.billing.config import PlanChoice
 from payper.billing.events import BillingEvents
 from payper.clock import now_ms
 from payper.kube import ApiError, Kube, resource_path
-from payper.observed import Key, PodView
+from payper.observed import DELETION_COST_ANNOTATION, Key, PodView
 from payper.operator import apikeys, builders, metrics, status
-from payper.operator.autoscaler import Decision, Observation, Policy, Reason, Windows
+from payper.operator.autoscaler import (
+    Decision,
+    Observation,
+    Policy,
+    Reason,
+    Windows,
+    deletion_costs,
+)
 from payper.operator.coldstart import (
     FORWARD_REPORT_WINDOW_MS,
     ColdStart,
@@ -198,8 +205,9 @@ class Controller:
 
     def forget(self, key: Key) -> None:
         self.registry.tracked.pop(key, None)
-        with contextlib.suppress(KeyError):
-            metrics.DESIRED_REPLICAS.remove(*key)
+        for gauge in (metrics.DESIRED_REPLICAS, metrics.IN_FLIGHT):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*key)
 
     # -- namespaces --------------------------------------------------------------------
     def observe_namespace(self, obj: Mapping[str, Any], deleted: bool) -> None:
@@ -355,6 +363,7 @@ class Controller:
         busy = demand.in_flight > 0 or demand.queued > 0
         if not busy and not tracked.dirty and tracked.replicas == 0 and not pods:
             return  # the common case of a large fleet: idle at zero, nothing to do
+        metrics.IN_FLIGHT.labels(*tracked.key).set(demand.in_flight)
         async with tracked.lock:
             policy = tracked.policy
             timeout_ms = tracked.cold_start_timeout_ms
@@ -375,9 +384,43 @@ class Controller:
             if tracked.replicas == 0 and decision.desired > 0 and not self._may_wake(tracked):
                 decision = Decision(0, Reason.PLAN_NOT_GRANTED, decision.wanted)
             tracked.last_decision = decision
+            deferred = False
             if decision.desired != tracked.replicas and tracked.invalid is None:
-                await self._scale(tracked, decision, at)
+                if decision.desired < tracked.replicas:
+                    deferred = await self._spare_busy_pods(tracked, pods, demand)
+                if not deferred:
+                    await self._scale(tracked, decision, at)
+            tracked.scale_down_deferred = deferred
             await self._write_status(tracked, at)
+
+    async def _spare_busy_pods(
+        self, tracked: Tracked, pods: list[PodView], demand: DemandTotals
+    ) -> bool:
+        """Before a scale-down: set each serving pod's deletion cost to its requests in
+        flight, so the ReplicaSet controller deletes idle pods, not streams. Whether the
+        scale-down waits a tick for the controller to see costs just set (once: the next
+        tick goes ahead whatever changed meanwhile)."""
+        serving = {p.name: p for p in pods if p.ready and not p.deleting}
+        changes = deletion_costs(
+            {name: pod.deletion_cost for name, pod in serving.items()}, demand.in_flight_by_pod
+        )
+        if not changes:
+            return False
+        await asyncio.gather(
+            *(
+                self._set_deletion_cost(tracked.namespace, serving[name], cost)
+                for name, cost in changes.items()
+            )
+        )
+        return not tracked.scale_down_deferred
+
+    async def _set_deletion_cost(self, namespace: str, pod: PodView, cost: int) -> None:
+        patch = {"metadata": {"uid": pod.uid, "annotations": {DELETION_COST_ANNOTATION: str(cost)}}}
+        try:
+            await self.kube.patch(resource_path("v1", "pods", namespace, pod.name), patch)
+        except ApiError as error:  # gone or replaced: nothing to spare; else scale anyway
+            if not (error.not_found or error.conflict):
+                logger.warning("%s/%s: deletion cost not set: %s", namespace, pod.name, error)
 
     async def _scale(self, tracked: Tracked, decision: Decision, at: int) -> None:
         previous = tracked.replicas or 0

@@ -22,6 +22,11 @@ COLD_STARTS = Counter(
     "payper_cold_starts_total", "Scale-ups from zero that reached a ready endpoint.", LABELS
 )
 DESIRED_REPLICAS = Gauge("payper_desired_replicas", "Replicas the autoscaler asks for.", LABELS)
+IN_FLIGHT = Gauge(
+    "payper_autoscaler_in_flight_requests",
+    "Requests in flight (summed over the gateways) as the autoscaler last saw them.",
+    LABELS,
+)
 SCALE_EVENTS = Counter(
     "payper_scale_events_total",
     "Changes of a Deployment's replicas made by the autoscaler.",

@@ -45,6 +45,9 @@ class Tracked:
     """The status as last written; conditions keep its transition times until they flip."""
     dirty: bool = True
     """Something changed since status was last written (pods, spec, demand)."""
+    scale_down_deferred: bool = False
+    """The last evaluation put off a scale-down by a tick: it had just set pod deletion
+    costs, which the ReplicaSet controller must see before it picks the pods to delete."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -145,10 +148,14 @@ class DemandTotals:
     in_flight: int = 0
     queued: int = 0
     last_request_ms: int | None = None
+    in_flight_by_pod: dict[str, int] = field(default_factory=dict)
+    """Requests in flight per pod (those with any), summed over the gateways."""
 
     def add(self, entry: DeploymentDemand, received_ms: int) -> None:
         self.in_flight += entry.in_flight
         self.queued += entry.queued
+        for pod, count in entry.in_flight_by_pod.items():
+            self.in_flight_by_pod[pod] = self.in_flight_by_pod.get(pod, 0) + count
         if entry.ms_since_last_request is not None:
             self.seen_request(received_ms - entry.ms_since_last_request)
 
