@@ -94,7 +94,10 @@ def cold_start_phases(cluster: ClusterHandle, namespace: str, name: str) -> str:
             "get", "infd", name, "-n", namespace, "-o", "jsonpath={.status.lastColdStart}",
             check=False,
         )  # fmt: skip
-        cold = json.loads(out.stdout) if out.stdout else {}
+        try:
+            cold = json.loads(out.stdout) if out.stdout else {}
+        except ValueError:
+            return None
         measured = cold.get("phasesMs") or {}
         return measured if "forward" in measured else None
 
