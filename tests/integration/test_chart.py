@@ -50,17 +50,16 @@ def test_every_ci_rendering_passes_strict_server_validation(
         "ConfigMap",
         "Secret",
     } <= kinds
-    result = crds_installed.kubectl(
-        "apply",
-        "--dry-run=server",
-        "--validate=strict",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=out,
-        check=False,
-    )
+    # Every object names its namespace: the release's, or the agent's own, which a dry
+    # run cannot create before the objects in it.
+    agents = f"{namespace}-agent"
+    crds_installed.kubectl("create", "namespace", agents)
+    try:
+        result = crds_installed.kubectl(
+            "apply", "--dry-run=server", "--validate=strict", "-f", "-", input=out, check=False
+        )
+    finally:
+        crds_installed.kubectl("delete", "namespace", agents, "--wait=false", check=False)
     assert result.returncode == 0, result.stderr
     assert "created (server dry run)" in result.stdout
 
@@ -82,9 +81,12 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
     crds_installed: ClusterHandle, namespace: str
 ) -> None:
     cluster = crds_installed
+    # The operator and the gateway run restricted; the agent in the privileged namespace
+    # of its own that the chart creates.
     cluster.kubectl(
-        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=privileged"
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
     )
+    agents = f"{namespace}-agent"
     # The records policy applies to this namespace only: the shared test cluster's other
     # tests run their operator as the admin user.
     selector = json.dumps({"matchLabels": {"kubernetes.io/metadata.name": namespace}})
@@ -102,9 +104,8 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
     assert cluster.kubectl("get", "validatingadmissionpolicy", "pp-payper-records").returncode == 0
 
     def all_ready(gateways: int) -> bool:
-        operator, gateway, agent = (
-            _pods(cluster, namespace, c) for c in ("operator", "gateway", "agent")
-        )
+        operator, gateway = (_pods(cluster, namespace, c) for c in ("operator", "gateway"))
+        agent = _pods(cluster, agents, "agent")
         return (
             len(operator) == 1
             and len(gateway) == gateways
@@ -140,7 +141,7 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
     assert tenant_may("list", "billingrecords.payper.dev")
     assert not tenant_may("create", "billingrecords.payper.dev")
     assert not tenant_may("patch", "inferencedeployments.payper.dev", "--subresource=status")
-    agent_nodes = {p["spec"]["nodeName"] for p in _pods(cluster, namespace, "agent")}
+    agent_nodes = {p["spec"]["nodeName"] for p in _pods(cluster, agents, "agent")}
     assert agent_nodes == {"gpu-node-0", "gpu-node-1"}, "the agent runs on GPU nodes only"
 
     def certificate() -> str:
@@ -180,10 +181,13 @@ def test_install_upgrade_and_uninstall_on_the_local_cluster(
 
     helm(cluster, "uninstall", "pp", "-n", namespace, "--wait")
     eventually(
-        lambda: not any(_pods(cluster, namespace, c) for c in ("operator", "gateway", "agent")),
-        60,
+        lambda: (
+            not any(_pods(cluster, namespace, c) for c in ("operator", "gateway"))
+            and cluster.kubectl("get", "namespace", agents, check=False).returncode != 0
+        ),
+        90,
         0.5,
-        "pods gone",
+        "pods and the agent's namespace gone",
     )
     leftovers = cluster.kubectl(
         "get",
@@ -277,7 +281,12 @@ def test_each_service_account_can_do_only_what_its_component_needs(
     crds_installed: ClusterHandle, namespace: str, component: str
 ) -> None:
     cluster = crds_installed
-    out = helm(None, "template", "pp", str(CHART), "-n", namespace).stdout
+    # Every account in the test's namespace (the agent's own namespace is the chart's
+    # default; here it only matters what each account may do).
+    out = helm(
+        None, "template", "pp", str(CHART), "-n", namespace,
+        "--set", f"agent.namespace.name={namespace}", "--set", "agent.namespace.create=false",
+    ).stdout  # fmt: skip
     rbac = [
         d
         for d in yaml.safe_load_all(out)

@@ -202,7 +202,10 @@ def pending_reports(stack: Stack, node: str) -> dict[str, dict[str, Any]]:
     the checkpoint written with it (``stateAfter``)."""
     found = {}
     for path in sorted((stack.agent_state_dir(node) / "reports").glob("*.json")):
-        written = json.loads(path.read_text())
+        try:
+            written = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue  # acknowledged and deleted by a running agent since the listing
         found[path.name] = {**written["report"], "stateAfter": written["stateAfter"]}
     return found
 
