@@ -36,6 +36,7 @@ runs, the garbage collector on as in the operator:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import hashlib
 import json
@@ -162,6 +163,12 @@ def fleet(agents: int, now_ms: int) -> tuple[list[bytes], Observations, dict[str
         events.requests[key] = rng.randrange(1, 5000)
         if rng.randrange(10) == 0:
             events.cold_starts[key] = 1
+    # Every reported pod is one the operator sees on its agent's node (the code before,
+    # with --baseline, may predate that field).
+    newer = {
+        "pod_nodes": {uid: pod.node for grouped in pods.values() for uid, pod in grouped.items()}
+    }
+    known_fields = {f.name for f in dataclasses.fields(Observations)}
     seen = Observations(
         events=events,
         pods=pods,
@@ -171,6 +178,7 @@ def fleet(agents: int, now_ms: int) -> tuple[list[bytes], Observations, dict[str
         node_products=node_products,
         unplaced_since={},
         owners=owners,
+        **{name: value for name, value in newer.items() if name in known_fields},
     )
     return bodies, seen, progress
 
@@ -248,7 +256,9 @@ def written(planned: flush.FlushPlan) -> dict[str, Any]:
             [r.node, r.agent_id, r.sequence, s.pod_uid, s.container, s.gpu, why]
             for r, s, why in planned.refused
         ],
-        "refused_changes": records(planned.refused_changes),
+        "refused_changes": {
+            reason: records(changes) for reason, changes in planned.refused_changes.items()
+        },
         "held_requests": keys(planned.held_requests),
         "held_cold_starts": keys(planned.held_cold_starts),
         "unplaced_since": keys(planned.unplaced_since),

@@ -26,9 +26,11 @@ import pytest
 
 from payper.api.billing_record import BillingRecordSpec
 from payper.api.inference_deployment import POD_LABEL
+from payper.billing import flush
 from payper.billing.pricing import product_key
 from payper.billing.records import record_name
 from payper.clock import iso
+from payper.observed import UNMANAGED
 from payper_dev.cluster import podrunner
 from payper_dev.loopback import http_ok
 from payper_dev.testing.cluster import ClusterHandle, eventually
@@ -275,30 +277,82 @@ def agent_token(stack: Stack, node: str) -> str:
     return stack.agent_token_file(node).read_text()
 
 
+def invented_pod(namespace: str, deployment: str, node: str = "gpu-node-0") -> dict[str, Any]:
+    """A pod no one created: for reports refused before the ledger reads them (wrong
+    caller, malformed), where what the operator saw does not matter."""
+    return {
+        "metadata": {
+            "name": f"{deployment}-0",
+            "namespace": namespace,
+            "uid": f"uid-{deployment}",
+            "labels": {POD_LABEL: deployment},
+        },
+        "spec": {"nodeName": node},
+    }
+
+
+async def seen_pod(
+    stack: Stack, namespace: str, deployment: str, node: str = "gpu-node-0"
+) -> dict[str, Any]:
+    """The pod of a new one-replica InferenceDeployment on ``node``, once the operator
+    counts it ready: usage applies only for a pod the operator has seen on the reporting
+    agent's node (one it has not seen waits, then is refused)."""
+    body = inference_deployment(deployment, min_replicas=1, idle_timeout_s=600)
+    body["spec"]["template"]["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
+    stack.deploy(namespace, body)
+
+    def ready() -> dict[str, Any] | None:
+        status = stack.cluster.get_json("infd", deployment, "-n", namespace).get("status", {})
+        if status.get("readyReplicas") != 1:
+            return None
+        pods = stack.cluster.get_json("pods", "-n", namespace, "-l", f"{POD_LABEL}={deployment}")
+        return next((p for p in pods["items"] if p["spec"].get("nodeName") == node), None)
+
+    return await asyncio.to_thread(eventually, ready, 60, 0.2, f"{deployment}'s pod on {node}")
+
+
+def bare_pod(
+    stack: Stack, namespace: str, name: str, node: str, gpus: bool = True
+) -> dict[str, Any]:
+    """A tenant's own pod bound to ``node`` (billed to its namespace, not a deployment);
+    without ``gpus`` it holds none and runs no stand-in, so it has no record until usage
+    is reported for it."""
+    body = gpu_pod(name)
+    body["spec"]["nodeName"] = node
+    if not gpus:
+        del body["spec"]["containers"][0]["resources"]
+        del body["metadata"]["annotations"]
+    stack.cluster.apply_items([body], "-n", namespace)
+    pod: dict[str, Any] = stack.cluster.get_json("pod", name, "-n", namespace)
+    return pod
+
+
 def report(
     agent: str,
     sequence: int,
-    namespace: str,
-    deployment: str,
+    pod: dict[str, Any],
     active_us: int,
-    node: str = "gpu-node-0",
+    node: str | None = None,
 ) -> dict[str, Any]:
+    """One usage report, as ``node``'s agent (the pod's own node unless named) cuts it,
+    of ``active_us`` for the pod's server container."""
     now = int(time.time() * 1000)
+    meta = pod["metadata"]
     return {
         "agentId": agent,
         "sequence": sequence,
-        "node": node,
+        "node": node or pod["spec"]["nodeName"],
         "intervalStartMs": now - 5000,
         "intervalEndMs": now,
         "series": [
             {
-                "namespace": namespace,
-                "pod": f"{deployment}-0",
-                "podUid": f"uid-{deployment}",
+                "namespace": meta["namespace"],
+                "pod": meta["name"],
+                "podUid": meta["uid"],
                 "container": "server",
                 "gpu": "GPU-gpu-node-0-0",
                 "gpuProduct": "NVIDIA H100 80GB HBM3",
-                "inferenceDeployment": deployment,
+                "inferenceDeployment": (meta.get("labels") or {}).get(POD_LABEL),
                 "activeUs": active_us,
                 "roundedMs": {
                     "1ms": -(-active_us // 1000),
@@ -309,6 +363,21 @@ def report(
             }
         ],
     }
+
+
+async def post_until_acked(
+    http: aiohttp.ClientSession, stack: Stack, token: str, body: Any, agent: str, sequence: int
+) -> None:
+    """Resend, as an agent does, until the operator acknowledges ``sequence``: a report
+    that names a pod the operator has not seen on the node waits for it, a bounded time."""
+    deadline = time.monotonic() + flush.UNSEEN_POD_WAIT_MS / 1000 + 30
+    while True:
+        status, answer = await post_usage(http, stack, token, body)
+        assert status == 200, answer
+        if answer["acked"].get(agent, 0) >= sequence:
+            return
+        assert time.monotonic() < deadline, f"report {sequence} of {agent} not acknowledged"
+        await asyncio.sleep(0.5)
 
 
 async def post_usage(
@@ -329,8 +398,9 @@ async def test_resends_and_out_of_order_reports_apply_exactly_once(
 ) -> None:
     token = agent_token(stack, "gpu-node-0")
     agent = f"test-agent-{namespace[-6:]}"
+    pod = await seen_pod(stack, namespace, "ghost")
     reports = {
-        n: report(agent, n, namespace, "ghost", active_us)
+        n: report(agent, n, pod, active_us)
         for n, active_us in ((1, 1_500_000), (2, 250_000), (3, 2_000_001))
     }
     for _ in range(3):  # the same report three times
@@ -364,8 +434,9 @@ async def test_a_report_the_agent_dropped_is_an_audited_gap_not_a_stall(
     it, the ledger records the loss and applies report 3 instead of waiting forever."""
     token = agent_token(stack, "gpu-node-0")
     agent = f"gap-agent-{namespace[-6:]}"
+    pod = await seen_pod(stack, namespace, "holey")
     marker = {
-        **report(agent, 2, namespace, "holey", 0),
+        **report(agent, 2, pod, 0),
         "series": [],
         "lostUs": 250_000,
         "lostReason": "retention",
@@ -376,8 +447,8 @@ async def test_a_report_the_agent_dropped_is_an_audited_gap_not_a_stall(
         return scraped_sum(stack.metrics_url, lost[0], lost[1])
 
     before = lost_seconds()
-    batch = [report(agent, 1, namespace, "holey", 1_500_000), marker]
-    batch.append(report(agent, 3, namespace, "holey", 2_000_001))
+    batch = [report(agent, 1, pod, 1_500_000), marker]
+    batch.append(report(agent, 3, pod, 2_000_001))
     assert await post_usage(http, stack, token, {"reports": batch}) == (
         200,
         {"acked": {agent: 3}},
@@ -398,38 +469,21 @@ async def test_an_agent_cannot_bill_usage_to_a_pod_on_another_node(
 ) -> None:
     """A compromised agent claims GPU time for another node's pod: that series is
     refused and counted; the honest series of the same report are applied."""
-    stack.deploy(namespace, inference_deployment("victim", min_replicas=1, idle_timeout_s=120))
-
-    def placed() -> dict[str, Any] | None:
-        pods = stack.cluster.get_json("pods", "-n", namespace, "-l", f"{POD_LABEL}=victim")
-        return next((p for p in pods["items"] if p["spec"].get("nodeName")), None)
-
-    pod = await asyncio.to_thread(eventually, placed, 30, 0.2, "the victim's pod on a node")
-    other = "gpu-node-1" if pod["spec"]["nodeName"] == "gpu-node-0" else "gpu-node-0"
-
-    # The operator must have seen the pod on its node (its own status counts it ready).
-    def operator_sees_it() -> bool:
-        status = stack.cluster.get_json("infd", "victim", "-n", namespace).get("status", {})
-        return bool(status.get("readyReplicas") == 1)
-
-    await asyncio.to_thread(eventually, operator_sees_it, 30, 0.2, "the operator's view")
+    pod = await seen_pod(stack, namespace, "victim", "gpu-node-0")
+    other = "gpu-node-1"
+    bystander = bare_pod(stack, namespace, "bystander", other, gpus=False)
     agent = f"forger-{namespace[-6:]}"
-    forged = report(agent, 1, namespace, "victim", 7_000_000, node=other)
-    forged["series"][0] |= {"pod": pod["metadata"]["name"], "podUid": pod["metadata"]["uid"]}
+    forged = report(agent, 1, pod, 7_000_000, node=other)
     # A second claim on the same pod (its sidecar): both land in the dead-letter entry.
-    sidecar = report(agent, 1, namespace, "victim", 2_000_000, node=other)["series"][0]
-    sidecar |= {"pod": pod["metadata"]["name"], "podUid": pod["metadata"]["uid"]}
+    sidecar = report(agent, 1, pod, 2_000_000, node=other)["series"][0]
     forged["series"].append(sidecar | {"container": "sidecar"})
-    honest = report(agent, 1, namespace, "bystander", 1_000_000, node=other)["series"][0]
-    forged["series"].append(honest)
+    forged["series"] += report(agent, 1, bystander, 1_000_000)["series"]
     refused = ("payper_usage_series_refused_total", {"node": other})
     before = scraped_sum(stack.metrics_url, *refused)
-    assert await post_usage(http, stack, agent_token(stack, other), {"reports": [forged]}) == (
-        200,
-        {"acked": {agent: 1}},
-    )
+    # Resent until acknowledged: the operator may not have seen the bystander's pod yet.
+    await post_until_acked(http, stack, agent_token(stack, other), {"reports": [forged]}, agent, 1)
     totals = record_totals(stack.cluster, namespace)
-    assert totals["bystander"]["activeUs"] == 1_000_000, "the honest series is applied"
+    assert totals[""]["activeUs"] == 1_000_000, "the honest series is applied"
     assert totals.get("victim", {}).get("activeUs", 0) == 0, "nothing billed to the victim"
     assert scraped_sum(stack.metrics_url, *refused) - before == 2
     letters = cluster_dead_letters(stack)
@@ -438,6 +492,42 @@ async def test_an_agent_cannot_bill_usage_to_a_pod_on_another_node(
     # series of a report in the same record was skipped as "filed before".
     assert (claim["activeUs"], claim["reason"]) == (9_000_000, "pod-on-another-node")
     assert claim["reports"] == [f"{other}/{agent}/1"], "filed once, under the claiming node"
+
+
+async def test_an_agent_cannot_bill_a_pod_the_operator_never_saw(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """A compromised agent invents a pod in a victim's namespace and claims GPU time for
+    it. The operator has never seen that pod on the agent's node: the report waits a
+    bounded time (a pod bound a moment ago may not have reached the operator's watch yet),
+    then the invented series is refused and filed, and the honest one applied."""
+    victim = stack.cluster.namespace("victim")
+    try:
+        honest_pod = await seen_pod(stack, namespace, "honest")
+        agent = f"inventor-{namespace[-6:]}"
+        claim = report(agent, 1, invented_pod(victim, "llm"), 4_000_000)
+        claim["series"] += report(agent, 1, honest_pod, 1_000_000)["series"]
+        token = agent_token(stack, "gpu-node-0")
+        waiting = ("payper_usage_reports_total", {"result": "waiting_for_pod"})
+        refused = ("payper_usage_series_refused_total", {"reason": flush.UNSEEN_POD})
+        before = scraped_sum(stack.metrics_url, *refused)
+        started = time.monotonic()
+        assert await post_usage(http, stack, token, {"reports": [claim]}) == (
+            200,
+            {"acked": {agent: 0}},
+        ), "held, not applied and not acknowledged"
+        assert scraped_sum(stack.metrics_url, *waiting) >= 1
+        assert record_totals(stack.cluster, namespace).get("honest", {}).get("activeUs", 0) == 0
+        await post_until_acked(http, stack, token, {"reports": [claim]}, agent, 1)
+        assert time.monotonic() - started >= flush.UNSEEN_POD_WAIT_MS / 1000 - 1
+        assert record_totals(stack.cluster, namespace)["honest"]["activeUs"] == 1_000_000
+        assert records(stack.cluster, victim) == [], "nothing billed on the agent's word"
+        assert scraped_sum(stack.metrics_url, *refused) - before == 1
+        (letter,) = [v for k, v in cluster_dead_letters(stack).items() if k.startswith(victim)]
+        assert (letter["activeUs"], letter["reason"]) == (4_000_000, flush.UNSEEN_POD)
+        assert letter["reports"] == [f"gpu-node-0/{agent}/1"]
+    finally:
+        stack.cluster.kubectl("delete", "namespace", victim, "--wait=false", check=False)
 
 
 def gpu_pod(name: str) -> dict[str, Any]:
@@ -535,23 +625,28 @@ async def test_usage_for_a_deleted_namespace_is_filed_not_a_stall(
     bystander = cluster.namespace("bystander")
     token = agent_token(stack, "gpu-node-0")
     agent = f"dead-{gone[-6:]}"
+    doomed = bare_pod(stack, gone, "llm-0", "gpu-node-0", gpus=False)
+    web = bare_pod(stack, bystander, "web-0", "gpu-node-0", gpus=False)
+    # Once the operator has seen the later pod, it has seen the earlier one (one watch).
+    first = report(agent, 1, web, 10_000)
+    await post_until_acked(http, stack, token, {"reports": [first]}, agent, 1)
     cluster.kubectl("delete", "namespace", gone, "--wait=true", "--timeout=60s", timeout=90)
     try:
-        for sequence in range(1, 21):  # the same refused record, twenty times over
-            body = report(agent, sequence, gone, "llm", 100_000)
-            body["series"] += report(agent, sequence, bystander, "web", 10_000)["series"]
+        for sequence in range(2, 22):  # the same refused record, twenty times over
+            body = report(agent, sequence, doomed, 100_000)
+            body["series"] += report(agent, sequence, web, 10_000)["series"]
             assert await post_usage(http, stack, token, {"reports": [body]}) == (
                 200,
                 {"acked": {agent: sequence}},
             ), "acknowledged: nothing waits behind a record that can never be written"
-        assert record_totals(cluster, bystander)["web"]["activeUs"] == 20 * 10_000
+        assert record_totals(cluster, bystander)[""]["activeUs"] == 21 * 10_000
         entries = {
             key: value
             for key, value in cluster_dead_letters(stack).items()
             if key.startswith(f"{gone}.")
         }
         (entry,) = entries.values()  # one entry per refused record, however many changes
-        assert (entry["namespace"], entry["inferenceDeployment"]) == (gone, "llm")
+        assert (entry["namespace"], entry["inferenceDeployment"]) == (gone, UNMANAGED)
         assert entry["activeUs"] == 20 * 100_000
         assert entry["reason"] == "namespace-gone"
         assert len(entry["reports"]) == 20
@@ -583,6 +678,7 @@ async def test_a_deleted_namespace_keeps_its_open_records_and_their_late_usage(
     await stack.settle()
     before = {r["metadata"]["name"]: r for r in records(cluster, leaving)}
     assert before and all(r["status"]["state"] == "Open" for r in before.values())
+    (pod,) = cluster.get_json("pods", "-n", leaving, "-l", f"{POD_LABEL}=llm")["items"]
 
     cluster.kubectl("delete", "namespace", leaving, "--wait=true", "--timeout=90s", timeout=120)
     await stack.settle()  # the pods' last reports, cut after the deletion began
@@ -590,10 +686,11 @@ async def test_a_deleted_namespace_keeps_its_open_records_and_their_late_usage(
     start_ms = int(
         datetime.strptime(late_window, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp() * 1000
     )
-    late = report(f"late-{leaving[-6:]}", 1, leaving, "llm", 250_000)
+    agent = f"late-{leaving[-6:]}"
+    late = report(agent, 1, pod, 250_000)  # the gone pod's, as its node's agent cut it
     late |= {"intervalStartMs": start_ms + 1000, "intervalEndMs": start_ms + 2000}
-    token = agent_token(stack, "gpu-node-0")
-    assert (await post_usage(http, stack, token, {"reports": [late]}))[0] == 200
+    token = agent_token(stack, pod["spec"]["nodeName"])
+    await post_until_acked(http, stack, token, {"reports": [late]}, agent, 1)
 
     moved = {
         r["metadata"]["name"]: r
@@ -704,16 +801,17 @@ async def test_an_operator_left_at_its_defaults_refuses_simulated_reports(
         await asyncio.to_thread(stack.start_operator)
         token = agent_token(stack, "gpu-node-0")
         agent = f"sim-{namespace[-6:]}"
-        simulated = report(agent, 1, namespace, "llm", 5_000) | {"simulated": True}
+        pod = await seen_pod(stack, namespace, "llm")
+        simulated = report(agent, 1, pod, 5_000) | {"simulated": True}
         status, payload = await post_usage(http, stack, token, {"reports": [simulated]})
         assert status == 403, payload
         assert "acceptSimulatedReports" in json.dumps(payload)
         # (the stack's own agents, simulated too, are refused alike and keep their reports)
         assert scraped_sum(stack.metrics_url, "payper_usage_simulated_refused_total") >= 1
-        assert record_totals(stack.cluster, namespace) == {}, "nothing applied"
-        measured = report(agent, 1, namespace, "llm", 5_000)
-        status, _ = await post_usage(http, stack, token, {"reports": [measured]})
-        assert status == 200
+        applied = record_totals(stack.cluster, namespace).get("llm", {}).get("activeUs", 0)
+        assert applied == 0, "nothing applied"
+        measured = report(agent, 1, pod, 5_000)
+        await post_until_acked(http, stack, token, {"reports": [measured]}, agent, 1)
         assert record_totals(stack.cluster, namespace)["llm"]["activeUs"] == 5_000
     finally:
         stack.operator.stop()
@@ -727,11 +825,10 @@ async def test_usage_from_the_wrong_caller_or_payload_changes_nothing(
     agent_node0 = agent_token(stack, "gpu-node-0")
     unbound = stack.token("payper-agent")  # a valid agent token, bound to no pod
     gateway = stack.token("payper-gateway")
-    good = {"reports": [report("intruder", 1, namespace, "victim", 9_000_000)]}
-    other_node = {
-        "reports": [report("intruder", 1, namespace, "victim", 9_000_000, node="gpu-node-1")]
-    }
-    malformed = {"reports": [{**report("intruder", 1, namespace, "victim", 1), "sequence": 0}]}
+    victim = invented_pod(namespace, "victim")
+    good = {"reports": [report("intruder", 1, victim, 9_000_000)]}
+    other_node = {"reports": [report("intruder", 1, victim, 9_000_000, node="gpu-node-1")]}
+    malformed = {"reports": [{**report("intruder", 1, victim, 1), "sequence": 0}]}
     oversized = b'{"reports": [' + b" " * (5 * 1024 * 1024) + b"]}"
     cases = [
         (None, good, 401, "unauthenticated"),
@@ -918,7 +1015,14 @@ def cluster_with_records(
 
 # --- a stack with short windows: late usage and a second operator ------------------------
 
-SHORT = {"billing": {"flushIntervalSeconds": 1, "windowSeconds": 20, "graceSeconds": 5}}
+SHORT = {
+    "billing": {
+        "flushIntervalSeconds": 1,
+        "windowSeconds": 20,
+        "graceSeconds": 5,
+        "recordRetentionDays": 1,
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -991,7 +1095,7 @@ async def test_two_operators_started_at_once_one_leads(
             http,
             standby,
             agent_token(stack, "gpu-node-0"),
-            {"reports": [report("x", 1, namespace, "y", 5)]},
+            {"reports": [report("x", 1, invented_pod(namespace, "y"), 5)]},
         )
         assert (status, "not the leader" in payload["error"]) == (503, True)
         if standby is stack:
@@ -1010,3 +1114,57 @@ async def test_two_operators_started_at_once_one_leads(
 
 def _leads(operator_url: str) -> bool:
     return http_ok(f"{operator_url}/readyz")  # only the leader is ready
+
+
+async def test_final_records_past_their_retention_are_deleted_and_no_others(
+    short_stack: Stack, namespace: str
+) -> None:
+    """``recordRetentionDays: 1``: a Final record whose window ended two days ago is
+    deleted; a Final one of twelve hours ago stays, and so does an Open one of two days
+    ago that someone labelled Final (a label is not a state: an unbilled hour is never
+    erased that way). The operator looks at start, then hourly."""
+    stack = short_stack
+    hour = 3_600_000
+    now = int(time.time() * 1000) // hour * hour
+    kept_for = {"old-final": (now - 49 * hour, "Final"), "young-final": (now - 13 * hour, "Final")}
+    kept_for["old-open"] = (now - 49 * hour, "Open")
+    for name, (start, state) in kept_for.items():
+        body = {
+            "apiVersion": "payper.dev/v1alpha1",
+            "kind": "BillingRecord",
+            "metadata": {"name": name, "labels": {"payper.dev/state": "Final"}},
+            "spec": {
+                "inferenceDeployment": "llm",
+                "account": namespace,
+                "window": {"start": iso(start), "end": iso(start + hour)},
+                "plan": "default",
+                "granularity": "1s",
+                "currency": "USD",
+                "pricePerGpuSecond": "0.0012",
+                "reservedPricePerGpuHour": "3.20",
+                "gpuProduct": H100,
+            },
+        }
+        stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+        stack.cluster.kubectl(
+            "patch", "brec", name, "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"state": state}}),
+        )  # fmt: skip
+    deleted = ("payper_billing_records_deleted_total", {})
+    assert stack.operator is not None
+    stack.operator.stop()
+    await asyncio.to_thread(stack.start_operator)  # it looks at start
+    await asyncio.to_thread(
+        eventually,
+        lambda: (
+            "old-final" not in {r["metadata"]["name"] for r in records(stack.cluster, namespace)}
+        ),
+        30,
+        0.5,
+        "the expired Final record deleted",
+    )
+    assert {r["metadata"]["name"] for r in records(stack.cluster, namespace)} == {
+        "young-final",
+        "old-open",
+    }
+    assert scraped_sum(stack.metrics_url, *deleted) >= 1

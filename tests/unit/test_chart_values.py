@@ -215,6 +215,10 @@ REFUSED = {
         {"billing": {"flushIntervalSeconds": 301}},
         "'/operator/billing/flushIntervalSeconds'",
     ),
+    "no-retention-at-all": (
+        {"billing": {"recordRetentionDays": 0}},
+        "'/operator/billing/recordRetentionDays'",
+    ),
     # Plan references, which JSON Schema cannot check: the templates fail instead.
     "default-plan-not-configured": (
         {"billing": {"defaultPlan": "gold"}},
@@ -273,6 +277,12 @@ ACCEPTED = {
         "9" * 18,
     ),
     "shortest-tick": ({"autoscaler": {"tickSeconds": 0.1}}, "autoscaler.tick_seconds", 0.1),
+    "records-kept-three-days": (
+        {"billing": {"recordRetentionDays": 3}},
+        "billing.record_retention_days",
+        3,
+    ),
+    "records-kept-for-ever": ({}, "billing.record_retention_days", None),
     "a-grant-by-label": (
         {
             "billing": {
@@ -307,6 +317,21 @@ def test_values_helm_accepts_render_a_config_the_operator_loads(
         else:
             config = getattr(config, part)
     assert config == wanted
+
+
+def test_the_operator_may_delete_records_only_when_a_retention_is_set(tmp_path: Path) -> None:
+    """Least privilege: deleting BillingRecords is granted with recordRetentionDays only."""
+
+    def record_verbs(*values: str) -> list[str]:
+        rendered = helm(
+            "template", "t", str(CHART), "--show-only=templates/operator-clusterrole.yaml", *values
+        ).stdout
+        (role,) = [d for d in yaml.safe_load_all(rendered) if d]
+        (rule,) = [r for r in role["rules"] if r["resources"] == ["billingrecords"]]
+        return list(rule["verbs"])
+
+    assert "delete" not in record_verbs()
+    assert "delete" in record_verbs("--set", "operator.billing.recordRetentionDays=3")
 
 
 def test_keys_the_chart_sets_itself_are_refused() -> None:

@@ -84,8 +84,23 @@ def seen(
     pods: dict[Key, dict[str, PodView]] | None = None,
     nodes: dict[str, str] | None = None,
     owners: dict[str, Key] | None = None,
+    pod_nodes: dict[str, str | None] | None = None,
+    waiting_since: dict[str, int] | None = None,
 ) -> Observations:
-    return Observations(events or BillingEvents(), pods or {}, {}, nodes or {}, {}, owners or {})
+    """What the operator saw. ``report``'s pod u0 is known on gpu-node-0 (the reporting
+    node), as is every pod in ``pods`` on its own node."""
+    known: dict[str, str | None] = {"u0": "gpu-node-0"}
+    known |= {pod.uid: pod.node for grouped in (pods or {}).values() for pod in grouped.values()}
+    return Observations(
+        events or BillingEvents(),
+        pods or {},
+        {},
+        nodes or {},
+        {},
+        owners or {},
+        known | (pod_nodes or {}),
+        waiting_since or {},
+    )
 
 
 @dataclass
@@ -214,7 +229,9 @@ def test_a_shared_mig_instance_is_a_record_of_its_profile_that_says_how_it_was_s
     assert status.split_us is None
 
 
-def _pod(uid: str, scheduled_ms: int | None, gpus: int = 2, node: str = "gpu-node-0") -> PodView:
+def _pod(
+    uid: str, scheduled_ms: int | None, gpus: int = 2, node: str | None = "gpu-node-0"
+) -> PodView:
     return PodView(f"llm-{uid}", uid, 0, True, None, scheduled_ms, None, node, gpus)
 
 
@@ -345,6 +362,13 @@ def test_a_shared_record_that_fails_holds_back_every_report_in_it() -> None:
     assert flush.acknowledge(planned, {}, set()) == {key_of("a"): 1, key_of("b"): 1}
 
 
+def test_final_records_expire_a_whole_retention_after_their_window_ends() -> None:
+    day = 86_400_000
+    ends = {"old": T0 - 3 * day, "edge": T0 - 2 * day, "young": T0 - 2 * day + 1}
+    assert flush.expired(ends, 2 * day, T0) == ["old", "edge"]
+    assert flush.expired(ends, 3 * day + 1, T0) == []
+
+
 def test_records_close_after_their_window_and_grace() -> None:
     starts = {"old": T0 - HOUR, "grace": T0, "open": T0 + HOUR}
     assert flush.closing(starts, WINDOWS, T0 + HOUR + 299_999) == ["old"]
@@ -357,20 +381,118 @@ def test_usage_claimed_for_a_pod_on_another_node_is_refused_the_rest_applied() -
     ours = PodView("llm-0", "u0", 0, True, None, T0, None, "gpu-node-0", 1)
     honest = report("a", 1)  # pod u0 on gpu-node-0, the reporting node
     forged = honest.series[0].model_copy(update={"pod": "llm-1", "pod_uid": "u-theirs"})
-    unseen = honest.series[0].model_copy(update={"pod": "gone", "pod_uid": "u-gone"})
-    mixed = honest.model_copy(update={"series": [honest.series[0], forged, unseen]})
+    mixed = honest.model_copy(update={"series": [honest.series[0], forged]})
     observations = seen(pods={key: {"llm-0": ours, "llm-1": theirs}})
     planned = flush.plan([mixed], {}, observations, WINDOWS, T0 + 1_000)
-    assert [(s.pod_uid, why) for _, s, why in planned.refused] == [
-        ("u-theirs", "pod runs on gpu-node-1")
-    ]
+    assert [(s.pod_uid, why) for _, s, why in planned.refused] == [("u-theirs", flush.FOREIGN_POD)]
     usage = [d for change in planned.changes.values() for d in change.usage]
-    assert sum(d.active_us for d in usage) == 2_000, "the honest and the unseen pod"
-    (claimed,) = planned.refused_changes
+    assert sum(d.active_us for d in usage) == 1_000, "the honest series"
+    (claimed,) = planned.refused_changes[flush.FOREIGN_POD]
     assert (claimed.namespace, claimed.deployment) == ("team-a", "llm"), "the claim, filed"
-    assert [d.active_us for d in planned.refused_changes[claimed].usage] == [1_000]
+    assert [d.active_us for d in planned.refused_changes[flush.FOREIGN_POD][claimed].usage] == [
+        1_000
+    ]
     assert flush.acknowledge(planned, {}, set()) == {key_of("a"): 1}, "the report is still done"
     assert flush.acknowledge(planned, {}, {claimed}) == {}, "but only once the claim is filed"
+
+
+WAIT = flush.UNSEEN_POD_WAIT_MS
+
+
+def test_a_wait_outlives_flushes_without_a_report_of_its_agent() -> None:
+    """An agent retrying with backoff skips flushes: its wait is not restarted meanwhile
+    (or it could wait for ever), and is forgotten only long after."""
+    now = T0 + 600_000
+    began = {key_of("a"): now - 20_000}
+    planned = flush.plan([], {}, seen(waiting_since=began), WINDOWS, now)
+    assert planned.waiting_since == began
+    later = now - 20_000 + flush.FORGET_WAIT_MS
+    assert flush.plan([], {}, seen(waiting_since=began), WINDOWS, later).waiting_since == {}
+
+
+@dataclass
+class UnseenRow:
+    name: str
+    pod_nodes: dict[str, str | None]
+    """What the operator knows of pod u-new (besides u0 on gpu-node-0)."""
+    waiting_for_ms: int | None
+    """How long agent a's reports have waited already (None: not waiting)."""
+    accepted: list[tuple[str, int]]
+    refused: list[tuple[str, str]]
+    applied_us: int
+    still_waiting: list[str]
+
+
+UNSEEN_ROWS = [
+    UnseenRow(
+        "a pod the operator has not seen holds the report and its successors",
+        {},
+        None,
+        [("b", 1)],
+        [],
+        1_000,
+        ["a"],
+    ),
+    UnseenRow(
+        "a pod seen on the reporting node in the meantime",
+        {"u-new": "gpu-node-0"},
+        5_000,
+        [("a", 1), ("a", 2), ("b", 1)],
+        [],
+        4_000,
+        [],
+    ),
+    UnseenRow(
+        "a known pod not bound yet waits too", {"u-new": None}, 5_000, [("b", 1)], [], 1_000, ["a"]
+    ),
+    UnseenRow("one millisecond before the wait ends", {}, WAIT - 1, [("b", 1)], [], 1_000, ["a"]),
+    UnseenRow(
+        "past the wait: refused, the rest applied",
+        {},
+        WAIT,
+        [("a", 1), ("a", 2), ("b", 1)],
+        [("u-new", flush.UNSEEN_POD)],
+        3_000,
+        [],
+    ),
+    UnseenRow(
+        "past the wait and seen on another node",
+        {"u-new": "gpu-node-1"},
+        None,
+        [("a", 1), ("a", 2), ("b", 1)],
+        [("u-new", flush.FOREIGN_POD)],
+        3_000,
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize("row", UNSEEN_ROWS, ids=lambda row: row.name)
+def test_usage_for_a_pod_the_operator_has_not_seen_waits_then_is_refused(row: UnseenRow) -> None:
+    """Agent a's report 1 claims usage for pod u-new besides its own pod u0; its report 2
+    claims only u0, and agent b's report 1 only its own pod u1. The operator's watch may lag a pod bound a
+    moment ago, so a waits (b does not); an agent's word alone never bills a namespace."""
+    first = report("a", 1)
+    claim = first.series[0].model_copy(update={"pod": "new", "pod_uid": "u-new"})
+    sent = [first.model_copy(update={"series": [first.series[0], claim]}), report("a", 2)]
+    theirs = report("b", 1)  # agent b's own pod u1 on its own node
+    theirs.series[0].pod_uid = "u1"
+    sent.append(theirs.model_copy(update={"node": "gpu-node-1"}))
+    now = T0 + 600_000
+    since = {} if row.waiting_for_ms is None else {key_of("a"): now - row.waiting_for_ms}
+    pod_nodes = {"u0": "gpu-node-0", "u1": "gpu-node-1"} | row.pod_nodes
+    planned = flush.plan(sent, {}, seen(pod_nodes=pod_nodes, waiting_since=since), WINDOWS, now)
+    nodes = {"a": "gpu-node-0", "b": "gpu-node-1"}
+    assert [(r.agent_id, r.sequence) for r in planned.selection.accepted] == row.accepted
+    assert planned.selection.waiting == 3 - len(row.accepted)
+    assert [(s.pod_uid, why) for _, s, why in planned.refused] == row.refused
+    usage = [d for change in planned.changes.values() for d in change.usage]
+    assert sum(d.active_us for d in usage) == row.applied_us
+    assert sorted(planned.waiting_since) == [key_of(a, nodes[a]) for a in row.still_waiting]
+    if row.still_waiting:  # the wait is counted from when it began, not restarted
+        assert planned.waiting_since[key_of("a")] == now - (row.waiting_for_ms or 0)
+    progress = flush.acknowledge(planned, {}, set())
+    assert progress == {key_of(a, nodes[a]): s for a, s in row.accepted}
 
 
 def test_an_agent_cannot_spoil_another_nodes_agent_by_borrowing_its_id() -> None:
@@ -424,23 +546,29 @@ PRODUCTS = [
     "NVIDIA H100 80GB HBM3 MIG 1g.10gb",
     "NVIDIA A100",
 ]
-SEEN_PODS: dict[str, tuple[str | None, Key | None]] = {
-    "u0": ("gpu-node-0", ("team-a", "llm")),
-    "u1": ("gpu-node-0", ("team-a", UNMANAGED)),
-    "u2": ("gpu-node-1", ("team-b", "chat")),
-    "u3": (None, ("team-a", "llm")),  # attributed, but no longer among the pods
-    "u4": (None, None),  # never seen: the agent's word
+SEEN_PODS: dict[str, tuple[str | None, Key | None, bool]] = {
+    "u0": ("gpu-node-0", ("team-a", "llm"), True),
+    "u1": ("gpu-node-0", ("team-a", UNMANAGED), True),
+    "u2": ("gpu-node-1", ("team-b", "chat"), True),
+    "u3": ("gpu-node-1", ("team-a", "llm"), False),  # attributed, lately gone
+    "u4": (None, None, False),  # never seen: only the agent's word
+    "u5": (None, ("team-b", "chat"), True),  # seen, not bound to a node yet
 }
-"""Pod uid -> (the node the operator sees it on, the key it bills it under)."""
+"""Pod uid -> (the node the operator sees it on, the key it bills it under, whether it is
+among the current pods)."""
 
 
-def _observations() -> Observations:
+def _observations(waited: bool = True) -> Observations:
+    """The operator's view of SEEN_PODS; ``waited``: both agents' reports have waited
+    for unseen pods as long as they may (so such series are refused, not held)."""
     pods: dict[Key, dict[str, PodView]] = {}
-    for uid, (node, key) in SEEN_PODS.items():
-        if node is not None and key is not None:
+    for uid, (node, key, current) in SEEN_PODS.items():
+        if current and key is not None:
             pods.setdefault(key, {})[uid] = _pod(uid, None, node=node)
-    owners = {uid: key for uid, (_, key) in SEEN_PODS.items() if key is not None}
-    return seen(pods=pods, owners=owners)
+    owners = {uid: key for uid, (_, key, _) in SEEN_PODS.items() if key is not None}
+    nodes = {uid: node for uid, (node, key, _) in SEEN_PODS.items() if key is not None}
+    since = {key_of(f"agent-{n}", f"gpu-node-{n}"): NOW - flush.UNSEEN_POD_WAIT_MS for n in (0, 1)}
+    return seen(pods=pods, owners=owners, pod_nodes=nodes, waiting_since=since if waited else {})
 
 
 _series = st.builds(
@@ -500,21 +628,22 @@ def _per_series(
     accepted: list[UsageReport],
 ) -> tuple[dict[RecordKey, RecordChange], list[str]]:
     """Each series as a delta of its own in the record the rules say, one by one; and the
-    refused ones (pod uids, in order). Refused records are named as in namespace
-    "refused"."""
+    refused ones (pod uids, in order). Refused records are named as in a namespace named
+    by the reason."""
     changes: dict[RecordKey, RecordChange] = {}
     refused: list[str] = []
     for report in accepted:
         observed = WINDOWS.start(report.interval_start_ms)
         late = WINDOWS.closed(observed, NOW)
         for series in report.series:
-            node, key = SEEN_PODS[series.pod_uid]
+            node, key, _ = SEEN_PODS[series.pod_uid]
             namespace, deployment = key or (series.namespace, series.inference_deployment or "")
             window = WINDOWS.start(NOW) if late else observed
             record = RecordKey(namespace, deployment, window, product_key(series.gpu_product))
-            if node is not None and node != report.node:
+            if node != report.node:
                 refused.append(series.pod_uid)
-                record = RecordKey("refused", *dataclasses.astuple(record)[1:])
+                reason = flush.FOREIGN_POD if node else flush.UNSEEN_POD
+                record = RecordKey(reason, *dataclasses.astuple(record)[1:])
             changes.setdefault(record, RecordChange()).usage.append(
                 UsageDelta(
                     agent_id=flush.progress_key(report),
@@ -540,8 +669,9 @@ def test_each_record_gains_what_its_series_would_one_by_one(
     assert sorted(planned.selection.accepted, key=id) == sorted(sent, key=id)
     expected, refused = _per_series(planned.selection.accepted)
     got = dict(planned.changes) | {
-        RecordKey("refused", *dataclasses.astuple(k)[1:]): c
-        for k, c in planned.refused_changes.items()
+        RecordKey(reason, *dataclasses.astuple(k)[1:]): c
+        for reason, changes in planned.refused_changes.items()
+        for k, c in changes.items()
     }
     assert set(got) == set(expected)
     for record, change in got.items():
@@ -553,10 +683,11 @@ def test_each_record_gains_what_its_series_would_one_by_one(
             BillingRecordStatus(), spec, expected[record], NOW
         )
     assert [series.pod_uid for _, series, _ in planned.refused] == refused
+    refused_records = [item for c in planned.refused_changes.values() for item in c.items()]
     for report in sent:
         records = {
             k
-            for k, c in [*planned.changes.items(), *planned.refused_changes.items()]
+            for k, c in [*planned.changes.items(), *refused_records]
             if any(
                 (d.agent_id, d.sequence) == (flush.progress_key(report), report.sequence)
                 for d in c.usage
@@ -586,6 +717,32 @@ def test_the_order_of_a_reports_series_changes_nothing(
     )
 
 
+@settings(max_examples=100, deadline=None)
+@given(drawn=_reports)
+def test_an_agent_waits_from_its_first_report_that_names_an_unseen_pod(
+    drawn: list[tuple[int, int, list[SeriesUsage]]],
+) -> None:
+    """Before the wait is over, each agent's reports apply up to the first one that claims
+    a pod the operator has not seen on a node; that one and every later one wait, and
+    the ones that apply are planned as if the others had never been sent."""
+    sent = _sent(drawn)
+    planned = flush.plan(sent, {}, _observations(waited=False), WINDOWS, NOW)
+    unseen = {uid for uid, (node, _, _) in SEEN_PODS.items() if node is None}
+    expected: list[UsageReport] = []
+    held: set[str] = set()
+    for r in sent:
+        if r.agent_id in held or any(series.pod_uid in unseen for series in r.series):
+            held.add(r.agent_id)
+        else:
+            expected.append(r)
+    assert planned.selection.accepted == expected
+    assert planned.selection.waiting == len(sent) - len(expected)
+    assert set(planned.waiting_since) == {f"gpu-node-{a[-1]}/{a}" for a in held}
+    assert set(planned.waiting_since.values()) <= {NOW}, "the wait begins now"
+    alone = flush.plan(expected, {}, _observations(), WINDOWS, NOW)
+    assert (planned.changes, planned.refused_changes) == (alone.changes, alone.refused_changes)
+
+
 def test_a_pods_containers_in_one_record_are_one_delta_of_their_sum() -> None:
     """Two containers of pod u0 around one of pod u1 (another record): u0's make one delta,
     their sum, in report order; a MIG instance's split is summed too."""
@@ -595,7 +752,8 @@ def test_a_pods_containers_in_one_record_are_one_delta_of_their_sum() -> None:
     sidecar = server.model_copy(update={"container": "sidecar", "active_us": 20, "bursts": 2})
     sent = sent.model_copy(update={"series": [server, other, sidecar]})
     owners: dict[str, Key] = {"u0": ("team-a", "llm"), "u1": ("team-a", UNMANAGED)}
-    planned = flush.plan([sent], {}, seen(owners=owners), WINDOWS, T0 + 1_000)
+    observations = seen(owners=owners, pod_nodes={"u1": "gpu-node-0"})
+    planned = flush.plan([sent], {}, observations, WINDOWS, T0 + 1_000)
     llm, unmanaged = planned.changes
     assert (llm.deployment, unmanaged.deployment) == ("llm", UNMANAGED), "in the order seen"
     (delta,) = planned.changes[llm].usage

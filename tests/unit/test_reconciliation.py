@@ -188,7 +188,8 @@ def report(sequence: int, agent: str = "a", node: str = "n1", **usage: int) -> U
 
 
 def _observations() -> Observations:
-    return Observations(BillingEvents(), {}, {}, {}, {})
+    """The operator sees the reports' pod on their node."""
+    return Observations(BillingEvents(), {}, {}, {}, {}, pod_nodes={"uid": "n1"})
 
 
 def test_objects_gain_acknowledged_reports_once_with_what_the_records_got() -> None:

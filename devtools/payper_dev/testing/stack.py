@@ -25,6 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from payper.api.billing_record import GRANULARITY_MS
+from payper.api.inference_deployment import POD_LABEL
 from payper.clock import now_ms
 from payper.identity import DEFAULT_AUDIENCE
 from payper.kube import WARNINGS_ENV
@@ -114,6 +115,8 @@ class StackOptions:
     stable_window_s: int = 10
     panic_window_s: int = 2
     max_queue: int = 100
+    gateway_workers: int = 1
+    """The gateway's ``--workers`` (more than 1: processes sharing its port)."""
     domain: str = "payper.local"
     operator_extra: dict[str, Any] = field(default_factory=dict)
     model_server_args: list[str] = field(default_factory=list)
@@ -241,6 +244,9 @@ class Stack:
             "kind": "Namespace",
             "metadata": {"name": SYSTEM_NAMESPACE},
         }
+        # The roles follow the operator's settings where the chart's do (deleting records
+        # is granted with a record retention only).
+        retention = self.options.operator_extra.get("billing", {}).get("recordRetentionDays")
         rendered = subprocess.run(
             [
                 binaries.binary("helm"),
@@ -251,6 +257,11 @@ class Stack:
                 SYSTEM_NAMESPACE,
                 "--set",
                 "fullnameOverride=payper",
+                *(
+                    ["--set", f"operator.billing.recordRetentionDays={retention}"]
+                    if retention
+                    else []
+                ),
                 *(f"--show-only=templates/{name}" for name in RBAC_TEMPLATES),
             ],
             capture_output=True,
@@ -413,6 +424,8 @@ class Stack:
                 str(self.kubeconfig_of("payper-gateway")),
                 "--gateway-id",
                 "gateway-0",
+                "--workers",
+                str(self.options.gateway_workers),
             ],
             self.workdir / "gateway.log",
             self.payper_env(),
@@ -674,6 +687,27 @@ def running(
         yield stack.start()
     finally:
         stack.stop()
+
+
+def deployment_pods(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    """An InferenceDeployment's pods by name, terminating ones included."""
+    listed = cluster.get_json("pods", "-n", namespace, "-l", f"{POD_LABEL}={name}")
+    return {p["metadata"]["name"]: p for p in listed["items"]}
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    """Ready, and not being deleted."""
+    return pod["metadata"].get("deletionTimestamp") is None and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])
+    )
+
+
+def spec_replicas(cluster: ClusterHandle, namespace: str, name: str) -> int | None:
+    """The replicas the operator set on an InferenceDeployment's Deployment (None: none)."""
+    found = cluster.kubectl("get", "deployment", name, "-n", namespace, "-o", "json", check=False)
+    return (
+        int(json.loads(found.stdout)["spec"].get("replicas", 0)) if found.returncode == 0 else None
+    )
 
 
 def inference_deployment(

@@ -134,6 +134,9 @@ class PodInterval(ApiModel):
     gpus: Annotated[int, Field(ge=0, le=64)]
     start_ms: Millis
     end_ms: Millis
+    node: ShortString | None = None
+    """The node it ran on: a restarted operator that never saw the pod knows from here
+    which agent may report its last usage (absent in records from before this field)."""
 
 
 class BillingRecordSpec(ApiModel):

@@ -104,6 +104,10 @@ class BillingConfig(ApiModel):
     """First matching grant wins."""
     reconciliation_retention_days: Annotated[int, Field(ge=1, le=3660)] = 14
     """How long the per-GPU reconciliation (one ConfigMap per GPU node and window) is kept."""
+    record_retention_days: Annotated[int | None, Field(ge=1, le=3660)] = None
+    """How long a Final BillingRecord is kept after its window ends; then the operator
+    deletes it. Unset: kept for ever, and etcd grows by every deployment's every window
+    (the operator warns at start)."""
     accept_simulated_reports: bool = False
     """Accept usage reports from agents on the simulated backend (the local cluster, the
     demo and the tests). A real cluster must not: a simulated meter could bill anything."""

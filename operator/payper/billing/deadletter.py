@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from payper.billing.flush import REFUSAL_REASONS
 from payper.billing.records import RecordChange, RecordKey
 from payper.clock import iso
 from payper.kube import ApiError, Kube, resource_path
@@ -27,10 +28,6 @@ MAX_ENTRIES = 1000
 MAX_BYTES = 800_000
 """Below the 1 MiB an object may have in etcd, with room for metadata."""
 MAX_CONFLICT_RETRIES = 6
-
-
-FOREIGN_SERIES = "pod-on-another-node"
-"""Usage an agent claimed for a pod the operator sees on another node: never applied."""
 
 
 def refused_for_good(error: ApiError) -> str | None:
@@ -45,11 +42,12 @@ def refused_for_good(error: ApiError) -> str | None:
 
 
 def _entry_key(key: RecordKey, reason: str) -> str:
-    """One entry per record, and one more per record for usage claimed by the wrong node
-    (so a forger's claims never mix with the record's own refused usage). All parts are
-    DNS names or plain words: a valid ConfigMap key."""
+    """One entry per record, and one more per record and reason for series the flush
+    refused (a pod on another node, or not seen on a node: so an agent's unproven claims
+    never mix with the record's own refused usage). All parts are DNS names or plain
+    words: a valid ConfigMap key."""
     entry = f"{key.namespace}.{key.name}"
-    return f"{entry}.{reason}" if reason == FOREIGN_SERIES else entry
+    return f"{entry}.{reason}" if reason in REFUSAL_REASONS else entry
 
 
 def _merged(

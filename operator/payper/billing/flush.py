@@ -15,8 +15,12 @@ InferenceDeployment its pod belongs to by owner chain (ReplicaSet -> Deployment 
 InferenceDeployment), or, for a pod of none (unlabelled, relabelled, a bare pod), in its
 namespace's records of their own (``UNMANAGED``), priced at the namespace's plan. A
 label the tenant controls decides nothing. Series are bound to their node: usage an agent
-claims for a pod the operator sees on another node is refused (counted, logged), never
-applied; the report's other series are.
+claims for a pod the operator sees on another node is refused (counted, filed as a dead
+letter), never applied; the report's other series are. Usage claimed for a pod the
+operator has not seen on a node (its watch may lag a pod bound a moment ago) waits: the
+agent's report, and its later ones, up to ``UNSEEN_POD_WAIT_MS`` from when the wait began;
+then such series are refused the same way, and the rest applied. An agent's word alone
+never bills a namespace.
 Windows: usage counts in the window its report was observed in; once that window has
 ended and its grace passed, usage for it goes into the current window as an adjustment.
 Provisioned time is per pod and window (scheduled -> gone), so re-planning is harmless.
@@ -51,6 +55,20 @@ ReportId = tuple[str, int]
 """(progress key, sequence)."""
 MAX_PROGRESS_KEY = 256
 """Records keep the last applied sequence per progress key, in keys of at most this size."""
+UNSEEN_POD_WAIT_MS = 30_000
+"""How long an agent's reports wait for the operator to see, on the reporting node, a pod
+they claim usage for. Counted from the first flush that held them (the operator's clock,
+never the agent's); an operator restart starts it again, so a wait is at most twice this."""
+
+FOREIGN_POD = "pod-on-another-node"
+"""Why a series is refused: the operator sees its pod on another node than the reporter."""
+UNSEEN_POD = "pod-not-seen-on-the-node"
+"""Why a series is refused: the operator did not see its pod on a node within the wait
+(gone while the operator was away, still unbound, or invented)."""
+REFUSAL_REASONS = (FOREIGN_POD, UNSEEN_POD)
+FORGET_WAIT_MS = 10 * UNSEEN_POD_WAIT_MS
+"""A wait is remembered across flushes that bring no report of its agent (an agent
+retrying with backoff skips flushes), until this long after it began."""
 
 
 def progress_key(report: UsageReport) -> str:
@@ -103,6 +121,11 @@ class Observations:
     owners: Mapping[str, Key] = field(default_factory=dict)
     """The key each known pod (current, ended or lately gone) is billed under, by UID:
     (namespace, InferenceDeployment) through its owner chain, else (namespace, UNMANAGED)."""
+    pod_nodes: Mapping[str, str | None] = field(default_factory=dict)
+    """The node each known pod (current, ended or lately gone) is bound to, by UID (None:
+    not bound yet). A pod absent here is one the operator has not seen."""
+    waiting_since: Mapping[str, int] = field(default_factory=dict)
+    """Agents (by progress key) whose reports wait for an unseen pod, since when (ms)."""
 
     def key_of(self, pod: PodView) -> Key:
         return self.owners.get(pod.uid, (pod.namespace, UNMANAGED))
@@ -113,6 +136,8 @@ class Selection:
     accepted: list[UsageReport]
     duplicates: int = 0
     out_of_order: int = 0
+    waiting: int = 0
+    """Reports held back for a pod the operator has not seen yet (not in ``accepted``)."""
 
 
 @dataclass
@@ -122,16 +147,17 @@ class FlushPlan:
     touched: dict[ReportId, set[RecordKey]]
     """The records each accepted report's usage lands in."""
     refused: list[tuple[UsageReport, SeriesUsage, str]] = field(default_factory=list)
-    """Series not applied, with why (a pod the operator sees on another node)."""
-    refused_changes: dict[RecordKey, RecordChange] = field(
-        default_factory=lambda: defaultdict(RecordChange)
-    )
-    """Their usage, by the record it claimed: for the dead-letter store. A report is
-    acknowledged only once these are filed (they are in ``touched`` too)."""
+    """Series not applied, with why (one of ``REFUSAL_REASONS``)."""
+    refused_changes: dict[str, dict[RecordKey, RecordChange]] = field(default_factory=dict)
+    """Their usage, by reason, then by the record it claimed: for the dead-letter store. A
+    report is acknowledged only once these are filed (they are in ``touched`` too)."""
     held_requests: dict[Key, int] = field(default_factory=dict)
     held_cold_starts: dict[Key, int] = field(default_factory=dict)
     """Counts that wait for a GPU product: the next flush counts them again."""
     unplaced_since: dict[Key, int] = field(default_factory=dict)
+    waiting_since: dict[str, int] = field(default_factory=dict)
+    """The agents whose reports still wait for an unseen pod, since when (also those with
+    no report in this flush, until ``FORGET_WAIT_MS``)."""
 
 
 def select(reports: Sequence[UsageReport], applied_through: Mapping[str, int]) -> Selection:
@@ -166,9 +192,9 @@ def product_of(pod: PodView | None, key: Key, seen: Observations) -> str:
 
 
 def _series_key(series: SeriesUsage, seen: Observations) -> Key:
-    """Where a series is billed: the operator's own attribution of its pod (owner chain);
-    for a pod the operator never saw (gone before its watch saw it), the namespace and
-    deployment the agent read from the API. Either way, never nowhere."""
+    """Where a series is billed: the operator's own attribution of its pod (owner chain).
+    For a pod the operator never saw, where its refused claim is filed: the namespace and
+    deployment the agent read from the API."""
     known = seen.owners.get(series.pod_uid)
     if known is not None:
         return known
@@ -183,40 +209,68 @@ def _usage(
     records: _Records,
 ) -> None:
     current = windows.start(now_ms)
-    refused_records = _Records(plan.refused_changes)
-    nodes = {pod.uid: pod.node for pods in seen.pods.values() for pod in pods.values()}
+    refused_records = {
+        reason: _Records(plan.refused_changes.setdefault(reason, {})) for reason in REFUSAL_REASONS
+    }
     products: dict[str, str] = {}  # GPU product name -> its key, for this plan call
+    held: set[str] = set()
+    kept: list[UsageReport] = []
+    plan.waiting_since = {
+        agent: since
+        for agent, since in seen.waiting_since.items()
+        if now_ms - since < FORGET_WAIT_MS
+    }
     for report in plan.selection.accepted:
-        groups = _by_record(plan, report, seen, nodes, products)
-        if not groups:
+        agent = progress_key(report)
+        if agent in held:  # behind a held report of its agent: sequence order holds
+            plan.selection.waiting += 1
+            continue
+        routed = _by_record(report, seen, products)
+        if routed.unseen:
+            since = seen.waiting_since.get(agent, now_ms)
+            if now_ms - since < UNSEEN_POD_WAIT_MS:
+                held.add(agent)
+                plan.waiting_since[agent] = since
+                plan.selection.waiting += 1
+                continue
+        plan.waiting_since.pop(agent, None)
+        kept.append(report)
+        plan.refused.extend(routed.refused)
+        if not routed.groups:
             continue
         observed = windows.start(report.interval_start_ms)
         late = windows.closed(observed, now_ms)
         window, original = (current, observed) if late else (observed, None)
-        agent = progress_key(report)
         touched = plan.touched[(agent, report.sequence)]
-        for ((namespace, deployment), product, refused), members in groups.items():
-            where = refused_records if refused else records
+        for ((namespace, deployment), product, reason), members in routed.groups.items():
+            where = refused_records[reason] if reason else records
             key, change = where.get(namespace, deployment, window, product)
             change.usage.append(_delta(agent, report, members, original))
             touched.add(key)
+    plan.selection.accepted = kept
+    plan.refused_changes = {r: c for r, c in plan.refused_changes.items() if c}
 
 
-def _by_record(
-    plan: FlushPlan,
-    report: UsageReport,
-    seen: Observations,
-    nodes: Mapping[str, str | None],
-    products: dict[str, str],
-) -> dict[tuple[Key, str, bool], list[SeriesUsage]]:
-    """The report's series by where they land: (namespace, deployment), GPU product key,
-    and whether they are refused (those are also added to ``plan.refused``)."""
-    groups: dict[tuple[Key, str, bool], list[SeriesUsage]] = {}
+@dataclass
+class _Routed:
+    """A report's series by where they land: (namespace, deployment), GPU product key,
+    and the reason they are refused ("" for applied)."""
+
+    groups: dict[tuple[Key, str, str], list[SeriesUsage]] = field(default_factory=dict)
+    refused: list[tuple[UsageReport, SeriesUsage, str]] = field(default_factory=list)
+    unseen: bool = False
+    """Some series name a pod the operator has not seen on a node (refused, if the
+    report does not wait)."""
+
+
+def _by_record(report: UsageReport, seen: Observations, products: dict[str, str]) -> _Routed:
+    routed = _Routed()
+    nodes = seen.pod_nodes
     # An agent sends a pod's series one after another: a series that names the pod, GPU
     # product and deployment of the one before it lands where that one did.
     route: tuple[str, str, str, str | None] | None = None
     members: list[SeriesUsage] = []
-    why = ""
+    reason = ""
     for series in report.series:
         claim = (series.pod_uid, series.gpu_product, series.namespace, series.inference_deployment)
         if claim != route:
@@ -224,17 +278,22 @@ def _by_record(
             product = products.get(series.gpu_product)
             if product is None:
                 product = products[series.gpu_product] = product_key(series.gpu_product)
-            node = nodes.get(series.pod_uid)
             # An agent reports only its own node's pods: usage it claims for a pod the
-            # operator sees on another node is not applied (the report's other series
-            # are) but filed as a dead letter. A pod never moves; one not seen (yet, or
-            # any more) passes.
-            why = f"pod runs on {node}" if node is not None and node != report.node else ""
-            members = groups.setdefault((_series_key(series, seen), product, bool(why)), [])
+            # operator sees on another node, or nowhere, is not applied (the report's
+            # other series are) but filed as a dead letter. A pod never moves.
+            node = nodes.get(series.pod_uid)
+            if node == report.node:
+                reason = ""
+            elif node is None:
+                reason = UNSEEN_POD
+                routed.unseen = True
+            else:
+                reason = FOREIGN_POD
+            members = routed.groups.setdefault((_series_key(series, seen), product, reason), [])
         members.append(series)
-        if why:
-            plan.refused.append((report, series, why))
-    return groups
+        if reason:
+            routed.refused.append((report, series, reason))
+    return routed
 
 
 def _delta(
@@ -361,7 +420,7 @@ def _pod_spans(
             if not windows.closed(start, now_ms) and scheduled < stop:
                 _, change = records.get(key[0], key[1], start, product)
                 change.pods[pod.uid] = PodSpan(
-                    pod.uid, pod.name, pod.gpus, max(scheduled, start), min(end, stop)
+                    pod.uid, pod.name, pod.gpus, max(scheduled, start), min(end, stop), pod.node
                 )
             start = stop
 
@@ -417,6 +476,12 @@ def next_due(previous_s: float, now_s: float, interval_s: float) -> float:
     """When the next flush starts: one interval after the previous one was due, or now
     if that time has passed (a flush that took longer than the interval)."""
     return max(previous_s + interval_s, now_s)
+
+
+def expired(window_ends: Mapping[K, int], retention_ms: int, now_ms: int) -> list[K]:
+    """The Final records (by whatever key the caller holds them) kept as long as they
+    must be: their window ended at least ``retention_ms`` ago."""
+    return [key for key, end in window_ends.items() if end + retention_ms <= now_ms]
 
 
 def closing(window_starts: Mapping[K, int], windows: BillingWindows, now_ms: int) -> list[K]:

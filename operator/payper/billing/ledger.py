@@ -81,6 +81,10 @@ MAX_CONFLICT_RETRIES = 6
 DEAD_LETTERED = "UsageDeadLettered"
 DEAD_LETTERS_FULL = "DeadLetterStoreFull"
 FOREIGN_RECORD = "ForeignBillingRecord"
+RETENTION_CHECK_MS = 3_600_000
+"""How often Final records past ``recordRetentionDays`` are looked for (and at start)."""
+RETENTION_PAGE = 500
+"""Final records read per page when looking: never all of them at once."""
 """Event reasons, on the dead-letter ConfigMap."""
 
 
@@ -113,6 +117,7 @@ class Ledger:
         self._replica_sets: dict[str, Key | None] = {}
         """ReplicaSet UID -> the InferenceDeployment it belongs to (None: to none)."""
         self._unplaced_since: dict[Key, int] = {}
+        self._waiting_since: dict[str, int] = {}
         """Deployments whose counts wait for a known GPU product, since when (ms)."""
         self._ledger_version: str | None = None
         self._evented: set[tuple[RecordKey, str]] = set()
@@ -123,6 +128,7 @@ class Ledger:
         self.gpu_time = ReconciliationStore(
             kube, namespace, self.windows, config.reconciliation_retention_days * 86_400_000
         )
+        self._next_retention_check_ms = 0
         self.reported_at: dict[str, int] = {}
         """Per node, when a report from it last arrived (ms): a node with GPU pods and
         none for a while has no agent (``payper.operator.capacity``)."""
@@ -144,6 +150,12 @@ class Ledger:
             resource_path(API_VERSION, PLURAL), {"labelSelector": f"{STATE_LABEL}!={FINAL}"}
         )
         self._seal_key = await seal.load_key(self.kube, self.namespace)
+        if self.config.record_retention_days is None:
+            logger.warning(
+                "billing.recordRetentionDays is not set: Final BillingRecords are kept for "
+                "ever, and etcd grows by one record per deployment, GPU product and window "
+                "(docs/architecture.md, Retention)"
+            )
         for item in listing["items"]:
             key = (item["metadata"]["namespace"], item["metadata"]["name"])
             if (item.get("status") or {}).get("state") != FINAL:
@@ -226,9 +238,10 @@ class Ledger:
 
     async def _attribute(
         self, reports: list[UsageReport], events: BillingEvents
-    ) -> tuple[dict[Key, dict[str, PodView]], dict[str, Key]]:
+    ) -> tuple[dict[Key, dict[str, PodView]], dict[str, Key], dict[str, str | None]]:
         """The pods this flush bills (holding GPUs, or reported) grouped by the key their
-        owner chain gives, and that key for every pod it may meet (ended, lately gone)."""
+        owner chain gives; that key, and the node, for every pod it may meet (ended, lately
+        gone)."""
         current = self.observed.all_pods
         gone = self.observed.gone_pods
         reported = {s.pod_uid for r in reports for s in r.series}
@@ -237,16 +250,37 @@ class Ledger:
             gone[uid] for uid in reported if uid in gone and uid not in current
         ]
         owners = {pod.uid: await self._owner_key(pod) for pod in billed + others}
+        nodes = {pod.uid: pod.node for pod in others + billed}  # the current view wins
+        for uid, (key, node) in self._recorded_pods(reported - owners.keys()).items():
+            owners[uid], nodes[uid] = key, node
         grouped: dict[Key, dict[str, PodView]] = {}
         for pod in billed:
             grouped.setdefault(owners[pod.uid], {})[pod.uid] = pod
         live = {pod.owner.uid for pod in (*current.values(), *gone.values()) if pod.owner}
         for uid in [uid for uid in self._replica_sets if uid not in live]:
             del self._replica_sets[uid]  # bounded by the pods the operator knows
-        return grouped, owners
+        return grouped, owners, nodes
+
+    def _recorded_pods(self, uids: set[str]) -> dict[str, tuple[Key, str]]:
+        """Pods this operator has not seen but an open record holds (with their node):
+        those that ended before a restart, whose last usage may still be on its way."""
+        found: dict[str, tuple[Key, str]] = {}
+        if not uids:
+            return found
+        for record in self.records.values():
+            spec = record["spec"]
+            key = (spec["account"], spec.get("inferenceDeployment") or UNMANAGED)
+            for interval in (record.get("status") or {}).get("podIntervals") or []:
+                if interval["uid"] in uids and interval.get("node"):
+                    found[interval["uid"]] = (key, interval["node"])
+        return found
 
     def _observations(
-        self, events: BillingEvents, pods: dict[Key, dict[str, PodView]], owners: dict[str, Key]
+        self,
+        events: BillingEvents,
+        pods: dict[Key, dict[str, PodView]],
+        owners: dict[str, Key],
+        nodes: dict[str, str | None],
     ) -> Observations:
         keys = {*pods, *owners.values(), *events.requests, *events.cold_starts}
         return Observations(
@@ -260,6 +294,8 @@ class Ledger:
             node_products=self._nodes,
             unplaced_since=self._unplaced_since,
             owners=owners,
+            pod_nodes=nodes,
+            waiting_since=self._waiting_since,
         )
 
     async def flush(self) -> None:
@@ -278,12 +314,12 @@ class Ledger:
     async def _flush(self, reports: list[UsageReport], now: int) -> None:
         await self._move_records_of_ending_namespaces()
         events = self.events.drain()
-        pods, owners = await self._attribute(reports, events)
+        pods, owners, nodes = await self._attribute(reports, events)
         await self._learn_nodes(
             [p for grouped in pods.values() for p in grouped.values()]
             + [pod for pod, _ in events.ended_pods]
         )
-        seen = self._observations(events, pods, owners)
+        seen = self._observations(events, pods, owners, nodes)
         planned = flush.plan(reports, self.applied_through, seen, self.windows, now)
         selection = planned.selection
         metrics.USAGE_REPORTS.labels("duplicate").inc(selection.duplicates)
@@ -300,8 +336,11 @@ class Ledger:
                     report.lost_reason,
                     report.lost_us / 1e6,
                 )
+        metrics.USAGE_REPORTS.labels("waiting_for_pod").inc(selection.waiting)
+        self._waiting_since = planned.waiting_since
         for report, series, why in planned.refused:
-            metrics.SERIES_REFUSED.labels(report.node).inc()
+            metrics.SERIES_REFUSED.labels(report.node, why).inc()
+            node = seen.pod_nodes.get(series.pod_uid)
             logger.warning(
                 "agent %s on %s claimed %.3f GPU-seconds for pod %s/%s, but %s: not applied",
                 report.agent_id,
@@ -309,7 +348,10 @@ class Ledger:
                 series.active_us / 1e6,
                 series.namespace,
                 series.pod,
-                why,
+                f"the operator sees the pod on {node}"
+                if node
+                else f"the operator did not see the pod on a node within "
+                f"{flush.UNSEEN_POD_WAIT_MS // 1000} s",
             )
         for deployment, count in planned.held_requests.items():  # counted at the next flush
             self.events.requests[deployment] = self.events.requests.get(deployment, 0) + count
@@ -323,8 +365,9 @@ class Ledger:
 
         failed: set[RecordKey] = set()
         refused: list[tuple[RecordKey, RecordChange, str]] = [
-            (key, change, deadletter.FOREIGN_SERIES)
-            for key, change in planned.refused_changes.items()
+            (key, change, reason)
+            for reason, changes in planned.refused_changes.items()
+            for key, change in changes.items()
         ]
         outcomes = await write_each(
             planned.changes,
@@ -362,6 +405,10 @@ class Ledger:
             self.applied_through = await self._save_progress(progress)
             metrics.USAGE_REPORTS.labels("applied").inc(advanced)
         await self._finalize(now)
+        try:
+            await self._delete_expired_records(now)
+        except (ApiError, OSError, TimeoutError) as error:
+            logger.warning("deleting Final records past their retention: %s", error)
         try:
             await self.gpu_time.prune(now)
         except (ApiError, OSError, TimeoutError) as error:
@@ -720,6 +767,38 @@ class Ledger:
             )
         except ApiError as error:
             logger.warning("labelling %s/%s Final: %s", *cache_key, error)
+
+    async def _delete_expired_records(self, now: int) -> None:
+        """Delete the Final records whose window ended ``recordRetentionDays`` ago, page by
+        page, each only if it is still the object that was read (UID precondition)."""
+        days = self.config.record_retention_days
+        if days is None or now < self._next_retention_check_ms:
+            return
+        self._next_retention_check_ms = now + RETENTION_CHECK_MS
+        query = {"labelSelector": f"{STATE_LABEL}={FINAL}", "limit": str(RETENTION_PAGE)}
+        while True:
+            page = await self.kube.get(resource_path(API_VERSION, PLURAL), query)
+            items = {
+                (item["metadata"]["namespace"], item["metadata"]["name"]): item
+                for item in page["items"]
+                if (item.get("status") or {}).get("state") == FINAL
+            }
+            ends = {key: parse_iso(item["spec"]["window"]["end"]) for key, item in items.items()}
+            for key in flush.expired(ends, days * 86_400_000, now):
+                precondition = {"preconditions": {"uid": items[key]["metadata"]["uid"]}}
+                path = resource_path(API_VERSION, PLURAL, *key)
+                try:
+                    await self.kube.delete(path, body=precondition)
+                except ApiError as error:
+                    if not error.conflict:  # 409: another object by now; left alone
+                        raise
+                    continue
+                metrics.RECORDS_DELETED.inc()
+                logger.info("record %s/%s deleted: past its retention of %d days", *key, days)
+            token = page.get("metadata", {}).get("continue")
+            if not token:
+                return
+            query["continue"] = token
 
     async def _finalize(self, now: int) -> None:
         starts = {key: parse_iso(r["spec"]["window"]["start"]) for key, r in self.records.items()}

@@ -59,8 +59,8 @@ USAGE_LAG = Histogram(
 SERIES_REFUSED = Counter(
     "payper_usage_series_refused_total",
     "Usage series not applied: an agent claimed usage for a pod the operator sees on "
-    "another node (by reporting node).",
-    ("node",),
+    "another node, or did not see on a node within the wait (by reporting node, reason).",
+    ("node", "reason"),
 )
 DEAD_LETTERS = Counter(
     "payper_billing_dead_letters_total",
@@ -119,6 +119,10 @@ FOREIGN_RECORDS = Counter(
     "seal): left alone; the ledger keeps its record in its own namespace instead.",
 )
 FINALIZED = Counter("payper_billing_records_finalized_total", "BillingRecords that became Final.")
+RECORDS_DELETED = Counter(
+    "payper_billing_records_deleted_total",
+    "Final BillingRecords deleted past billing.recordRetentionDays.",
+)
 
 
 def prime(namespace: str, deployment: str, gpu_model: str, currency: str) -> None:

@@ -102,6 +102,7 @@ class PodSpan:
     gpus: int
     start_ms: int
     end_ms: int
+    node: str | None = None
 
 
 @dataclass
@@ -169,6 +170,7 @@ def apply(
             gpus=span.gpus if current is None else current.gpus,
             start_ms=span.start_ms if current is None else min(current.start_ms, span.start_ms),
             end_ms=span.end_ms if current is None else max(current.end_ms, span.end_ms),
+            node=span.node if current is None else current.node or span.node,
         )
 
     kept, folded_pods, folded_ms = _fold(pods, status.folded_pods, status.folded_provisioned_ms)
