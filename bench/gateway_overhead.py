@@ -15,6 +15,10 @@ chunks flushed one by one, like a token stream).
    keep-alive connections; added latency = proxy percentile - direct percentile.
 2. Maximum throughput with the proxy pinned to one core (CPU 1) and wrk + backend on
    the other (CPU 0): requests/s, and payper's share of nginx's.
+3. Throughput by workers: nginx with ``worker_processes`` 1 and 2 against payper-gateway
+   with ``--workers`` 1 and 2, the proxy not pinned (wrk and the backend stay on CPU 0: on
+   a 2-core machine they compete with a proxy's second worker, so the ratio is the
+   figure, not the req/s).
 
     .venv/bin/python bench/gateway_overhead.py [--rate 200] [--seconds 20] [--wrk-seconds 10]
 """
@@ -29,10 +33,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from payper_dev.cluster.local import ClusterConfig
+from payper_dev.loopback import http_ok
 from payper_dev.testing.cluster import ClusterHandle, eventually, local_cluster
 from payper_dev.testing.stack import free_port
 
@@ -71,11 +75,11 @@ http {{
 """
 
 
-def nginx_proxy_conf(root: Path, port: int, backend: str) -> str:
+def nginx_proxy_conf(root: Path, port: int, backend: str, workers: int = 1) -> str:
     return f"""
-worker_processes 1;
+worker_processes {workers};
 daemon off;
-pid {root}/proxy.pid;
+pid {root}/proxy-{port}.pid;
 error_log {root}/proxy.err warn;
 events {{ worker_connections 8192; }}
 http {{
@@ -180,13 +184,11 @@ def wrk(host: str, port: int, path: str, seconds: int, connections: int = 32) ->
     return float(match.group(1))
 
 
-def run(
-    handle: ClusterHandle,
-    scratch: Path,
-    args: argparse.Namespace,
-    processes: list[subprocess.Popen[bytes]],
-) -> None:
-    """Latency at a fixed rate, then throughput, for each path: direct, nginx, payper."""
+def start_backend(
+    handle: ClusterHandle, scratch: Path, processes: list[subprocess.Popen[bytes]]
+) -> str:
+    """The InferenceDeployment and its pod (on gpu-node-0), and the nginx backend serving
+    on the pod's loopback IP, pinned to CPU 0; returns the pod's IP."""
     handle.kubectl("create", "namespace", NAMESPACE)
     infd = {
         "apiVersion": "payper.dev/v1alpha1",
@@ -226,13 +228,9 @@ def run(
         )
         return got["status"].get("podIP") if ready else None
 
-    ip = eventually(pod_ip, 30, what="the pod's IP")
-    backend = f"{ip}:8000"
-    (scratch / "backend.conf").write_text(nginx_backend_conf(scratch, backend))
-    proxy_port, gateway_port, admin_port = free_port(), free_port(), free_port()
-    (scratch / "proxy.conf").write_text(nginx_proxy_conf(scratch, proxy_port, backend))
-    token = scratch / "token"
-    token.write_text("unused")
+    ip: str = eventually(pod_ip, 30, what="the pod's IP")
+    (scratch / "backend.conf").write_text(nginx_backend_conf(scratch, f"{ip}:8000"))
+    (scratch / "token").write_text("unused")
     processes.append(
         subprocess.Popen(
             [
@@ -247,6 +245,20 @@ def run(
             ]
         )
     )
+    return ip
+
+
+def run(
+    handle: ClusterHandle,
+    scratch: Path,
+    args: argparse.Namespace,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    """Latency at a fixed rate, then throughput, for each path: direct, nginx, payper."""
+    ip = start_backend(handle, scratch, processes)
+    backend = f"{ip}:8000"
+    proxy_port, gateway_port, admin_port = free_port(), free_port(), free_port()
+    (scratch / "proxy.conf").write_text(nginx_proxy_conf(scratch, proxy_port, backend))
     processes.append(
         subprocess.Popen(
             [
@@ -261,35 +273,10 @@ def run(
             ]
         )
     )
-    gateway_log = (scratch / "gateway.log").open("wb")
     processes.append(
-        subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "1",
-                sys.executable,
-                "-m",
-                "payper.gateway.main",
-                "--listen",
-                f"127.0.0.1:{gateway_port}",
-                "--admin-listen",
-                f"127.0.0.1:{admin_port}",
-                "--operator-url",
-                f"http://127.0.0.1:{free_port()}",
-                "--token-file",
-                str(token),
-                "--kubeconfig",
-                str(handle.kubeconfig),
-                "--log-level",
-                "ERROR",
-            ],
-            stdout=gateway_log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        start_gateway(scratch, handle, gateway_port, admin_port, ["taskset", "-c", "1"])
     )
-    time.sleep(1.5)
+    eventually(lambda: http_ok(f"http://127.0.0.1:{admin_port}/readyz"), 30, what="the gateway")
     prefix = f"/{NAMESPACE}/{NAME}"
     backend_port = 8000
 
@@ -326,6 +313,79 @@ def run(
         print(
             f"{kind:<8}{direct:>10.0f}{through_nginx:>10.0f}{through_payper:>10.0f}{ratio:>14.2f}"
         )
+    by_workers(handle, scratch, backend, prefix, args, processes)
+
+
+def start_gateway(
+    scratch: Path,
+    handle: ClusterHandle,
+    port: int,
+    admin_port: int,
+    pin: list[str],
+    workers: int = 1,
+    source: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """payper-gateway on ``port`` (this tree's, or the one at ``source``)."""
+    log = (scratch / "gateway.log").open("ab")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve() / "operator")
+    return subprocess.Popen(
+        [
+            *pin,
+            sys.executable,
+            "-m",
+            "payper.gateway.main",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin-listen",
+            f"127.0.0.1:{admin_port}",
+            "--operator-url",
+            f"http://127.0.0.1:{free_port()}",
+            "--token-file",
+            str(scratch / "token"),
+            "--kubeconfig",
+            str(handle.kubeconfig),
+            *(["--workers", str(workers)] if workers > 1 else []),
+            "--log-level",
+            "ERROR",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def by_workers(
+    handle: ClusterHandle,
+    scratch: Path,
+    backend: str,
+    prefix: str,
+    args: argparse.Namespace,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    """Part 3: nginx and payper-gateway with 1 and 2 workers each, nothing pinned."""
+    print(f"\nthroughput by workers, proxy unpinned (wrk -t1 -c64, {args.wrk_seconds} s), req/s")
+    print(f"{'kind':<8}{'workers':>8}{'nginx':>10}{'payper':>10}{'payper/nginx':>14}")
+    for workers in (1, 2):
+        proxy_port, port, admin_port = free_port(), free_port(), free_port()
+        conf = scratch / f"proxy-{workers}.conf"
+        conf.write_text(nginx_proxy_conf(scratch, proxy_port, backend, workers))
+        proxy = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(scratch / "proxy.err")])
+        gateway = start_gateway(scratch, handle, port, admin_port, [], workers)
+        processes += [proxy, gateway]
+        ready = f"http://127.0.0.1:{admin_port}/readyz"
+        eventually(lambda url=ready: http_ok(url), 30, what=f"the gateway, {workers} workers")
+        for kind in ("small", "stream"):
+            through_nginx = wrk("127.0.0.1", proxy_port, f"/{kind}", args.wrk_seconds, 64)
+            through_payper = wrk("127.0.0.1", port, f"{prefix}/{kind}", args.wrk_seconds, 64)
+            ratio = through_payper / through_nginx
+            print(
+                f"{kind:<8}{workers:>8}{through_nginx:>10.0f}{through_payper:>10.0f}{ratio:>14.2f}"
+            )
+        for process in (proxy, gateway):
+            process.terminate()
+            process.wait(30)
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from payper.gateway import demand
+from payper.gateway import main as gateway_main
+from payper.gateway import workers as gateway_workers
 from payper.gateway.demand import DemandReporter
 from payper.gateway.routing import Route, route
 from payper.gateway.targets import Target, TargetGone, Targets
@@ -302,3 +304,33 @@ async def test_an_operator_that_refuses_per_pod_counts_gets_snapshots_without_th
     assert await reporter.report() == 200
     assert [("inFlightByPod" in s["deployments"][0]) for s in sent] == [True, False, False]
     assert sent[1]["deployments"][0] == {"namespace": "ns", "name": "llm", "inFlight": 1}
+
+
+@pytest.mark.parametrize(
+    ("total", "workers", "each"),
+    [(4096, 1, 4096), (4096, 2, 2048), (5, 2, 2), (1, 4, 1), (0, 3, 0), (100, 3, 33)],
+)
+def test_each_worker_holds_its_share_of_a_gateway_bound(
+    total: int, workers: int, each: int
+) -> None:
+    """The pod's bound divided among its workers: never more in all than the bound
+    (but at least one each: a bound of 1 over 4 workers cannot be split), 0 stays 0."""
+    assert gateway_workers.share(total, workers) == each
+    assert each * workers <= max(total, workers)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two", ""])
+def test_a_gateway_without_a_positive_number_of_workers_does_not_start(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        gateway_main.parse_args(["--operator-url", "https://operator:8443", "--workers", bad])
+    assert stopped.value.code == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+def test_workers_report_demand_under_ids_of_their_own() -> None:
+    """The operator sums demand per gateway id: two workers under one id would overwrite
+    each other's snapshots."""
+    ids = {gateway_workers.worker_gateway_id("gateway-abc", i) for i in range(4)}
+    assert len(ids) == 4 and all(i.startswith("gateway-abc-") for i in ids)

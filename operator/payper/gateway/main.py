@@ -1,9 +1,11 @@
 """payper-gateway: the request path of every InferenceDeployment.
 
 Serves tenant traffic on ``--listen`` and ``/metrics``, ``/healthz``, ``/readyz`` on
-``--admin-listen``; watches InferenceDeployments (their status carries the digests of
-their API keys: the gateway reads no Secrets) and their Pods; reports demand to the
-operator with its projected ServiceAccount token.
+``--admin-listen`` (with ``--workers`` N > 1, N such processes share the tenant port and
+a supervisor serves the admin port: ``payper.gateway.workers``); watches
+InferenceDeployments (their status carries the digests of their API keys: the gateway
+reads no Secrets) and their Pods; reports demand to the operator with its projected
+ServiceAccount token.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -27,7 +30,7 @@ from aiohttp import web
 from payper import http_sites
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import PLURAL, POD_LABEL
-from payper.gateway import server
+from payper.gateway import server, workers
 from payper.gateway.demand import DemandReporter
 from payper.gateway.proxy import Gateway, GatewaySettings, IPNetwork
 from payper.gateway.targets import Targets
@@ -115,6 +118,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--kubeconfig", default=None)
     parser.add_argument("--gateway-id", default=os.environ.get("POD_NAME", socket.gethostname()))
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes sharing the tenant port (one core each); the bounds are divided",
+    )
+    # Set by the supervisor for each of its workers (payper.gateway.workers).
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if not args.operator_url:
@@ -157,12 +169,18 @@ def informers(kube: Kube, targets: Targets) -> list[Informer]:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    """One gateway: alone, or one of ``--workers`` (then without the admin port, under a
+    gateway id of its own, with its share of the bounds)."""
+    worker = args.worker_index
+    gateway_id = (
+        args.gateway_id if worker is None else workers.worker_gateway_id(args.gateway_id, worker)
+    )
     targets = Targets(require_auth=args.require_auth)
     ssl_context = ssl.create_default_context(cafile=args.operator_ca) if args.operator_ca else None
     reporter = DemandReporter(
         args.operator_url,
         TokenFile(args.token_file),
-        args.gateway_id,
+        gateway_id,
         targets,
         ssl_context=ssl_context,
     )
@@ -170,7 +188,7 @@ async def serve(args: argparse.Namespace) -> None:
         targets,
         GatewaySettings(
             domain=args.domain,
-            max_queue=args.max_queue,
+            max_queue=workers.share(args.max_queue, args.workers),
             trusted_proxies=args.trusted_proxies,
             upstream_response_head_timeout_s=args.upstream_head_timeout,
         ),
@@ -192,9 +210,9 @@ async def serve(args: argparse.Namespace) -> None:
     admin.router.add_get("/readyz", readyz)
     admin.router.add_get("/metrics", http_sites.metrics)
 
-    admin_runner = await http_sites.start_site(admin, args.admin_listen)
+    admin_runner = await http_sites.start_site(admin, args.admin_listen) if worker is None else None
     limits = server.Limits(
-        max_connections=args.max_connections,
+        max_connections=workers.share(args.max_connections, args.workers),
         max_pipelined=args.max_pipelined,
         header_timeout_s=args.header_timeout,
         idle_timeout_s=args.idle_timeout,
@@ -204,12 +222,19 @@ async def serve(args: argparse.Namespace) -> None:
         *http_sites.host_port(args.listen),
         backlog=4096,
         connections=server.Connections(limits),
+        reuse_port=worker is not None,
     )
+    stop = asyncio.Event()
+    if worker is not None:
+        tasks.append(asyncio.create_task(workers.watch_parent(stop)))
     await asyncio.gather(*(w.synced.wait() for w in watches))
     tasks.append(asyncio.create_task(reporter.run()))
-    logger.info("payper-gateway serving on %s (admin %s)", args.listen, args.admin_listen)
+    if worker is not None:
+        workers.mark_ready(Path(args.run_dir), worker)
+        logger.info("payper-gateway worker %d serving on %s", worker, args.listen)
+    else:
+        logger.info("payper-gateway serving on %s (admin %s)", args.listen, args.admin_listen)
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -222,7 +247,8 @@ async def serve(args: argparse.Namespace) -> None:
     tenant_server.close()
     await tenant_server.wait_closed()
     gateway.close()
-    await admin_runner.cleanup()
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     await reporter.close()
     await kube.close()
 
@@ -233,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.workers > 1 and args.worker_index is None:
+            passed = list(sys.argv[1:] if argv is None else argv)
+            return uvloop.run(workers.supervise(args.workers, args.admin_listen, passed))
         uvloop.run(serve(args))
     except OSError as error:
         print(f"payper-gateway: {error}", file=sys.stderr)

@@ -17,16 +17,25 @@ DURATION = Histogram(
     LABELS,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
-IN_FLIGHT = Gauge("payper_gateway_requests_in_flight", "Requests being served or held.", LABELS)
+# With several workers (payper.gateway.workers) each process writes its own values: the
+# counts of requests add up over the live workers, the endpoints each one sees do not.
+IN_FLIGHT = Gauge(
+    "payper_gateway_requests_in_flight",
+    "Requests being served or held.",
+    LABELS,
+    multiprocess_mode="livesum",
+)
 QUEUED = Gauge(
     "payper_gateway_queued_requests",
     "Requests held while their deployment has no ready endpoint.",
     LABELS,
+    multiprocess_mode="livesum",
 )
 READY_ENDPOINTS = Gauge(
     "payper_gateway_ready_endpoints",
     "Ready pods the gateway sends the deployment's requests to.",
     LABELS,
+    multiprocess_mode="livemax",
 )
 QUEUE_WAIT = Histogram(
     "payper_gateway_queue_wait_seconds",
@@ -75,6 +84,8 @@ class TargetMeters:
         counter.inc()
 
     def remove(self) -> None:
+        for gauge in (self.in_flight, self.queued, self.ready_endpoints):
+            gauge.set(0)  # a worker's values outlive remove() in multiprocess mode
         for metric in (IN_FLIGHT, QUEUED, READY_ENDPOINTS, DURATION, QUEUE_WAIT, UPSTREAM_ERRORS):
             metric.remove(*self.labels)
         for code in self._by_code:

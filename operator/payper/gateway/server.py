@@ -502,9 +502,11 @@ async def serve(
     port: int,
     backlog: int = 1024,
     connections: Connections | None = None,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
+    """Serve ``handler`` on host:port (``reuse_port``: beside other processes on it)."""
     loop = asyncio.get_running_loop()
     shared = connections or Connections()
     return await loop.create_server(
-        lambda: _Connection(handler, shared), host, port, backlog=backlog
+        lambda: _Connection(handler, shared), host, port, backlog=backlog, reuse_port=reuse_port
     )
