@@ -28,11 +28,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from payper.api.inference_deployment import POD_LABEL
 from payper.observed import DELETION_COST_ANNOTATION
 from payper_dev.loopback import get_text
 from payper_dev.testing.cluster import ClusterHandle, eventually
-from payper_dev.testing.stack import Stack, inference_deployment, running, scraped_sum
+from payper_dev.testing.stack import (
+    Stack,
+    deployment_pods,
+    inference_deployment,
+    pod_ready,
+    running,
+    scraped_sum,
+    spec_replicas,
+)
 
 TOKENS = 100
 TOKEN_MS = 200
@@ -47,18 +54,6 @@ def stack(
         yield started
 
 
-def pods(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, dict[str, Any]]:
-    """The deployment's pods by name, terminating ones included."""
-    listed = cluster.get_json("pods", "-n", namespace, "-l", f"{POD_LABEL}={name}")
-    return {p["metadata"]["name"]: p for p in listed["items"]}
-
-
-def ready(pod: dict[str, Any]) -> bool:
-    return pod["metadata"].get("deletionTimestamp") is None and any(
-        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])
-    )
-
-
 def terminating(pod: dict[str, Any]) -> bool:
     return pod["metadata"].get("deletionTimestamp") is not None
 
@@ -71,12 +66,7 @@ def in_flight(pod: dict[str, Any]) -> int:
 
 
 def busy_pods(cluster: ClusterHandle, namespace: str, name: str) -> set[str]:
-    return {n for n, p in pods(cluster, namespace, name).items() if in_flight(p) > 0}
-
-
-def spec_replicas(cluster: ClusterHandle, namespace: str, name: str) -> int | None:
-    result = cluster.kubectl("get", "deployment", name, "-n", namespace, "-o", "json", check=False)
-    return int(json.loads(result.stdout)["spec"]["replicas"]) if result.returncode == 0 else None
+    return {n for n, p in deployment_pods(cluster, namespace, name).items() if in_flight(p) > 0}
 
 
 def operator_sees_in_flight(stack: Stack, namespace: str, name: str, count: int) -> bool:
@@ -143,12 +133,14 @@ async def test_scale_down_from_2_to_1_deletes_the_idle_pod_and_the_stream_comple
         ),
     )
     await until(
-        lambda: sum(map(ready, pods(cluster, namespace, "pair").values())) == 2, 30, "2 ready"
+        lambda: sum(map(pod_ready, deployment_pods(cluster, namespace, "pair").values())) == 2,
+        30,
+        "2 ready",
     )
     await until(lambda: stack.gateway_endpoints(namespace).get("pair") == 2, 20, "2 routed")
     running_stream = asyncio.create_task(stream(http, stack, namespace, "pair"))
     (busy,) = await until(lambda: busy_pods(cluster, namespace, "pair"), 20, "a streaming pod")
-    (idle,) = set(pods(cluster, namespace, "pair")) - {busy}
+    (idle,) = set(deployment_pods(cluster, namespace, "pair")) - {busy}
     await until(lambda: operator_sees_in_flight(stack, namespace, "pair", 1), 20, "demand seen")
 
     patch_scaling(cluster, namespace, "pair", minReplicas=1)
@@ -157,20 +149,22 @@ async def test_scale_down_from_2_to_1_deletes_the_idle_pod_and_the_stream_comple
     # its deletion cost.
     await until(
         lambda: (
-            idle not in pods(cluster, namespace, "pair")
-            or terminating(pods(cluster, namespace, "pair")[idle])
+            idle not in deployment_pods(cluster, namespace, "pair")
+            or terminating(deployment_pods(cluster, namespace, "pair")[idle])
         ),
         20,
         "the idle pod deleted",
     )
-    kept = pods(cluster, namespace, "pair")[busy]
+    kept = deployment_pods(cluster, namespace, "pair")[busy]
     assert not terminating(kept), "the streaming pod was deleted"
     assert kept["metadata"]["annotations"][DELETION_COST_ANNOTATION] == "1"
     assert not running_stream.done(), "the stream outlasts the scale-down"
 
     assert complete(await asyncio.wait_for(running_stream, 60))
-    assert not terminating(pods(cluster, namespace, "pair")[busy])
-    await until(lambda: idle not in pods(cluster, namespace, "pair"), 30, "the idle pod gone")
+    assert not terminating(deployment_pods(cluster, namespace, "pair")[busy])
+    await until(
+        lambda: idle not in deployment_pods(cluster, namespace, "pair"), 30, "the idle pod gone"
+    )
 
 
 async def test_scale_to_zero_waits_for_the_stream_to_end(
@@ -191,7 +185,7 @@ async def test_scale_to_zero_waits_for_the_stream_to_end(
     assert complete(running_stream.result())
     assert seen == {1}, f"replicas while the stream ran: {seen}"
     await until(lambda: spec_replicas(cluster, namespace, "solo") == 0, 30, "zero after it")
-    await until(lambda: not pods(cluster, namespace, "solo"), 30, "the pod gone")
+    await until(lambda: not deployment_pods(cluster, namespace, "solo"), 30, "the pod gone")
 
 
 async def test_a_forced_scale_down_drains_the_busy_pods_it_deletes(
@@ -208,7 +202,9 @@ async def test_a_forced_scale_down_drains_the_busy_pods_it_deletes(
         ),
     )
     await until(
-        lambda: sum(map(ready, pods(cluster, namespace, "forced").values())) == 2, 30, "2 ready"
+        lambda: sum(map(pod_ready, deployment_pods(cluster, namespace, "forced").values())) == 2,
+        30,
+        "2 ready",
     )
     await until(lambda: stack.gateway_endpoints(namespace).get("forced") == 2, 20, "2 routed")
     first = asyncio.create_task(stream(http, stack, namespace, "forced"))
@@ -218,11 +214,13 @@ async def test_a_forced_scale_down_drains_the_busy_pods_it_deletes(
 
     patch_scaling(cluster, namespace, "forced", minReplicas=1, maxReplicas=1)
     (leaving,) = await until(
-        lambda: [n for n, p in pods(cluster, namespace, "forced").items() if terminating(p)],
+        lambda: [
+            n for n, p in deployment_pods(cluster, namespace, "forced").items() if terminating(p)
+        ],
         20,
         "one busy pod deleted",
     )
-    (staying,) = set(pods(cluster, namespace, "forced")) - {leaving}
+    (staying,) = set(deployment_pods(cluster, namespace, "forced")) - {leaving}
     # The gateway sends the pod being deleted nothing new.
     await until(lambda: stack.gateway_endpoints(namespace).get("forced") == 1, 20, "1 routed")
     url = f"{stack.gateway_url}/{namespace}/forced/v1/infer"
@@ -231,10 +229,12 @@ async def test_a_forced_scale_down_drains_the_busy_pods_it_deletes(
 
     cluster.kubectl("delete", "infd", "forced", "-n", namespace, "--wait=false")
     await until(
-        lambda: terminating(pods(cluster, namespace, "forced")[staying]), 30, "the last deleted"
+        lambda: terminating(deployment_pods(cluster, namespace, "forced")[staying]),
+        30,
+        "the last deleted",
     )
     assert not first.done() and not second.done(), "both pods went while streaming"
 
     for body in await asyncio.wait_for(asyncio.gather(first, second), 60):
         assert complete(body)
-    await until(lambda: not pods(cluster, namespace, "forced"), 30, "both pods gone")
+    await until(lambda: not deployment_pods(cluster, namespace, "forced"), 30, "both pods gone")

@@ -8,7 +8,6 @@ default plan from then on. Nothing is priced at zero unless a configured plan sa
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -19,7 +18,13 @@ import pytest
 
 from payper.clock import parse_iso
 from payper_dev.testing.cluster import ClusterHandle, eventually
-from payper_dev.testing.stack import Stack, StackOptions, inference_deployment, running
+from payper_dev.testing.stack import (
+    Stack,
+    StackOptions,
+    inference_deployment,
+    running,
+    spec_replicas,
+)
 
 PARTNER = {"billing.example.com/tier": "partner"}
 PLANS = {
@@ -59,13 +64,6 @@ def condition(cluster: ClusterHandle, namespace: str, name: str, type_: str) -> 
     return next(
         (c for c in got.get("status", {}).get("conditions", []) if c["type"] == type_), None
     )
-
-
-def spec_replicas(cluster: ClusterHandle, namespace: str, name: str) -> int | None:
-    found = cluster.kubectl("get", "deployment", name, "-n", namespace, "-o", "json", check=False)
-    if found.returncode != 0:
-        return None
-    return int(json.loads(found.stdout)["spec"]["replicas"])
 
 
 @pytest.mark.parametrize(

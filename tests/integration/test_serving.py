@@ -19,7 +19,15 @@ import pytest
 
 from payper.api.inference_deployment import POD_LABEL
 from payper_dev.testing.cluster import ClusterHandle, eventually
-from payper_dev.testing.stack import SYSTEM_NAMESPACE, Stack, inference_deployment, running
+from payper_dev.testing.stack import (
+    SYSTEM_NAMESPACE,
+    Stack,
+    deployment_pods,
+    inference_deployment,
+    pod_ready,
+    running,
+    spec_replicas,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +47,8 @@ def get(cluster: ClusterHandle, namespace: str, kind: str, name: str) -> dict[st
     return json.loads(result.stdout) if result.returncode == 0 else None
 
 
-def spec_replicas(cluster: ClusterHandle, namespace: str, name: str) -> int | None:
-    deployment = get(cluster, namespace, "deployment", name)
-    return None if deployment is None else int(deployment["spec"].get("replicas", 0))
-
-
 def ready_pods(cluster: ClusterHandle, namespace: str, name: str) -> int:
-    pods = cluster.get_json(
-        "pods", "-n", namespace, "-l", f"payper.dev/inference-deployment={name}"
-    )
-    return sum(
-        1
-        for pod in pods["items"]
-        if pod["metadata"].get("deletionTimestamp") is None
-        and any(
-            c["type"] == "Ready" and c["status"] == "True"
-            for c in pod["status"].get("conditions", [])
-        )
-    )
+    return sum(pod_ready(p) for p in deployment_pods(cluster, namespace, name).values())
 
 
 def condition(

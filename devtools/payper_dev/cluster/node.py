@@ -1191,61 +1191,62 @@ def kube_router_chains_ready() -> bool:
     )
 
 
-def kube_router_objects() -> list[dict[str, Any]]:
-    """kube-router's read access: the informers it starts (its policy controller uses
-    pods, namespaces, policies and its Node; it starts the rest whatever it runs)."""
+def user_read_access(user: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A ClusterRole of ``rules`` bound to the client-certificate user ``user`` (a node
+    component's identity), both named after it."""
     return [
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
-            "metadata": {"name": "payper:kube-router"},
-            "rules": [
-                {
-                    "apiGroups": [""],
-                    "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
-                    "verbs": ["get", "list", "watch"],
-                },
-                {
-                    "apiGroups": ["networking.k8s.io"],
-                    "resources": ["networkpolicies"],
-                    "verbs": ["list", "watch"],
-                },
-                {
-                    "apiGroups": ["discovery.k8s.io"],
-                    "resources": ["endpointslices"],
-                    "verbs": ["list", "watch"],
-                },
-            ],
+            "metadata": {"name": user},
+            "rules": rules,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
-            "metadata": {"name": "payper:kube-router"},
+            "metadata": {"name": user},
             "roleRef": {
                 "apiGroup": "rbac.authorization.k8s.io",
                 "kind": "ClusterRole",
-                "name": "payper:kube-router",
+                "name": user,
             },
-            "subjects": [
-                {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "User",
-                    "name": "payper:kube-router",
-                }
-            ],
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
         },
     ]
+
+
+def kube_router_objects() -> list[dict[str, Any]]:
+    """kube-router's read access: the informers it starts (its policy controller uses
+    pods, namespaces, policies and its Node; it starts the rest whatever it runs)."""
+    return user_read_access(
+        "payper:kube-router",
+        [
+            {
+                "apiGroups": [""],
+                "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+                "verbs": ["get", "list", "watch"],
+            },
+            {
+                "apiGroups": ["networking.k8s.io"],
+                "resources": ["networkpolicies"],
+                "verbs": ["list", "watch"],
+            },
+            {
+                "apiGroups": ["discovery.k8s.io"],
+                "resources": ["endpointslices"],
+                "verbs": ["list", "watch"],
+            },
+        ],
+    )
 
 
 def cluster_dns_objects() -> list[dict[str, Any]]:
     """CoreDNS's read access, and the kube-dns Service at CLUSTER_DNS_IP with a slice
     that points at CoreDNS on the node IP (it runs beside the kubelet, not in a pod)."""
     return [
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": "payper:coredns"},
-            "rules": [
+        *user_read_access(
+            "payper:coredns",
+            [
                 {
                     "apiGroups": [""],
                     "resources": ["endpoints", "services", "pods", "namespaces"],
@@ -1257,20 +1258,7 @@ def cluster_dns_objects() -> list[dict[str, Any]]:
                     "verbs": ["list", "watch"],
                 },
             ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "payper:coredns"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "payper:coredns",
-            },
-            "subjects": [
-                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "payper:coredns"}
-            ],
-        },
+        ),
         {
             "apiVersion": "v1",
             "kind": "Service",
