@@ -424,8 +424,12 @@ class Stack:
                 str(self.kubeconfig_of("payper-gateway")),
                 "--gateway-id",
                 "gateway-0",
-                "--workers",
-                str(self.options.gateway_workers),
+                # (only when asked: a release from before the flag runs here too)
+                *(
+                    ["--workers", str(self.options.gateway_workers)]
+                    if self.options.gateway_workers > 1
+                    else []
+                ),
             ],
             self.workdir / "gateway.log",
             self.payper_env(),
