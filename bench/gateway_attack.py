@@ -44,6 +44,7 @@ from gateway_overhead import (
     percentile,
     start_backend,
     start_gateway,
+    stop_all,
 )
 from payper_dev.cluster.local import ClusterConfig
 from payper_dev.loopback import free_port, http_ok
@@ -210,13 +211,7 @@ def main() -> None:
                 "after": measure(handle, scratch, args, None, processes),
             }
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         shutil.rmtree(scratch, ignore_errors=True)
     print(
         f"attack: {args.flooders} pipelining flooders (≤ {args.flood_mib} MiB each), "

@@ -388,6 +388,17 @@ def by_workers(
             process.wait(30)
 
 
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process, then wait for each (SIGKILL after 10 s)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=200)
@@ -408,13 +419,7 @@ def main() -> None:
         print((scratch / "gateway.log").read_text()[-3000:], file=sys.stderr)
         raise
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
