@@ -283,6 +283,11 @@ ACCEPTED = {
         3,
     ),
     "records-kept-for-ever": ({}, "billing.record_retention_days", None),
+    "exported-records-kept-three-days": (
+        {"billing": {"export": {"sinks": [{"name": "m", "type": "cloudevents", "url": "http://m/"}]}}},
+        "billing.retention_days",
+        3,
+    ),
     "a-grant-by-label": (
         {
             "billing": {
@@ -320,7 +325,7 @@ def test_values_helm_accepts_render_a_config_the_operator_loads(
 
 
 def test_the_operator_may_delete_records_only_when_a_retention_is_set(tmp_path: Path) -> None:
-    """Least privilege: deleting BillingRecords is granted with recordRetentionDays only."""
+    """Least privilege: deleting BillingRecords is granted with a retention only."""
 
     def record_verbs(*values: str) -> list[str]:
         rendered = helm(
@@ -332,6 +337,24 @@ def test_the_operator_may_delete_records_only_when_a_retention_is_set(tmp_path: 
 
     assert "delete" not in record_verbs()
     assert "delete" in record_verbs("--set", "operator.billing.recordRetentionDays=3")
+    # Sinks imply a retention of 3 days for Exported records.
+    sinks = tmp_path / "sinks.yaml"
+    sinks.write_text(
+        yaml.safe_dump(
+            {
+                "operator": {
+                    "billing": {
+                        "export": {
+                            "sinks": [
+                                {"name": "meter", "type": "cloudevents", "url": "http://m/"}
+                            ]
+                        }
+                    }
+                }
+            }
+        )
+    )
+    assert "delete" in record_verbs("-f", str(sinks))
 
 
 def test_keys_the_chart_sets_itself_are_refused() -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from payper.api.common import ApiModel, DnsLabel, LabelValue, ShortString
+from payper.api.common import ApiModel, DnsLabel, LabelValue, ShortString, defaulted
 from payper.billing.pricing import Plan, default_plans
 
 DAY_SECONDS = 86400
@@ -85,6 +86,49 @@ class PlanChoice:
     requested: str | None
 
 
+DEFAULT_EXPORTED_RETENTION_DAYS = 3
+"""How long a Final record every sink acknowledged is kept, unless configured."""
+
+HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/?#]+(/[^\s]*)?$", max_length=2048)]
+
+
+class SinkConfig(ApiModel):
+    """Where usage goes, once each (``payper.billing.exporter``)."""
+
+    name: DnsLabel
+    """Names the sink in metrics and in each record's export annotation: renaming a sink
+    makes it a new one, which is sent every record not yet Exported."""
+    type: Literal["cloudevents"]
+    url: HttpUrl
+    """CloudEvents: batches are POSTed here as ``application/cloudevents-batch+json``."""
+    bearer_token_file: Path | None = None
+    """A file (a mounted Secret) holding the token sent as ``Authorization: Bearer``."""
+    batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
+    timeout_seconds: Annotated[float, Field(ge=0.1, le=300)] = 10.0
+
+
+class ExportConfig(ApiModel):
+    sinks: Annotated[list[SinkConfig], Field(max_length=8)] = Field(default_factory=list)
+    source: ShortString = "//payper"
+    """The CloudEvents ``source`` of every event: name the cluster (``//payper/eu-1``)."""
+    min_backoff_seconds: Annotated[float, Field(ge=0.05, le=60)] = 1.0
+    max_backoff_seconds: Annotated[float, Field(ge=0.05, le=3600)] = 300.0
+    """A failing sink is retried after a delay that doubles per failure up to this, each
+    drawn between half and all of it (jitter), without end: nothing is dropped."""
+    max_backlog_records: Annotated[int, Field(ge=1, le=10_000_000)] = 50_000
+    """Past this many records waiting for one sink, the operator reports the sink as
+    falling behind (``payper_export_backlog_exceeded`` and the chart's alert)."""
+
+    @field_validator("sinks")
+    @classmethod
+    def _unique(cls, sinks: list[SinkConfig]) -> list[SinkConfig]:
+        names = [s.name for s in sinks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"sink names must be unique: {', '.join(repeated)} repeated")
+        return sinks
+
+
 class BillingConfig(ApiModel):
     window_seconds: WindowSeconds = 3600
     """One BillingRecord per deployment (and GPU product) per window."""
@@ -106,8 +150,10 @@ class BillingConfig(ApiModel):
     """How long the per-GPU reconciliation (one ConfigMap per GPU node and window) is kept."""
     record_retention_days: Annotated[int | None, Field(ge=1, le=3660)] = None
     """How long a Final BillingRecord is kept after its window ends; then the operator
-    deletes it. Unset: kept for ever, and etcd grows by every deployment's every window
-    (the operator warns at start)."""
+    deletes it (with sinks: only once every sink acknowledged it, i.e. Exported). Unset:
+    3 days with sinks; with none, kept for ever, and etcd grows by every deployment's
+    every window (the operator warns at start)."""
+    export: ExportConfig = defaulted(ExportConfig)
     accept_simulated_reports: bool = False
     """Accept usage reports from agents on the simulated backend (the local cluster, the
     demo and the tests). A real cluster must not: a simulated meter could bill anything."""
@@ -129,6 +175,13 @@ class BillingConfig(ApiModel):
                 f"configured: {', '.join(sorted(self.plans))}"
             )
         return self
+
+    @property
+    def retention_days(self) -> int | None:
+        """How long Final records are kept: as configured, else 3 days once exported."""
+        if self.record_retention_days is not None or not self.export.sinks:
+            return self.record_retention_days
+        return DEFAULT_EXPORTED_RETENTION_DAYS
 
     def plan_for(
         self, namespace: str, labels: Mapping[str, str], requested: str | None

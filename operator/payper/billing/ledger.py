@@ -53,9 +53,10 @@ from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.inference_deployment import KIND as INFERENCE_DEPLOYMENT_KIND
 from payper.api.usage import UsageReport
-from payper.billing import deadletter, flush, metrics, seal
+from payper.billing import deadletter, flush, metrics, outbox, seal
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents, Observed
+from payper.billing.exporter import EXPORTED, Exporter
 from payper.billing.flush import BillingWindows, Observations
 from payper.billing.pricing import UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.reconciliation_store import ReconciliationStore
@@ -132,6 +133,14 @@ class Ledger:
         self.reported_at: dict[str, int] = {}
         """Per node, when a report from it last arrived (ms): a node with GPU pods and
         none for a while has no agent (``payper.operator.capacity``)."""
+        self.exporter = Exporter(
+            kube, config.export, b"", self._exporter_wrote, lambda: self.clock() / 1000
+        )
+
+    def _exporter_wrote(self, location: tuple[str, str], record: dict[str, Any]) -> None:
+        """The exporter patched a record: the ledger's next write starts from that."""
+        if location in self.records:
+            self.records[location] = record
 
     # -- start -------------------------------------------------------------------------
     @property
@@ -144,13 +153,16 @@ class Ledger:
         if stored is not None:
             self._ledger_version = stored["metadata"]["resourceVersion"]
             self.applied_through = _progress_of(stored)
-        # Only records not labelled Final: the rest are done. Records from before the label
-        # existed are listed (the selector matches a missing label) and relabelled below.
+        # Only records not labelled Final (with sinks: not labelled Exported): the rest are
+        # done. Records from before the label existed are listed (the selector matches a
+        # missing label) and relabelled below.
+        done = EXPORTED if self.exporter.enabled else FINAL
         listing = await self.kube.list(
-            resource_path(API_VERSION, PLURAL), {"labelSelector": f"{STATE_LABEL}!={FINAL}"}
+            resource_path(API_VERSION, PLURAL), {"labelSelector": f"{STATE_LABEL}!={done}"}
         )
         self._seal_key = await seal.load_key(self.kube, self.namespace)
-        if self.config.record_retention_days is None:
+        self.exporter.key = self._seal_key
+        if self.config.retention_days is None:
             logger.warning(
                 "billing.recordRetentionDays is not set: Final BillingRecords are kept for "
                 "ever, and etcd grows by one record per deployment, GPU product and window "
@@ -166,10 +178,12 @@ class Ledger:
                 moved_from = (item["metadata"].get("labels") or {}).get(MOVED_FROM_LABEL)
                 if key[0] == self.namespace and moved_from:
                     self._moved.add((moved_from, key[1].removeprefix(f"{moved_from}.")))
+                self.exporter.observe(item)
             else:
-                await self._label_final(key, item)
+                self.exporter.observe(await self._label_final(key, item))
         for original in self._moved:
             self.records.pop(original, None)  # its namespace is going: the copy is the record
+            self.exporter.tracked.pop(original, None)
         logger.info(
             "ledger: %d agents, %d open records", len(self.applied_through), len(self.records)
         )
@@ -185,6 +199,15 @@ class Ledger:
 
     # -- flush ---------------------------------------------------------------------------
     async def run(self) -> None:
+        """Flush, and send what the flushes seal to the sinks (``payper.billing.exporter``)."""
+        exporting = asyncio.create_task(self.exporter.run(), name="exporter")
+        try:
+            await self._flush_on_cadence()
+        finally:
+            exporting.cancel()
+            await self.exporter.close()
+
+    async def _flush_on_cadence(self) -> None:
         """Flush on a fixed cadence: each flush starts one interval after the previous one
         started (at once if that one took longer), not one interval after it ended. A
         report then waits at most about an interval and a flush for its acknowledgement;
@@ -405,6 +428,7 @@ class Ledger:
             self.applied_through = await self._save_progress(progress)
             metrics.USAGE_REPORTS.labels("applied").inc(advanced)
         await self._finalize(now)
+        await self.exporter.step()
         try:
             await self._delete_expired_records(now)
         except (ApiError, OSError, TimeoutError) as error:
@@ -544,7 +568,13 @@ class Ledger:
         target = resource_path(API_VERSION, PLURAL, self.namespace, moved)
         labels = {**(record["metadata"].get("labels") or {}), MOVED_FROM_LABEL: namespace}
         annotations = {
-            seal.ANNOTATION: seal.seal(self._seal_key, self.namespace, moved, record["spec"])
+            **{
+                name: value
+                for name, value in (record["metadata"].get("annotations") or {}).items()
+                if name.startswith(outbox.ANNOTATION_PREFIX)
+            },
+            outbox.IDENTITY_ANNOTATION: outbox.identity(record["metadata"]),
+            seal.ANNOTATION: seal.seal(self._seal_key, self.namespace, moved, record["spec"]),
         }
         body = {
             "apiVersion": API_VERSION,
@@ -575,6 +605,8 @@ class Ledger:
         self._moved.add((namespace, name))
         del self.records[(namespace, name)]
         self.records[(self.namespace, moved)] = copy
+        self.exporter.tracked.pop((namespace, name), None)
+        self.exporter.observe(copy)
         metrics.RECORDS_MOVED.inc()
         logger.warning(
             "namespace %s is being deleted: its open record %s is now %s/%s",
@@ -629,6 +661,7 @@ class Ledger:
                 raise
             assert record is not None
             self.records[cache_key] = record
+            self.exporter.observe(record)
             self._count(key, spec, status, updated)
             return
         raise ApiError(409, {"reason": "Conflict"}, "APPLY", f"{key.name}: too many conflicts")
@@ -755,27 +788,34 @@ class Ledger:
             await self.kube.post_event(store, self.namespace, DEAD_LETTERED, message, iso(now))
         return set()
 
-    async def _label_final(self, cache_key: tuple[str, str], record: dict[str, Any]) -> None:
-        """Mark a Final record by label, so that start-up no longer lists it. Should this
-        fail, the next start-up lists it and finds it Final by its status: relabelled."""
-        if (record["metadata"].get("labels") or {}).get(STATE_LABEL) == FINAL:
-            return
+    async def _label_final(
+        self, cache_key: tuple[str, str], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Mark a Final record by label, so that start-up no longer lists it (with sinks:
+        once Exported). Should this fail, the next start-up lists it and finds it Final by
+        its status: relabelled. Returns the record as it now is."""
+        if (record["metadata"].get("labels") or {}).get(STATE_LABEL) in (FINAL, EXPORTED):
+            return record
         try:
-            await self.kube.patch(
+            labelled: dict[str, Any] = await self.kube.patch(
                 resource_path(API_VERSION, PLURAL, *cache_key),
                 {"metadata": {"labels": {STATE_LABEL: FINAL}}},
             )
         except ApiError as error:
             logger.warning("labelling %s/%s Final: %s", *cache_key, error)
+            return record
+        return labelled
 
     async def _delete_expired_records(self, now: int) -> None:
-        """Delete the Final records whose window ended ``recordRetentionDays`` ago, page by
-        page, each only if it is still the object that was read (UID precondition)."""
-        days = self.config.record_retention_days
+        """Delete the Final records (with sinks: Exported, acknowledged by every sink) whose
+        window ended ``recordRetentionDays`` ago, page by page, each only if it is still
+        the object that was read (UID precondition)."""
+        days = self.config.retention_days
         if days is None or now < self._next_retention_check_ms:
             return
         self._next_retention_check_ms = now + RETENTION_CHECK_MS
-        query = {"labelSelector": f"{STATE_LABEL}={FINAL}", "limit": str(RETENTION_PAGE)}
+        done = EXPORTED if self.exporter.enabled else FINAL
+        query = {"labelSelector": f"{STATE_LABEL}={done}", "limit": str(RETENTION_PAGE)}
         while True:
             page = await self.kube.get(resource_path(API_VERSION, PLURAL), query)
             items = {
@@ -806,14 +846,14 @@ class Ledger:
             record = self.records[cache_key]
             status = BillingRecordStatus.model_validate(record.get("status") or {})
             if status.state == FINAL:
-                await self._label_final(cache_key, record)
+                self.exporter.observe(await self._label_final(cache_key, record))
                 self.records.pop(cache_key)
                 continue
             spec = BillingRecordSpec.model_validate(record["spec"])
             updated, _ = apply(status, spec, RecordChange(), now, self.applied_through)
             final = updated.model_copy(update={"state": FINAL, "finalized_at": iso(now)})
             try:
-                await self.kube.replace_status(
+                written = await self.kube.replace_status(
                     resource_path(API_VERSION, PLURAL, cache_key[0], cache_key[1], "status"),
                     record,
                     BillingRecordStatus.model_validate(final.model_dump()),
@@ -824,7 +864,7 @@ class Ledger:
                     continue
                 logger.warning("finalizing %s/%s: %s", *cache_key, error)
                 continue
-            await self._label_final(cache_key, record)
+            self.exporter.observe(await self._label_final(cache_key, written))
             self.records.pop(cache_key)
             metrics.FINALIZED.inc()
             logger.info("record %s/%s is Final", *cache_key)

@@ -139,3 +139,36 @@ def prime(namespace: str, deployment: str, gpu_model: str, currency: str) -> Non
         AMOUNT_AT_GRANULARITY.labels(*labels, granularity, currency).inc(0)
     BILLED_AMOUNT.labels(*labels, currency).inc(0)
     RESERVED_AMOUNT.labels(*labels, currency).inc(0)
+
+
+EXPORTED_EVENTS = Counter(
+    "payper_export_events_total",
+    "Usage events sent to a sink (sent: it took them; failed: retried after a backoff).",
+    ("sink", "result"),
+)
+EXPORT_BACKLOG = Gauge(
+    "payper_export_backlog_records",
+    "Records with a delta sealed for a sink and not yet sent.",
+    ("sink",),
+)
+EXPORT_LAG = Gauge(
+    "payper_export_lag_seconds",
+    "How long the oldest delta still owed to a sink has waited since it was sealed.",
+    ("sink",),
+)
+EXPORT_BACKLOG_EXCEEDED = Gauge(
+    "payper_export_backlog_exceeded",
+    "1 while a sink is owed more records than billing.export.maxBacklogRecords.",
+    ("sink",),
+)
+RECORDS_AWAITING_EXPORT = Gauge(
+    "payper_billing_records_awaiting_export",
+    "Final BillingRecords not yet acknowledged by every sink (kept until they are).",
+)
+EXPORT_HELD_RECORDS = Gauge(
+    "payper_export_held_records",
+    "Records whose export annotation payper did not write (bad MAC): not exported, alerted.",
+)
+RECORDS_EXPORTED = Counter(
+    "payper_billing_records_exported_total", "Final BillingRecords every sink acknowledged."
+)

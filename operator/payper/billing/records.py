@@ -43,8 +43,11 @@ def window_start(ms: int, window_ms: int) -> int:
     return ms // window_ms * window_ms
 
 
+WINDOW_LABEL_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
 def window_label(start_ms: int) -> str:
-    return datetime.fromtimestamp(start_ms / 1000, UTC).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.fromtimestamp(start_ms / 1000, UTC).strftime(WINDOW_LABEL_FORMAT)
 
 
 UNMANAGED_RECORD_PREFIX = "unmanaged."

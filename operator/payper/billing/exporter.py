@@ -1,0 +1,459 @@
+"""Usage leaves the cluster: each configured sink is sent every record's deltas once.
+
+The ledger hands the exporter every record it wrote or read (``observe``) and, at the end
+of each flush, lets it take a step (``step``): per record and sink, what the sink
+acknowledged since is recorded and what the record gained since is sealed as the next
+delta (``payper.billing.outbox``), all in one patch of the record's annotations with a
+resourceVersion precondition. The step runs inside the flush, so the ledger's own writes
+and the exporter's never race each other; the patched object goes back into the
+ledger's cache.
+
+Each sink sends on its own task, with its own backoff, from the deltas sealed for it:
+a sink that is down delays no other sink and no flush, and loses nothing (a record's
+next delta is sealed only once its last was acknowledged, so a sink down for an hour
+is owed one delta per record, holding the whole hour). A Final record every sink has
+acknowledged is labelled Exported; only Exported records are deleted after their
+retention (``Ledger``).
+
+Delivery is at least once: an operator killed after a sink answered and before the
+acknowledgement was written resends the same deltas under the same ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+from payper.api.billing_record import FINAL, PLURAL, BillingRecordSpec, BillingRecordStatus
+from payper.api.common import API_VERSION
+from payper.billing import metrics, outbox, seal
+from payper.billing.config import ExportConfig, SinkConfig
+from payper.billing.outbox import OWN, Delta, Part, SinkState
+from payper.billing.records import STATE_LABEL, WINDOW_LABEL_FORMAT
+from payper.clock import parse_iso
+from payper.kube import ApiError, Kube, resource_path
+
+logger = logging.getLogger(__name__)
+
+EXPORTED = "Exported"
+"""The state label of a Final record every sink acknowledged."""
+EVENT_TYPE = "dev.payper.gpu.usage"
+CORRECTION_TYPE = "dev.payper.gpu.usage.correction"
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+
+Location = tuple[str, str]
+
+
+@dataclass
+class Tracked:
+    """What the exporter keeps of a record not yet Exported (not the whole object)."""
+
+    location: Location
+    resource_version: str
+    identity: str
+    spec: BillingRecordSpec
+    final: bool
+    totals: dict[str, Part]
+    states: dict[str, SinkState]
+    written: dict[str, str | None]
+    """Per sink, the annotation as last read or written (what a patch replaces)."""
+    held: str | None = None
+    """Why the record is not exported (an annotation it did not write): an alert."""
+    sealed_at: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One delta part, as every sink is told it."""
+
+    id: str
+    account: str
+    deployment: str | None
+    gpu_product: str
+    plan: str
+    currency: str
+    granularity: str
+    window_start_ms: int
+    window_end_ms: int
+    corrects_window_start_ms: int | None
+    """A correction: usage of this earlier window, which was Final when it arrived."""
+    active_ms: int
+    billed_ms: int
+    amount: Decimal
+
+    @property
+    def time_ms(self) -> int:
+        """When the usage happened: its window's start (a correction: the original's)."""
+        return (
+            self.window_start_ms
+            if self.corrects_window_start_ms is None
+            else (self.corrects_window_start_ms)
+        )
+
+
+def usage_event(tracked: Tracked, delta: Delta) -> UsageEvent:
+    spec = tracked.spec
+    corrects = None
+    if delta.part != OWN:
+        corrects = parse_iso(_label_iso(delta.part))
+    return UsageEvent(
+        id=delta.id,
+        account=spec.account,
+        deployment=spec.inference_deployment,
+        gpu_product=spec.gpu_product,
+        plan=spec.plan,
+        currency=spec.currency,
+        granularity=spec.granularity,
+        window_start_ms=int(spec.window.start.timestamp() * 1000),
+        window_end_ms=int(spec.window.end.timestamp() * 1000),
+        corrects_window_start_ms=corrects,
+        active_ms=delta.usage.active_ms,
+        billed_ms=delta.usage.billed_ms,
+        amount=delta.usage.amount,
+    )
+
+
+def _label_iso(label: str) -> str:
+    return datetime.strptime(label, WINDOW_LABEL_FORMAT).replace(tzinfo=UTC).isoformat()
+
+
+# -- sinks -------------------------------------------------------------------------------
+class SinkError(Exception):
+    """A sink did not take a batch (it is retried, after a backoff)."""
+
+
+def cloudevent(event: UsageEvent, source: str) -> CloudEvent:
+    def at(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    data: dict[str, Any] = {
+        "account": event.account,
+        "inferenceDeployment": event.deployment,
+        "gpuProduct": event.gpu_product,
+        "plan": event.plan,
+        "granularity": event.granularity,
+        "windowStart": at(event.window_start_ms),
+        "windowEnd": at(event.window_end_ms),
+        "activeMs": event.active_ms,
+        "billedMs": event.billed_ms,
+        "amount": str(event.amount),
+        "currency": event.currency,
+    }
+    if event.corrects_window_start_ms is not None:
+        data["correctsWindowStart"] = at(event.corrects_window_start_ms)
+    return CloudEvent(
+        {
+            "id": event.id,
+            "source": source,
+            "type": EVENT_TYPE if event.corrects_window_start_ms is None else CORRECTION_TYPE,
+            "subject": event.account,
+            "time": datetime.fromtimestamp(event.time_ms / 1000, UTC),
+            "datacontenttype": "application/json",
+        },
+        data,
+    )
+
+
+def cloudevents_batch(events: list[UsageEvent], source: str) -> bytes:
+    """A structured-mode batch (``application/cloudevents-batch+json``) of the events."""
+    form = JSONFormat()
+    return b"[" + b",".join(form.write(cloudevent(e, source)) for e in events) + b"]"
+
+
+class CloudEventsSink:
+    def __init__(self, config: SinkConfig, source: str) -> None:
+        self.config = config
+        self.source = source
+        self._session: aiohttp.ClientSession | None = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": BATCH_CONTENT_TYPE}
+        if self.config.bearer_token_file is not None:
+            token = Path(self.config.bearer_token_file).read_text().strip()
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    async def send(self, events: list[UsageEvent]) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds)
+            )
+        body = cloudevents_batch(events, self.source)
+        try:
+            async with self._session.post(
+                self.config.url, data=body, headers=self._headers()
+            ) as response:
+                await response.content.read(64 * 1024)  # bounded: the answer is not used
+                if response.status // 100 != 2:
+                    raise SinkError(f"{self.config.url} answered {response.status}")
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise SinkError(f"{self.config.url}: {error!r}") from error
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+@dataclass
+class _Work:
+    sealed: int
+    events: list[UsageEvent]
+
+
+class SinkRunner:
+    """One sink's sending task: its own queue (the latest sealed delta per record, so
+    bounded by the records not yet Exported), its own backoff."""
+
+    def __init__(
+        self,
+        config: SinkConfig,
+        export: ExportConfig,
+        sink: CloudEventsSink,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.export = export
+        self.sink = sink
+        self.work: dict[Location, _Work] = {}
+        self.acknowledged: dict[Location, int] = {}
+        self._wake = asyncio.Event()
+        self._sleep = sleep
+        self.failures = 0
+
+    def offer(self, work: dict[Location, _Work]) -> None:
+        """What is owed now (acknowledged deltas whose acknowledgement is not yet on the
+        record are not sent again)."""
+        self.work = {
+            location: item
+            for location, item in work.items()
+            if self.acknowledged.get(location) != item.sealed
+        }
+        if self.work:
+            self._wake.set()
+
+    def backoff(self) -> float:
+        ceiling = min(
+            self.export.max_backoff_seconds,
+            self.export.min_backoff_seconds * 2.0 ** min(self.failures - 1, 30),
+        )
+        return ceiling * (0.5 + random.random() / 2)
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.work:
+                if not await self.send_once():
+                    await self._sleep(self.backoff())
+
+    async def send_once(self) -> bool:
+        """Send one batch of what is owed; whether the sink took it."""
+        batch: list[tuple[Location, _Work]] = []
+        count = 0
+        for location, work in list(self.work.items()):
+            if batch and count + len(work.events) > self.config.batch_size:
+                break
+            batch.append((location, work))
+            count += len(work.events)
+        events = [e for _, work in batch for e in work.events]
+        try:
+            await self.sink.send(events)
+        except SinkError as error:
+            self.failures += 1
+            metrics.EXPORTED_EVENTS.labels(self.name, "failed").inc(len(events))
+            logger.warning("export to %s failed (%d in a row): %s", self.name, self.failures, error)
+            return False
+        self.failures = 0
+        metrics.EXPORTED_EVENTS.labels(self.name, "sent").inc(len(events))
+        for location, work in batch:
+            self.acknowledged[location] = work.sealed
+            current = self.work.get(location)
+            if current is not None and current.sealed == work.sealed:
+                del self.work[location]
+        return True
+
+
+# -- the exporter ------------------------------------------------------------------------
+class Exporter:
+    def __init__(
+        self,
+        kube: Kube,
+        config: ExportConfig,
+        key: bytes,
+        on_written: Callable[[Location, dict[str, Any]], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.kube = kube
+        self.config = config
+        self.key = key
+        self.on_written = on_written
+        self.clock = clock
+        self.tracked: dict[Location, Tracked] = {}
+        self.runners = {
+            s.name: SinkRunner(s, config, CloudEventsSink(s, config.source)) for s in config.sinks
+        }
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.runners)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(runner.run() for runner in self.runners.values()))
+
+    async def close(self) -> None:
+        for runner in self.runners.values():
+            await runner.sink.close()
+
+    # -- records in --------------------------------------------------------------------
+    def observe(self, record: Mapping[str, Any]) -> None:
+        """The record as the ledger last read or wrote it: track its totals."""
+        if not self.enabled:
+            return
+        meta = record["metadata"]
+        location = (meta["namespace"], meta["name"])
+        if (meta.get("labels") or {}).get(STATE_LABEL) == EXPORTED:
+            self.tracked.pop(location, None)
+            return
+        status = BillingRecordStatus.model_validate(record.get("status") or {})
+        annotations = meta.get("annotations") or {}
+        identity = outbox.identity(meta)
+        previous = self.tracked.get(location)
+        states: dict[str, SinkState] = {}
+        written: dict[str, str | None] = {}
+        if seal.verify(self.key, record) is not True:
+            # A record the ledger did not create (a tenant's, in its own namespace) is
+            # never anyone's bill, whatever account its spec names.
+            logger.error("record %s/%s has no valid payper seal: not exported", *location)
+            self.tracked.pop(location, None)
+            return
+        held = None
+        for name in self.runners:
+            text = annotations.get(outbox.annotation(name))
+            written[name] = text
+            if previous is not None and previous.written.get(name) == text:
+                states[name] = previous.states[name]
+                continue
+            try:
+                states[name] = outbox.decode(self.key, identity, name, text)
+            except outbox.TamperedError as error:
+                if previous is not None and previous.held is None:
+                    states[name] = previous.states[name]  # ours, as this process wrote it
+                    logger.error("record %s/%s: %s; rewritten", *location, error)
+                    continue
+                held = str(error)
+                states[name] = SinkState()
+        if held is not None and (previous is None or previous.held != held):
+            logger.error("record %s/%s is not exported: %s", *location, held)
+        self.tracked[location] = Tracked(
+            location=location,
+            resource_version=meta["resourceVersion"],
+            identity=identity,
+            spec=BillingRecordSpec.model_validate(record["spec"]),
+            final=status.state == FINAL,
+            totals=outbox.totals(status),
+            states=states,
+            written=written,
+            held=held,
+            sealed_at=previous.sealed_at if previous is not None else {},
+        )
+
+    # -- a step, at the end of each flush ----------------------------------------------
+    async def step(self) -> None:
+        if not self.enabled:
+            return
+        for location in list(self.tracked):
+            tracked = self.tracked[location]
+            if tracked.held is not None:
+                continue
+            try:
+                await self._advance(tracked)
+            except ApiError as error:
+                if error.not_found:
+                    self.tracked.pop(location, None)
+                    continue
+                logger.warning("export state of %s/%s: %s", *location, error)
+                if error.conflict:
+                    await self._reread(location)
+            except (OSError, TimeoutError) as error:
+                logger.warning("export state of %s/%s: %s", *location, error)
+        self._offer()
+
+    async def _advance(self, tracked: Tracked) -> None:
+        states = {}
+        for name, runner in self.runners.items():
+            acknowledged = runner.acknowledged.get(tracked.location)
+            states[name] = outbox.step(tracked.states[name], tracked.totals, acknowledged)
+            if states[name].sealed != tracked.states[name].sealed:
+                tracked.sealed_at[name] = self.clock()
+        annotations = {
+            outbox.annotation(name): outbox.encode(self.key, tracked.identity, name, state)
+            for name, state in states.items()
+            if state != tracked.states[name]
+        }
+        exported = tracked.final and all(
+            outbox.done(state, tracked.totals) for state in states.values()
+        )
+        if not annotations and not exported:
+            return
+        patch: dict[str, Any] = {"metadata": {"resourceVersion": tracked.resource_version}}
+        if annotations:
+            patch["metadata"]["annotations"] = annotations
+        if exported:
+            patch["metadata"]["labels"] = {STATE_LABEL: EXPORTED}
+        written = await self.kube.patch(
+            resource_path(API_VERSION, PLURAL, *tracked.location), patch
+        )
+        for runner in self.runners.values():
+            runner.acknowledged.pop(tracked.location, None)  # on the record now
+        tracked.states = states
+        tracked.resource_version = written["metadata"]["resourceVersion"]
+        tracked.written = {
+            name: (written["metadata"].get("annotations") or {}).get(outbox.annotation(name))
+            for name in self.runners
+        }
+        self.on_written(tracked.location, written)
+        if exported:
+            del self.tracked[tracked.location]
+            metrics.RECORDS_EXPORTED.inc()
+            logger.info("record %s/%s is Exported", *tracked.location)
+
+    async def _reread(self, location: Location) -> None:
+        found = await self.kube.get_or_none(resource_path(API_VERSION, PLURAL, *location))
+        if found is None:
+            self.tracked.pop(location, None)
+        else:
+            self.observe(found)
+            self.on_written(location, found)
+
+    def _offer(self) -> None:
+        now = self.clock()
+        for name, runner in self.runners.items():
+            work = {}
+            oldest = now
+            for location, tracked in self.tracked.items():
+                state = tracked.states[name]
+                if tracked.held is not None or state.pending is None:
+                    continue
+                events = [usage_event(tracked, d) for d in outbox.deltas(tracked.identity, state)]
+                work[location] = _Work(state.sealed, events)
+                oldest = min(oldest, tracked.sealed_at.get(name, now))
+            runner.offer(work)
+            metrics.EXPORT_BACKLOG.labels(name).set(len(work))
+            metrics.EXPORT_LAG.labels(name).set(now - oldest)
+            metrics.EXPORT_BACKLOG_EXCEEDED.labels(name).set(
+                int(len(work) > self.config.max_backlog_records)
+            )
+        metrics.RECORDS_AWAITING_EXPORT.set(sum(1 for t in self.tracked.values() if t.final))
+        metrics.EXPORT_HELD_RECORDS.set(sum(1 for t in self.tracked.values() if t.held))
