@@ -284,7 +284,11 @@ ACCEPTED = {
     ),
     "records-kept-for-ever": ({}, "billing.record_retention_days", None),
     "exported-records-kept-three-days": (
-        {"billing": {"export": {"sinks": [{"name": "m", "type": "cloudevents", "url": "http://m/"}]}}},
+        {
+            "billing": {
+                "export": {"sinks": [{"name": "m", "type": "cloudevents", "url": "http://m/"}]}
+            }
+        },
         "billing.retention_days",
         3,
     ),
@@ -345,9 +349,7 @@ def test_the_operator_may_delete_records_only_when_a_retention_is_set(tmp_path: 
                 "operator": {
                     "billing": {
                         "export": {
-                            "sinks": [
-                                {"name": "meter", "type": "cloudevents", "url": "http://m/"}
-                            ]
+                            "sinks": [{"name": "meter", "type": "cloudevents", "url": "http://m/"}]
                         }
                     }
                 }

@@ -735,6 +735,7 @@ def test_an_agent_waits_from_its_first_report_that_names_an_unseen_pod(
             held.add(r.agent_id)
         else:
             expected.append(r)
+
     def by_agent(reports: list[UsageReport]) -> list[UsageReport]:
         return sorted(reports, key=lambda r: (r.agent_id, r.sequence))  # agents in no order
 
