@@ -16,7 +16,8 @@ DASHBOARDS_DIR ?= charts/payper/dashboards
         dashboards dashboards-check docs docs-check chart-schema chart-schema-check \
         generated generated-check \
         lint format test test-deps test-unit test-integration demo images clean \
-        bench-deps node-deps node-binaries node-images node-up node-down node-status test-node
+        bench-deps node-deps node-binaries node-images node-up node-down node-status test-node \
+        focus-validator
 
 help:
 	@echo "make demo         - the main job: Payper end to end on a local cluster"
@@ -46,6 +47,19 @@ node-binaries: binaries node-deps
 
 node-images: node-deps images
 	.ci/build-standin-image
+
+# FOCUS files are checked with the FinOps Foundation's focus-validator, in a virtualenv of
+# its own (its pins clash with ours), cached outside the repo per constraints file.
+FOCUS_VALIDATOR_VERSION := 1.0.0
+FOCUS_VALIDATOR_DIR ?= $(HOME)/.cache/payper/focus-validator-$(FOCUS_VALIDATOR_VERSION)-$(shell sha256sum tests/focus-validator.constraints | cut -c1-12)
+export PAYPER_FOCUS_VALIDATOR := $(FOCUS_VALIDATOR_DIR)/bin/focus-validator
+focus-validator: $(FOCUS_VALIDATOR_DIR)/.installed
+$(FOCUS_VALIDATOR_DIR)/.installed: tests/focus-validator.constraints
+	rm -rf $(FOCUS_VALIDATOR_DIR)
+	$(PYTHON) -m venv $(FOCUS_VALIDATOR_DIR)
+	$(FOCUS_VALIDATOR_DIR)/bin/python -m pip install --quiet \
+	  -c tests/focus-validator.constraints focus-validator==$(FOCUS_VALIDATOR_VERSION)
+	touch $@
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 venv: $(VENV)/.installed
@@ -133,7 +147,7 @@ endef
 test-unit: binaries
 	$(call run_tier,tests/unit)
 
-test-integration: binaries
+test-integration: binaries focus-validator
 	$(call run_tier,tests/integration)
 
 # The real-node tier (root, containerd, runc; see tests/node/conftest.py), last in

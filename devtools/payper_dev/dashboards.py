@@ -39,6 +39,8 @@ class PanelSpec:
     description: str
     width: int = 12
     height: int = 8
+    row: str = ""
+    """A row it opens (the panels after it, up to the next row, are in it)."""
 
 
 def _sum(metric: str, by: str = "", window: str = "$__range") -> str:
@@ -282,6 +284,41 @@ PANELS: tuple[PanelSpec, ...] = (
         "The ten deployments that spent most in the time range.",
         width=24,
     ),
+    PanelSpec(
+        "Usage events exported",
+        "timeseries",
+        "short",
+        (
+            Query(
+                "sum by (sink, result) (increase(payper_export_events_total[$__rate_interval]))",
+                "{{sink}} {{result}}",
+            ),
+        ),
+        "Usage events each export sink took (sent) or did not (failed: retried with "
+        "backoff, nothing dropped). All namespaces.",
+        row="Export",
+    ),
+    PanelSpec(
+        "Export lag and backlog",
+        "timeseries",
+        "short",
+        (
+            Query("max by (sink) (payper_export_lag_seconds)", "{{sink}} lag (s)"),
+            Query("sum by (sink) (payper_export_backlog_records)", "{{sink}} records owed"),
+        ),
+        "Per sink: how long the oldest delta still owed has waited since it was sealed, and "
+        "how many records it is owed. payper export status shows the same from the records.",
+        width=8,
+    ),
+    PanelSpec(
+        "Final records awaiting export",
+        "stat",
+        "short",
+        (Query("sum(payper_billing_records_awaiting_export) or vector(0)", "records", True),),
+        "Final BillingRecords not yet acknowledged by every sink: kept in etcd until they "
+        "are (then Exported, and deleted after the retention).",
+        width=4,
+    ),
 )
 
 
@@ -357,6 +394,8 @@ def build() -> dict[str, Any]:
     for variable in _variables():
         board = board.with_variable(variable)
     for spec in PANELS:
+        if spec.row:
+            board = board.with_row(dashboard.Row(spec.row))
         board = board.with_panel(_panel(spec))
     built: dict[str, Any] = json.loads(json.dumps(board.build(), cls=JSONEncoder, sort_keys=True))
     return built

@@ -1,7 +1,9 @@
 """The ``payper`` command line: what a user of a cluster running Payper types.
 
 ``payper bill`` prints an invoice from the BillingRecords; ``payper reconcile`` shows,
-per node and GPU, where every GPU-second went, next to the records. Each sub-command is a thin
+per node and GPU, where every GPU-second went, next to the records; ``payper export
+focus`` writes a FOCUS cost and usage file, ``payper export status`` what each export
+sink is still owed. Each sub-command is a thin
 shell over a library function, so tests exercise the same code a user runs. Development
 commands (the local cluster, the demo, the generators) are ``payper-dev``'s.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def _bill(args: argparse.Namespace) -> int:
@@ -76,6 +80,85 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _period(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    from payper.billing import invoice
+
+    start = invoice.parse_time(args.start) if args.start else None
+    end = invoice.parse_time(args.end) if args.end else None
+    return start, end
+
+
+def _records(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import asyncio
+
+    from payper.api.billing_record import PLURAL
+    from payper.api.common import API_VERSION
+    from payper.kube import Kube, resource_path
+
+    async def fetch() -> list[dict[str, Any]]:
+        namespace = None if getattr(args, "all_namespaces", True) else args.namespace
+        async with Kube.connect(args.kubeconfig) as kube:
+            listing = await kube.list(resource_path(API_VERSION, PLURAL, namespace))
+        items: list[dict[str, Any]] = listing["items"]
+        return items
+
+    return asyncio.run(fetch())
+
+
+def _export_focus(args: argparse.Namespace) -> int:
+    from payper.api.billing_record import BillingRecord
+    from payper.billing import focus
+
+    try:
+        start, end = _period(args)
+    except ValueError as error:
+        print(f"payper: --from/--to must be ISO dates or date-times: {error}", file=sys.stderr)
+        return 2
+    records = [BillingRecord.model_validate(item) for item in _records(args)]
+    text = focus.as_csv(focus.rows(records, start, end, args.issuer))
+    if args.out == "-":
+        sys.stdout.write(text)
+        return 0
+    target = Path(args.out)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        partial.write_text(text)
+        partial.replace(target)  # whole or not at all
+    except OSError as error:
+        print(f"payper: cannot write {target}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export_status(args: argparse.Namespace) -> int:
+    import json
+
+    from payper.billing import outbox
+    from payper.clock import iso
+
+    backlogs, awaiting = outbox.backlogs(_records(args))
+    if args.output == "json":
+        rows = [
+            {
+                "sink": b.sink,
+                "owedRecords": b.owed_records,
+                "oldestOwedWindowStart": None
+                if b.oldest_window_start_ms is None
+                else iso(b.oldest_window_start_ms),
+                "unreadable": b.unreadable,
+            }
+            for b in backlogs
+        ]
+        print(json.dumps({"sinks": rows, "finalRecordsAwaitingExport": awaiting}, indent=2))
+        return 0
+    print(f"{'SINK':<24} {'OWED-RECORDS':>12}  {'OLDEST-OWED-WINDOW':<20}  UNREADABLE")
+    for b in backlogs:
+        oldest = "-" if b.oldest_window_start_ms is None else iso(b.oldest_window_start_ms)
+        print(f"{b.sink:<24} {b.owed_records:>12}  {oldest:<20}  {b.unreadable}")
+    print(f"Final records awaiting export: {awaiting}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payper", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("-o", "--output", choices=("table", "json"), default="table")
     reconcile.add_argument("--kubeconfig", default=None)
     reconcile.set_defaults(func=_reconcile)
+
+    export = commands.add_parser("export", help="usage out of the cluster")
+    exports = export.add_subparsers(dest="export", required=True)
+    focus = exports.add_parser(
+        "focus", help="a FOCUS 1.0 cost and usage file (CSV) of the records of a period"
+    )
+    scope = focus.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", default="default")
+    scope.add_argument("-A", "--all-namespaces", action="store_true")
+    focus.add_argument("--from", dest="start", help="first window start to include (ISO)")
+    focus.add_argument("--to", dest="end", help="windows starting before this (ISO)")
+    focus.add_argument("--issuer", default="Payper", help="InvoiceIssuerName and ProviderName")
+    focus.add_argument("--out", default="-", help="file to write (default: standard output)")
+    focus.add_argument("--kubeconfig", default=None)
+    focus.set_defaults(func=_export_focus)
+    status = exports.add_parser("status", help="what each sink is still owed, per the records")
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.add_argument("--kubeconfig", default=None)
+    status.set_defaults(func=_export_status)
     return parser
 
 

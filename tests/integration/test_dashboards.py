@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from payper_dev.dashboards import PANELS, Query
+from payper_dev.testing.cloudevents_receiver import CloudEventsReceiver
 from payper_dev.testing.cluster import ClusterHandle
 from payper_dev.testing.prometheus import Prometheus, check_metrics
 from payper_dev.testing.stack import Stack, StackOptions, inference_deployment, running
@@ -32,8 +33,13 @@ def observed(
 ) -> Iterator[tuple[Stack, Prometheus, str]]:
     workdir = tmp_path_factory.mktemp("dashboards")
     # TLS on the operator API, as the chart deploys it: demand and usage both cross it.
+    # An export sink, for the export row.
+    sink = CloudEventsReceiver().start()
+    export = {"sinks": [{"name": "meter", "type": "cloudevents", "url": sink.url}]}
     options = StackOptions(
-        agents=True, tls=True, operator_extra={"billing": {"flushIntervalSeconds": 1}}
+        agents=True,
+        tls=True,
+        operator_extra={"billing": {"flushIntervalSeconds": 1, "export": export}},
     )
     with running(crds_installed, workdir / "stack", options) as stack:
         prometheus = Prometheus(workdir / "prometheus", stack.scrape_targets()).start()
@@ -44,6 +50,7 @@ def observed(
             yield stack, prometheus, namespace
         finally:
             prometheus.stop()
+            sink.stop()
 
 
 async def _drive(stack: Stack, namespace: str) -> None:

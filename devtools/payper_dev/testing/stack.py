@@ -244,9 +244,11 @@ class Stack:
             "kind": "Namespace",
             "metadata": {"name": SYSTEM_NAMESPACE},
         }
-        # The roles follow the operator's settings where the chart's do (deleting records
-        # is granted with a record retention only).
-        retention = self.options.operator_extra.get("billing", {}).get("recordRetentionDays")
+        # The roles follow the operator's billing settings where the chart's do (deleting
+        # records is granted with a record retention only, or with export sinks).
+        billing = self.options.operator_extra.get("billing", {})
+        retention = billing.get("recordRetentionDays")
+        sinks = (billing.get("export") or {}).get("sinks")
         rendered = subprocess.run(
             [
                 binaries.binary("helm"),
@@ -260,6 +262,11 @@ class Stack:
                 *(
                     ["--set", f"operator.billing.recordRetentionDays={retention}"]
                     if retention
+                    else []
+                ),
+                *(
+                    ["--set-json", f"operator.billing.export.sinks={json.dumps(sinks)}"]
+                    if sinks
                     else []
                 ),
                 *(f"--show-only=templates/{name}" for name in RBAC_TEMPLATES),

@@ -40,14 +40,12 @@ from payper.api.common import API_VERSION
 from payper.billing import metrics, outbox, seal
 from payper.billing.config import ExportConfig, SinkConfig
 from payper.billing.outbox import OWN, Delta, Part, SinkState
-from payper.billing.records import STATE_LABEL, WINDOW_LABEL_FORMAT
+from payper.billing.records import EXPORTED, STATE_LABEL, WINDOW_LABEL_FORMAT
 from payper.clock import parse_iso
 from payper.kube import ApiError, Kube, resource_path
 
 logger = logging.getLogger(__name__)
 
-EXPORTED = "Exported"
-"""The state label of a Final record every sink acknowledged."""
 EVENT_TYPE = "dev.payper.gpu.usage"
 CORRECTION_TYPE = "dev.payper.gpu.usage.correction"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
@@ -68,6 +66,7 @@ class Tracked:
     states: dict[str, SinkState]
     written: dict[str, str | None]
     """Per sink, the annotation as last read or written (what a patch replaces)."""
+    finalizers: list[str] = field(default_factory=list)
     held: str | None = None
     """Why the record is not exported (an annotation it did not write): an alert."""
     sealed_at: dict[str, float] = field(default_factory=dict)
@@ -301,6 +300,8 @@ class Exporter:
         self.on_written = on_written
         self.clock = clock
         self.tracked: dict[Location, Tracked] = {}
+        self.releasing: set[Location] = set()
+        """Moved records' originals whose finalizer is still to be dropped."""
         self.runners = {
             s.name: SinkRunner(s, config, CloudEventsSink(s, config.source)) for s in config.sinks
         }
@@ -343,7 +344,7 @@ class Exporter:
             text = annotations.get(outbox.annotation(name))
             written[name] = text
             if previous is not None and previous.written.get(name) == text:
-                states[name] = previous.states[name]
+                states[name] = previous.states[name]  # as this process knows it
                 continue
             try:
                 states[name] = outbox.decode(self.key, identity, name, text)
@@ -354,6 +355,8 @@ class Exporter:
                     continue
                 held = str(error)
                 states[name] = SinkState()
+        if previous is not None and held is None:
+            held = previous.held  # no process knows this record's real export state
         if held is not None and (previous is None or previous.held != held):
             logger.error("record %s/%s is not exported: %s", *location, held)
         self.tracked[location] = Tracked(
@@ -365,6 +368,7 @@ class Exporter:
             totals=outbox.totals(status),
             states=states,
             written=written,
+            finalizers=list(meta.get("finalizers") or []),
             held=held,
             sealed_at=previous.sealed_at if previous is not None else {},
         )
@@ -373,6 +377,8 @@ class Exporter:
     async def step(self) -> None:
         if not self.enabled:
             return
+        for location in list(self.releasing):
+            await self._release(location)
         for location in list(self.tracked):
             tracked = self.tracked[location]
             if tracked.held is not None:
@@ -397,10 +403,17 @@ class Exporter:
             states[name] = outbox.step(tracked.states[name], tracked.totals, acknowledged)
             if states[name].sealed != tracked.states[name].sealed:
                 tracked.sealed_at[name] = self.clock()
-        annotations = {
-            outbox.annotation(name): outbox.encode(self.key, tracked.identity, name, state)
+        # What the record should say, where it says otherwise (a step, or someone else's
+        # edit of the annotation: this process's own state is the truth it rewrites).
+        wanted = {
+            name: outbox.encode(self.key, tracked.identity, name, state)
             for name, state in states.items()
-            if state != tracked.states[name]
+            if state != SinkState() or tracked.written[name] is not None
+        }
+        annotations = {
+            outbox.annotation(name): text
+            for name, text in wanted.items()
+            if text != tracked.written[name]
         }
         exported = tracked.final and all(
             outbox.done(state, tracked.totals) for state in states.values()
@@ -412,6 +425,10 @@ class Exporter:
             patch["metadata"]["annotations"] = annotations
         if exported:
             patch["metadata"]["labels"] = {STATE_LABEL: EXPORTED}
+            if outbox.FINALIZER in tracked.finalizers:  # a merge patch sets the whole list
+                patch["metadata"]["finalizers"] = [
+                    f for f in tracked.finalizers if f != outbox.FINALIZER
+                ]
         written = await self.kube.patch(
             resource_path(API_VERSION, PLURAL, *tracked.location), patch
         )
@@ -428,6 +445,38 @@ class Exporter:
             del self.tracked[tracked.location]
             metrics.RECORDS_EXPORTED.inc()
             logger.info("record %s/%s is Exported", *tracked.location)
+
+    def finalizers(self) -> dict[str, list[str]]:
+        """Metadata for a record the ledger creates: with sinks, a finalizer keeps it
+        (from its namespace's deletion, from a careless ``kubectl delete``) until every
+        sink has it."""
+        return {"finalizers": [outbox.FINALIZER]} if self.enabled else {}
+
+    def final_records(self) -> list[Location]:
+        """Final records not yet exported (kept, and moved with a deleted namespace)."""
+        return [location for location, tracked in self.tracked.items() if tracked.final]
+
+    async def release(self, location: Location) -> None:
+        """Drop the export finalizer of a record whose copy now stands for it (retried at
+        each step until done: the namespace's deletion waits on it)."""
+        self.releasing.add(location)
+        await self._release(location)
+
+    async def _release(self, location: Location) -> None:
+        path = resource_path(API_VERSION, PLURAL, *location)
+        try:
+            found = await self.kube.get_or_none(path)
+            finalizers = list((found or {}).get("metadata", {}).get("finalizers") or [])
+            if found is not None and outbox.FINALIZER in finalizers:
+                kept = [f for f in finalizers if f != outbox.FINALIZER]
+                version = found["metadata"]["resourceVersion"]
+                await self.kube.patch(
+                    path, {"metadata": {"resourceVersion": version, "finalizers": kept}}
+                )
+        except (ApiError, OSError, TimeoutError) as error:
+            logger.warning("releasing %s/%s: %s (retried)", *location, error)
+            return
+        self.releasing.discard(location)
 
     async def _reread(self, location: Location) -> None:
         found = await self.kube.get_or_none(resource_path(API_VERSION, PLURAL, *location))

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -76,17 +77,25 @@ class Invoice:
     """Per currency."""
 
 
-def build(
-    records: list[BillingRecord], start_ms: int | None = None, end_ms: int | None = None
-) -> Invoice:
-    lines = []
+def selected(
+    records: Iterable[BillingRecord], start_ms: int | None, end_ms: int | None
+) -> Iterator[BillingRecord]:
+    """The records of a period: those whose window starts in [start, end)."""
     for record in records:
-        spec, status = record.spec, record.status
-        window = int(spec.window.start.timestamp() * 1000)
+        window = int(record.spec.window.start.timestamp() * 1000)
         if start_ms is not None and window < start_ms:
             continue
         if end_ms is not None and window >= end_ms:
             continue
+        yield record
+
+
+def build(
+    records: list[BillingRecord], start_ms: int | None = None, end_ms: int | None = None
+) -> Invoice:
+    lines = []
+    for record in selected(records, start_ms, end_ms):
+        spec, status = record.spec, record.status
         lines.append(
             Line(
                 namespace=spec.account,  # a record moved out of a deleted namespace keeps it

@@ -56,13 +56,14 @@ from payper.api.usage import UsageReport
 from payper.billing import deadletter, flush, metrics, outbox, seal
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents, Observed
-from payper.billing.exporter import EXPORTED, Exporter
+from payper.billing.exporter import Exporter
 from payper.billing.flush import BillingWindows, Observations
 from payper.billing.pricing import UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.reconciliation_store import ReconciliationStore
 from payper.billing.records import (
     ACCOUNT_LABEL,
     DEPLOYMENT_LABEL,
+    EXPORTED,
     MOVED_FROM_LABEL,
     STATE_LABEL,
     WINDOW_LABEL,
@@ -488,6 +489,7 @@ class Ledger:
                 "namespace": namespace,
                 "labels": labels,
                 "annotations": {seal.ANNOTATION: seal.seal(self._seal_key, namespace, name, wire)},
+                **self.exporter.finalizers(),
             },
             "spec": wire,
         }
@@ -556,14 +558,27 @@ class Ledger:
     async def _move_records_of_ending_namespaces(self) -> None:
         """Before a deleted namespace's records go (the namespace controller deletes them),
         copy each open one, as last written, into the operator's namespace; its later
-        usage lands in the copy. A copy that exists already (a retry) is kept."""
+        usage lands in the copy. A copy that exists already (a retry) is kept. With
+        export sinks, so is every Final record not yet exported (their finalizer holds
+        them until then)."""
         for namespace, name in list(self.records):
             if namespace != self.namespace and self.observed.namespace_ending(namespace):
                 await self._move_record(namespace, name)
+        for namespace, name in self.exporter.final_records():
+            if namespace != self.namespace and self.observed.namespace_ending(namespace):
+                found = await self.kube.get_or_none(
+                    resource_path(API_VERSION, PLURAL, namespace, name)
+                )
+                if found is not None:
+                    await self._move_record(namespace, name, found)
 
-    async def _move_record(self, namespace: str, name: str) -> bool:
-        """Move one cached open record into the operator's namespace; whether it moved."""
-        record = self.records[(namespace, name)]
+    async def _move_record(
+        self, namespace: str, name: str, record: dict[str, Any] | None = None
+    ) -> bool:
+        """Move one record (a cached open one, or ``record``) into the operator's
+        namespace; whether it moved. The original's export finalizer then goes: the copy
+        is the record, and the namespace's deletion may finish."""
+        record = record or self.records[(namespace, name)]
         moved = moved_name(namespace, name)
         target = resource_path(API_VERSION, PLURAL, self.namespace, moved)
         labels = {**(record["metadata"].get("labels") or {}), MOVED_FROM_LABEL: namespace}
@@ -584,6 +599,7 @@ class Ledger:
                 "namespace": self.namespace,
                 "labels": labels,
                 "annotations": annotations,
+                **self.exporter.finalizers(),
             },
             "spec": record["spec"],
         }
@@ -603,10 +619,11 @@ class Ledger:
             logger.warning("moving record %s/%s: %s (retried next flush)", namespace, name, error)
             return False
         self._moved.add((namespace, name))
-        del self.records[(namespace, name)]
-        self.records[(self.namespace, moved)] = copy
+        if self.records.pop((namespace, name), None) is not None:
+            self.records[(self.namespace, moved)] = copy
         self.exporter.tracked.pop((namespace, name), None)
         self.exporter.observe(copy)
+        await self.exporter.release((namespace, name))
         metrics.RECORDS_MOVED.inc()
         logger.warning(
             "namespace %s is being deleted: its open record %s is now %s/%s",

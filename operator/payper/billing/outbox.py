@@ -37,18 +37,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from payper.api.billing_record import BillingRecordStatus
-from payper.billing.records import WINDOW_LABEL_FORMAT, window_label
+from payper.api.billing_record import FINAL, BillingRecordStatus
+from payper.billing.records import EXPORTED, STATE_LABEL, WINDOW_LABEL_FORMAT, window_label
+from payper.clock import parse_iso
 
 ANNOTATION_PREFIX = "export.payper.dev/"
 IDENTITY_ANNOTATION = "payper.dev/record-identity"
 """A moved copy's identity is its original's UID: its deltas keep their ids."""
+FINALIZER = "payper.dev/export"
+"""On every record while exporting: it stays until every sink has it."""
 OWN = "own"
 """The part of a record's totals that is its own window's (the rest are corrections)."""
 
@@ -192,15 +195,12 @@ def decode(key: bytes, record_identity: str, sink: str, text: str | None) -> Sin
     for one this operator did not write: the record is then held, never guessed at."""
     if text is None:
         return SinkState()
+    state = peek(text)
     try:
-        wire = json.loads(text)
-        state = SinkState(
-            int(wire["n"]),
-            _totals_of(wire["sent"]),
-            None if wire.get("pending") is None else _totals_of(wire["pending"]),
-        )
-        mac = str(wire["mac"])
-    except (ValueError, KeyError, TypeError, ArithmeticError) as error:
+        mac = str(json.loads(text)["mac"])
+        if state is None:
+            raise ValueError("malformed")
+    except (ValueError, KeyError, TypeError) as error:
         raise TamperedError(f"{annotation(sink)} is not an export state: {error}") from error
     expected = hmac.new(key, _canonical(record_identity, sink, state), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(mac, expected):
@@ -215,3 +215,62 @@ def _totals_of(wire: Mapping[str, Any]) -> dict[str, Part]:
             datetime.strptime(name, WINDOW_LABEL_FORMAT)  # a window's start, or ValueError
         parts[str(name)] = Part(int(active), int(billed), Decimal(str(amount)))
     return parts
+
+
+def peek(text: str | None) -> SinkState | None:
+    """A state as the annotation says, unverified (for ``payper export status``, which
+    has no key); None when it is not one."""
+    if text is None:
+        return SinkState()
+    try:
+        wire = json.loads(text)
+        return SinkState(
+            int(wire["n"]),
+            _totals_of(wire["sent"]),
+            None if wire.get("pending") is None else _totals_of(wire["pending"]),
+        )
+    except (ValueError, KeyError, TypeError, ArithmeticError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What one sink is owed, as the records say (``payper export status``)."""
+
+    sink: str
+    owed_records: int
+    oldest_window_start_ms: int | None
+    unreadable: int
+    """Records whose annotation for this sink is not an export state."""
+
+
+def backlogs(records: Iterable[Mapping[str, Any]]) -> tuple[list[Backlog], int]:
+    """Per sink named on any record, the records it is owed; and how many Final records
+    are not yet Exported (kept until they are)."""
+    pending = [
+        r for r in records if (r["metadata"].get("labels") or {}).get(STATE_LABEL) != EXPORTED
+    ]
+    sinks = sorted(
+        {
+            name.removeprefix(ANNOTATION_PREFIX)
+            for r in pending
+            for name in r["metadata"].get("annotations") or {}
+            if name.startswith(ANNOTATION_PREFIX)
+        }
+    )
+    found = []
+    for sink in sinks:
+        owed, unreadable, oldest = 0, 0, None
+        for record in pending:
+            text = (record["metadata"].get("annotations") or {}).get(annotation(sink))
+            state = peek(text)
+            current = totals(BillingRecordStatus.model_validate(record.get("status") or {}))
+            if state is None:
+                unreadable += 1
+            elif not done(state, current):
+                owed += 1
+                start = parse_iso(record["spec"]["window"]["start"])
+                oldest = start if oldest is None else min(oldest, start)
+        found.append(Backlog(sink, owed, oldest, unreadable))
+    awaiting = sum(1 for r in pending if (r.get("status") or {}).get("state") == FINAL)
+    return found, awaiting

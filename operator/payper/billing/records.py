@@ -30,13 +30,15 @@ from payper.observed import UNMANAGED
 
 WINDOW_LABEL = "payper.dev/window-start"
 STATE_LABEL = "payper.dev/state"
-"""Open or Final (a later state, Exported, is for the export work): the operator lists
-only the records it still writes, by label, instead of every record ever written."""
+"""Open, Final, then Exported once every export sink acknowledged it (with sinks): the
+operator lists only the records it still needs, by label, instead of every record ever
+written."""
 DEPLOYMENT_LABEL = "payper.dev/inference-deployment"
 MOVED_FROM_LABEL = "payper.dev/moved-from-namespace"
 """On a record the ledger moved into its own namespace when the tenant's namespace was
 deleted: the namespace it came from (the account is unchanged)."""
 ACCOUNT_LABEL = "payper.dev/account"
+EXPORTED = "Exported"
 
 
 def window_start(ms: int, window_ms: int) -> int:

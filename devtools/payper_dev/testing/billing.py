@@ -1,0 +1,75 @@
+"""What the billing tests share: a namespace's records and their totals, against what
+the agents measured; traffic through the gateway; a deployment to bill."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+
+from payper_dev.testing.cluster import ClusterHandle
+from payper_dev.testing.stack import Stack, inference_deployment
+
+H100_PRICE = Decimal("0.0012")  # the default plan, 1 s granularity
+
+
+def records(cluster: ClusterHandle, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.get_json("brec", "-n", namespace)["items"]
+    return items
+
+
+def record_totals(cluster: ClusterHandle, namespace: str) -> dict[str, dict[str, Any]]:
+    totals: dict[str, dict[str, Any]] = {}
+    for record in records(cluster, namespace):
+        status = record.get("status") or {}
+        total = totals.setdefault(
+            record["spec"].get("inferenceDeployment", ""),
+            {"activeUs": 0, "1ms": 0, "1s": 0, "1m": 0, "bursts": 0, "amount": Decimal(0)},
+        )
+        total["activeUs"] += int(status.get("activeUs", 0))
+        for granularity in ("1ms", "1s", "1m"):
+            total[granularity] += int((status.get("roundedMs") or {}).get(granularity, 0))
+        total["bursts"] += int(status.get("bursts", 0))
+        total["amount"] += Decimal(status.get("amount", "0"))
+    return totals
+
+
+def assert_records_equal_truth(stack: Stack, namespace: str, deployments: list[str]) -> None:
+    truth = stack.agent_truth()
+    totals = record_totals(stack.cluster, namespace)
+    for name in deployments:
+        expected = truth[(namespace, name)]
+        assert expected["activeUs"] > 0
+        got = totals[name]
+        assert {k: got[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")} == {
+            k: expected[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")
+        }, name
+        assert got["amount"] == H100_PRICE * expected["1s"] / 1000, name
+
+
+async def traffic(
+    http: aiohttp.ClientSession,
+    stack: Stack,
+    namespace: str,
+    name: str,
+    rng: random.Random,
+    seconds: float,
+) -> list[int]:
+    statuses = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        ms = rng.choice([120, 450, 900, 1600])
+        async with http.post(
+            f"{stack.gateway_url}/{namespace}/{name}/v1/infer", json={"ms": ms}
+        ) as response:
+            statuses.append(response.status)
+        await asyncio.sleep(rng.choice([0.1, 0.5, 2.5, 4.0]))
+    return statuses
+
+
+def model(name: str) -> dict[str, Any]:
+    return inference_deployment(name, idle_timeout_s=120, max_replicas=1)

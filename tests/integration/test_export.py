@@ -1,0 +1,464 @@
+"""Usage leaves the cluster exactly once per sink: a CloudEvents sink on loopback, parsed
+with the CloudEvents SDK, through a sink outage, a sink that answers too late, an
+operator SIGKILL, and a tenant who edits the export state on its records.
+
+Short windows (20 s, grace 5 s) so that records become Final, then Exported, within a
+test."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from payper.billing.outbox import annotation
+from payper.billing.records import EXPORTED, STATE_LABEL
+from payper.clock import now_ms, parse_iso
+from payper_dev.testing.billing import assert_records_equal_truth, model, records, traffic
+from payper_dev.testing.cloudevents_receiver import CloudEventsReceiver, Received
+from payper_dev.testing.cluster import ClusterHandle, eventually
+from payper_dev.testing.stack import Stack, StackOptions, running, scraped_sum
+
+SINK = "meter"
+SOURCE = "//payper/test"
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[CloudEventsReceiver]:
+    started = CloudEventsReceiver().start()
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def export_stack(
+    crds_installed: ClusterHandle,
+    tmp_path_factory: pytest.TempPathFactory,
+    receiver: CloudEventsReceiver,
+) -> Iterator[Stack]:
+    billing = {
+        "flushIntervalSeconds": 1,
+        "windowSeconds": 20,
+        "graceSeconds": 5,
+        "export": {
+            "sinks": [
+                {
+                    "name": SINK,
+                    "type": "cloudevents",
+                    "url": receiver.url,
+                    "timeoutSeconds": 1,
+                    "batchSize": 20,
+                }
+            ],
+            "source": SOURCE,
+            "minBackoffSeconds": 0.2,
+            "maxBackoffSeconds": 1,
+        },
+    }
+    options = StackOptions(agents=True, operator_extra={"billing": billing})
+    with running(crds_installed, tmp_path_factory.mktemp("export"), options) as started:
+        yield started
+
+
+def ended_records(stack: Stack, namespace: str, by_ms: int) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in records(stack.cluster, namespace)
+        if parse_iso(r["spec"]["window"]["end"]) <= by_ms
+    ]
+
+
+def exported(record: dict[str, Any]) -> bool:
+    return (record["metadata"].get("labels") or {}).get(STATE_LABEL) == EXPORTED
+
+
+async def wait_exported(stack: Stack, namespace: str, by_ms: int) -> list[dict[str, Any]]:
+    """Until every record of the namespace whose window ended by ``by_ms`` is Exported
+    (Final after its grace, then acknowledged by the sink); returns them."""
+
+    def done() -> bool:
+        ended = ended_records(stack, namespace, by_ms)
+        return bool(ended) and all(exported(r) for r in ended)
+
+    try:
+        await asyncio.to_thread(eventually, done, 120, 0.5, "records exported")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{stack.logs()}") from None
+    return ended_records(stack, namespace, by_ms)
+
+
+def unique(events: list[Received]) -> dict[str, Received]:
+    """Events by id; a resend must repeat its event exactly."""
+    by_id: dict[str, Received] = {}
+    for event in events:
+        assert by_id.setdefault(event.id, event) == event, f"{event.id} with two contents"
+    return by_id
+
+
+def exported_sums(events: dict[str, Received]) -> dict[str, tuple[int, int, Decimal]]:
+    """Per record identity (the UID that starts every id), what the sink was told."""
+    sums: dict[str, tuple[int, int, Decimal]] = defaultdict(lambda: (0, 0, Decimal(0)))
+    for event in events.values():
+        uid = event.id[:36]
+        active, billed, amount = sums[uid]
+        sums[uid] = (
+            active + event.data["activeMs"],
+            billed + event.data["billedMs"],
+            amount + Decimal(event.data["amount"]),
+        )
+    return sums
+
+
+def assert_sink_holds_records(
+    records_: list[dict[str, Any]], events: dict[str, Received], namespace: str
+) -> None:
+    sums = exported_sums(events)
+    for record in records_:
+        status = record.get("status") or {}
+        uid = record["metadata"]["uid"]
+        expected = (
+            int(status.get("activeMs", 0)),
+            int(status.get("billedMs", 0)),
+            Decimal(status.get("amount", "0")),
+        )
+        assert sums.get(uid, (0, 0, Decimal(0))) == expected, record["metadata"]["name"]
+    mine = [e for e in events.values() if e.subject == namespace]
+    assert mine and all(
+        e.source == SOURCE and e.data["account"] == namespace and e.data["currency"] == "USD"
+        for e in mine
+    )
+
+
+async def test_usage_reaches_the_sink_once_through_an_outage_a_slow_sink_and_a_kill(
+    export_stack: Stack,
+    receiver: CloudEventsReceiver,
+    namespace: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    stack = export_stack
+    stack.deploy(namespace, model("metered"))
+    rng = random.Random(11)
+    statuses = await traffic(http, stack, namespace, "metered", rng, 6)
+    # Down for several flush intervals: nothing is lost, nothing waits on it but itself.
+    receiver.mode = "down"
+    statuses += await traffic(http, stack, namespace, "metered", rng, 5)
+    failed = {"sink": SINK, "result": "failed"}
+    assert scraped_sum(stack.metrics_url, "payper_export_events_total", failed) > 0
+    # Slow: it keeps what it is sent but answers after the operator gave up (1 s): the
+    # operator resends those deltas, under the same ids.
+    receiver.slow_s, receiver.mode = 2.0, "slow"
+    statuses += await traffic(http, stack, namespace, "metered", rng, 5)
+    # Killed mid-export: sent, and the acknowledgements never written.
+    assert stack.operator is not None
+    stack.operator.stop(sig=signal.SIGKILL)
+    receiver.mode = "up"
+    statuses += await traffic(http, stack, namespace, "metered", rng, 3)
+    await asyncio.to_thread(stack.start_operator)
+    statuses += await traffic(http, stack, namespace, "metered", rng, 3)
+    assert set(statuses) == {200}
+    await stack.settle()
+    assert_records_equal_truth(stack, namespace, ["metered"])
+
+    done = await wait_exported(stack, namespace, now_ms())
+    events = receiver.events()
+    by_id = unique(events)
+    assert len(events) > len(by_id), "the slow sink and the kill made the operator resend"
+    assert_sink_holds_records(done, by_id, namespace)
+    assert sum(int(r["status"]["activeMs"]) for r in done) > 0
+
+
+def forge(stack: Stack, namespace: str, name: str, edit: Any) -> None:
+    """As a tenant allowed to edit its namespace's records (a careless platform admin
+    granted ``payper.dev/*``) would: rewrite the sink's export annotation."""
+    record = stack.cluster.get_json("brec", name, "-n", namespace)
+    text = (record["metadata"].get("annotations") or {}).get(annotation(SINK))
+    forged = edit(json.loads(text)) if text else {"n": 1, "sent": {}, "mac": "0" * 64}
+    stack.cluster.kubectl(
+        "annotate",
+        "--overwrite",
+        "brec",
+        name,
+        "-n",
+        namespace,
+        f"{annotation(SINK)}={json.dumps(forged)}",
+    )
+
+
+def sealed_record(stack: Stack, namespace: str) -> str:
+    """An Open record with usage whose export state the operator has written."""
+    found: list[str] = []
+
+    def sealed() -> bool:
+        found[:] = [
+            r["metadata"]["name"]
+            for r in records(stack.cluster, namespace)
+            if (r["metadata"].get("annotations") or {}).get(annotation(SINK))
+            and (r.get("status") or {}).get("state") == "Open"
+            and int(r["status"].get("activeMs", 0)) > 0
+        ]
+        return bool(found)
+
+    eventually(sealed, 60, 0.5, "a sealed open record")
+    return found[0]
+
+
+def all_sent(wire: dict[str, Any]) -> dict[str, Any]:
+    """A forged state: far more than was ever used is "already sent", nothing pending."""
+    return {"n": wire["n"] + 50, "sent": {"own": [10**9, 10**9, "1000000"]}, "mac": wire["mac"]}
+
+
+async def test_a_tenant_who_marks_its_usage_sent_is_exported_all_the_same(
+    export_stack: Stack,
+    receiver: CloudEventsReceiver,
+    namespace: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    stack = export_stack
+    stack.deploy(namespace, model("forger"))
+    rng = random.Random(12)
+    statuses = await traffic(http, stack, namespace, "forger", rng, 4)
+    name = await asyncio.to_thread(sealed_record, stack, namespace)
+    # "Everything sent", keeping the operator's MAC, while the operator runs.
+    forge(stack, namespace, name, all_sent)
+    statuses += await traffic(http, stack, namespace, "forger", rng, 4)
+    assert set(statuses) == {200}
+    await stack.settle()
+    done = await wait_exported(stack, namespace, now_ms())
+    assert name in {r["metadata"]["name"] for r in done}
+    assert_sink_holds_records(done, unique(receiver.events()), namespace)
+
+
+async def test_a_record_forged_while_no_operator_ran_is_held_not_exported_or_deleted(
+    export_stack: Stack,
+    receiver: CloudEventsReceiver,
+    namespace: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """With no operator to remember the truth, a forged export state cannot be told from
+    a real one's replay: the record is held (metric), never exported on a guess."""
+    stack = export_stack
+    stack.deploy(namespace, model("held"))
+    rng = random.Random(13)
+    statuses = await traffic(http, stack, namespace, "held", rng, 4)
+    name = await asyncio.to_thread(sealed_record, stack, namespace)
+    assert stack.operator is not None
+    stack.operator.stop()
+    forge(stack, namespace, name, all_sent)
+    await asyncio.to_thread(stack.start_operator)
+    statuses += await traffic(http, stack, namespace, "held", rng, 2)
+    assert set(statuses) == {200}
+    held = lambda: scraped_sum(stack.metrics_url, "payper_export_held_records") >= 1  # noqa: E731
+    await asyncio.to_thread(eventually, held, 30, 0.3, "the record held")
+    await stack.settle()
+
+    # It still bills (the ledger writes it) and becomes Final; the namespace's other
+    # records are Exported meanwhile; it is not, and it is kept.
+    def final() -> bool:
+        record = stack.cluster.get_json("brec", name, "-n", namespace)
+        return (record.get("status") or {}).get("state") == "Final"
+
+    await asyncio.to_thread(eventually, final, 60, 0.5, "the held record Final")
+    ended_by = now_ms()
+
+    def others_exported() -> bool:
+        ended = [
+            r for r in ended_records(stack, namespace, ended_by) if r["metadata"]["name"] != name
+        ]
+        return all(exported(r) for r in ended)
+
+    await asyncio.to_thread(eventually, others_exported, 60, 0.5, "the other records exported")
+    record = stack.cluster.get_json("brec", name, "-n", namespace)
+    assert not exported(record)
+    assert int(record["status"]["activeMs"]) > 0
+    assert scraped_sum(stack.metrics_url, "payper_export_held_records") >= 1
+
+
+def focus_validator() -> Path:
+    found = os.environ.get("PAYPER_FOCUS_VALIDATOR")
+    assert found and Path(found).exists(), (
+        "the FOCUS tests need focus-validator: `make focus-validator`, which `make test` "
+        "runs (it sets PAYPER_FOCUS_VALIDATOR)"
+    )
+    return Path(found)
+
+
+def validate_focus(path: Path, repo: Path) -> str:
+    """focus-validator's verdict on a file. It reads its currency list relative to the
+    working directory (its package's parent) and exits 0 either way: its text says."""
+    validator = focus_validator()
+    python = validator.parent / "python"
+    where = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import focus_validator, os; print(os.path.dirname(os.path.dirname(focus_validator.__file__)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.strip()
+    result = subprocess.run(
+        [
+            str(validator),
+            "--data-file",
+            str(path),
+            "--validate-version",
+            "1.0",
+            "--override-file",
+            str(repo / "tests" / "focus-validator-overrides.yaml"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=where,
+        timeout=300,
+    )
+    return result.stdout + result.stderr
+
+
+def late_record(cluster: ClusterHandle, namespace: str) -> None:
+    """A Final record holding a correction of the window before it (by hand)."""
+    body = {
+        "apiVersion": "payper.dev/v1alpha1",
+        "kind": "BillingRecord",
+        "metadata": {"name": "chat-11"},
+        "spec": {
+            "inferenceDeployment": "chat",
+            "account": namespace,
+            "window": {"start": "2026-11-20T11:00:00Z", "end": "2026-11-20T12:00:00Z"},
+            "plan": "default",
+            "granularity": "1s",
+            "currency": "USD",
+            "pricePerGpuSecond": "0.0012",
+            "reservedPricePerGpuHour": "3.20",
+            "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    status = {
+        "state": "Final",
+        "activeMs": 12500,
+        "activeUs": 12_500_000,
+        "billedMs": 15000,
+        "roundedMs": {"1ms": 12500, "1s": 15000, "1m": 120000},
+        "amount": "0.018000",
+        "adjustments": [
+            {
+                "originalWindowStart": "2026-11-20T10:00:00Z",
+                "reason": "late usage",
+                "activeMs": 2500,
+                "activeUs": 2_500_000,
+                "billedMs": 3000,
+                "roundedMs": {"1ms": 2500, "1s": 3000, "1m": 60000},
+                "amount": "0.003600",
+            }
+        ],
+    }
+    cluster.kubectl(
+        "patch",
+        "brec",
+        "chat-11",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
+
+
+def test_a_focus_file_passes_the_focus_validator_and_costs_what_the_bill_says(
+    export_stack: Stack, namespace: str, repo: Path, tmp_path: Path
+) -> None:
+    cluster = export_stack.cluster
+    late_record(cluster, namespace)
+    env = cluster.env()
+
+    def payper(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "payper.cli", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            env=env,
+            timeout=120,
+        )
+
+    # Every record in the cluster: this namespace's, and what the export tests left.
+    out = tmp_path / "focus.csv"
+    payper("export", "focus", "-A", "--from", "2026-01-01", "--out", str(out))
+    verdict = validate_focus(out, repo)
+    assert "Validation succeeded." in verdict, verdict
+    rows = list(csv.DictReader(out.open()))
+    bill = json.loads(payper("bill", "-A", "--from", "2026-01-01", "-o", "json").stdout)
+    billed: dict[str, Decimal] = defaultdict(Decimal)
+    for row in rows:
+        billed[row["BillingCurrency"]] += Decimal(row["BilledCost"])
+    assert billed == {c: Decimal(t["amount"]) for c, t in bill["totals"].items()}
+    assert len({r["BillingAccountId"] for r in rows}) > 1
+    # The correction is its own row, in the window it corrects.
+    mine = [r for r in rows if r["BillingAccountId"] == namespace]
+    assert [(r["ChargeClass"], r["ChargePeriodStart"], r["BilledCost"]) for r in mine] == [
+        ("Correction", "2026-11-20T10:00:00Z", "0.003600"),
+        ("", "2026-11-20T11:00:00Z", "0.014400"),
+    ]
+    # Bad input: a clear error, and no file half written.
+    bad = payper("export", "focus", "--from", "yesterday", check=False)
+    assert (bad.returncode, "--from/--to must be ISO" in bad.stderr) == (2, True)
+    missing = tmp_path / "no-such-dir" / "focus.csv"
+    failed = payper("export", "focus", "-A", "--out", str(missing), check=False)
+    assert (failed.returncode, "cannot write" in failed.stderr) == (1, True)
+    assert not missing.parent.exists()
+
+
+async def test_a_sink_that_is_down_shows_as_owed_records_and_lag_then_catches_up(
+    export_stack: Stack,
+    receiver: CloudEventsReceiver,
+    namespace: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    stack = export_stack
+    stack.deploy(namespace, model("owed"))
+    receiver.mode = "down"
+    try:
+        statuses = await traffic(http, stack, namespace, "owed", random.Random(14), 3)
+        assert set(statuses) == {200}
+        backlog = {"sink": SINK}
+
+        def behind() -> bool:
+            return (
+                scraped_sum(stack.metrics_url, "payper_export_backlog_records", backlog) >= 1
+                and scraped_sum(stack.metrics_url, "payper_export_lag_seconds", backlog) >= 1
+            )
+
+        await asyncio.to_thread(eventually, behind, 60, 0.3, "a backlog and a lag")
+        shown = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "payper.cli", "export", "status", "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=stack.cluster.env(),
+            timeout=120,
+        )
+        (sink,) = json.loads(shown.stdout)["sinks"]
+        assert sink["sink"] == SINK and sink["owedRecords"] >= 1
+        assert parse_iso(sink["oldestOwedWindowStart"]) <= now_ms()
+    finally:
+        receiver.mode = "up"
+    await stack.settle()
+    await wait_exported(stack, namespace, now_ms())
