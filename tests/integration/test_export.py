@@ -8,6 +8,7 @@ test."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import json
 import os
@@ -24,13 +25,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from payper.billing.outbox import annotation
-from payper.billing.records import EXPORTED, STATE_LABEL
-from payper.clock import now_ms, parse_iso
+from payper.billing import seal
+from payper.billing.outbox import FINALIZER, annotation, identity
+from payper.billing.records import EXPORTED, MOVED_FROM_LABEL, STATE_LABEL
+from payper.clock import iso, now_ms, parse_iso
 from payper_dev.testing.billing import assert_records_equal_truth, model, records, traffic
 from payper_dev.testing.cloudevents_receiver import CloudEventsReceiver, Received
 from payper_dev.testing.cluster import ClusterHandle, eventually
-from payper_dev.testing.stack import Stack, StackOptions, running, scraped_sum
+from payper_dev.testing.stack import SYSTEM_NAMESPACE, Stack, StackOptions, running, scraped_sum
 
 SINK = "meter"
 SOURCE = "//payper/test"
@@ -128,7 +130,7 @@ def assert_sink_holds_records(
     sums = exported_sums(events)
     for record in records_:
         status = record.get("status") or {}
-        uid = record["metadata"]["uid"]
+        uid = identity(record["metadata"])
         expected = (
             int(status.get("activeMs", 0)),
             int(status.get("billedMs", 0)),
@@ -178,6 +180,136 @@ async def test_usage_reaches_the_sink_once_through_an_outage_a_slow_sink_and_a_k
     assert len(events) > len(by_id), "the slow sink and the kill made the operator resend"
     assert_sink_holds_records(done, by_id, namespace)
     assert sum(int(r["status"]["activeMs"]) for r in done) > 0
+
+
+async def test_a_record_not_yet_exported_outlives_its_namespace(
+    export_stack: Stack,
+    receiver: CloudEventsReceiver,
+    cluster: ClusterHandle,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The sink is down when the tenant deletes its namespace: its records, Open and
+    Final, move into the operator's namespace (the finalizer holds them meanwhile), the
+    namespace goes, and the sink gets every millisecond once it is back."""
+    stack = export_stack
+    doomed = cluster.namespace("export-doomed")
+    stack.deploy(doomed, model("gone"))
+    receiver.mode = "down"
+    try:
+        statuses = await traffic(http, stack, doomed, "gone", random.Random(15), 4)
+        assert set(statuses) == {200}
+        await stack.settle()
+
+        def final_unexported() -> bool:
+            return any(
+                (r.get("status") or {}).get("state") == "Final"
+                and int(r["status"].get("activeMs", 0)) > 0
+                and not exported(r)
+                for r in records(cluster, doomed)
+            )
+
+        await asyncio.to_thread(eventually, final_unexported, 90, 0.5, "a Final record owed")
+        held = {r["metadata"]["name"]: r for r in records(cluster, doomed)}
+        assert all(FINALIZER in r["metadata"].get("finalizers", []) for r in held.values())
+        cluster.kubectl("delete", "namespace", doomed, "--wait=false")
+
+        def gone() -> bool:
+            found = cluster.kubectl("get", "namespace", doomed, check=False)
+            return found.returncode != 0
+
+        await asyncio.to_thread(eventually, gone, 90, 0.5, f"namespace {doomed} deleted")
+    finally:
+        receiver.mode = "up"
+    moved = {
+        r["metadata"]["name"].removeprefix(f"{doomed}."): r
+        for r in records(cluster, SYSTEM_NAMESPACE)
+        if (r["metadata"].get("labels") or {}).get(MOVED_FROM_LABEL) == doomed
+    }
+    assert set(held) <= set(moved)
+    by_ms = max(parse_iso(r["spec"]["window"]["end"]) for r in held.values())
+
+    def copies_exported() -> bool:
+        copies = [
+            r
+            for r in records(cluster, SYSTEM_NAMESPACE)
+            if (r["metadata"].get("labels") or {}).get(MOVED_FROM_LABEL) == doomed
+            and parse_iso(r["spec"]["window"]["end"]) <= by_ms
+        ]
+        return bool(copies) and all(exported(r) for r in copies)
+
+    await asyncio.to_thread(eventually, copies_exported, 90, 0.5, "the copies exported")
+    copies = {
+        name: cluster.get_json("brec", moved[name]["metadata"]["name"], "-n", SYSTEM_NAMESPACE)
+        for name in held
+    }
+    for name, copy in copies.items():  # its events keep the original's ids
+        assert identity(copy["metadata"]) == held[name]["metadata"]["uid"]
+    assert_sink_holds_records(list(copies.values()), unique(receiver.events()), doomed)
+
+
+async def test_exported_records_past_their_retention_go_and_unexported_ones_stay(
+    export_stack: Stack, receiver: CloudEventsReceiver, namespace: str
+) -> None:
+    """With sinks and no recordRetentionDays, Exported records go 3 days after their
+    window; a Final record not yet exported stays however old (here: one held for a
+    forged export state), and so does a young one."""
+    stack = export_stack
+    secret = stack.cluster.get_json("secret", seal.SECRET_NAME, "-n", SYSTEM_NAMESPACE)
+    key = base64.b64decode(secret["data"][seal.SECRET_KEY])
+    hour = 3_600_000
+    now = now_ms() // hour * hour
+    starts = {"old": now - 97 * hour, "young": now - 25 * hour, "old-held": now - 97 * hour}
+    for name, start in starts.items():
+        spec = {
+            "inferenceDeployment": "llm",
+            "account": namespace,
+            "window": {"start": iso(start), "end": iso(start + hour)},
+            "plan": "default",
+            "granularity": "1s",
+            "currency": "USD",
+            "pricePerGpuSecond": "0.0012",
+            "reservedPricePerGpuHour": "3.20",
+            "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+        }
+        annotations = {seal.ANNOTATION: seal.seal(key, namespace, name, spec)}
+        if name == "old-held":
+            annotations[annotation(SINK)] = json.dumps({"n": 1, "sent": {}, "mac": "0" * 64})
+        body = {
+            "apiVersion": "payper.dev/v1alpha1",
+            "kind": "BillingRecord",
+            "metadata": {
+                "name": name,
+                "labels": {STATE_LABEL: "Final"},
+                "annotations": annotations,
+            },
+            "spec": spec,
+        }
+        stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+        status = {"state": "Final", "activeMs": 2500, "billedMs": 3000, "amount": "0.003600"}
+        stack.cluster.kubectl(
+            "patch", "brec", name, "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": status}),
+        )  # fmt: skip
+    made = {r["metadata"]["name"]: r for r in records(stack.cluster, namespace)}
+    assert stack.operator is not None
+    stack.operator.stop()
+    await asyncio.to_thread(stack.start_operator)  # it lists what is not Exported at start
+
+    def old_gone() -> bool:
+        return "old" not in {r["metadata"]["name"] for r in records(stack.cluster, namespace)}
+
+    await asyncio.to_thread(eventually, old_gone, 60, 0.5, "the old Exported record deleted")
+    young = stack.cluster.get_json("brec", "young", "-n", namespace)
+    await asyncio.to_thread(
+        eventually,
+        lambda: exported(stack.cluster.get_json("brec", "young", "-n", namespace)),
+        60,
+        0.5,
+        "the young record Exported",
+    )
+    held = stack.cluster.get_json("brec", "old-held", "-n", namespace)
+    assert not exported(held)
+    assert_sink_holds_records([made["old"], young], unique(receiver.events()), namespace)
 
 
 def forge(stack: Stack, namespace: str, name: str, edit: Any) -> None:

@@ -598,3 +598,88 @@ def test_an_existing_tls_secret_needs_its_ca_for_the_agents() -> None:
         if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "t-payper-operator-ca"
     )
     assert ca["data"]["ca.crt"].strip() == pem
+
+
+def test_the_export_alerts_are_valid_rules_that_fire_when_they_should(tmp_path: Path) -> None:
+    """promtool checks the chart's PrometheusRule and runs it on series: a backlog past
+    its bound for 15 minutes, a sink refusing everything, a record held from export."""
+    rendered = helm(
+        "template", "t", str(CHART), "--api-versions", "monitoring.coreos.com/v1/PrometheusRule",
+        "--show-only=templates/operator-prometheusrule.yaml",
+    ).stdout  # fmt: skip
+    (rule,) = [d for d in yaml.safe_load_all(rendered) if d]
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    check = subprocess.run(
+        ["promtool", "check", "rules", str(rules_file)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+
+    def expected(name: str, labels: dict[str, str], value: str = "") -> dict[str, Any]:
+        annotations = {
+            key: text.replace("{{ $labels.sink }}", labels.get("sink", "")).replace(
+                "{{ $value }}", value
+            )
+            for key, text in alerts[name]["annotations"].items()
+        }
+        return {
+            "exp_labels": {**alerts[name]["labels"], **labels},
+            "exp_annotations": annotations,
+        }
+
+    tests = {
+        "rule_files": [str(rules_file)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": 'payper_export_backlog_exceeded{sink="meter"}',
+                        "values": "0 0 0 1x40",
+                    },
+                    {"series": 'payper_export_backlog_exceeded{sink="other"}', "values": "0x40"},
+                    {"series": "payper_export_held_records", "values": "0 0 2x20"},
+                    {
+                        "series": 'payper_export_events_total{sink="meter",result="failed"}',
+                        "values": "0+10x60",
+                    },
+                    {
+                        "series": 'payper_export_events_total{sink="meter",result="sent"}',
+                        "values": "5x60",
+                    },
+                    {
+                        "series": 'payper_export_events_total{sink="other",result="sent"}',
+                        "values": "0+10x60",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "PayperExportBacklog", "exp_alerts": []},
+                    {
+                        "eval_time": "25m",
+                        "alertname": "PayperExportBacklog",
+                        "exp_alerts": [expected("PayperExportBacklog", {"sink": "meter"})],
+                    },
+                    {"eval_time": "5m", "alertname": "PayperExportHeldRecords", "exp_alerts": []},
+                    {
+                        "eval_time": "10m",
+                        "alertname": "PayperExportHeldRecords",
+                        "exp_alerts": [expected("PayperExportHeldRecords", {}, "2")],
+                    },
+                    {"eval_time": "10m", "alertname": "PayperExportFailing", "exp_alerts": []},
+                    {
+                        "eval_time": "40m",
+                        "alertname": "PayperExportFailing",
+                        "exp_alerts": [expected("PayperExportFailing", {"sink": "meter"})],
+                    },
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "test.yaml"
+    test_file.write_text(yaml.safe_dump(tests))
+    run = subprocess.run(
+        ["promtool", "test", "rules", str(test_file)], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -31,7 +31,7 @@ class Received:
 
 
 class CloudEventsReceiver:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.received: list[Received] = []
         self.mode = "up"
         """up; down (503); slow (keeps the events, answers after ``slow_s``)."""
@@ -48,7 +48,7 @@ class CloudEventsReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

@@ -293,6 +293,7 @@ class Exporter:
         key: bytes,
         on_written: Callable[[Location, dict[str, Any]], None],
         clock: Callable[[], float],
+        retention_days: int | None = None,
     ) -> None:
         self.kube = kube
         self.config = config
@@ -300,6 +301,10 @@ class Exporter:
         self.on_written = on_written
         self.clock = clock
         self.tracked: dict[Location, Tracked] = {}
+        self.retention_days = retention_days
+        self.expired: list[tuple[Location, str]] = []
+        """Records just Exported whose retention had already passed (location, UID): the
+        ledger deletes them at once rather than at its next hourly look."""
         self.releasing: set[Location] = set()
         """Moved records' originals whose finalizer is still to be dropped."""
         self.runners = {
@@ -444,6 +449,12 @@ class Exporter:
         if exported:
             del self.tracked[tracked.location]
             metrics.RECORDS_EXPORTED.inc()
+            end_s = tracked.spec.window.end.timestamp()
+            if (
+                self.retention_days is not None
+                and end_s + self.retention_days * 86_400 <= self.clock()
+            ):
+                self.expired.append((tracked.location, written["metadata"]["uid"]))
             logger.info("record %s/%s is Exported", *tracked.location)
 
     def finalizers(self) -> dict[str, list[str]]:

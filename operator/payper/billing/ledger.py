@@ -135,7 +135,12 @@ class Ledger:
         """Per node, when a report from it last arrived (ms): a node with GPU pods and
         none for a while has no agent (``payper.operator.capacity``)."""
         self.exporter = Exporter(
-            kube, config.export, b"", self._exporter_wrote, lambda: self.clock() / 1000
+            kube,
+            config.export,
+            b"",
+            self._exporter_wrote,
+            lambda: self.clock() / 1000,
+            config.retention_days,
         )
 
     def _exporter_wrote(self, location: tuple[str, str], record: dict[str, Any]) -> None:
@@ -431,6 +436,7 @@ class Ledger:
         await self._finalize(now)
         await self.exporter.step()
         try:
+            await self._delete_exported_past_retention()
             await self._delete_expired_records(now)
         except (ApiError, OSError, TimeoutError) as error:
             logger.warning("deleting Final records past their retention: %s", error)
@@ -823,6 +829,32 @@ class Ledger:
             return record
         return labelled
 
+    async def _delete_exported_past_retention(self) -> None:
+        """Records that were past their retention when they became Exported (exported
+        late: a sink that was down, a namespace moved): deleted now."""
+        expired, self.exporter.expired = self.exporter.expired, []
+        for location, uid in expired:
+            await self._delete_record(location, uid)
+
+    async def _delete_record(self, location: tuple[str, str], uid: str) -> None:
+        """Delete one record past its retention, only if it is still the object that was
+        read (UID precondition: one re-created under the name meanwhile is left alone)."""
+        try:
+            await self.kube.delete(
+                resource_path(API_VERSION, PLURAL, *location),
+                body={"preconditions": {"uid": uid}},
+            )
+        except ApiError as error:
+            if not (error.conflict or error.not_found):
+                raise
+            return
+        metrics.RECORDS_DELETED.inc()
+        logger.info(
+            "record %s/%s deleted: past its retention of %d days",
+            *location,
+            self.config.retention_days,
+        )
+
     async def _delete_expired_records(self, now: int) -> None:
         """Delete the Final records (with sinks: Exported, acknowledged by every sink) whose
         window ended ``recordRetentionDays`` ago, page by page, each only if it is still
@@ -842,16 +874,7 @@ class Ledger:
             }
             ends = {key: parse_iso(item["spec"]["window"]["end"]) for key, item in items.items()}
             for key in flush.expired(ends, days * 86_400_000, now):
-                precondition = {"preconditions": {"uid": items[key]["metadata"]["uid"]}}
-                path = resource_path(API_VERSION, PLURAL, *key)
-                try:
-                    await self.kube.delete(path, body=precondition)
-                except ApiError as error:
-                    if not error.conflict:  # 409: another object by now; left alone
-                        raise
-                    continue
-                metrics.RECORDS_DELETED.inc()
-                logger.info("record %s/%s deleted: past its retention of %d days", *key, days)
+                await self._delete_record(key, items[key]["metadata"]["uid"])
             token = page.get("metadata", {}).get("continue")
             if not token:
                 return
