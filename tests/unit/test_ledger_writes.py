@@ -1,5 +1,5 @@
 """How the ledger writes one flush's records: each at most once, a bounded number at a
-time, failures collected per record (``payper.billing.ledger.write_each``), no cluster."""
+time, failures collected per record (``payper.billing.writes.write_each``), no cluster."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from payper.billing.ledger import write_each
 from payper.billing.records import RecordChange, RecordKey
+from payper.billing.writes import write_each
 from payper.kube import ApiError
 
 T0 = 1_764_000_000_000

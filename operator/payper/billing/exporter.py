@@ -41,6 +41,7 @@ from payper.billing import metrics, outbox, seal
 from payper.billing.config import ExportConfig, SinkConfig
 from payper.billing.outbox import OWN, Delta, Part, SinkState
 from payper.billing.records import EXPORTED, STATE_LABEL, WINDOW_LABEL_FORMAT
+from payper.billing.writes import write_each
 from payper.clock import parse_iso
 from payper.kube import ApiError, Kube, resource_path
 
@@ -294,6 +295,7 @@ class Exporter:
         on_written: Callable[[Location, dict[str, Any]], None],
         clock: Callable[[], float],
         retention_days: int | None = None,
+        write_concurrency: int = 16,
     ) -> None:
         self.kube = kube
         self.config = config
@@ -302,6 +304,7 @@ class Exporter:
         self.clock = clock
         self.tracked: dict[Location, Tracked] = {}
         self.retention_days = retention_days
+        self.write_concurrency = write_concurrency
         self.expired: list[tuple[Location, str]] = []
         """Records just Exported whose retention had already passed (location, UID): the
         ledger deletes them at once rather than at its next hourly look."""
@@ -384,21 +387,22 @@ class Exporter:
             return
         for location in list(self.releasing):
             await self._release(location)
-        for location in list(self.tracked):
-            tracked = self.tracked[location]
-            if tracked.held is not None:
+        live = {location: t for location, t in self.tracked.items() if t.held is None}
+        outcomes = await write_each(
+            live, lambda _, tracked: self._advance(tracked), self.write_concurrency
+        )
+        for location, error in outcomes.items():
+            if error is None:
                 continue
-            try:
-                await self._advance(tracked)
-            except ApiError as error:
-                if error.not_found:
-                    self.tracked.pop(location, None)
-                    continue
-                logger.warning("export state of %s/%s: %s", *location, error)
-                if error.conflict:
+            if isinstance(error, ApiError) and error.not_found:
+                self.tracked.pop(location, None)
+                continue
+            logger.warning("export state of %s/%s: %s", *location, error)
+            if isinstance(error, ApiError) and error.conflict:
+                try:
                     await self._reread(location)
-            except (OSError, TimeoutError) as error:
-                logger.warning("export state of %s/%s: %s", *location, error)
+                except (ApiError, OSError, TimeoutError) as reread:
+                    logger.warning("re-reading %s/%s: %s", *location, reread)
         self._offer()
 
     async def _advance(self, tracked: Tracked) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -74,6 +74,7 @@ from payper.billing.records import (
     same_totals,
     window_label,
 )
+from payper.billing.writes import write_each
 from payper.clock import iso, now_ms, parse_iso
 from payper.kube import ApiError, Kube, resource_path
 from payper.observed import UNMANAGED, Key, Owner, PodView, controller_of
@@ -141,6 +142,7 @@ class Ledger:
             self._exporter_wrote,
             lambda: self.clock() / 1000,
             config.retention_days,
+            config.record_write_concurrency,
         )
 
     def _exporter_wrote(self, location: tuple[str, str], record: dict[str, Any]) -> None:
@@ -908,42 +910,6 @@ class Ledger:
             self.records.pop(cache_key)
             metrics.FINALIZED.inc()
             logger.info("record %s/%s is Final", *cache_key)
-
-
-WriteError = ApiError | OSError | TimeoutError
-"""What keeps one record from being written in a flush (the rest are still written)."""
-
-
-async def write_each(
-    changes: Mapping[RecordKey, RecordChange],
-    write: Callable[[RecordKey, RecordChange], Awaitable[None]],
-    concurrency: int,
-) -> dict[RecordKey, WriteError | None]:
-    """Write each change exactly once, at most ``concurrency`` at a time; per key, in the
-    plan's order, the error that kept it from being written (None: written).
-
-    A fixed number of workers take the changes from one iterator, so no record is written
-    twice and at most ``concurrency`` requests are in flight. Any other exception is raised
-    only after every write has finished: no write of this flush outlives it.
-    """
-    outcomes: dict[RecordKey, WriteError | None] = {}
-    pending = iter(list(changes.items()))
-
-    async def worker() -> None:
-        for key, change in pending:
-            try:
-                await write(key, change)
-            except (ApiError, OSError, TimeoutError) as error:
-                outcomes[key] = error
-            else:
-                outcomes[key] = None
-
-    workers = min(max(1, concurrency), len(changes))
-    results = await asyncio.gather(*(worker() for _ in range(workers)), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return {key: outcomes[key] for key in changes if key in outcomes}
 
 
 def _progress_of(config_map: dict[str, Any]) -> dict[str, int]:
