@@ -55,6 +55,12 @@ Location = tuple[str, str]
 
 
 @dataclass
+class _Work:
+    sealed: int
+    events: list[UsageEvent]
+
+
+@dataclass
 class Tracked:
     """What the exporter keeps of a record not yet Exported (not the whole object)."""
 
@@ -71,6 +77,10 @@ class Tracked:
     held: str | None = None
     """Why the record is not exported (an annotation it did not write): an alert."""
     sealed_at: dict[str, float] = field(default_factory=dict)
+    changed: bool = True
+    """Read or written since its last step (else a step only has acknowledgements to do)."""
+    work: dict[str, _Work] = field(default_factory=dict)
+    """Per sink, the events of the delta in flight, made once per delta."""
 
 
 @dataclass(frozen=True)
@@ -203,12 +213,6 @@ class CloudEventsSink:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-
-
-@dataclass
-class _Work:
-    sealed: int
-    events: list[UsageEvent]
 
 
 class SinkRunner:
@@ -379,6 +383,7 @@ class Exporter:
             finalizers=list(meta.get("finalizers") or []),
             held=held,
             sealed_at=previous.sealed_at if previous is not None else {},
+            work=previous.work if previous is not None else {},
         )
 
     # -- a step, at the end of each flush ----------------------------------------------
@@ -387,7 +392,12 @@ class Exporter:
             return
         for location in list(self.releasing):
             await self._release(location)
-        live = {location: t for location, t in self.tracked.items() if t.held is None}
+        live = {
+            location: t
+            for location, t in self.tracked.items()
+            if t.held is None
+            and (t.changed or any(location in r.acknowledged for r in self.runners.values()))
+        }
         outcomes = await write_each(
             live, lambda _, tracked: self._advance(tracked), self.write_concurrency
         )
@@ -428,6 +438,7 @@ class Exporter:
             outbox.done(state, tracked.totals) for state in states.values()
         )
         if not annotations and not exported:
+            tracked.changed = False
             return
         patch: dict[str, Any] = {"metadata": {"resourceVersion": tracked.resource_version}}
         if annotations:
@@ -444,6 +455,7 @@ class Exporter:
         for runner in self.runners.values():
             runner.acknowledged.pop(tracked.location, None)  # on the record now
         tracked.states = states
+        tracked.changed = False
         tracked.resource_version = written["metadata"]["resourceVersion"]
         tracked.written = {
             name: (written["metadata"].get("annotations") or {}).get(outbox.annotation(name))
@@ -510,8 +522,12 @@ class Exporter:
                 state = tracked.states[name]
                 if tracked.held is not None or state.pending is None:
                     continue
-                events = [usage_event(tracked, d) for d in outbox.deltas(tracked.identity, state)]
-                work[location] = _Work(state.sealed, events)
+                made = tracked.work.get(name)
+                if made is None or made.sealed != state.sealed:
+                    deltas = outbox.deltas(tracked.identity, state)
+                    made = _Work(state.sealed, [usage_event(tracked, d) for d in deltas])
+                    tracked.work[name] = made
+                work[location] = made
                 oldest = min(oldest, tracked.sealed_at.get(name, now))
             runner.offer(work)
             metrics.EXPORT_BACKLOG.labels(name).set(len(work))
