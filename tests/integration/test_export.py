@@ -309,6 +309,8 @@ async def test_exported_records_past_their_retention_go_and_unexported_ones_stay
     )
     held = stack.cluster.get_json("brec", "old-held", "-n", namespace)
     assert not exported(held)
+    mine = {"namespace": namespace}
+    assert scraped_sum(stack.metrics_url, "payper_export_held_records", mine) == 1
     assert_sink_holds_records([made["old"], young], unique(receiver.events()), namespace)
 
 
@@ -329,8 +331,9 @@ def forge(stack: Stack, namespace: str, name: str, edit: Any) -> None:
     )
 
 
-def sealed_record(stack: Stack, namespace: str) -> str:
-    """An Open record with usage whose export state the operator has written."""
+def sealed_record(stack: Stack, namespace: str, state: str = "Open") -> str:
+    """A record with usage whose export state the operator has written, Open (or, with
+    ``state`` "Final", any not yet Exported)."""
     found: list[str] = []
 
     def sealed() -> bool:
@@ -338,7 +341,8 @@ def sealed_record(stack: Stack, namespace: str) -> str:
             r["metadata"]["name"]
             for r in records(stack.cluster, namespace)
             if (r["metadata"].get("annotations") or {}).get(annotation(SINK))
-            and (r.get("status") or {}).get("state") == "Open"
+            and (r.get("status") or {}).get("state") in {"Open", state}
+            and not exported(r)
             and int(r["status"].get("activeMs", 0)) > 0
         ]
         return bool(found)
@@ -385,14 +389,17 @@ async def test_a_record_forged_while_no_operator_ran_is_held_not_exported_or_del
     stack.deploy(namespace, model("held"))
     rng = random.Random(13)
     statuses = await traffic(http, stack, namespace, "held", rng, 4)
-    name = await asyncio.to_thread(sealed_record, stack, namespace)
+    await asyncio.to_thread(sealed_record, stack, namespace)
     assert stack.operator is not None
     stack.operator.stop()
+    # Chosen once no operator runs: one that stopping it did not just get Exported.
+    name = await asyncio.to_thread(sealed_record, stack, namespace, "Final")
     forge(stack, namespace, name, all_sent)
     await asyncio.to_thread(stack.start_operator)
     statuses += await traffic(http, stack, namespace, "held", rng, 2)
     assert set(statuses) == {200}
-    held = lambda: scraped_sum(stack.metrics_url, "payper_export_held_records") >= 1  # noqa: E731
+    mine = {"namespace": namespace}
+    held = lambda: scraped_sum(stack.metrics_url, "payper_export_held_records", mine) == 1  # noqa: E731
     await asyncio.to_thread(eventually, held, 30, 0.3, "the record held")
     await stack.settle()
 
@@ -415,7 +422,7 @@ async def test_a_record_forged_while_no_operator_ran_is_held_not_exported_or_del
     record = stack.cluster.get_json("brec", name, "-n", namespace)
     assert not exported(record)
     assert int(record["status"]["activeMs"]) > 0
-    assert scraped_sum(stack.metrics_url, "payper_export_held_records") >= 1
+    assert scraped_sum(stack.metrics_url, "payper_export_held_records", mine) == 1
 
 
 def focus_validator() -> Path:

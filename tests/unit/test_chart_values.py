@@ -618,9 +618,9 @@ def test_the_export_alerts_are_valid_rules_that_fire_when_they_should(tmp_path: 
 
     def expected(name: str, labels: dict[str, str], value: str = "") -> dict[str, Any]:
         annotations = {
-            key: text.replace("{{ $labels.sink }}", labels.get("sink", "")).replace(
-                "{{ $value }}", value
-            )
+            key: text.replace("{{ $labels.sink }}", labels.get("sink", ""))
+            .replace("{{ $labels.namespace }}", labels.get("namespace", ""))
+            .replace("{{ $value }}", value)
             for key, text in alerts[name]["annotations"].items()
         }
         return {
@@ -640,7 +640,10 @@ def test_the_export_alerts_are_valid_rules_that_fire_when_they_should(tmp_path: 
                         "values": "0 0 0 1x40",
                     },
                     {"series": 'payper_export_backlog_exceeded{sink="other"}', "values": "0x40"},
-                    {"series": "payper_export_held_records", "values": "0 0 2x20"},
+                    {
+                        "series": 'payper_export_held_records{namespace="team-a"}',
+                        "values": "0 0 2x20",
+                    },
                     {
                         "series": 'payper_export_events_total{sink="meter",result="failed"}',
                         "values": "0+10x60",
@@ -665,7 +668,9 @@ def test_the_export_alerts_are_valid_rules_that_fire_when_they_should(tmp_path: 
                     {
                         "eval_time": "10m",
                         "alertname": "PayperExportHeldRecords",
-                        "exp_alerts": [expected("PayperExportHeldRecords", {}, "2")],
+                        "exp_alerts": [
+                            expected("PayperExportHeldRecords", {"namespace": "team-a"}, "2")
+                        ],
                     },
                     {"eval_time": "10m", "alertname": "PayperExportFailing", "exp_alerts": []},
                     {

@@ -536,4 +536,10 @@ class Exporter:
                 int(len(work) > self.config.max_backlog_records)
             )
         metrics.RECORDS_AWAITING_EXPORT.set(sum(1 for t in self.tracked.values() if t.final))
-        metrics.EXPORT_HELD_RECORDS.set(sum(1 for t in self.tracked.values() if t.held))
+        held: dict[str, int] = {}
+        for tracked in self.tracked.values():
+            if tracked.held is not None:
+                held[tracked.location[0]] = held.get(tracked.location[0], 0) + 1
+        metrics.EXPORT_HELD_RECORDS.clear()  # a namespace with none held has no series
+        for namespace, count in held.items():
+            metrics.EXPORT_HELD_RECORDS.labels(namespace).set(count)

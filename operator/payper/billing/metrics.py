@@ -168,6 +168,7 @@ RECORDS_AWAITING_EXPORT = Gauge(
 EXPORT_HELD_RECORDS = Gauge(
     "payper_export_held_records",
     "Records whose export annotation payper did not write (bad MAC): not exported, alerted.",
+    ("namespace",),
 )
 RECORDS_EXPORTED = Counter(
     "payper_billing_records_exported_total", "Final BillingRecords every sink acknowledged."
