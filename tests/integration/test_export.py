@@ -391,11 +391,13 @@ async def test_a_record_forged_while_no_operator_ran_is_held_not_exported_or_del
     statuses = await traffic(http, stack, namespace, "held", rng, 4)
     await asyncio.to_thread(sealed_record, stack, namespace)
     assert stack.operator is not None
-    stack.operator.stop()
-    # Chosen once no operator runs: one that stopping it did not just get Exported.
-    name = await asyncio.to_thread(sealed_record, stack, namespace, "Final")
-    forge(stack, namespace, name, all_sent)
-    await asyncio.to_thread(stack.start_operator)
+    stack.operator.stop(sig=signal.SIGKILL)  # at once: a graceful stop still flushes
+    try:
+        # Chosen once no operator runs: not one Exported meanwhile.
+        name = await asyncio.to_thread(sealed_record, stack, namespace, "Final")
+        forge(stack, namespace, name, all_sent)
+    finally:
+        await asyncio.to_thread(stack.start_operator)
     statuses += await traffic(http, stack, namespace, "held", rng, 2)
     assert set(statuses) == {200}
     mine = {"namespace": namespace}
