@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from cloudevents.core.formats.json import JSONFormat
 
+from payper.billing import outbox, seal
 from payper.billing.config import ExportConfig, SinkConfig
 from payper.billing.exporter import (
     CORRECTION_TYPE,
     EVENT_TYPE,
+    Exporter,
     SinkError,
     SinkRunner,
     UsageEvent,
@@ -137,3 +140,67 @@ async def test_a_sink_that_is_down_is_retried_with_a_bounded_jittered_backoff() 
 def test_a_bad_sink_configuration_is_refused_by_name(sinks, message) -> None:
     with pytest.raises(ValueError, match=message):
         ExportConfig.model_validate({"sinks": sinks})
+
+
+KEY = b"k" * 32
+SPEC = {
+    "inferenceDeployment": "llama",
+    "account": "team-a",
+    "window": {"start": "2026-11-28T01:00:00Z", "end": "2026-11-28T02:00:00Z"},
+    "plan": "default",
+    "granularity": "1s",
+    "currency": "USD",
+    "pricePerGpuSecond": "0.0012",
+    "reservedPricePerGpuHour": "3.20",
+    "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+}
+
+
+def record(annotation: str | None, sealed: bool = True, version: str = "1") -> dict[str, Any]:
+    annotations = {seal.ANNOTATION: seal.seal(KEY, "team-a", "r", SPEC) if sealed else "0"}
+    if annotation is not None:
+        annotations[outbox.annotation("meter")] = annotation
+    return {
+        "metadata": {
+            "name": "r",
+            "namespace": "team-a",
+            "uid": "uid-r",
+            "resourceVersion": version,
+            "annotations": annotations,
+        },
+        "spec": SPEC,
+        "status": {"state": "Open", "activeMs": 1000, "billedMs": 1000, "amount": "0.001200"},
+    }
+
+
+def exporter() -> Exporter:
+    sink = SinkConfig(name="meter", type="cloudevents", url="http://127.0.0.1:1/")
+    return Exporter(None, ExportConfig(sinks=[sink]), KEY, lambda *_: None, lambda: 0.0)  # type: ignore[arg-type]
+
+
+REAL = outbox.SinkState(2, {}, {outbox.OWN: outbox.Part(1000, 1000, Decimal("0.0012"))})
+FORGED = json.dumps({"n": 9, "sent": {"own": [10**9, 10**9, "1000000"]}, "mac": "0" * 64})
+
+
+def test_a_forged_export_state_is_rewritten_by_the_process_that_knows_the_truth() -> None:
+    running = exporter()
+    running.observe(record(outbox.encode(KEY, "uid-r", "meter", REAL)))
+    running.observe(record(FORGED, version="2"))
+    tracked = running.tracked[("team-a", "r")]
+    assert (tracked.held, tracked.states["meter"]) == (None, REAL)
+    assert tracked.written["meter"] == FORGED, "so the next step writes the truth back"
+
+
+def test_a_forged_export_state_found_at_start_holds_the_record_for_good() -> None:
+    started = exporter()
+    started.observe(record(FORGED))
+    started.observe(record(FORGED, version="2"))  # the ledger wrote it since: still held
+    tracked = started.tracked[("team-a", "r")]
+    assert tracked.held is not None and "bad MAC" in tracked.held
+    assert started.final_records() == []
+
+
+def test_a_record_the_ledger_did_not_seal_is_never_exported() -> None:
+    fresh = exporter()
+    fresh.observe(record(None, sealed=False))
+    assert fresh.tracked == {}
