@@ -539,13 +539,18 @@ def test_a_focus_file_passes_the_focus_validator_and_costs_what_the_bill_says(
             timeout=120,
         )
 
-    # Every record in the cluster: this namespace's, and what the export tests left.
+    # Every record in the cluster: this namespace's, and what the export tests left, of
+    # windows that started a minute ago or more: Final by now (20 s windows, 5 s grace),
+    # so the file and the bill, read one after the other, see the same records.
+    until = iso(now_ms() - 60_000)
     out = tmp_path / "focus.csv"
-    payper("export", "focus", "-A", "--from", "2026-01-01", "--out", str(out))
+    payper("export", "focus", "-A", "--from", "2026-01-01", "--to", until, "--out", str(out))
     verdict = validate_focus(out, repo)
     assert "Validation succeeded." in verdict, verdict
     rows = list(csv.DictReader(out.open()))
-    bill = json.loads(payper("bill", "-A", "--from", "2026-01-01", "-o", "json").stdout)
+    bill = json.loads(
+        payper("bill", "-A", "--from", "2026-01-01", "--to", until, "-o", "json").stdout
+    )
     billed: dict[str, Decimal] = defaultdict(Decimal)
     for row in rows:
         billed[row["BillingCurrency"]] += Decimal(row["BilledCost"])
