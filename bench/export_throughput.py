@@ -42,6 +42,7 @@ from payper.billing.writes import write_each
 from payper.kube import Kube, resource_path
 from payper_dev.cluster.local import ClusterConfig
 from payper_dev.loopback import free_port
+from payper_dev.testing.billing import record_spec
 from payper_dev.testing.cluster import local_cluster
 
 CRDS = Path(__file__).resolve().parents[1] / "crds"
@@ -52,17 +53,7 @@ HOUR = 3_600_000
 
 def record(index: int) -> dict[str, Any]:
     name = f"d{index:05d}-20261128-010000-abcdef"
-    spec = {
-        "inferenceDeployment": f"d{index:05d}",
-        "account": NAMESPACE,
-        "window": {"start": "2026-11-28T01:00:00Z", "end": "2026-11-28T02:00:00Z"},
-        "plan": "default",
-        "granularity": "1s",
-        "currency": "USD",
-        "pricePerGpuSecond": "0.0012",
-        "reservedPricePerGpuHour": "3.20",
-        "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-    }
+    spec = record_spec(NAMESPACE, f"d{index:05d}", "2026-11-28T01:00:00Z", "2026-11-28T02:00:00Z")
     return {
         "apiVersion": API_VERSION,
         "kind": "BillingRecord",

@@ -37,6 +37,8 @@ from payper_dev.testing.billing import (
     H100_PRICE,
     assert_records_equal_truth,
     model,
+    put_record,
+    record_spec,
     record_totals,
     records,
     traffic,
@@ -1078,27 +1080,9 @@ async def test_final_records_past_their_retention_are_deleted_and_no_others(
     kept_for = {"old-final": (now - 49 * hour, "Final"), "young-final": (now - 13 * hour, "Final")}
     kept_for["old-open"] = (now - 49 * hour, "Open")
     for name, (start, state) in kept_for.items():
-        body = {
-            "apiVersion": "payper.dev/v1alpha1",
-            "kind": "BillingRecord",
-            "metadata": {"name": name, "labels": {"payper.dev/state": "Final"}},
-            "spec": {
-                "inferenceDeployment": "llm",
-                "account": namespace,
-                "window": {"start": iso(start), "end": iso(start + hour)},
-                "plan": "default",
-                "granularity": "1s",
-                "currency": "USD",
-                "pricePerGpuSecond": "0.0012",
-                "reservedPricePerGpuHour": "3.20",
-                "gpuProduct": H100,
-            },
-        }
-        stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
-        stack.cluster.kubectl(
-            "patch", "brec", name, "-n", namespace, "--subresource=status", "--type=merge",
-            "-p", json.dumps({"status": {"state": state}}),
-        )  # fmt: skip
+        spec = record_spec(namespace, "llm", iso(start), iso(start + hour))
+        labels = {"labels": {"payper.dev/state": "Final"}}
+        put_record(stack.cluster, namespace, name, spec, {"state": state}, labels)
     deleted = ("payper_billing_records_deleted_total", {})
     assert stack.operator is not None
     stack.operator.stop()

@@ -29,7 +29,14 @@ from payper.billing import seal
 from payper.billing.outbox import FINALIZER, annotation, identity
 from payper.billing.records import EXPORTED, MOVED_FROM_LABEL, STATE_LABEL
 from payper.clock import iso, now_ms, parse_iso
-from payper_dev.testing.billing import assert_records_equal_truth, model, records, traffic
+from payper_dev.testing.billing import (
+    assert_records_equal_truth,
+    model,
+    put_record,
+    record_spec,
+    records,
+    traffic,
+)
 from payper_dev.testing.cloudevents_receiver import CloudEventsReceiver, Received
 from payper_dev.testing.cluster import ClusterHandle, eventually
 from payper_dev.testing.stack import SYSTEM_NAMESPACE, Stack, StackOptions, running, scraped_sum
@@ -260,36 +267,13 @@ async def test_exported_records_past_their_retention_go_and_unexported_ones_stay
     now = now_ms() // hour * hour
     starts = {"old": now - 97 * hour, "young": now - 25 * hour, "old-held": now - 97 * hour}
     for name, start in starts.items():
-        spec = {
-            "inferenceDeployment": "llm",
-            "account": namespace,
-            "window": {"start": iso(start), "end": iso(start + hour)},
-            "plan": "default",
-            "granularity": "1s",
-            "currency": "USD",
-            "pricePerGpuSecond": "0.0012",
-            "reservedPricePerGpuHour": "3.20",
-            "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-        }
+        spec = record_spec(namespace, "llm", iso(start), iso(start + hour))
         annotations = {seal.ANNOTATION: seal.seal(key, namespace, name, spec)}
         if name == "old-held":
             annotations[annotation(SINK)] = json.dumps({"n": 1, "sent": {}, "mac": "0" * 64})
-        body = {
-            "apiVersion": "payper.dev/v1alpha1",
-            "kind": "BillingRecord",
-            "metadata": {
-                "name": name,
-                "labels": {STATE_LABEL: "Final"},
-                "annotations": annotations,
-            },
-            "spec": spec,
-        }
-        stack.cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
         status = {"state": "Final", "activeMs": 2500, "billedMs": 3000, "amount": "0.003600"}
-        stack.cluster.kubectl(
-            "patch", "brec", name, "-n", namespace, "--subresource=status", "--type=merge",
-            "-p", json.dumps({"status": status}),
-        )  # fmt: skip
+        metadata = {"labels": {STATE_LABEL: "Final"}, "annotations": annotations}
+        put_record(stack.cluster, namespace, name, spec, status, metadata)
     made = {r["metadata"]["name"]: r for r in records(stack.cluster, namespace)}
     assert stack.operator is not None
     stack.operator.stop()
@@ -473,23 +457,7 @@ def validate_focus(path: Path, repo: Path) -> str:
 
 def late_record(cluster: ClusterHandle, namespace: str) -> None:
     """A Final record holding a correction of the window before it (by hand)."""
-    body = {
-        "apiVersion": "payper.dev/v1alpha1",
-        "kind": "BillingRecord",
-        "metadata": {"name": "chat-11"},
-        "spec": {
-            "inferenceDeployment": "chat",
-            "account": namespace,
-            "window": {"start": "2026-11-20T11:00:00Z", "end": "2026-11-20T12:00:00Z"},
-            "plan": "default",
-            "granularity": "1s",
-            "currency": "USD",
-            "pricePerGpuSecond": "0.0012",
-            "reservedPricePerGpuHour": "3.20",
-            "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-        },
-    }
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    spec = record_spec(namespace, "chat", "2026-11-20T11:00:00Z", "2026-11-20T12:00:00Z")
     status = {
         "state": "Final",
         "activeMs": 12500,
@@ -509,17 +477,7 @@ def late_record(cluster: ClusterHandle, namespace: str) -> None:
             }
         ],
     }
-    cluster.kubectl(
-        "patch",
-        "brec",
-        "chat-11",
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": status}),
-    )
+    put_record(cluster, namespace, "chat-11", spec, status)
 
 
 def test_a_focus_file_passes_the_focus_validator_and_costs_what_the_bill_says(

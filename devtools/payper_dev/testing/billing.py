@@ -4,6 +4,7 @@ the agents measured; traffic through the gateway; a deployment to bill."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from decimal import Decimal
@@ -73,3 +74,47 @@ async def traffic(
 
 def model(name: str) -> dict[str, Any]:
     return inference_deployment(name, idle_timeout_s=120, max_replicas=1)
+
+
+def record_spec(
+    account: str,
+    deployment: str,
+    start: str,
+    end: str,
+    price: str = "0.0012",
+    granularity: str = "1s",
+) -> dict[str, Any]:
+    """A BillingRecord's spec as the ledger makes it: the default plan on an H100."""
+    return {
+        "inferenceDeployment": deployment,
+        "account": account,
+        "window": {"start": start, "end": end},
+        "plan": "default",
+        "granularity": granularity,
+        "currency": "USD",
+        "pricePerGpuSecond": price,
+        "reservedPricePerGpuHour": "3.20",
+        "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+    }
+
+
+def put_record(
+    cluster: ClusterHandle,
+    namespace: str,
+    name: str,
+    spec: dict[str, Any],
+    status: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """A record made by hand (as an earlier operator, or someone else, left it)."""
+    body = {
+        "apiVersion": "payper.dev/v1alpha1",
+        "kind": "BillingRecord",
+        "metadata": {"name": name, **(metadata or {})},
+        "spec": spec,
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    cluster.kubectl(
+        "patch", "brec", name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
