@@ -34,7 +34,6 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from conftest import own_cluster
 from payper.billing.pricing import product_key
 from payper.billing.records import window_start
 from payper.clock import now_ms
+from payper_dev.testing.billing import H100_PRICE, record_totals
 from payper_dev.testing.cluster import ClusterHandle, eventually
 from payper_dev.testing.stack import (
     AGENT_POLL_MS,
@@ -57,7 +57,6 @@ from payper_dev.testing.stack import (
 RELEASED = "83d825bb2252595266e2673972f10d14e126efe7"
 """The last released Payper (the last commit that passed CI): what the upgrade starts from."""
 REPO = Path(__file__).resolve().parents[2]
-H100_PRICE = Decimal("0.0012")  # the default plan, 1 s granularity
 WINDOW_MS = 3_600_000  # the default billing window
 FLUSH = {"billing": {"flushIntervalSeconds": 1}}
 NODES = ("gpu-node-0", "gpu-node-1")
@@ -172,18 +171,7 @@ def active_us(items: dict[str, dict[str, Any]]) -> int:
 def assert_records_equal_truth(stack: Stack, namespace: str) -> None:
     """The records hold exactly what the agents measured and reported (their checkpoints)."""
     truth = stack.agent_truth()
-    got: dict[str, dict[str, Any]] = {}
-    for record in records(stack.cluster, namespace).values():
-        status = record.get("status") or {}
-        total = got.setdefault(
-            record["spec"]["inferenceDeployment"],
-            {"activeUs": 0, "1ms": 0, "1s": 0, "1m": 0, "bursts": 0, "amount": Decimal(0)},
-        )
-        total["activeUs"] += int(status.get("activeUs", 0))
-        for granularity in ("1ms", "1s", "1m"):
-            total[granularity] += int((status.get("roundedMs") or {}).get(granularity, 0))
-        total["bursts"] += int(status.get("bursts", 0))
-        total["amount"] += Decimal(status.get("amount", "0"))
+    got = record_totals(stack.cluster, namespace)
     assert set(got) == {"alpha", "beta"}
     for name, total in got.items():
         expected = truth[(namespace, name)]

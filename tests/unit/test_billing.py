@@ -43,19 +43,10 @@ from payper.billing.records import (
 from payper.clock import iso
 from payper.observed import Key, PodView
 from payper.operator.config import ConfigError, load
+from payper_dev.testing.billing import record_spec
 
 SPEC = BillingRecordSpec.model_validate(
-    {
-        "inferenceDeployment": "llm",
-        "account": "team-a",
-        "window": {"start": "2026-11-26T10:00:00Z", "end": "2026-11-26T11:00:00Z"},
-        "plan": "default",
-        "granularity": "1s",
-        "currency": "USD",
-        "pricePerGpuSecond": "0.0012",
-        "reservedPricePerGpuHour": "3.20",
-        "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-    }
+    record_spec("team-a", "llm", "2026-11-26T10:00:00Z", "2026-11-26T11:00:00Z")
 )
 
 

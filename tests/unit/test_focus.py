@@ -11,6 +11,7 @@ from payper.billing import focus, invoice, outbox
 from payper.billing.outbox import OWN, Part, SinkState
 from payper.billing.records import EXPORTED, STATE_LABEL
 from payper.clock import iso, parse_iso
+from payper_dev.testing.billing import record_spec
 
 KEY = b"k" * 32
 
@@ -35,17 +36,7 @@ def body(
             "labels": labels or {},
             "annotations": annotations or {},
         },
-        "spec": {
-            "inferenceDeployment": "chat",
-            "account": "team-a",
-            "window": {"start": start, "end": end},
-            "plan": "default",
-            "granularity": "1s",
-            "currency": "USD",
-            "pricePerGpuSecond": "0.0013",
-            "reservedPricePerGpuHour": "3.20",
-            "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-        },
+        "spec": record_spec("team-a", "chat", start, end, price="0.0013"),
         "status": {
             "state": state,
             "activeMs": billed,

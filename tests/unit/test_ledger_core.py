@@ -23,6 +23,7 @@ from payper.billing.flush import BillingWindows, Observations
 from payper.billing.pricing import product_key
 from payper.billing.records import RecordChange, RecordKey, UsageDelta, apply
 from payper.observed import UNMANAGED, Key, PodView
+from payper_dev.testing.billing import record_spec
 
 HOUR = 3_600_000
 WINDOWS = BillingWindows(window_ms=HOUR, grace_ms=300_000)
@@ -30,17 +31,7 @@ T0 = 1_764_000_000_000 // HOUR * HOUR
 """The start of a window."""
 H100 = "NVIDIA-H100-80GB-HBM3"
 SPEC = BillingRecordSpec.model_validate(
-    {
-        "inferenceDeployment": "llm",
-        "account": "team-a",
-        "window": {"start": "2025-11-24T16:00:00Z", "end": "2025-11-24T17:00:00Z"},
-        "plan": "default",
-        "granularity": "1s",
-        "currency": "USD",
-        "pricePerGpuSecond": "0.0012",
-        "reservedPricePerGpuHour": "3.20",
-        "gpuProduct": H100,
-    }
+    record_spec("team-a", "llm", "2025-11-24T16:00:00Z", "2025-11-24T17:00:00Z")
 )
 
 

@@ -39,12 +39,11 @@ import hmac
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from payper.api.billing_record import FINAL, BillingRecordStatus
-from payper.billing.records import EXPORTED, STATE_LABEL, WINDOW_LABEL_FORMAT, window_label
+from payper.billing.records import EXPORTED, STATE_LABEL, parse_window_label, window_label
 from payper.clock import parse_iso
 
 ANNOTATION_PREFIX = "export.payper.dev/"
@@ -195,24 +194,31 @@ def decode(key: bytes, record_identity: str, sink: str, text: str | None) -> Sin
     for one this operator did not write: the record is then held, never guessed at."""
     if text is None:
         return SinkState()
-    state = peek(text)
     try:
-        mac = str(json.loads(text)["mac"])
-        if state is None:
-            raise ValueError("malformed")
-    except (ValueError, KeyError, TypeError) as error:
-        raise TamperedError(f"{annotation(sink)} is not an export state: {error}") from error
+        wire = json.loads(text)
+        state = _state_of(wire)
+        mac = str(wire["mac"])
+    except (ValueError, KeyError, TypeError, ArithmeticError, AttributeError) as error:
+        raise TamperedError(f"{annotation(sink)} is not an export state: {error!r}") from error
     expected = hmac.new(key, _canonical(record_identity, sink, state), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(mac, expected):
         raise TamperedError(f"{annotation(sink)} was not written by payper-operator (bad MAC)")
     return state
 
 
+def _state_of(wire: Mapping[str, Any]) -> SinkState:
+    return SinkState(
+        int(wire["n"]),
+        _totals_of(wire["sent"]),
+        None if wire.get("pending") is None else _totals_of(wire["pending"]),
+    )
+
+
 def _totals_of(wire: Mapping[str, Any]) -> dict[str, Part]:
     parts = {}
     for name, (active, billed, amount) in wire.items():
         if name != OWN:
-            datetime.strptime(name, WINDOW_LABEL_FORMAT)  # a window's start, or ValueError
+            parse_window_label(name)  # a window's start, or ValueError
         parts[str(name)] = Part(int(active), int(billed), Decimal(str(amount)))
     return parts
 
@@ -223,12 +229,7 @@ def peek(text: str | None) -> SinkState | None:
     if text is None:
         return SinkState()
     try:
-        wire = json.loads(text)
-        return SinkState(
-            int(wire["n"]),
-            _totals_of(wire["sent"]),
-            None if wire.get("pending") is None else _totals_of(wire["pending"]),
-        )
+        return _state_of(json.loads(text))
     except (ValueError, KeyError, TypeError, ArithmeticError, AttributeError):
         return None
 
@@ -258,16 +259,16 @@ def backlogs(records: Iterable[Mapping[str, Any]]) -> tuple[list[Backlog], int]:
             if name.startswith(ANNOTATION_PREFIX)
         }
     )
+    current = [totals(BillingRecordStatus.model_validate(r.get("status") or {})) for r in pending]
     found = []
     for sink in sinks:
         owed, unreadable, oldest = 0, 0, None
-        for record in pending:
+        for record, record_totals in zip(pending, current, strict=True):
             text = (record["metadata"].get("annotations") or {}).get(annotation(sink))
             state = peek(text)
-            current = totals(BillingRecordStatus.model_validate(record.get("status") or {}))
             if state is None:
                 unreadable += 1
-            elif not done(state, current):
+            elif not done(state, record_totals):
                 owed += 1
                 start = parse_iso(record["spec"]["window"]["start"])
                 oldest = start if oldest is None else min(oldest, start)
