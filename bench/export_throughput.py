@@ -35,9 +35,10 @@ from typing import Any
 from payper.api.billing_record import PLURAL, BillingRecordSpec, BillingRecordStatus
 from payper.api.common import API_VERSION
 from payper.billing import outbox, seal
-from payper.billing.config import ExportConfig, SinkConfig
-from payper.billing.exporter import CloudEventsSink, Exporter, Tracked, usage_event
+from payper.billing.config import CloudEventsSinkConfig, ExportConfig
+from payper.billing.exporter import Exporter, Tracked, usage_event
 from payper.billing.records import EXPORTED, STATE_LABEL
+from payper.billing.sinks import CloudEventsSink
 from payper.billing.writes import write_each
 from payper.kube import Kube, resource_path
 from payper_dev.cluster.local import ClusterConfig
@@ -123,7 +124,7 @@ def receiver(port: int) -> subprocess.Popen[bytes]:
 async def export_all(
     kube: Kube, records: list[dict[str, Any]], url: str, batch: int
 ) -> dict[str, float]:
-    sink = SinkConfig(name="meter", type="cloudevents", url=url, batch_size=batch)
+    sink = CloudEventsSinkConfig(name="meter", type="cloudevents", url=url, batch_size=batch)
     exporter = Exporter(kube, ExportConfig(sinks=[sink]), KEY, lambda *_: None, time.time)
     for item in records:
         exporter.observe(item)
@@ -165,7 +166,9 @@ def tracked(item: dict[str, Any]) -> Tracked:
 
 async def send_only(records: list[dict[str, Any]], url: str, batch: int) -> dict[str, float]:
     """The baseline: the same events, the same batches, no outbox."""
-    sink = CloudEventsSink(SinkConfig(name="meter", type="cloudevents", url=url), "//payper")
+    sink = CloudEventsSink(
+        CloudEventsSinkConfig(name="meter", type="cloudevents", url=url), "//payper"
+    )
     events = []
     for item in records:
         record = tracked(item)

@@ -3,7 +3,8 @@
 ``payper bill`` prints an invoice from the BillingRecords; ``payper reconcile`` shows,
 per node and GPU, where every GPU-second went, next to the records; ``payper export
 focus`` writes a FOCUS cost and usage file, ``payper export status`` what each export
-sink is still owed. Each sub-command is a thin
+sink is still owed, ``payper export stripe --check`` whether Stripe's meters and prices
+mirror the plans. Each sub-command is a thin
 shell over a library function, so tests exercise the same code a user runs. Development
 commands (the local cluster, the demo, the generators) are ``payper-dev``'s.
 """
@@ -159,6 +160,40 @@ def _export_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_stripe(args: argparse.Namespace) -> int:
+    import stripe
+
+    from payper.billing.config import StripeSinkConfig
+    from payper.billing.stripe_sink import check
+    from payper.operator.config import ConfigError, load
+
+    try:
+        config = load(Path(args.config))
+    except ConfigError as error:
+        print(f"payper: {error}", file=sys.stderr)
+        return 2
+    sinks = [s for s in config.billing.export.sinks if isinstance(s, StripeSinkConfig)]
+    if args.sink is not None:
+        sinks = [s for s in sinks if s.name == args.sink]
+    if not sinks:
+        which = f"named {args.sink!r} " if args.sink else ""
+        print(f"payper: {args.config} configures no Stripe sink {which}", file=sys.stderr)
+        return 2
+    failed = False
+    for sink in sinks:
+        try:
+            problems = check(sink, config.billing.plans)
+        except (OSError, stripe.StripeError) as error:
+            print(f"payper: sink {sink.name}: cannot read Stripe: {error}", file=sys.stderr)
+            return 1
+        for problem in problems:
+            print(f"{sink.name}: {problem}")
+        if not problems:
+            print(f"{sink.name}: Stripe's meters, prices and customers mirror the configuration")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payper", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
     status.add_argument("--kubeconfig", default=None)
     status.set_defaults(func=_export_status)
+    stripe = exports.add_parser(
+        "stripe",
+        help="compare Stripe's meters, prices and customers with a Stripe sink's "
+        "configuration (exit status 1 when they differ)",
+    )
+    stripe.add_argument(
+        "--check", action="store_true", required=True, help="read Stripe and compare (read only)"
+    )
+    stripe.add_argument("--config", required=True, help="the operator's configuration file")
+    stripe.add_argument("--sink", default=None, help="one sink only (default: every Stripe sink)")
+    stripe.set_defaults(func=_export_stripe)
     return parser
 
 

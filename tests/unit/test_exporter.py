@@ -11,18 +11,18 @@ import pytest
 from cloudevents.core.formats.json import JSONFormat
 
 from payper.billing import outbox, seal
-from payper.billing.config import ExportConfig, SinkConfig
-from payper.billing.exporter import (
+from payper.billing.config import CloudEventsSinkConfig, ExportConfig
+from payper.billing.exporter import Exporter, SinkRunner, _Work
+from payper.billing.sinks import (
     CORRECTION_TYPE,
     EVENT_TYPE,
-    Exporter,
+    Sent,
     SinkError,
-    SinkRunner,
     UsageEvent,
-    _Work,
     cloudevents_batch,
 )
 from payper.clock import iso
+from payper_dev.testing.billing import record_spec
 
 HOUR = 3_600_000
 START = 1_795_000_000_000 // HOUR * HOUR
@@ -84,15 +84,16 @@ class FlakySink:
         self.fail = fail
         self.batches: list[list[str]] = []
 
-    async def send(self, events: list[UsageEvent]) -> None:
+    async def send(self, events: list[UsageEvent]) -> Sent:
         if self.fail:
             self.fail -= 1
             raise SinkError("down")
         self.batches.append([e.id for e in events])
+        return Sent(taken={e.id for e in events})
 
 
 def runner(sink: FlakySink, batch_size: int = 3, **export: float) -> SinkRunner:
-    config = SinkConfig(
+    config = CloudEventsSinkConfig(
         name="cloud", type="cloudevents", url="http://127.0.0.1:1/", batch_size=batch_size
     )
     return SinkRunner(config, ExportConfig(sinks=[config], **export), sink)  # type: ignore[arg-type]
@@ -128,13 +129,32 @@ async def test_a_sink_that_is_down_is_retried_with_a_bounded_jittered_backoff() 
     assert len(set(waits[10:])) > 1, "jittered, so that operators do not retry in step"
 
 
+STRIPE: dict[str, Any] = {
+    "name": "stripe",
+    "type": "stripe",
+    "apiKeyFile": "/var/run/secrets/stripe/key",
+    "customers": {"team-a": "cus_A1"},
+    "meters": {"eventNames": {"default": "gpu_seconds"}},
+}
+
+
 @pytest.mark.parametrize(
     ("sinks", "message"),
     [
         ([{"name": "a", "type": "cloudevents", "url": "http://x/"}] * 2, "a repeated"),
-        ([{"name": "a", "type": "kafka", "url": "http://x/"}], "sinks.0.type"),
-        ([{"name": "a", "type": "cloudevents", "url": "ftp://x/"}], "sinks.0.url"),
-        ([{"name": "A b", "type": "cloudevents", "url": "http://x/"}], "sinks.0.name"),
+        ([{"name": "a", "type": "kafka", "url": "http://x/"}], "(?s)sinks.0.*'kafka'"),
+        ([{"name": "a", "type": "cloudevents", "url": "ftp://x/"}], "sinks.0.cloudevents.url"),
+        ([{"name": "A b", "type": "cloudevents", "url": "http://x/"}], "sinks.0.cloudevents.name"),
+        # Stripe: customers are Stripe customer ids, a sink needs its meters and a key.
+        (
+            [{**STRIPE, "customers": {"team-a": "alice@example.com"}}],
+            "sinks.0.stripe.customers.team-a",
+        ),
+        ([{**STRIPE, "customers": {"Team_A": "cus_1"}}], "sinks.0.stripe.customers.Team_A"),
+        ([{**STRIPE, "meters": {"eventNames": {}}}], "sinks.0.stripe.meters.eventNames"),
+        ([{**STRIPE, "meters": {"by": "pod", "eventNames": {"a": "b"}}}], "stripe.meters.by"),
+        ([{**STRIPE, "meters": {"eventNames": {"a": "no spaces"}}}], "eventNames.a"),
+        ([{k: v for k, v in STRIPE.items() if k != "apiKeyFile"}], "stripe.apiKeyFile"),
     ],
 )
 def test_a_bad_sink_configuration_is_refused_by_name(sinks, message) -> None:
@@ -143,17 +163,7 @@ def test_a_bad_sink_configuration_is_refused_by_name(sinks, message) -> None:
 
 
 KEY = b"k" * 32
-SPEC = {
-    "inferenceDeployment": "llama",
-    "account": "team-a",
-    "window": {"start": "2026-11-28T01:00:00Z", "end": "2026-11-28T02:00:00Z"},
-    "plan": "default",
-    "granularity": "1s",
-    "currency": "USD",
-    "pricePerGpuSecond": "0.0012",
-    "reservedPricePerGpuHour": "3.20",
-    "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-}
+SPEC = record_spec("team-a", "llama", "2026-11-28T01:00:00Z", "2026-11-28T02:00:00Z")
 
 
 def record(annotation: str | None, sealed: bool = True, version: str = "1") -> dict[str, Any]:
@@ -174,7 +184,7 @@ def record(annotation: str | None, sealed: bool = True, version: str = "1") -> d
 
 
 def exporter() -> Exporter:
-    sink = SinkConfig(name="meter", type="cloudevents", url="http://127.0.0.1:1/")
+    sink = CloudEventsSinkConfig(name="meter", type="cloudevents", url="http://127.0.0.1:1/")
     return Exporter(None, ExportConfig(sinks=[sink]), KEY, lambda *_: None, lambda: 0.0)  # type: ignore[arg-type]
 
 

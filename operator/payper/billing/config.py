@@ -92,19 +92,58 @@ DEFAULT_EXPORTED_RETENTION_DAYS = 3
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/?#]+(/[^\s]*)?$", max_length=2048)]
 
 
-class SinkConfig(ApiModel):
-    """Where usage goes, once each (``payper.billing.exporter``)."""
-
+class _Sink(ApiModel):
     name: DnsLabel
     """Names the sink in metrics and in each record's export annotation: renaming a sink
     makes it a new one, which is sent every record not yet Exported."""
+    batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
+    """Events per send (CloudEvents: per POST; Stripe: per round of requests)."""
+    timeout_seconds: Annotated[float, Field(ge=0.1, le=300)] = 10.0
+
+
+class CloudEventsSinkConfig(_Sink):
+    """Where usage goes, once each (``payper.billing.exporter``): CloudEvents over HTTP."""
+
     type: Literal["cloudevents"]
     url: HttpUrl
-    """CloudEvents: batches are POSTed here as ``application/cloudevents-batch+json``."""
+    """Batches are POSTed here as ``application/cloudevents-batch+json``."""
     bearer_token_file: Path | None = None
     """A file (a mounted Secret) holding the token sent as ``Authorization: Bearer``."""
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 100
-    timeout_seconds: Annotated[float, Field(ge=0.1, le=300)] = 10.0
+
+
+StripeCustomer = Annotated[str, Field(pattern=r"^cus_[A-Za-z0-9]{1,250}$")]
+StripeEventName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+
+
+class StripeMeters(ApiModel):
+    by: Literal["plan", "gpuProduct"] = "plan"
+    """Which meter an event goes to: one per plan, or one per GPU product (its key, as in
+    a plan's price table: ``NVIDIA-H100-80GB-HBM3``)."""
+    event_names: Annotated[dict[ShortString, StripeEventName], Field(min_length=1)]
+    """Plan (or GPU product) to the ``event_name`` of a Stripe meter. Usage of one not
+    listed is reported (``payper_export_refused_records``) and kept, never dropped."""
+
+
+class StripeSinkConfig(_Sink):
+    """Stripe Billing meter events (``payper.billing.stripe_sink``)."""
+
+    type: Literal["stripe"]
+    api_key_file: Path
+    """A file (a mounted Secret) holding a Stripe secret or restricted key with write
+    access to meter events (and read access to meters, prices and customers for
+    ``payper export stripe --check``)."""
+    api_base: HttpUrl = "https://api.stripe.com"
+    customers: Annotated[dict[DnsLabel, StripeCustomer], Field(max_length=100_000)] = Field(
+        default_factory=dict
+    )
+    """Namespace to Stripe customer: the platform's word, never a tenant's. Usage of a
+    namespace not listed is reported and kept until it is."""
+    meters: StripeMeters
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 8
+    """Meter event requests in flight at once (Stripe takes one event per request)."""
+
+
+SinkConfig = Annotated[CloudEventsSinkConfig | StripeSinkConfig, Field(discriminator="type")]
 
 
 class ExportConfig(ApiModel):

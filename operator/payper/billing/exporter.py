@@ -24,32 +24,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
-from pathlib import Path
 from typing import Any
-
-import aiohttp
-from cloudevents.core.formats.json import JSONFormat
-from cloudevents.core.v1.event import CloudEvent
 
 from payper.api.billing_record import FINAL, PLURAL, BillingRecordSpec, BillingRecordStatus
 from payper.api.common import API_VERSION
 from payper.billing import metrics, outbox, seal
-from payper.billing.config import ExportConfig, SinkConfig
+from payper.billing.config import CloudEventsSinkConfig, ExportConfig, SinkConfig
 from payper.billing.outbox import OWN, Delta, Part, SinkState
-from payper.billing.records import EXPORTED, STATE_LABEL, WINDOW_LABEL_FORMAT
+from payper.billing.records import EXPORTED, STATE_LABEL, parse_window_label
+from payper.billing.sinks import CloudEventsSink, Sent, Sink, SinkError, UsageEvent
+from payper.billing.stripe_sink import StripeSink
 from payper.billing.writes import write_each
-from payper.clock import parse_iso
 from payper.kube import ApiError, Kube, resource_path
 
 logger = logging.getLogger(__name__)
-
-EVENT_TYPE = "dev.payper.gpu.usage"
-CORRECTION_TYPE = "dev.payper.gpu.usage.correction"
-BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 
 Location = tuple[str, str]
 
@@ -58,6 +49,8 @@ Location = tuple[str, str]
 class _Work:
     sealed: int
     events: list[UsageEvent]
+    taken: set[str] = field(default_factory=set)
+    """Ids the sink already has (a delta half taken is not sent whole again)."""
 
 
 @dataclass
@@ -83,40 +76,11 @@ class Tracked:
     """Per sink, the events of the delta in flight, made once per delta."""
 
 
-@dataclass(frozen=True)
-class UsageEvent:
-    """One delta part, as every sink is told it."""
-
-    id: str
-    account: str
-    deployment: str | None
-    gpu_product: str
-    plan: str
-    currency: str
-    granularity: str
-    window_start_ms: int
-    window_end_ms: int
-    corrects_window_start_ms: int | None
-    """A correction: usage of this earlier window, which was Final when it arrived."""
-    active_ms: int
-    billed_ms: int
-    amount: Decimal
-
-    @property
-    def time_ms(self) -> int:
-        """When the usage happened: its window's start (a correction: the original's)."""
-        return (
-            self.window_start_ms
-            if self.corrects_window_start_ms is None
-            else (self.corrects_window_start_ms)
-        )
-
-
 def usage_event(tracked: Tracked, delta: Delta) -> UsageEvent:
     spec = tracked.spec
     corrects = None
     if delta.part != OWN:
-        corrects = parse_iso(_label_iso(delta.part))
+        corrects = parse_window_label(delta.part)
     return UsageEvent(
         id=delta.id,
         account=spec.account,
@@ -134,97 +98,33 @@ def usage_event(tracked: Tracked, delta: Delta) -> UsageEvent:
     )
 
 
-def _label_iso(label: str) -> str:
-    return datetime.strptime(label, WINDOW_LABEL_FORMAT).replace(tzinfo=UTC).isoformat()
+# -- sending -----------------------------------------------------------------------------
+def make_sink(config: SinkConfig, export: ExportConfig, clock: Callable[[], float]) -> Sink:
+    if isinstance(config, CloudEventsSinkConfig):
+        return CloudEventsSink(config, export.source)
+    return StripeSink(config, clock)
 
 
-# -- sinks -------------------------------------------------------------------------------
-class SinkError(Exception):
-    """A sink did not take a batch (it is retried, after a backoff)."""
-
-
-def cloudevent(event: UsageEvent, source: str) -> CloudEvent:
-    def at(ms: int) -> str:
-        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    data: dict[str, Any] = {
-        "account": event.account,
-        "inferenceDeployment": event.deployment,
-        "gpuProduct": event.gpu_product,
-        "plan": event.plan,
-        "granularity": event.granularity,
-        "windowStart": at(event.window_start_ms),
-        "windowEnd": at(event.window_end_ms),
-        "activeMs": event.active_ms,
-        "billedMs": event.billed_ms,
-        "amount": str(event.amount),
-        "currency": event.currency,
-    }
-    if event.corrects_window_start_ms is not None:
-        data["correctsWindowStart"] = at(event.corrects_window_start_ms)
-    return CloudEvent(
-        {
-            "id": event.id,
-            "source": source,
-            "type": EVENT_TYPE if event.corrects_window_start_ms is None else CORRECTION_TYPE,
-            "subject": event.account,
-            "time": datetime.fromtimestamp(event.time_ms / 1000, UTC),
-            "datacontenttype": "application/json",
-        },
-        data,
-    )
-
-
-def cloudevents_batch(events: list[UsageEvent], source: str) -> bytes:
-    """A structured-mode batch (``application/cloudevents-batch+json``) of the events."""
-    form = JSONFormat()
-    return b"[" + b",".join(form.write(cloudevent(e, source)) for e in events) + b"]"
-
-
-class CloudEventsSink:
-    def __init__(self, config: SinkConfig, source: str) -> None:
-        self.config = config
-        self.source = source
-        self._session: aiohttp.ClientSession | None = None
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": BATCH_CONTENT_TYPE}
-        if self.config.bearer_token_file is not None:
-            token = Path(self.config.bearer_token_file).read_text().strip()
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
-
-    async def send(self, events: list[UsageEvent]) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds)
-            )
-        body = cloudevents_batch(events, self.source)
-        try:
-            async with self._session.post(
-                self.config.url, data=body, headers=self._headers()
-            ) as response:
-                await response.content.read(64 * 1024)  # bounded: the answer is not used
-                if response.status // 100 != 2:
-                    raise SinkError(f"{self.config.url} answered {response.status}")
-        except (aiohttp.ClientError, OSError, TimeoutError) as error:
-            raise SinkError(f"{self.config.url}: {error!r}") from error
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+@dataclass(frozen=True)
+class _Refusal:
+    sealed: int
+    until: float
+    reason: str
 
 
 class SinkRunner:
     """One sink's sending task: its own queue (the latest sealed delta per record, so
-    bounded by the records not yet Exported), its own backoff."""
+    bounded by the records not yet Exported), its own backoff. A record whose events the
+    sink refused is set aside (reported, kept) and offered again after the longest
+    backoff, so it never blocks the others."""
 
     def __init__(
         self,
         config: SinkConfig,
         export: ExportConfig,
-        sink: CloudEventsSink,
+        sink: Sink,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = config.name
         self.config = config
@@ -232,18 +132,30 @@ class SinkRunner:
         self.sink = sink
         self.work: dict[Location, _Work] = {}
         self.acknowledged: dict[Location, int] = {}
+        self.refused: dict[Location, _Refusal] = {}
+        self._told: dict[Location, int] = {}
+        """The delta whose refusal was logged, per record (logged once, not per retry)."""
         self._wake = asyncio.Event()
         self._sleep = sleep
+        self._clock = clock
         self.failures = 0
 
     def offer(self, work: dict[Location, _Work]) -> None:
         """What is owed now (acknowledged deltas whose acknowledgement is not yet on the
-        record are not sent again)."""
+        record are not sent again; refused ones not before their time)."""
+        now = self._clock()
+        self.refused = {
+            location: refusal
+            for location, refusal in self.refused.items()
+            if location in work and work[location].sealed == refusal.sealed and refusal.until > now
+        }
         self.work = {
             location: item
             for location, item in work.items()
-            if self.acknowledged.get(location) != item.sealed
+            if self.acknowledged.get(location) != item.sealed and location not in self.refused
         }
+        self._told = {k: v for k, v in self._told.items() if k in work}
+        metrics.EXPORT_REFUSED_RECORDS.labels(self.name).set(len(self.refused))
         if self.work:
             self._wake.set()
 
@@ -263,29 +175,59 @@ class SinkRunner:
                     await self._sleep(self.backoff())
 
     async def send_once(self) -> bool:
-        """Send one batch of what is owed; whether the sink took it."""
+        """Send one batch of what is owed; whether nothing in it failed."""
         batch: list[tuple[Location, _Work]] = []
         count = 0
         for location, work in list(self.work.items()):
-            if batch and count + len(work.events) > self.config.batch_size:
+            owed = len(work.events) - len(work.taken)
+            if batch and count + owed > self.config.batch_size:
                 break
             batch.append((location, work))
-            count += len(work.events)
-        events = [e for _, work in batch for e in work.events]
+            count += owed
+        events = [e for _, work in batch for e in work.events if e.id not in work.taken]
         try:
-            await self.sink.send(events)
+            sent = await self.sink.send(events)
         except SinkError as error:
+            sent = Sent(failed={e.id: str(error) for e in events})
+        unanswered = {e.id for e in events} - sent.taken - set(sent.refused) - set(sent.failed)
+        sent.failed |= dict.fromkeys(unanswered, "the sink did not answer for it")
+        for result, n in (("sent", len(sent.taken)), ("refused", len(sent.refused))):
+            metrics.EXPORTED_EVENTS.labels(self.name, result).inc(n)
+        metrics.EXPORTED_EVENTS.labels(self.name, "failed").inc(len(sent.failed))
+        until = self._clock() + self.export.max_backoff_seconds
+        for location, work in batch:
+            work.taken |= {e.id for e in work.events} & sent.taken
+            current = self.work.get(location)
+            if len(work.taken) == len(work.events):
+                self.acknowledged[location] = work.sealed
+                if current is not None and current.sealed == work.sealed:
+                    del self.work[location]
+                continue
+            reasons = [sent.refused[e.id] for e in work.events if e.id in sent.refused]
+            if reasons:
+                self.refused[location] = _Refusal(work.sealed, until, reasons[0])
+                self.work.pop(location, None)
+                if self._told.get(location) == work.sealed:
+                    continue
+                self._told[location] = work.sealed
+                logger.error(
+                    "export to %s refused %s/%s (kept; offered again in %.0f s): %s",
+                    self.name,
+                    *location,
+                    self.export.max_backoff_seconds,
+                    reasons[0],
+                )
+        metrics.EXPORT_REFUSED_RECORDS.labels(self.name).set(len(self.refused))
+        if sent.failed:
             self.failures += 1
-            metrics.EXPORTED_EVENTS.labels(self.name, "failed").inc(len(events))
-            logger.warning("export to %s failed (%d in a row): %s", self.name, self.failures, error)
+            logger.warning(
+                "export to %s failed (%d in a row): %s",
+                self.name,
+                self.failures,
+                next(iter(sent.failed.values())),
+            )
             return False
         self.failures = 0
-        metrics.EXPORTED_EVENTS.labels(self.name, "sent").inc(len(events))
-        for location, work in batch:
-            self.acknowledged[location] = work.sealed
-            current = self.work.get(location)
-            if current is not None and current.sealed == work.sealed:
-                del self.work[location]
         return True
 
 
@@ -315,7 +257,7 @@ class Exporter:
         self.releasing: set[Location] = set()
         """Moved records' originals whose finalizer is still to be dropped."""
         self.runners = {
-            s.name: SinkRunner(s, config, CloudEventsSink(s, config.source)) for s in config.sinks
+            s.name: SinkRunner(s, config, make_sink(s, config, clock)) for s in config.sinks
         }
 
     @property
@@ -330,8 +272,15 @@ class Exporter:
             await runner.sink.close()
 
     # -- records in --------------------------------------------------------------------
-    def observe(self, record: Mapping[str, Any]) -> None:
-        """The record as the ledger last read or wrote it: track its totals."""
+    def observe(
+        self,
+        record: Mapping[str, Any],
+        status: BillingRecordStatus | None = None,
+        spec: BillingRecordSpec | None = None,
+    ) -> None:
+        """The record as the ledger last read or wrote it: track its totals. ``status``
+        and ``spec``: the record's, where the caller has them validated already (the
+        flush's hot path does)."""
         if not self.enabled:
             return
         meta = record["metadata"]
@@ -339,7 +288,8 @@ class Exporter:
         if (meta.get("labels") or {}).get(STATE_LABEL) == EXPORTED:
             self.tracked.pop(location, None)
             return
-        status = BillingRecordStatus.model_validate(record.get("status") or {})
+        if status is None:
+            status = BillingRecordStatus.model_validate(record.get("status") or {})
         annotations = meta.get("annotations") or {}
         identity = outbox.identity(meta)
         previous = self.tracked.get(location)
@@ -375,7 +325,7 @@ class Exporter:
             location=location,
             resource_version=meta["resourceVersion"],
             identity=identity,
-            spec=BillingRecordSpec.model_validate(record["spec"]),
+            spec=spec if spec is not None else BillingRecordSpec.model_validate(record["spec"]),
             final=status.state == FINAL,
             totals=outbox.totals(status),
             states=states,

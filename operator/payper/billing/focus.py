@@ -28,7 +28,7 @@ from typing import Any
 from payper.api.billing_record import BillingRecord
 from payper.billing.invoice import selected
 from payper.billing.pricing import amount
-from payper.clock import seconds
+from payper.clock import iso, seconds
 
 VERSION = "1.0"
 COLUMNS = (
@@ -84,7 +84,7 @@ UNIT = "GPU-Seconds"
 
 
 def _at(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(int(moment.timestamp() * 1000))
 
 
 def _month(moment: datetime) -> tuple[str, str]:

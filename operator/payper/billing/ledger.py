@@ -686,7 +686,7 @@ class Ledger:
                 raise
             assert record is not None
             self.records[cache_key] = record
-            self.exporter.observe(record)
+            self.exporter.observe(record, updated, spec)
             self._count(key, spec, status, updated)
             return
         raise ApiError(409, {"reason": "Conflict"}, "APPLY", f"{key.name}: too many conflicts")

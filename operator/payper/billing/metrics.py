@@ -161,6 +161,13 @@ EXPORT_BACKLOG_EXCEEDED = Gauge(
     "1 while a sink is owed more records than billing.export.maxBacklogRecords.",
     ("sink",),
 )
+EXPORT_REFUSED_RECORDS = Gauge(
+    "payper_export_refused_records",
+    "Records whose usage a sink refused (a namespace with no customer, a plan with no "
+    "meter, a request the billing system rejects): kept, and offered again after "
+    "billing.export.maxBackoffSeconds.",
+    ("sink",),
+)
 RECORDS_AWAITING_EXPORT = Gauge(
     "payper_billing_records_awaiting_export",
     "Final BillingRecords not yet acknowledged by every sink (kept until they are).",

@@ -52,6 +52,11 @@ def window_label(start_ms: int) -> str:
     return datetime.fromtimestamp(start_ms / 1000, UTC).strftime(WINDOW_LABEL_FORMAT)
 
 
+def parse_window_label(label: str) -> int:
+    """The window start (ms) a label names; ValueError when it names none."""
+    return int(datetime.strptime(label, WINDOW_LABEL_FORMAT).replace(tzinfo=UTC).timestamp()) * 1000
+
+
 UNMANAGED_RECORD_PREFIX = "unmanaged."
 """Records of a namespace's GPU pods that belong to no InferenceDeployment are named
 ``unmanaged.<window>-<digest>``: the dot cannot occur in a deployment's records' names
