@@ -17,7 +17,7 @@ DASHBOARDS_DIR ?= charts/payper/dashboards
         generated generated-check \
         lint format test test-deps test-unit test-integration demo images clean \
         bench-deps node-deps node-binaries node-images node-up node-down node-status test-node \
-        focus-validator
+        focus-validator stripe-mock
 
 help:
 	@echo "make demo         - the main job: Payper end to end on a local cluster"
@@ -60,6 +60,17 @@ $(FOCUS_VALIDATOR_DIR)/.installed: tests/focus-validator.constraints
 	$(FOCUS_VALIDATOR_DIR)/bin/python -m pip install --quiet \
 	  -c tests/focus-validator.constraints focus-validator==$(FOCUS_VALIDATOR_VERSION)
 	touch $@
+
+# Stripe's own mock server (it validates every request against Stripe's API definition),
+# built from the Go module proxy once, cached outside the repo per version.
+STRIPE_MOCK_VERSION := v0.203.0
+STRIPE_MOCK_DIR ?= $(HOME)/.cache/payper/bin/stripe-mock-$(STRIPE_MOCK_VERSION)
+export PAYPER_STRIPE_MOCK := $(STRIPE_MOCK_DIR)/stripe-mock
+stripe-mock: $(PAYPER_STRIPE_MOCK)
+$(PAYPER_STRIPE_MOCK):
+	GOBIN=$(STRIPE_MOCK_DIR) go install \
+	  -ldflags "-X main.version=$(STRIPE_MOCK_VERSION)" \
+	  github.com/stripe/stripe-mock@$(STRIPE_MOCK_VERSION)
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 venv: $(VENV)/.installed
@@ -147,7 +158,7 @@ endef
 test-unit: binaries
 	$(call run_tier,tests/unit)
 
-test-integration: binaries focus-validator
+test-integration: binaries focus-validator stripe-mock
 	$(call run_tier,tests/integration)
 
 # The real-node tier (root, containerd, runc; see tests/node/conftest.py), last in

@@ -27,15 +27,18 @@ import pytest
 
 from payper.billing import seal
 from payper.billing.outbox import FINALIZER, annotation, identity
-from payper.billing.records import EXPORTED, MOVED_FROM_LABEL, STATE_LABEL
+from payper.billing.records import MOVED_FROM_LABEL, STATE_LABEL
 from payper.clock import iso, now_ms, parse_iso
 from payper_dev.testing.billing import (
-    assert_records_equal_truth,
+    ended_records,
+    exported,
+    kill_mid_export,
     model,
     put_record,
     record_spec,
     records,
     traffic,
+    wait_exported,
 )
 from payper_dev.testing.cloudevents_receiver import CloudEventsReceiver, Received
 from payper_dev.testing.cluster import ClusterHandle, eventually
@@ -80,33 +83,6 @@ def export_stack(
     options = StackOptions(agents=True, operator_extra={"billing": billing})
     with running(crds_installed, tmp_path_factory.mktemp("export"), options) as started:
         yield started
-
-
-def ended_records(stack: Stack, namespace: str, by_ms: int) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in records(stack.cluster, namespace)
-        if parse_iso(r["spec"]["window"]["end"]) <= by_ms
-    ]
-
-
-def exported(record: dict[str, Any]) -> bool:
-    return (record["metadata"].get("labels") or {}).get(STATE_LABEL) == EXPORTED
-
-
-async def wait_exported(stack: Stack, namespace: str, by_ms: int) -> list[dict[str, Any]]:
-    """Until every record of the namespace whose window ended by ``by_ms`` is Exported
-    (Final after its grace, then acknowledged by the sink); returns them."""
-
-    def done() -> bool:
-        ended = ended_records(stack, namespace, by_ms)
-        return bool(ended) and all(exported(r) for r in ended)
-
-    try:
-        await asyncio.to_thread(eventually, done, 120, 0.5, "records exported")
-    except AssertionError as error:
-        raise AssertionError(f"{error}\n{stack.logs()}") from None
-    return ended_records(stack, namespace, by_ms)
 
 
 def unique(events: list[Received]) -> dict[str, Received]:
@@ -171,15 +147,12 @@ async def test_usage_reaches_the_sink_once_through_an_outage_a_slow_sink_and_a_k
     receiver.slow_s, receiver.mode = 2.0, "slow"
     statuses += await traffic(http, stack, namespace, "metered", rng, 5)
     # Killed mid-export: sent, and the acknowledgements never written.
-    assert stack.operator is not None
-    stack.operator.stop(sig=signal.SIGKILL)
-    receiver.mode = "up"
-    statuses += await traffic(http, stack, namespace, "metered", rng, 3)
-    await asyncio.to_thread(stack.start_operator)
-    statuses += await traffic(http, stack, namespace, "metered", rng, 3)
     assert set(statuses) == {200}
-    await stack.settle()
-    assert_records_equal_truth(stack, namespace, ["metered"])
+
+    def sink_back() -> None:
+        receiver.mode = "up"
+
+    await kill_mid_export(http, stack, namespace, "metered", rng, sink_back)
 
     done = await wait_exported(stack, namespace, now_ms())
     events = receiver.events()

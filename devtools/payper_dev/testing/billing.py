@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 
-from payper_dev.testing.cluster import ClusterHandle
+from payper.billing.records import EXPORTED, STATE_LABEL
+from payper.clock import parse_iso
+from payper_dev.testing.cluster import ClusterHandle, eventually
 from payper_dev.testing.stack import Stack, inference_deployment
 
 H100_PRICE = Decimal("0.0012")  # the default plan, 1 s granularity
@@ -72,6 +76,28 @@ async def traffic(
     return statuses
 
 
+async def kill_mid_export(
+    http: aiohttp.ClientSession,
+    stack: Stack,
+    namespace: str,
+    name: str,
+    rng: random.Random,
+    sink_back: Callable[[], None],
+) -> None:
+    """SIGKILL the operator while a sink is taking events (their acknowledgements never
+    written), bring the sink back (``sink_back``), keep the traffic going through the
+    restart, and wait until the records hold what the agents measured."""
+    assert stack.operator is not None
+    stack.operator.stop(sig=signal.SIGKILL)
+    sink_back()
+    statuses = await traffic(http, stack, namespace, name, rng, 3)
+    await asyncio.to_thread(stack.start_operator)
+    statuses += await traffic(http, stack, namespace, name, rng, 3)
+    assert set(statuses) == {200}
+    await stack.settle()
+    assert_records_equal_truth(stack, namespace, [name])
+
+
 def model(name: str) -> dict[str, Any]:
     return inference_deployment(name, idle_timeout_s=120, max_replicas=1)
 
@@ -118,3 +144,30 @@ def put_record(
         "patch", "brec", name, "-n", namespace, "--subresource=status", "--type=merge",
         "-p", json.dumps({"status": status}),
     )  # fmt: skip
+
+
+def ended_records(stack: Stack, namespace: str, by_ms: int) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in records(stack.cluster, namespace)
+        if parse_iso(r["spec"]["window"]["end"]) <= by_ms
+    ]
+
+
+def exported(record: dict[str, Any]) -> bool:
+    return (record["metadata"].get("labels") or {}).get(STATE_LABEL) == EXPORTED
+
+
+async def wait_exported(stack: Stack, namespace: str, by_ms: int) -> list[dict[str, Any]]:
+    """Until every record of the namespace whose window ended by ``by_ms`` is Exported
+    (Final after its grace, then acknowledged by the sink); returns them."""
+
+    def done() -> bool:
+        ended = ended_records(stack, namespace, by_ms)
+        return bool(ended) and all(exported(r) for r in ended)
+
+    try:
+        await asyncio.to_thread(eventually, done, 120, 0.5, f"{namespace}'s records exported")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{stack.logs()}") from None
+    return ended_records(stack, namespace, by_ms)

@@ -12,10 +12,12 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from cloudevents.core.formats.json import JSONFormat
+
+from payper_dev.testing.threaded_server import ThreadedServer
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -30,8 +32,9 @@ class Received:
     data: dict[str, Any]
 
 
-class CloudEventsReceiver:
+class CloudEventsReceiver(ThreadedServer):
     def __init__(self, port: int = 0) -> None:
+        super().__init__(port)
         self.received: list[Received] = []
         self.mode = "up"
         """up; down (503); slow (keeps the events, answers after ``slow_s``)."""
@@ -39,29 +42,10 @@ class CloudEventsReceiver:
         self.requests = 0
         self.refused = 0
         self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # the stdlib's name
-                receiver.handle(self)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/events"
-
-    def start(self) -> CloudEventsReceiver:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        return f"{self.base_url}/events"
 
     def handle(self, request: BaseHTTPRequestHandler) -> None:
         with self._lock:
@@ -70,7 +54,7 @@ class CloudEventsReceiver:
         length = int(request.headers.get("Content-Length") or 0)
         body = request.rfile.read(min(length, MAX_BODY))
         if mode == "down":
-            self._answer(request, 503)
+            self.answer(request, 503)
             return
         try:
             if request.headers.get("Content-Type") != "application/cloudevents-batch+json":
@@ -95,24 +79,13 @@ class CloudEventsReceiver:
         except (ValueError, TypeError, KeyError) as error:
             with self._lock:
                 self.refused += 1
-            self._answer(request, 400, str(error))
+            self.answer(request, 400, str(error).encode())
             return
         with self._lock:
             self.received.extend(parsed)
         if mode == "slow":
             time.sleep(self.slow_s)
-        self._answer(request, 202)
-
-    @staticmethod
-    def _answer(request: BaseHTTPRequestHandler, status: int, text: str = "") -> None:
-        body = text.encode()
-        try:
-            request.send_response(status)
-            request.send_header("Content-Length", str(len(body)))
-            request.end_headers()
-            request.wfile.write(body)
-        except OSError:
-            pass  # the operator gave up waiting (slow mode): it resends
+        self.answer(request, 202)
 
     def events(self) -> list[Received]:
         with self._lock:
