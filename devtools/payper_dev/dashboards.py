@@ -295,7 +295,8 @@ PANELS: tuple[PanelSpec, ...] = (
             ),
         ),
         "Usage events each export sink took (sent) or did not (failed: retried with "
-        "backoff, nothing dropped). All namespaces.",
+        "backoff; refused: kept until the configuration covers them; nothing dropped). "
+        "All namespaces.",
         row="Export",
     ),
     PanelSpec(
@@ -305,9 +306,12 @@ PANELS: tuple[PanelSpec, ...] = (
         (
             Query("max by (sink) (payper_export_lag_seconds)", "{{sink}} lag (s)"),
             Query("sum by (sink) (payper_export_backlog_records)", "{{sink}} records owed"),
+            Query("sum by (sink) (payper_export_refused_records)", "{{sink}} records refused"),
         ),
-        "Per sink: how long the oldest delta still owed has waited since it was sealed, and "
-        "how many records it is owed. payper export status shows the same from the records.",
+        "Per sink: how long the oldest delta still owed has waited since it was sealed, how "
+        "many records it is owed, and how many of those it refused (a namespace with no "
+        "customer, a plan with no meter: kept, the operator's log says which). payper "
+        "export status shows what is owed from the records.",
         width=8,
     ),
     PanelSpec(

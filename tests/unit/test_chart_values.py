@@ -602,7 +602,8 @@ def test_an_existing_tls_secret_needs_its_ca_for_the_agents() -> None:
 
 def test_the_export_alerts_are_valid_rules_that_fire_when_they_should(tmp_path: Path) -> None:
     """promtool checks the chart's PrometheusRule and runs it on series: a backlog past
-    its bound for 15 minutes, a sink refusing everything, a record held from export."""
+    its bound for 15 minutes, a sink failing everything, a sink refusing some records'
+    usage, a record held from export."""
     rendered = helm(
         "template", "t", str(CHART), "--api-versions", "monitoring.coreos.com/v1/PrometheusRule",
         "--show-only=templates/operator-prometheusrule.yaml",
@@ -640,6 +641,8 @@ def test_the_export_alerts_are_valid_rules_that_fire_when_they_should(tmp_path: 
                         "values": "0 0 0 1x40",
                     },
                     {"series": 'payper_export_backlog_exceeded{sink="other"}', "values": "0x40"},
+                    {"series": 'payper_export_refused_records{sink="stripe"}', "values": "0 3x60"},
+                    {"series": 'payper_export_refused_records{sink="meter"}', "values": "0x60"},
                     {
                         "series": 'payper_export_held_records{namespace="team-a"}',
                         "values": "0 0 2x20",
@@ -672,6 +675,12 @@ def test_the_export_alerts_are_valid_rules_that_fire_when_they_should(tmp_path: 
                             expected("PayperExportHeldRecords", {"namespace": "team-a"}, "2")
                         ],
                     },
+                    {"eval_time": "20m", "alertname": "PayperExportRefused", "exp_alerts": []},
+                    {
+                        "eval_time": "40m",
+                        "alertname": "PayperExportRefused",
+                        "exp_alerts": [expected("PayperExportRefused", {"sink": "stripe"}, "3")],
+                    },
                     {"eval_time": "10m", "alertname": "PayperExportFailing", "exp_alerts": []},
                     {
                         "eval_time": "40m",
@@ -688,3 +697,41 @@ def test_the_export_alerts_are_valid_rules_that_fire_when_they_should(tmp_path: 
         ["promtool", "test", "rules", str(test_file)], capture_output=True, text=True, check=False
     )
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_a_stripe_sink_reads_its_key_from_a_secret_the_chart_mounts(tmp_path: Path) -> None:
+    """The platform's Stripe key lives in a Secret of its own: the chart mounts it
+    read-only where the sink's apiKeyFile points, and nothing else changes."""
+    key_file = "/var/run/secrets/payper/export/payper-stripe/api-key"
+    stripe_sink = {
+        "name": "stripe",
+        "type": "stripe",
+        "apiKeyFile": key_file,
+        "customers": {"team-a": "cus_A1"},
+        "meters": {"by": "gpuProduct", "eventNames": {"NVIDIA-H100-80GB-HBM3": "h100_seconds"}},
+    }
+    operator = {"exportSecrets": ["payper-stripe"], "billing": {"export": {"sinks": [stripe_sink]}}}
+    values = values_file(tmp_path, operator)
+    config = load(operator_config_file(tmp_path, "-f", values))
+    (sink,) = config.billing.export.sinks
+    assert sink.type == "stripe" and str(sink.api_key_file) == key_file
+    (deployment,) = render("-f", values, "--show-only=templates/operator-deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (name,) = [
+        n for n, v in volumes.items() if v.get("secret", {}).get("secretName") == "payper-stripe"
+    ]
+    assert mounts[name]["readOnly"] is True
+    assert key_file.startswith(mounts[name]["mountPath"] + "/")
+    # A customer id that is not one, or a Secret name Kubernetes would refuse: helm says so.
+    bad = merged(
+        operator,
+        {"billing": {"export": {"sinks": [{**stripe_sink, "customers": {"team-a": "a@b"}}]}}},
+    )
+    refused = helm("template", "t", str(CHART), "-f", values_file(tmp_path, bad), check=False)
+    assert refused.returncode != 0 and "customers" in refused.stderr
+    refused = helm(
+        "template", "t", str(CHART), "--set", "operator.exportSecrets={Bad_Name}", check=False
+    )
+    assert refused.returncode != 0 and "exportSecrets" in refused.stderr
