@@ -232,6 +232,46 @@ async def test_a_namespace_with_no_stripe_customer_is_billed_to_no_one_and_kept_
     assert {r["metadata"]["uid"] for r in done} >= uids
 
 
+async def test_removing_every_sink_never_leaves_a_namespace_undeletable(
+    stripe_stack: Stack, cluster: ClusterHandle, http: aiohttp.ClientSession
+) -> None:
+    """A careless platform admin removes the export configuration while records still
+    carry the export finalizer (here: a namespace Stripe has no customer for). With no
+    sink left nothing will export them: deleting their namespace still finishes."""
+    stack = stripe_stack
+    doomed = cluster.namespace("stripe-dropped")
+    stack.deploy(doomed, model("orphan"))
+    statuses = await traffic(http, stack, doomed, "orphan", random.Random(23), 3)
+    assert set(statuses) == {200}
+    await stack.settle()
+
+    def held() -> bool:
+        return any(
+            FINALIZER in r["metadata"].get("finalizers", [])
+            and (r.get("status") or {}).get("state") == "Final"
+            for r in records(cluster, doomed)
+        )
+
+    await asyncio.to_thread(eventually, held, 90, 0.5, "a Final record held for export")
+    export = stack.options.operator_extra["billing"].pop("export")
+    assert stack.operator is not None
+    try:
+        stack.operator.stop()
+        await asyncio.to_thread(stack.start_operator)
+        cluster.kubectl("delete", "namespace", doomed, "--wait=false")
+
+        def gone() -> bool:
+            return cluster.kubectl("get", "namespace", doomed, check=False).returncode != 0
+
+        await asyncio.to_thread(eventually, gone, 90, 0.5, f"namespace {doomed} deleted")
+        log = (stack.workdir / "operator.log").read_text()
+        assert f"namespace {doomed} is being deleted and no export sink is configured" in log
+    finally:
+        stack.options.operator_extra["billing"]["export"] = export
+        stack.operator.stop()
+        await asyncio.to_thread(stack.start_operator)
+
+
 def test_stripe_check_reads_stripe_and_names_what_differs_from_the_plans(
     stripe_stack: Stack, stripe: StripeProxy
 ) -> None:

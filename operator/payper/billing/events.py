@@ -37,6 +37,10 @@ class Observed(Protocol):
         """It is being deleted, or is gone."""
         ...
 
+    def ending_namespaces_now(self) -> list[str]:
+        """The namespaces being deleted or gone (the latest, bounded)."""
+        ...
+
 
 @dataclass
 class BillingEvents:

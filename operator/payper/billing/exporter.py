@@ -338,10 +338,10 @@ class Exporter:
 
     # -- a step, at the end of each flush ----------------------------------------------
     async def step(self) -> None:
+        for location in list(self.releasing):  # with sinks or none (they were removed)
+            await self._release(location)
         if not self.enabled:
             return
-        for location in list(self.releasing):
-            await self._release(location)
         live = {
             location: t
             for location, t in self.tracked.items()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -81,6 +82,7 @@ from payper.observed import UNMANAGED, Key, Owner, PodView, controller_of
 
 logger = logging.getLogger(__name__)
 MAX_CONFLICT_RETRIES = 6
+MAX_ABANDONED_CHECKED = 10_000
 DEAD_LETTERED = "UsageDeadLettered"
 DEAD_LETTERS_FULL = "DeadLetterStoreFull"
 FOREIGN_RECORD = "ForeignBillingRecord"
@@ -123,6 +125,8 @@ class Ledger:
         self._waiting_since: dict[str, int] = {}
         """Deployments whose counts wait for a known GPU product, since when (ms)."""
         self._ledger_version: str | None = None
+        self._abandoned_checked: OrderedDict[str, None] = OrderedDict()
+        """Ending namespaces whose export finalizers were looked at (no sinks), bounded."""
         self._evented: set[tuple[RecordKey, str]] = set()
         """Dead-letter entries an event was posted for (in this process)."""
         self._store_full = False
@@ -579,6 +583,41 @@ class Ledger:
                 )
                 if found is not None:
                     await self._move_record(namespace, name, found)
+        if not self.exporter.enabled:
+            await self._release_abandoned_exports()
+
+    async def _release_abandoned_exports(self) -> None:
+        """With no sink configured (any more: a platform admin removed them), nothing will
+        ever export a record, so the export finalizer an earlier configuration put on a
+        deleted namespace's Final records would hold the namespace's deletion for good:
+        it goes, with a warning (they leave with their namespace, as records always do
+        without sinks). Each ending namespace is looked at once."""
+        for namespace in self.observed.ending_namespaces_now():
+            if namespace == self.namespace or namespace in self._abandoned_checked:
+                continue
+            try:
+                listing = await self.kube.list(resource_path(API_VERSION, PLURAL, namespace))
+            except (ApiError, OSError, TimeoutError) as error:
+                logger.warning("records of %s: %s (retried next flush)", namespace, error)
+                continue
+            held = [
+                item["metadata"]["name"]
+                for item in listing["items"]
+                if outbox.FINALIZER in (item["metadata"].get("finalizers") or [])
+            ]
+            if held:
+                logger.warning(
+                    "namespace %s is being deleted and no export sink is configured: the "
+                    "export finalizer of its %d records not exported is dropped (%s)",
+                    namespace,
+                    len(held),
+                    ", ".join(sorted(held)[:10]),
+                )
+            for name in held:
+                await self.exporter.release((namespace, name))
+            self._abandoned_checked[namespace] = None
+            while len(self._abandoned_checked) > MAX_ABANDONED_CHECKED:
+                self._abandoned_checked.popitem(last=False)
 
     async def _move_record(
         self, namespace: str, name: str, record: dict[str, Any] | None = None
@@ -876,6 +915,9 @@ class Ledger:
             }
             ends = {key: parse_iso(item["spec"]["window"]["end"]) for key, item in items.items()}
             for key in flush.expired(ends, days * 86_400_000, now):
+                finalizers = items[key]["metadata"].get("finalizers") or []
+                if not self.exporter.enabled and outbox.FINALIZER in finalizers:
+                    await self.exporter.release(key)  # no sink left to wait for
                 await self._delete_record(key, items[key]["metadata"]["uid"])
             token = page.get("metadata", {}).get("continue")
             if not token:

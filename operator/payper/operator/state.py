@@ -108,6 +108,9 @@ class Registry:
     def namespace_ending(self, namespace: str) -> bool:
         return namespace in self.ending_namespaces
 
+    def ending_namespaces_now(self) -> list[str]:
+        return list(self.ending_namespaces)
+
     def labels_of(self, namespace: str) -> Mapping[str, str]:
         return self.namespace_labels.get(namespace, {})
 
