@@ -23,7 +23,7 @@ help:
 	@echo "make demo         - the main job: Payper end to end on a local cluster"
 	@echo "make test         - every test tier (unit, then integration on a local cluster)"
 	@echo "make lint         - ruff (lint + format check), mypy --strict, import contracts"
-	@echo "make bench-deps   - the Debian packages bench/ needs (nginx, wrk)"
+	@echo "make bench-deps   - what bench/ needs: Debian packages (nginx, wrk), kept servers"
 	@echo "make cluster-up   - start the local cluster (CLUSTER_DIR=$(CLUSTER_DIR))"
 	@echo "make cluster-down - stop it"
 	@echo "make crds         - regenerate crds/ from payper.api; make crds-check fails on drift"
@@ -35,6 +35,7 @@ test-deps:
 
 bench-deps: venv
 	.ci/debian-deps bench/debian-packages
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 
 # The real node (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS, a loopback
 # registry): its Debian packages, its binaries (built once, cached beside the cluster's)

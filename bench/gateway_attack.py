@@ -59,10 +59,16 @@ GIANT_MAX = 16 * 2**20
 
 
 def rss_mib(pid: int) -> float:
+    """The RSS of a process and all its descendants (a server's workers included)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += rss_mib(int(child))
+    return total
 
 
 async def flood(port: int, limit: int, stop: asyncio.Event) -> None:
@@ -142,7 +148,7 @@ async def round_of(
         with contextlib.suppress(OSError):
             peak = max(peak, rss_mib(pid))
         if peak > args.kill_mib and not killed:
-            os.kill(pid, 9)
+            os.killpg(pid, 9)  # the server and its workers (started in a session of their own)
             killed = True
         await asyncio.sleep(0.1)
     stop.set()

@@ -353,6 +353,7 @@ def start_gateway(
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
+        start_new_session=True,  # a process group: its workers are stopped (or killed) with it
     )
 
 

@@ -1,0 +1,195 @@
+"""Benchmark: keep the gateway's hand-written HTTP/1.1 server, or use a kept library?
+
+Side by side in one run, each proxy pinned to CPU 1 (wrk and the backend on CPU 0), the
+same backend as ``bench/gateway_overhead.py`` (an nginx worker on a kwok pod's loopback
+IP), small (96 B) and streamed (16 chunks) responses:
+
+- direct, and nginx (1 worker, keep-alive upstream): the baselines;
+- payper-gateway: today's hand-written server (``payper.gateway.server``);
+- uvicorn (httptools, uvloop) and granian (Rust, ASGI) each serving ``bench/asgi_proxy.py``,
+  which forwards through the gateway's own upstream client: the library legs differ from
+  the gateway only in the server side, and do less (no routing table, keys, metrics,
+  demand or bounds), so their figures are an upper bound for a gateway built on them.
+
+Throughput with wrk (-t1 -c32), twice per path, alternating; latency at a fixed rate
+from each request's scheduled send time; then ``bench/gateway_attack.py``'s combined
+attack on each server, with the chart's defaults for the gateway and each library's
+defaults (peak RSS of the server and its workers; a server past ``--kill-mib`` is
+killed). The rule (issue: gateway fit for the open internet): use the library if its
+small-response throughput is within 20 % of the hand-written server's, or better, and
+it holds the bounds.
+
+    make bench-deps && .venv/bin/python bench/gateway_server_choice.py [--wrk-seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from gateway_attack import LIMIT_MIB, round_of
+from gateway_overhead import (
+    CRDS,
+    NAME,
+    NAMESPACE,
+    fixed_rate,
+    nginx_proxy_conf,
+    percentile,
+    start_backend,
+    start_gateway,
+    stop_all,
+    wrk,
+)
+from payper_dev.cluster.local import ClusterConfig
+from payper_dev.loopback import free_port, http_ok
+from payper_dev.testing.cluster import ClusterHandle, eventually, local_cluster
+
+BENCH = Path(__file__).resolve().parent
+PIN = ["taskset", "-c", "1"]
+
+
+def start_library(
+    server: str, port: int, backend: str, prefix: str, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PAYPER_BENCH_UPSTREAM": backend,
+        "PAYPER_BENCH_PREFIX": prefix,
+        "PYTHONPATH": str(BENCH),
+    }
+    bind = ["--host", "127.0.0.1", "--port", str(port)]
+    command = {
+        "uvicorn": [
+            sys.executable, "-m", "uvicorn", "asgi_proxy:app", *bind, "--http", "httptools",
+            "--loop", "uvloop", "--no-access-log", "--log-level", "error",
+            "--timeout-keep-alive", "30",
+        ],
+        "granian": [
+            sys.executable, "-m", "granian", "--interface", "asgi", *bind, "--workers", "1",
+            "--runtime-threads", "1", "--loop", "uvloop", "--no-access-log",
+            "--log-level", "error", "asgi_proxy:app",
+        ],
+    }[server]  # fmt: skip
+    return subprocess.Popen(
+        [*PIN, *command],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=BENCH,
+        start_new_session=True,  # killed with its workers past the memory bound
+    )
+
+
+def run(
+    handle: ClusterHandle,
+    scratch: Path,
+    args: argparse.Namespace,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    ip = start_backend(handle, scratch, processes)
+    backend = f"{ip}:8000"
+    prefix = f"/{NAMESPACE}/{NAME}"
+    ports = {name: free_port() for name in ("nginx", "payper", "uvicorn", "granian")}
+    (scratch / "proxy.conf").write_text(nginx_proxy_conf(scratch, ports["nginx"], backend))
+    processes.append(
+        subprocess.Popen([*PIN, "nginx", "-c", str(scratch / "proxy.conf"), "-e", "/dev/null"])
+    )
+    admin = free_port()
+    gateway = start_gateway(scratch, handle, ports["payper"], admin, PIN)
+    processes.append(gateway)
+    pids = {"payper": gateway.pid}
+    for server in ("uvicorn", "granian"):
+        started = start_library(server, ports[server], backend, prefix, scratch / f"{server}.log")
+        processes.append(started)
+        pids[server] = started.pid
+    eventually(lambda: http_ok(f"http://127.0.0.1:{admin}/readyz"), 30, what="the gateway")
+
+    def route(name: str, kind: str) -> tuple[str, int, str]:
+        if name == "direct":
+            return ip, 8000, f"/{kind}"
+        if name == "nginx":
+            return "127.0.0.1", ports["nginx"], f"/{kind}"
+        return "127.0.0.1", ports[name], f"{prefix}/{kind}"
+
+    for name in ("uvicorn", "granian"):
+        host, port, path = route(name, "small")
+        eventually(lambda u=f"http://{host}:{port}{path}": http_ok(u), 30, what=name)
+    names = ("direct", "nginx", "payper", "uvicorn", "granian")
+    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    print(f"\nlatency at {args.rate:.0f} req/s for {args.seconds:.0f} s, ms (p50 / p99)")
+    for kind in ("small", "stream"):
+        cells = []
+        for name in names:
+            latencies = asyncio.run(fixed_rate(*route(name, kind), args.rate, args.seconds))
+            cells.append(
+                f"{name} {percentile(latencies, 0.5):.3f}/{percentile(latencies, 0.99):.3f}"
+            )
+        print(f"{kind}: " + ", ".join(cells))
+    print(f"\nthroughput, proxy on CPU 1 (wrk -t1 -c32, {args.wrk_seconds} s, two rounds), req/s")
+    print("| response | round | " + " | ".join(names) + " | uvicorn / payper | granian / payper |")
+    print("|---|---|" + "---|" * (len(names) + 2))
+    for kind in ("small", "stream"):
+        for round_ in (1, 2):
+            got = {n: wrk(*route(n, kind), args.wrk_seconds) for n in names}
+            ratios = [got[n] / got["payper"] for n in ("uvicorn", "granian")]
+            print(
+                f"| {kind} | {round_} | "
+                + " | ".join(f"{got[n]:.0f}" for n in names)
+                + " | "
+                + " | ".join(f"{r:.2f}" for r in ratios)
+                + " |"
+            )
+    print(
+        f"\nthe combined attack ({args.flooders} pipelining flooders, {args.slowloris} slowloris, "
+        f"1 giant header; client {args.rate:.0f} req/s for {args.seconds:.0f} s; past "
+        f"{args.kill_mib} MiB a server is killed)"
+    )
+    print("| server | peak RSS MiB | of 256 MiB | client p50 ms | client p99 ms | notes |")
+    print("|---|---|---|---|---|---|")
+    for name in ("payper", "uvicorn", "granian"):
+        got = asyncio.run(round_of(pids[name], ports[name], args, attack=True))
+        p50 = "-" if got["p50"] is None else f"{got['p50']:.2f}"
+        p99 = "-" if got["p99"] is None else f"{got['p99']:.2f}"
+        peak = float(str(got["peak"]))
+        notes = ("killed past the bound; " if got["killed"] else "") + str(got["failure"])
+        print(f"| {name} | {peak:.0f} | {peak / LIMIT_MIB:.2f} | {p50} | {p99} | {notes} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--wrk-seconds", type=int, default=8)
+    parser.add_argument("--flooders", type=int, default=4)
+    parser.add_argument("--flood-mib", type=int, default=64)
+    parser.add_argument("--slowloris", type=int, default=300)
+    parser.add_argument("--kill-mib", type=int, default=1536)
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is required (make bench-deps)")
+    scratch = Path(tempfile.mkdtemp(prefix="payper-bench-server-"))
+    (scratch / "tmp").mkdir()
+    processes: list[subprocess.Popen[bytes]] = []
+    config = ClusterConfig(pod_cidr="127.7.0.0/16", cold_start_ms=0, crds_dir=str(CRDS))
+    try:
+        with local_cluster(scratch / "cluster", config) as handle:
+            run(handle, scratch, args, processes)
+    except BaseException:
+        for log in ("gateway.log", "uvicorn.log", "granian.log"):
+            if (scratch / log).exists():
+                print(f"-- {log}\n" + (scratch / log).read_text()[-2000:], file=sys.stderr)
+        raise
+    finally:
+        stop_all(processes)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
