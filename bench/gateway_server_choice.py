@@ -6,10 +6,11 @@ IP), small (96 B) and streamed (16 chunks) responses:
 
 - direct, and nginx (1 worker, keep-alive upstream): the baselines;
 - payper-gateway: today's hand-written server (``payper.gateway.server``);
-- uvicorn (httptools, uvloop) and granian (Rust, ASGI) each serving ``bench/asgi_proxy.py``,
-  which forwards through the gateway's own upstream client: the library legs differ from
-  the gateway only in the server side, and do less (no routing table, keys, metrics,
-  demand or bounds), so their figures are an upper bound for a gateway built on them.
+- uvicorn (httptools, uvloop) and granian (Rust, ASGI), each serving twice: ``-min``,
+  ``bench/asgi_proxy.py``, a minimal proxy over the gateway's own upstream client (a
+  ceiling: it does less than the gateway); ``-gw``, ``bench/asgi_gateway.py``, the
+  gateway's own request path (routing, keys, held requests, metrics, upstream pool)
+  behind an ASGI adapter: the deciding legs.
 
 Throughput with wrk (-t1 -c32), twice per path, alternating; latency at a fixed rate
 from each request's scheduled send time; then ``bench/gateway_attack.py``'s combined
@@ -54,9 +55,15 @@ BENCH = Path(__file__).resolve().parent
 PIN = ["taskset", "-c", "1"]
 
 
+SERVED = {"min": "asgi_proxy:app", "gw": "asgi_gateway:app"}
+"""What a library serves: the minimal proxy, or the gateway's own request path."""
+
+
 def start_library(
-    server: str, port: int, backend: str, prefix: str, log: Path
+    name: str, port: int, backend: str, prefix: str, log: Path
 ) -> subprocess.Popen[bytes]:
+    server, served = name.split("-")
+    app = SERVED[served]
     env = {
         **os.environ,
         "PAYPER_BENCH_UPSTREAM": backend,
@@ -66,14 +73,14 @@ def start_library(
     bind = ["--host", "127.0.0.1", "--port", str(port)]
     command = {
         "uvicorn": [
-            sys.executable, "-m", "uvicorn", "asgi_proxy:app", *bind, "--http", "httptools",
+            sys.executable, "-m", "uvicorn", app, *bind, "--http", "httptools",
             "--loop", "uvloop", "--no-access-log", "--log-level", "error",
             "--timeout-keep-alive", "30",
         ],
         "granian": [
             sys.executable, "-m", "granian", "--interface", "asgi", *bind, "--workers", "1",
             "--runtime-threads", "1", "--loop", "uvloop", "--no-access-log",
-            "--log-level", "error", "asgi_proxy:app",
+            "--log-level", "error", app,
         ],
     }[server]  # fmt: skip
     return subprocess.Popen(
@@ -95,7 +102,8 @@ def run(
     ip = start_backend(handle, scratch, processes)
     backend = f"{ip}:8000"
     prefix = f"/{NAMESPACE}/{NAME}"
-    ports = {name: free_port() for name in ("nginx", "payper", "uvicorn", "granian")}
+    libraries = ("uvicorn-min", "granian-min", "uvicorn-gw", "granian-gw")
+    ports = {name: free_port() for name in ("nginx", "payper", *libraries)}
     (scratch / "proxy.conf").write_text(nginx_proxy_conf(scratch, ports["nginx"], backend))
     processes.append(
         subprocess.Popen([*PIN, "nginx", "-c", str(scratch / "proxy.conf"), "-e", "/dev/null"])
@@ -104,10 +112,10 @@ def run(
     gateway = start_gateway(scratch, handle, ports["payper"], admin, PIN)
     processes.append(gateway)
     pids = {"payper": gateway.pid}
-    for server in ("uvicorn", "granian"):
-        started = start_library(server, ports[server], backend, prefix, scratch / f"{server}.log")
+    for name in libraries:
+        started = start_library(name, ports[name], backend, prefix, scratch / f"{name}.log")
         processes.append(started)
-        pids[server] = started.pid
+        pids[name] = started.pid
     eventually(lambda: http_ok(f"http://127.0.0.1:{admin}/readyz"), 30, what="the gateway")
 
     def route(name: str, kind: str) -> tuple[str, int, str]:
@@ -117,10 +125,10 @@ def run(
             return "127.0.0.1", ports["nginx"], f"/{kind}"
         return "127.0.0.1", ports[name], f"{prefix}/{kind}"
 
-    for name in ("uvicorn", "granian"):
+    for name in libraries:
         host, port, path = route(name, "small")
         eventually(lambda u=f"http://{host}:{port}{path}": http_ok(u), 30, what=name)
-    names = ("direct", "nginx", "payper", "uvicorn", "granian")
+    names = ("direct", "nginx", "payper", *libraries)
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
     print(f"\nlatency at {args.rate:.0f} req/s for {args.seconds:.0f} s, ms (p50 / p99)")
     for kind in ("small", "stream"):
@@ -132,12 +140,18 @@ def run(
             )
         print(f"{kind}: " + ", ".join(cells))
     print(f"\nthroughput, proxy on CPU 1 (wrk -t1 -c32, {args.wrk_seconds} s, two rounds), req/s")
-    print("| response | round | " + " | ".join(names) + " | uvicorn / payper | granian / payper |")
-    print("|---|---|" + "---|" * (len(names) + 2))
+    print(
+        "| response | round | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"{n} / payper" for n in libraries)
+        + " |"
+    )
+    print("|---|---|" + "---|" * (len(names) + len(libraries)))
     for kind in ("small", "stream"):
         for round_ in (1, 2):
             got = {n: wrk(*route(n, kind), args.wrk_seconds) for n in names}
-            ratios = [got[n] / got["payper"] for n in ("uvicorn", "granian")]
+            ratios = [got[n] / got["payper"] for n in libraries]
             print(
                 f"| {kind} | {round_} | "
                 + " | ".join(f"{got[n]:.0f}" for n in names)
@@ -152,7 +166,7 @@ def run(
     )
     print("| server | peak RSS MiB | of 256 MiB | client p50 ms | client p99 ms | notes |")
     print("|---|---|---|---|---|---|")
-    for name in ("payper", "uvicorn", "granian"):
+    for name in ("payper", "uvicorn-gw", "granian-gw"):
         got = asyncio.run(round_of(pids[name], ports[name], args, attack=True))
         p50 = "-" if got["p50"] is None else f"{got['p50']:.2f}"
         p99 = "-" if got["p99"] is None else f"{got['p99']:.2f}"
@@ -182,7 +196,10 @@ def main() -> None:
         with local_cluster(scratch / "cluster", config) as handle:
             run(handle, scratch, args, processes)
     except BaseException:
-        for log in ("gateway.log", "uvicorn.log", "granian.log"):
+        for log in (
+            "gateway.log",
+            *(f"{n}-{m}.log" for n in ("uvicorn", "granian") for m in SERVED),
+        ):
             if (scratch / log).exists():
                 print(f"-- {log}\n" + (scratch / log).read_text()[-2000:], file=sys.stderr)
         raise
