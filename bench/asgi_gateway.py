@@ -13,19 +13,15 @@ the hand-written server enforces are the ASGI server's own here.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator
 
+from asgi_proxy import Receive, Scope, Send, lifespan
 from payper.gateway.proxy import Gateway, GatewaySettings
-from payper.gateway.server import ClientGone
+from payper.gateway.server import ClientGone, Request
 from payper.gateway.targets import Targets
 
 UPSTREAM = os.environ.get("PAYPER_BENCH_UPSTREAM", "127.0.0.1:8000")
 NAMESPACE, NAME = os.environ.get("PAYPER_BENCH_PREFIX", "/bench/echo").strip("/").split("/")
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def _targets() -> Targets:
@@ -73,11 +69,7 @@ class AsgiRequest:
         self.expects_body = chunked or bool(self.content_length)
         self._receive = receive
 
-    def header(self, name: bytes) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value.decode("latin-1")
-        return None
+    header = Request.header  # the gateway's own lookup: it reads only ``self.headers``
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         while True:
@@ -130,11 +122,6 @@ class AsgiResponder:
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
+        return
     await GATEWAY.handle(AsgiRequest(scope, receive), AsgiResponder(send))  # type: ignore[arg-type]

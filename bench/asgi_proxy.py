@@ -33,15 +33,21 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _pool = UpstreamPool()  # connections are made inside the server's loop, on first use
 
 
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Nothing to start or stop: acknowledge both (every ASGI app here)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
+        return
     path: str = scope["path"]
     if not path.startswith(PREFIX + "/"):
         await send({"type": "http.response.start", "status": 404, "headers": []})

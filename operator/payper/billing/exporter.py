@@ -191,15 +191,18 @@ class SinkRunner:
             sent = Sent(failed={e.id: str(error) for e in events})
         unanswered = {e.id for e in events} - sent.taken - set(sent.refused) - set(sent.failed)
         sent.failed |= dict.fromkeys(unanswered, "the sink did not answer for it")
-        for result, n in (("sent", len(sent.taken)), ("refused", len(sent.refused))):
-            metrics.EXPORTED_EVENTS.labels(self.name, result).inc(n)
-        metrics.EXPORTED_EVENTS.labels(self.name, "failed").inc(len(sent.failed))
+        for result, ids in (
+            ("sent", sent.taken),
+            ("refused", sent.refused),
+            ("failed", sent.failed),
+        ):
+            metrics.EXPORTED_EVENTS.labels(self.name, result).inc(len(ids))
         until = self._clock() + self.export.max_backoff_seconds
         for location, work in batch:
             work.taken |= {e.id for e in work.events} & sent.taken
-            current = self.work.get(location)
             if len(work.taken) == len(work.events):
                 self.acknowledged[location] = work.sealed
+                current = self.work.get(location)
                 if current is not None and current.sealed == work.sealed:
                     del self.work[location]
                 continue
