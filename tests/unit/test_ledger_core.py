@@ -8,6 +8,7 @@ row, as the autoscaler's are.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -756,3 +757,43 @@ def test_a_pods_containers_in_one_record_are_one_delta_of_their_sum() -> None:
     assert delta.rounded_ms == RoundedMs(per_millisecond=2, per_second=2000, per_minute=120_000)
     assert delta.split_us == SplitUs(proportional=800)
     assert [d.active_us for d in planned.changes[unmanaged].usage] == [5]
+
+
+@settings(max_examples=150, deadline=None)
+@given(series=st.lists(_series, max_size=12))
+def test_a_reports_runs_are_its_series_in_order_summed_per_consecutive_pod(
+    series: list[SeriesUsage],
+) -> None:
+    sent = UsageReport(
+        agent_id="a", sequence=1, node="n", interval_start_ms=0, interval_end_ms=1, series=series
+    )
+
+    def claim(s: SeriesUsage) -> tuple[str, str, str, str | None]:
+        return (s.pod_uid, s.gpu_product, s.namespace, s.inference_deployment)
+
+    runs = sent.runs
+    assert [s for run in runs for s in run.series] == series, "every series once, in order"
+    for run, following in itertools.pairwise(runs):
+        assert claim(run.series[0]) != claim(following.series[0]), "a run ends at a change"
+    for run in runs:
+        assert {claim(s) for s in run.series} == {
+            (run.pod_uid, run.gpu_product, run.namespace, run.inference_deployment)
+        }
+        assert run.active_us == sum(s.active_us for s in run.series)
+        assert run.bursts == sum(s.bursts for s in run.series)
+        for granularity in ("1ms", "1s", "1m"):
+            assert run.rounded_ms.at(granularity) == sum(
+                s.rounded_ms.at(granularity) for s in run.series
+            )
+        splits = [s.split_us for s in run.series if s.split_us is not None]
+        assert run.split_us == (sum(splits[1:], splits[0]) if splits else None)
+
+
+def test_a_copy_of_a_report_with_other_series_sums_its_own() -> None:
+    """Runs are summed once and kept; a copy with other series must not keep the old."""
+    sent = report("a", 1, active_us=1_000)
+    assert [run.active_us for run in sent.runs] == [1_000]
+    other = sent.series[0].model_copy(update={"pod_uid": "u1", "active_us": 7})
+    copied = sent.model_copy(update={"series": [*sent.series, other]})
+    assert [run.active_us for run in copied.runs] == [1_000, 7]
+    assert [run.active_us for run in sent.runs] == [1_000]

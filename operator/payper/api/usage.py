@@ -14,7 +14,9 @@ is what the per-GPU reconciliation (``payper reconcile``) is built from.
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Protocol, Self
 
 from pydantic import Field, model_validator
 
@@ -48,6 +50,63 @@ class SeriesUsage(ApiModel):
     split_us: SplitUs | None = None
     """Of ``activeUs``, what came from a MIG instance this container shared with other
     processes, by how the instance's time was divided; None: none was shared."""
+
+
+class SeriesRun:
+    """Consecutive series of one report that name the same pod, GPU product and
+    deployment (an agent sends a pod's series one after another), with their usage summed.
+    The ledger routes usage to records a run at a time: all of a run lands in one place."""
+
+    __slots__ = (
+        "active_us",
+        "bursts",
+        "gpu_product",
+        "inference_deployment",
+        "namespace",
+        "pod_uid",
+        "rounded_ms",
+        "series",
+        "split_us",
+    )
+
+    def __init__(self, series: list[SeriesUsage]) -> None:
+        first = series[0]
+        self.pod_uid = first.pod_uid
+        self.gpu_product = first.gpu_product
+        self.namespace = first.namespace
+        self.inference_deployment = first.inference_deployment
+        self.series = series
+        self.active_us, self.bursts, self.rounded_ms, self.split_us = summed(series)
+
+
+class _Usage(Protocol):
+    active_us: int
+    bursts: int
+    rounded_ms: RoundedMs
+    split_us: SplitUs | None
+
+
+def summed(parts: Sequence[_Usage]) -> tuple[int, int, RoundedMs, SplitUs | None]:
+    """Active µs, bursts, rounded ms and MIG split of series (or runs) added up; one part
+    is returned as it is (no new objects)."""
+    if len(parts) == 1:
+        (only,) = parts
+        return only.active_us, only.bursts, only.rounded_ms, only.split_us
+    active_us = bursts = per_millisecond = per_second = per_minute = 0
+    split: SplitUs | None = None
+    for part in parts:
+        active_us += part.active_us
+        bursts += part.bursts
+        rounded = part.rounded_ms
+        per_millisecond += rounded.per_millisecond
+        per_second += rounded.per_second
+        per_minute += rounded.per_minute
+        if part.split_us is not None:
+            split = part.split_us if split is None else split + part.split_us
+    # Validated, though sums of valid counts are valid: pydantic's validating constructor
+    # is about twice as fast as model_construct for three ints (1.6 against 3.1 µs).
+    total = RoundedMs(per_millisecond=per_millisecond, per_second=per_second, per_minute=per_minute)
+    return active_us, bursts, total, split
 
 
 class GpuTime(ApiModel):
@@ -123,6 +182,32 @@ class UsageReport(ApiModel):
         if self.interval_end_ms < self.interval_start_ms:
             raise ValueError("intervalEndMs must not be before intervalStartMs")
         return self
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("runs", None)  # a copy sums its own series
+        return copied
+
+    @functools.cached_property
+    def runs(self) -> list[SeriesRun]:
+        """The series in runs (``SeriesRun``), summed once per report: the ledger asks
+        when the report arrives, so a flush of thousands of reports does not redo it
+        (``bench/flush_plan.py``). Not part of the wire form; series are not changed
+        after validation."""
+        groups: list[list[SeriesUsage]] = []
+        claim: tuple[str, str, str, str | None] | None = None
+        for series in self.series:
+            this = (
+                series.pod_uid,
+                series.gpu_product,
+                series.namespace,
+                series.inference_deployment,
+            )
+            if this != claim:
+                claim = this
+                groups.append([])
+            groups[-1].append(series)
+        return [SeriesRun(group) for group in groups]
 
 
 class UsageBatch(ApiModel):

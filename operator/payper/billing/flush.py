@@ -43,8 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from payper.api.billing_record import RoundedMs
-from payper.api.usage import SeriesUsage, UsageReport
+from payper.api.usage import SeriesRun, SeriesUsage, UsageReport, summed
 from payper.billing.events import BillingEvents
 from payper.billing.pricing import UNKNOWN_PRODUCT, product_key
 from payper.billing.records import PodSpan, RecordChange, RecordKey, UsageDelta, window_start
@@ -191,14 +190,14 @@ def product_of(pod: PodView | None, key: Key, seen: Observations) -> str:
     return seen.node_products.get(pod.node, UNKNOWN_PRODUCT)
 
 
-def _series_key(series: SeriesUsage, seen: Observations) -> Key:
-    """Where a series is billed: the operator's own attribution of its pod (owner chain).
-    For a pod the operator never saw, where its refused claim is filed: the namespace and
-    deployment the agent read from the API."""
-    known = seen.owners.get(series.pod_uid)
+def _series_key(run: SeriesRun, seen: Observations) -> Key:
+    """Where a pod's series are billed: the operator's own attribution of the pod (owner
+    chain). For a pod the operator never saw, where its refused claim is filed: the
+    namespace and deployment the agent read from the API."""
+    known = seen.owners.get(run.pod_uid)
     if known is not None:
         return known
-    return (series.namespace, series.inference_deployment or UNMANAGED)
+    return (run.namespace, run.inference_deployment or UNMANAGED)
 
 
 def _usage(
@@ -256,7 +255,7 @@ class _Routed:
     """A report's series by where they land: (namespace, deployment), GPU product key,
     and the reason they are refused ("" for applied)."""
 
-    groups: dict[tuple[Key, str, str], list[SeriesUsage]] = field(default_factory=dict)
+    groups: dict[tuple[Key, str, str], list[SeriesRun]] = field(default_factory=dict)
     refused: list[tuple[UsageReport, SeriesUsage, str]] = field(default_factory=list)
     unseen: bool = False
     """Some series name a pod the operator has not seen on a node (refused, if the
@@ -266,65 +265,31 @@ class _Routed:
 def _by_record(report: UsageReport, seen: Observations, products: dict[str, str]) -> _Routed:
     routed = _Routed()
     nodes = seen.pod_nodes
-    # An agent sends a pod's series one after another: a series that names the pod, GPU
-    # product and deployment of the one before it lands where that one did.
-    route: tuple[str, str, str, str | None] | None = None
-    members: list[SeriesUsage] = []
-    reason = ""
-    for series in report.series:
-        claim = (series.pod_uid, series.gpu_product, series.namespace, series.inference_deployment)
-        if claim != route:
-            route = claim
-            product = products.get(series.gpu_product)
-            if product is None:
-                product = products[series.gpu_product] = product_key(series.gpu_product)
-            # An agent reports only its own node's pods: usage it claims for a pod the
-            # operator sees on another node, or nowhere, is not applied (the report's
-            # other series are) but filed as a dead letter. A pod never moves.
-            node = nodes.get(series.pod_uid)
-            if node == report.node:
-                reason = ""
-            elif node is None:
-                reason = UNSEEN_POD
-                routed.unseen = True
-            else:
-                reason = FOREIGN_POD
-            members = routed.groups.setdefault((_series_key(series, seen), product, reason), [])
-        members.append(series)
-        if reason:
-            routed.refused.append((report, series, reason))
+    for run in report.runs:  # a pod's series, summed when the report arrived
+        product = products.get(run.gpu_product)
+        if product is None:
+            product = products[run.gpu_product] = product_key(run.gpu_product)
+        # An agent reports only its own node's pods: usage it claims for a pod the
+        # operator sees on another node, or nowhere, is not applied (the report's other
+        # series are) but filed as a dead letter. A pod never moves.
+        node = nodes.get(run.pod_uid)
+        if node == report.node:
+            reason = ""
+        else:
+            reason = UNSEEN_POD if node is None else FOREIGN_POD
+            routed.unseen = routed.unseen or node is None
+            routed.refused.extend((report, series, reason) for series in run.series)
+        routed.groups.setdefault((_series_key(run, seen), product, reason), []).append(run)
     return routed
 
 
 def _delta(
-    agent: str, report: UsageReport, members: list[SeriesUsage], original_window_ms: int | None
+    agent: str, report: UsageReport, runs: list[SeriesRun], original_window_ms: int | None
 ) -> UsageDelta:
     """One report's usage in one record: its series there, summed (``records.apply``
     applies a report's usage in a record all or nothing, so one delta is the same as one
     per series)."""
-    if len(members) == 1:
-        (only,) = members
-        active_us, rounded, bursts, split = (
-            only.active_us,
-            only.rounded_ms,
-            only.bursts,
-            only.split_us,
-        )
-    else:
-        active_us = bursts = per_millisecond = per_second = per_minute = 0
-        split = None
-        for series in members:
-            active_us += series.active_us
-            bursts += series.bursts
-            closed = series.rounded_ms
-            per_millisecond += closed.per_millisecond
-            per_second += closed.per_second
-            per_minute += closed.per_minute
-            if series.split_us is not None:
-                split = series.split_us if split is None else split + series.split_us
-        rounded = RoundedMs(
-            per_millisecond=per_millisecond, per_second=per_second, per_minute=per_minute
-        )
+    active_us, bursts, rounded, split = summed(runs)
     return UsageDelta(
         agent_id=agent,
         legacy_agent_id=report.agent_id,

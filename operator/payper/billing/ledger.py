@@ -206,6 +206,7 @@ class Ledger:
         future: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
         for report in reports:
             self.reported_at[report.node] = self.clock()
+            report.runs  # noqa: B018 - summed now, as reports arrive, not all in the flush
         self._queue.append((reports, future))
         return await future
 
