@@ -7,9 +7,9 @@ it (640 agents per record at 4,000 agents). Each configuration is measured for e
 record write concurrency in ``--concurrency`` (``billing.recordWriteConcurrency``; 1 is
 the one-after-another flush of the code before it) and, end to end, for the code before
 (``--baseline``: its operator, which also slept a whole interval after each flush instead
-of keeping a fixed cadence), in one run, each in a namespace of its own and from an empty
-progress ConfigMap, so the runs are comparable. The chart's records admission policy is
-installed, as in a cluster.
+of keeping a fixed cadence, and its CRDs if the tree has ``crds/``), in one run, each in
+a namespace of its own and from an empty progress ConfigMap, so the runs are comparable.
+The chart's records admission policy is installed, as in a cluster.
 
 1. The ledger alone (``--ledger-agents``): a ``Ledger`` in this process, pinned to CPU
    1, as the operator's ServiceAccount against the real API server; each round every
@@ -419,6 +419,11 @@ def measure(
     fresh_progress(handle)
     billing: dict[str, Any] = {"flushIntervalSeconds": FLUSH_INTERVAL_S}
     environment = dict(os.environ)
+    # The code before runs with its own CRDs where its tree has them (``git archive REV
+    # operator crds``): a record's schema is part of what a write costs.
+    crds = Path(args.baseline or "") / "crds"
+    own_crds = concurrency == BEFORE and crds.is_dir()
+    handle.kubectl("replace", "-f", str(crds if own_crds else CRDS))
     if concurrency == BEFORE:  # the code before: its own operator package, no such setting
         os.environ["PYTHONPATH"] = str(Path(args.baseline).resolve() / "operator")
     else:

@@ -181,6 +181,10 @@ class BillingRecordStatus(ApiModel):
         Field(
             max_length=MAX_AGENTS,
             description="Per agent id, the last usage report sequence number applied here.",
+            # Written whole by the ledger (status PUT): as an atomic map the API server
+            # tracks it as one field instead of one managedFields entry per agent, which
+            # halves its CPU per record write at 640 agents (bench/record_write_cost.py).
+            json_schema_extra={"x-kubernetes-map-type": "atomic"},
         ),
     ] = Field(default_factory=dict)
     adjustments: Annotated[list[Adjustment], Field(max_length=MAX_ADJUSTMENTS)] = Field(
