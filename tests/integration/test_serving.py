@@ -263,6 +263,60 @@ async def test_queue_limit_and_cold_start_timeout_answer_503_and_504(
     assert "coldStartTimeoutSeconds" in degraded["message"]
 
 
+async def test_a_flood_on_a_busy_replica_queues_to_the_deployments_bound_then_429(
+    stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """An eager (or hostile) client floods a warm deployment whose replica takes one
+    request at a time (containerConcurrency 1) and which holds at most 2 (its own
+    maxQueue, below the platform's cap): one runs, two wait, every other is told 429 with
+    Retry-After at once; the held ones are served once the replica is free."""
+    manifest = inference_deployment("one-at-a-time", min_replicas=1, max_replicas=1)
+    manifest["spec"]["scaling"] |= {"containerConcurrency": 1, "maxQueue": -1}
+    refused = stack.cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=False
+    )
+    assert refused.returncode != 0
+    assert "spec.scaling.maxQueue" in refused.stderr, refused.stderr
+    manifest["spec"]["scaling"]["maxQueue"] = 2
+    assert stack.options.max_queue > 2
+    stack.deploy(namespace, manifest)
+    eventually(
+        lambda: stack.gateway_endpoints(namespace).get("one-at-a-time") == 1,
+        30,
+        what="a ready replica routed",
+    )
+    release = asyncio.Event()
+
+    async def held_open() -> AsyncIterator[bytes]:
+        yield b"first;"
+        await asyncio.wait_for(release.wait(), 60)  # bounded: the test ends either way
+
+    url = f"{stack.gateway_url}/{namespace}/one-at-a-time"
+    async with http.post(f"{url}/echo", data=held_open()) as running:
+        assert running.status == 200
+        assert await running.content.readexactly(len(b"first;")) == b"first;"  # at the pod
+        held = [
+            asyncio.create_task(infer(http, stack, namespace, "one-at-a-time")) for _ in range(2)
+        ]
+
+        def queued() -> bool:
+            gauge = stack.gateway_gauge("payper_gateway_queued_requests", namespace)
+            return gauge.get("one-at-a-time") == 2
+
+        # In a thread: the loop keeps sending the held requests meanwhile.
+        await asyncio.to_thread(eventually, queued, 20, 0.1, "two requests held")
+        told = await asyncio.gather(
+            *(infer(http, stack, namespace, "one-at-a-time") for _ in range(5))
+        )
+        assert [status for status, _, _ in told] == [429] * 5
+        assert all(headers["Retry-After"] == "5" for _, headers, _ in told)
+        assert "queue is full (2 requests)" in told[0][2]["error"]
+        assert not any(task.done() for task in held), "the held ones wait for the replica"
+        release.set()
+        assert await running.read() == b""
+    assert [(await task)[0] for task in held] == [200, 200]
+
+
 async def test_server_sent_events_stream_through_unbuffered(
     stack: Stack, namespace: str, http: aiohttp.ClientSession
 ) -> None:

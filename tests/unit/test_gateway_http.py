@@ -775,14 +775,26 @@ async def test_require_auth_serves_a_valid_key_and_keeps_it_from_the_pod(
     assert "Authorization" not in backend.seen[0]["headers"]
 
 
+@pytest.mark.parametrize(
+    ("platform_queue", "deployment_queue", "workers"),
+    [
+        (1, None, 1),  # the platform's cap
+        (100, 1, 1),  # a deployment may ask for less
+        (1, 50, 1),  # but never for more
+        (100, 2, 2),  # shared among a gateway's workers, like the platform's cap
+    ],
+)
 async def test_a_replica_is_sent_at_most_its_concurrency_the_rest_queue_then_429(
-    backend: Backend,
+    backend: Backend, platform_queue: int, deployment_queue: int | None, workers: int
 ) -> None:
     """containerConcurrency 1: a second request waits for the first to finish (never two
-    on the replica at once); with the queue full, a third is told 429 (the deployment is
-    warm, just busy), with Retry-After."""
-    settings = GatewaySettings(domain="x.test", max_queue=1)
-    proxy, port, listening = await _gateway_to(backend.port, settings, {"containerConcurrency": 1})
+    on the replica at once); with the queue (here 1) full, a third is told 429 (the
+    deployment is warm, just busy), with Retry-After."""
+    settings = GatewaySettings(domain="x.test", max_queue=platform_queue, workers=workers)
+    scaling: dict[str, Any] = {"containerConcurrency": 1}
+    if deployment_queue is not None:
+        scaling["maxQueue"] = deployment_queue
+    proxy, port, listening = await _gateway_to(backend.port, settings, scaling)
     target = proxy.targets.get(("ns", "m"))
     assert target is not None
     (endpoint,) = target.endpoints.values()
@@ -803,6 +815,7 @@ async def test_a_replica_is_sent_at_most_its_concurrency_the_rest_queue_then_429
             port, b"GET /ns/m/small HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
         )
         assert third.startswith(b"HTTP/1.1 429") and b"Retry-After: 5" in third
+        assert b"queue is full (1 requests)" in third
         assert (await first).startswith(b"HTTP/1.1 200")
         assert (await second).startswith(b"HTTP/1.1 200")
         assert b"X-Payper-Cold-Start-Ms" not in (await second), "a busy wait is no cold start"

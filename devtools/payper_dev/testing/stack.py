@@ -210,17 +210,21 @@ class Stack:
         return CHART if self.options.source is None else self.options.source / "charts" / "payper"
 
     # -- deployments -------------------------------------------------------------------
-    def gateway_endpoints(self, namespace: str) -> dict[str, int]:
-        """Ready endpoints per InferenceDeployment of a namespace that the gateway routes
-        (its series exist exactly while it routes the deployment)."""
+    def gateway_gauge(self, name: str, namespace: str) -> dict[str, int]:
+        """A per-deployment gauge of the gateway, per InferenceDeployment of a namespace."""
         metrics = get_text(f"http://127.0.0.1:{self.gateway_admin_port}/metrics") or ""
         return {
             sample.labels["inference_deployment"]: int(sample.value)
             for family in text_string_to_metric_families(metrics)
-            if family.name == "payper_gateway_ready_endpoints"
+            if family.name == name
             for sample in family.samples
             if sample.labels.get("namespace") == namespace
         }
+
+    def gateway_endpoints(self, namespace: str) -> dict[str, int]:
+        """Ready endpoints per InferenceDeployment of a namespace that the gateway routes
+        (its series exist exactly while it routes the deployment)."""
+        return self.gateway_gauge("payper_gateway_ready_endpoints", namespace)
 
     def routed(self, namespace: str) -> set[str]:
         """The InferenceDeployments of a namespace the gateway routes."""

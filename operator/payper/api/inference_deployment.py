@@ -161,6 +161,17 @@ class ScalingSpec(ApiModel):
             "gateway's bounded queue (LLM servers degrade past a few concurrent requests).",
         ),
     ] = 0
+    max_queue: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=100000,
+            description="Requests each gateway replica holds for this deployment while no "
+            "replica can take them (waking, or all at containerConcurrency); beyond, 503 "
+            "or 429 with Retry-After. At most the platform's gateway.maxQueue, which "
+            "applies when unset or larger.",
+        ),
+    ] = None
 
 
 class BillingSpec(ApiModel):

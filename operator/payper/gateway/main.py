@@ -189,6 +189,7 @@ async def serve(args: argparse.Namespace) -> None:
         GatewaySettings(
             domain=args.domain,
             max_queue=workers.share(args.max_queue, args.workers),
+            workers=args.workers,
             trusted_proxies=args.trusted_proxies,
             upstream_response_head_timeout_s=args.upstream_head_timeout,
         ),

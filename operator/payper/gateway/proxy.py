@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from payper.gateway import metrics
+from payper.gateway import metrics, workers
 from payper.gateway.routing import Route, route
 from payper.gateway.server import ClientGone, Request, Responder
 from payper.gateway.targets import Endpoint, Target, TargetGone, Targets
@@ -69,7 +69,11 @@ class GatewaySettings:
     """Peers (a load balancer in front) whose X-Forwarded-*/Forwarded headers are kept
     and extended; anyone else's are replaced by what the gateway itself sees."""
     max_queue: int = 100
-    """Requests held per deployment while it has no ready endpoint."""
+    """Requests held per deployment while it has no ready endpoint (this process's share
+    of the platform's cap)."""
+    workers: int = 1
+    """Processes sharing this gateway's bounds: a deployment's own ``maxQueue`` is
+    divided among them too."""
     retry_after_s: int = 5
     upstream_connect_timeout_s: float = 5.0
     upstream_response_head_timeout_s: float = 300.0
@@ -292,14 +296,17 @@ class Gateway:
 
         None means an error response was sent instead.
         """
-        if target.queued >= self.settings.max_queue:
+        limit = self.settings.max_queue
+        if target.max_queue is not None:  # the deployment asks for fewer
+            limit = min(limit, workers.share(target.max_queue, self.settings.workers))
+        if target.queued >= limit:
             retry = [("Retry-After", str(self.settings.retry_after_s))]
             if target.endpoints:  # warm: its replicas are busy (at their cap): too many
                 await send_error(
                     responder,
                     429,
                     f"{found.namespace}/{found.name} is busy and its queue is full "
-                    f"({self.settings.max_queue} requests); retry later",
+                    f"({limit} requests); retry later",
                     retry,
                 )
             else:
@@ -307,7 +314,7 @@ class Gateway:
                     responder,
                     503,
                     f"{found.namespace}/{found.name} is starting and its queue is full "
-                    f"({self.settings.max_queue} requests); retry later",
+                    f"({limit} requests); retry later",
                     retry,
                 )
             return None

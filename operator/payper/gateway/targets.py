@@ -63,6 +63,8 @@ class Target:
     cold_start_timeout_s: float
     container_concurrency: int = 0
     """Requests one endpoint is sent at once; 0: no cap."""
+    max_queue: int | None = None
+    """Requests held for it, if the deployment asks for fewer than the gateway's cap."""
     auth_required: bool = False
     """Only requests with one of ``key_digests`` are served (spec.auth, or requireAuth)."""
     key_digests: tuple[bytes, ...] = ()
@@ -190,6 +192,7 @@ class Targets:
         target.port = spec.serving_port()
         target.cold_start_timeout_s = float(spec.scaling.cold_start_timeout_seconds)
         target.container_concurrency = spec.scaling.container_concurrency
+        target.max_queue = spec.scaling.max_queue
         target.auth_required = spec.auth is not None or self.require_auth
         target.key_digests = published_digests(obj, spec)
         self._refresh(key)
