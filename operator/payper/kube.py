@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -31,8 +32,25 @@ APPLY_PATCH = "application/apply-patch+yaml"
 logger = logging.getLogger(__name__)
 STRICT = {"fieldValidation": "Strict"}
 WARNINGS_ENV = "PAYPER_API_WARNINGS"
+THROTTLED_RETRIES = 10
+"""A 429 (the API server's flow control, or a resource's storage still initializing
+after a CRD change) was not acted on: the request is sent again after its Retry-After,
+at most this many times (as client-go does)."""
+MAX_RETRY_AFTER_S = 10.0
 """``error`` turns every warning the API server sends into an ApiError (the tests set it)."""
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+def retry_after_s(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header (delta-seconds; 1 if absent or not a
+    number), within 0.1 and ``MAX_RETRY_AFTER_S``."""
+    try:
+        seconds = float(value) if value is not None else 1.0
+    except ValueError:
+        seconds = 1.0
+    if math.isnan(seconds):
+        seconds = 1.0
+    return min(max(seconds, 0.1), MAX_RETRY_AFTER_S)
 
 
 class ApiError(Exception):
@@ -168,27 +186,34 @@ class Kube:
         content_type: str = "application/json",
     ) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        async with self.session.request(
-            method,
-            self.credentials.host + path,
-            data=data,
-            params=params,
-            headers=self._headers(content_type if data is not None else None),
-            timeout=self._timeout,
-        ) as response:
-            raw = await response.read()
-            try:
-                payload: Any = json.loads(raw) if raw else None
-            except ValueError:
-                payload = raw.decode(errors="replace")
-            if response.status >= 400:
-                raise ApiError(response.status, payload, method, path)
-            warnings = response.headers.getall("Warning", [])
-            if warnings:
-                logger.warning("Kubernetes API warning on %s %s: %s", method, path, warnings)
-                if os.environ.get(WARNINGS_ENV) == "error":
-                    raise ApiError(299, {"message": "; ".join(warnings)}, method, path)
-            return payload
+        for attempt in range(THROTTLED_RETRIES + 1):
+            async with self.session.request(
+                method,
+                self.credentials.host + path,
+                data=data,
+                params=params,
+                headers=self._headers(content_type if data is not None else None),
+                timeout=self._timeout,
+            ) as response:
+                raw = await response.read()
+                try:
+                    payload: Any = json.loads(raw) if raw else None
+                except ValueError:
+                    payload = raw.decode(errors="replace")
+                if response.status == 429 and attempt < THROTTLED_RETRIES:
+                    wait = retry_after_s(response.headers.get("Retry-After"))
+                    logger.info("%s %s: 429 (%s), again in %.1fs", method, path, payload, wait)
+                    await asyncio.sleep(wait)
+                    continue
+                if response.status >= 400:
+                    raise ApiError(response.status, payload, method, path)
+                warnings = response.headers.getall("Warning", [])
+                if warnings:
+                    logger.warning("Kubernetes API warning on %s %s: %s", method, path, warnings)
+                    if os.environ.get(WARNINGS_ENV) == "error":
+                        raise ApiError(299, {"message": "; ".join(warnings)}, method, path)
+                return payload
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return await self.request("GET", path, params=params)
