@@ -32,12 +32,13 @@ APPLY_PATCH = "application/apply-patch+yaml"
 logger = logging.getLogger(__name__)
 STRICT = {"fieldValidation": "Strict"}
 WARNINGS_ENV = "PAYPER_API_WARNINGS"
+"""``error`` turns every warning the API server sends into an ApiError (the tests set it)."""
 THROTTLED_RETRIES = 10
 """A 429 (the API server's flow control, or a resource's storage still initializing
 after a CRD change) was not acted on: the request is sent again after its Retry-After,
-at most this many times (as client-go does)."""
+at most this many times (as client-go does). Callers with a deadline of their own (the
+lease renewal) bound the whole call."""
 MAX_RETRY_AFTER_S = 10.0
-"""``error`` turns every warning the API server sends into an ApiError (the tests set it)."""
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 

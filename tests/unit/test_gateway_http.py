@@ -824,6 +824,44 @@ async def test_a_replica_is_sent_at_most_its_concurrency_the_rest_queue_then_429
         proxy.close()
 
 
+async def test_a_cold_deployment_that_holds_nothing_is_woken_but_not_flooded_with_pokes() -> None:
+    """maxQueue 0 at zero replicas: each request is told 503 with Retry-After at once, and
+    the deployment is still woken, with one poke however many requests arrive."""
+    targets = Targets()
+    targets.upsert_deployment(
+        {
+            "metadata": {"namespace": "ns", "name": "m"},
+            "spec": {
+                "scaling": {"maxQueue": 0},
+                "template": {"spec": {"containers": [{"name": "s", "image": "i"}]}},
+            },
+        }
+    )
+    pokes: list[tuple[str, str]] = []
+
+    async def poke(namespace: str, name: str) -> None:
+        pokes.append((namespace, name))
+
+    proxy = Gateway(targets, GatewaySettings(domain="x.test"), poke)
+    port = free_port()
+    listening = await server.serve(proxy.handle, "127.0.0.1", port)
+    try:
+        answers = await asyncio.gather(
+            *(
+                exchange(port, b"GET /ns/m/v1 HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n")
+                for _ in range(50)
+            )
+        )
+        await until(lambda: bool(pokes))
+        await asyncio.sleep(0.1)  # any further poke task would have run by now
+    finally:
+        listening.close()
+        proxy.close()
+    assert all(a.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in a for a in answers)
+    assert b"is starting and its queue is full (0 requests)" in answers[0]
+    assert pokes == [("ns", "m")]
+
+
 async def test_websocket_and_http2_are_refused_with_a_clear_answer(
     gateway: tuple[int, Targets], backend: Backend
 ) -> None:

@@ -168,8 +168,9 @@ class ScalingSpec(ApiModel):
             le=100000,
             description="Requests each gateway replica holds for this deployment while no "
             "replica can take them (waking, or all at containerConcurrency); beyond, 503 "
-            "or 429 with Retry-After. At most the platform's gateway.maxQueue, which "
-            "applies when unset or larger.",
+            "or 429 with Retry-After (0: none held; a request still wakes it). At most the "
+            "platform's gateway.maxQueue, which applies when unset or larger. Divided "
+            "among a gateway replica's workers (at least 1 each, unless 0).",
         ),
     ] = None
 

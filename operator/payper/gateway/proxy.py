@@ -300,6 +300,13 @@ class Gateway:
         if target.max_queue is not None:  # the deployment asks for fewer
             limit = min(limit, workers.share(target.max_queue, self.settings.workers))
         if target.queued >= limit:
+            now = time.monotonic()
+            if not target.endpoints and not target.queued and now >= target.next_refused_poke:
+                # Nothing held (a deployment whose maxQueue is 0) still wakes it, the
+                # client told to come back in Retry-After; at most one poke a second,
+                # however many requests a stranger sends.
+                target.next_refused_poke = now + 1.0
+                asyncio.get_running_loop().create_task(self.poke(found.namespace, found.name))
             retry = [("Retry-After", str(self.settings.retry_after_s))]
             if target.endpoints:  # warm: its replicas are busy (at their cap): too many
                 await send_error(

@@ -65,6 +65,8 @@ class Target:
     """Requests one endpoint is sent at once; 0: no cap."""
     max_queue: int | None = None
     """Requests held for it, if the deployment asks for fewer than the gateway's cap."""
+    next_refused_poke: float = 0.0
+    """Monotonic time before which a refused request does not poke again (maxQueue 0)."""
     auth_required: bool = False
     """Only requests with one of ``key_digests`` are served (spec.auth, or requireAuth)."""
     key_digests: tuple[bytes, ...] = ()

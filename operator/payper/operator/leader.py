@@ -115,12 +115,17 @@ class LeaderElector:
         last_renewal = time.monotonic()
         while True:
             await asyncio.sleep(self.renew_s)
+            # A renewal that is still waiting (a slow or throttling API server: the
+            # client retries a 429) must not outlast the lease it renews.
+            left = last_renewal + self.duration_s - time.monotonic()
             try:
-                if await self.try_acquire():
+                async with asyncio.timeout(max(left, 0.001)):
+                    renewed = await self.try_acquire()
+                if renewed:
                     last_renewal = time.monotonic()
                     continue
-            except (ApiError, OSError) as error:
-                logger.warning("lease renewal failed: %s", error)
+            except (ApiError, OSError, TimeoutError) as error:
+                logger.warning("lease renewal failed: %s", error or "no answer in time")
             if self.holder not in (None, "", self.identity):
                 self.is_leader = False
                 raise LostLeadership(f"{self.holder} holds {self.path} now")
