@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from payper.kube import WARNINGS_ENV
+# The shared test helpers assert too: show what differed when one fails.
+pytest.register_assert_rewrite("payper_dev.testing")
+
+from payper.kube import WARNINGS_ENV  # noqa: E402 - after the rewrite hook
 
 REPO = Path(__file__).resolve().parent.parent
 

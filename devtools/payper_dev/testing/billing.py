@@ -50,9 +50,9 @@ def assert_records_equal_truth(stack: Stack, namespace: str, deployments: list[s
         expected = truth[(namespace, name)]
         assert expected["activeUs"] > 0
         got = totals[name]
-        assert {k: got[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")} == {
-            k: expected[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")
-        }, name
+        measured = {k: got[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")}
+        wanted = {k: expected[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")}
+        assert measured == wanted, f"{name}: records {measured}, agents {wanted}\n{stack.logs()}"
         assert got["amount"] == H100_PRICE * expected["1s"] / 1000, name
 
 
