@@ -936,12 +936,14 @@ class Ledger:
                 continue
             spec = BillingRecordSpec.model_validate(record["spec"])
             updated, _ = apply(status, spec, RecordChange(), now, self.applied_through)
-            final = updated.model_copy(update={"state": FINAL, "finalized_at": iso(now)})
+            final = BillingRecordStatus.model_validate(
+                {**updated.model_dump(), "state": FINAL, "finalized_at": iso(now)}
+            )
             try:
                 written = await self.kube.replace_status(
                     resource_path(API_VERSION, PLURAL, cache_key[0], cache_key[1], "status"),
                     record,
-                    BillingRecordStatus.model_validate(final.model_dump()),
+                    final,
                 )
             except ApiError as error:
                 if error.conflict:
