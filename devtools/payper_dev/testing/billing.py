@@ -43,17 +43,46 @@ def record_totals(cluster: ClusterHandle, namespace: str) -> dict[str, dict[str,
     return totals
 
 
-def assert_records_equal_truth(stack: Stack, namespace: str, deployments: list[str]) -> None:
-    truth = stack.agent_truth()
-    totals = record_totals(stack.cluster, namespace)
-    for name in deployments:
-        expected = truth[(namespace, name)]
-        assert expected["activeUs"] > 0
-        got = totals[name]
-        measured = {k: got[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")}
-        wanted = {k: expected[k] for k in ("activeUs", "1ms", "1s", "1m", "bursts")}
-        assert measured == wanted, f"{name}: records {measured}, agents {wanted}\n{stack.logs()}"
-        assert got["amount"] == H100_PRICE * expected["1s"] / 1000, name
+MEASURED = ("activeUs", "1ms", "1s", "1m", "bursts")
+
+
+def assert_records_equal_truth(
+    stack: Stack, namespace: str, deployments: list[str], limit_s: float = 30
+) -> None:
+    """The records hold exactly what the agents measured, per deployment.
+
+    Both sides are snapshots of moving things: an agent cuts a report whenever a burst
+    closes (a 1 s burst at the edge of ``settle``, a 1 min burst a minute after the
+    traffic), which is in its truth at once and in the records a flush later. So this
+    waits, bounded, for a moment when no report is in flight, the truth is the same before
+    and after the records are read, and the two agree; usage lost or counted twice never
+    agrees, and the failure prints both totals and the stack's logs."""
+    pairs: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+    amounts: dict[str, Decimal | None] = {}
+
+    def agree() -> bool:
+        truth = stack.agent_truth()
+        totals = record_totals(stack.cluster, namespace)
+        steady = not stack.agent_backlog() and stack.agent_truth() == truth
+        for name in deployments:
+            got, wanted = totals.get(name, {}), truth.get((namespace, name), {})
+            pairs[name] = (
+                {k: got.get(k, 0) for k in MEASURED},
+                {k: wanted.get(k, 0) for k in MEASURED},
+            )
+            amounts[name] = got.get("amount")
+        return steady and all(got == wanted for got, wanted in pairs.values())
+
+    try:
+        eventually(agree, limit_s, 0.5, "records equal to the agents' measurement")
+    except AssertionError:
+        mismatch = "; ".join(
+            f"{name}: records {got}, agents {wanted}" for name, (got, wanted) in pairs.items()
+        )
+        raise AssertionError(f"{mismatch}\n{stack.logs()}") from None
+    for name, (_, wanted) in pairs.items():
+        assert wanted["activeUs"] > 0, f"{name}: the agents measured nothing"
+        assert amounts[name] == H100_PRICE * wanted["1s"] / 1000, name
 
 
 async def traffic(
