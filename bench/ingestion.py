@@ -30,10 +30,16 @@ The chart's records admission policy is installed, as in a cluster.
    after the last cut.
 
 Every simulated agent authenticates with a real projected token bound to an agent pod;
-two tokens (one per GPU node) serve the whole fleet, since the operator checks the node
-and TokenReview results are cached per token anyway. So the fleet's per-node GPU-time
-objects (one ConfigMap per node and window, written at up to 16 at a time) are 2 here,
-not one per agent as in a real fleet.
+four tokens (one per kwok GPU node) serve the whole fleet, since the operator checks the
+node and TokenReview results are cached per token anyway. So the fleet's per-node
+GPU-time objects (one ConfigMap per node and window, written at up to 16 at a time) are 4
+here, not one per agent as in a real fleet.
+
+The usage is for pods that exist: each run creates its 200 InferenceDeployments (one
+replica each, run by kwok on the four 64-GPU nodes, made by the operator under test) and
+every agent claims usage for pods on its own node, as the ledger requires (usage for a
+pod it does not see on the reporting node waits, then goes to dead letters). The tables
+say how many series the operator refused: 0, or the run measured something else.
 
     .venv/bin/python bench/ingestion.py --ledger-agents 1000,4000 --fleets "" --rounds 5
     mkdir /tmp/payper-before && git archive 766006d operator | tar -x -C /tmp/payper-before
@@ -65,19 +71,29 @@ from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents
 from payper.billing.ledger import Ledger
 from payper.kube import Kube
+from payper.observed import PodView
 from payper.operator.state import Registry
 from payper_dev.cluster import binaries
 from payper_dev.cluster.local import ClusterConfig
 from payper_dev.loopback import get_text
-from payper_dev.testing.cluster import ClusterHandle, local_cluster
-from payper_dev.testing.stack import CHART, SYSTEM_NAMESPACE, Stack, StackOptions
+from payper_dev.testing.cluster import ClusterHandle, eventually, local_cluster
+from payper_dev.testing.stack import (
+    CHART,
+    SYSTEM_NAMESPACE,
+    Stack,
+    StackOptions,
+    inference_deployment,
+    scraped_sum,
+)
 
 CRDS = Path(__file__).resolve().parents[1] / "crds"
 DEPLOYMENTS = 200
 SERIES = 32
 REPORT_EVERY_S = 10
 FLUSH_INTERVAL_S = 10.0
-NODES = ("gpu-node-0", "gpu-node-1")
+GPUS_PER_NODE = 64
+NODES = tuple(f"gpu-node-{index}" for index in range(4))
+"""Four kwok GPU nodes of 64 GPUs: room for the 200 deployments' pods, one GPU each."""
 MAX_BATCH = 100
 AGENT_TIMEOUT_S = 30.0
 """payper_agent's sender: a request unanswered for 30 s is sent again after a backoff."""
@@ -136,22 +152,80 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def agent_series(rng: random.Random, namespace: str, node: str, index: int) -> list[dict[str, Any]]:
-    """One agent's 32 series, each for another of the 200 deployments."""
+@dataclass(frozen=True)
+class ModelPod:
+    namespace: str
+    deployment: str
+    name: str
+    uid: str
+    node: str
+
+
+def deploy_models(handle: ClusterHandle, namespace: str) -> list[dict[str, Any]]:
+    """The 200 InferenceDeployments of a run, one replica each (kwok runs the pods: no
+    model server), and their pods once the operator made them and the scheduler placed
+    them. Agents claim usage for these pods, each on its own node: the ledger bills usage
+    only for a pod it sees on the reporting node, through its owner chain (ReplicaSet,
+    Deployment, InferenceDeployment); anything else waits, then goes to dead letters."""
+    models = []
+    for d in range(DEPLOYMENTS):
+        model = inference_deployment(f"d{d}", min_replicas=1, max_replicas=1, runner=False)
+        model["metadata"]["namespace"] = namespace
+        models.append(model)
+    handle.apply_items(models, timeout=120)
+
+    def placed() -> list[dict[str, Any]]:
+        pods = [
+            pod
+            for pod in handle.get_json("pods", "-n", namespace)["items"]
+            if pod["spec"].get("nodeName") and not pod["metadata"].get("deletionTimestamp")
+        ]
+        return pods if len(pods) == DEPLOYMENTS else []
+
+    return eventually(placed, 300, 2, f"{DEPLOYMENTS} model pods placed in {namespace}")
+
+
+def model_pods(pods: list[dict[str, Any]]) -> dict[str, list[ModelPod]]:
+    """The deployments' pods by node."""
+    by_node: dict[str, list[ModelPod]] = {node: [] for node in NODES}
+    for pod in pods:
+        view = PodView.from_object(pod)
+        assert view.deployment is not None and view.node is not None, view
+        by_node[view.node].append(
+            ModelPod(view.namespace, view.deployment, view.name, view.uid, view.node)
+        )
+    return by_node
+
+
+def remove_models(handle: ClusterHandle, namespace: str) -> None:
+    """A run's deployments and pods go (their GPUs are the next run's): its records stay."""
+    handle.kubectl("delete", "inferencedeployments", "--all", "-n", namespace, timeout=120)
+    eventually(
+        lambda: not handle.get_json("pods", "-n", namespace)["items"],
+        300,
+        2,
+        f"{namespace}'s pods gone",
+    )
+
+
+def agent_series(rng: random.Random, pods: list[ModelPod], node: str) -> list[dict[str, Any]]:
+    """One agent's 32 series: pods of its node (another deployment each, as long as the
+    node has enough), each series on a GPU of its own."""
+    order = rng.sample(pods, len(pods))
     return [
         {
-            "namespace": namespace,
-            "pod": f"d{d}-0",
-            "podUid": f"uid-{d}-{index}",
+            "namespace": pod.namespace,
+            "pod": pod.name,
+            "podUid": pod.uid,
             "container": "server",
-            "gpu": f"GPU-{node}-{s % 8}",
+            "gpu": f"GPU-{node}-{s}",
             "gpuProduct": "NVIDIA H100 80GB HBM3",
-            "inferenceDeployment": f"d{d}",
+            "inferenceDeployment": pod.deployment,
             "activeUs": 1_234_567,
             "roundedMs": {"1ms": 1235, "1s": 2000, "1m": 60000},
             "bursts": 1,
         }
-        for s, d in enumerate(rng.sample(range(DEPLOYMENTS), SERIES))
+        for s, pod in ((s, order[s % len(order)]) for s in range(SERIES))
     ]
 
 
@@ -171,6 +245,7 @@ async def fleet(
     agents: int,
     rounds: int,
     namespace: str,
+    pods: dict[str, list[ModelPod]],
     first_cut: float,
     drain_s: float,
 ) -> FleetResult:
@@ -183,7 +258,7 @@ async def fleet(
         node = NODES[index % len(NODES)]
         agent_id = f"bench-{namespace}-{index}"
         phase = rng.uniform(0, 1)  # when in each second this agent polls
-        series = agent_series(rng, namespace, node, index)
+        series = agent_series(rng, pods[node], node)
         pending: list[tuple[int, float]] = []  # (sequence, cut at), oldest first
         sent: set[int] = set()
         cut = 0
@@ -260,6 +335,9 @@ class Run:
     """Mean time the API server spent on one record write (its own histogram)."""
     flush_mean_s: float
     flushes: int
+    refused: float
+    """Series the operator refused (pod not seen on the reporting node): must be 0, or
+    the run measured dead letters instead of record writes."""
 
 
 def install_records_policy(handle: ClusterHandle) -> None:
@@ -325,9 +403,21 @@ def measure_ledger(
     rounds: int,
 ) -> LedgerRun:
     """The ledger alone, in this process pinned to CPU 1, as the operator's ServiceAccount:
-    each round, every agent's report is submitted, then one flush is timed."""
+    each round, every agent's report is submitted, then one flush is timed. The
+    deployments' pods are made by an operator that is stopped before the ledger runs; the
+    ledger's view of them is what the operator's pod watch would have given it."""
     handle.kubectl("create", "namespace", namespace)
     fresh_progress(handle)
+    operator = stack.start_operator()
+    try:
+        listed = deploy_models(handle, namespace)
+    finally:
+        operator.stop()
+    pods = model_pods(listed)
+    registry = Registry()
+    for pod in listed:
+        view = PodView.from_object(pod)
+        registry.observe_pod(view, (view.namespace, view.deployment or ""), deleted=False)
     rng = random.Random(agents)
     templates = [
         UsageReport.model_validate(
@@ -337,7 +427,9 @@ def measure_ledger(
                 "node": NODES[index % len(NODES)],
                 "intervalStartMs": 0,
                 "intervalEndMs": 0,
-                "series": agent_series(rng, namespace, NODES[index % len(NODES)], index),
+                "series": agent_series(
+                    rng, pods[NODES[index % len(NODES)]], NODES[index % len(NODES)]
+                ),
             }
         )
         for index in range(agents)
@@ -353,7 +445,7 @@ def measure_ledger(
         ledger_cpu: list[float] = []
         async with Kube.connect(kubeconfig) as kube, handle.kube() as admin:
             writes0, cpu0 = (0.0, 0.0), 0.0
-            ledger = Ledger(kube, config, SYSTEM_NAMESPACE, Registry(), BillingEvents())
+            ledger = Ledger(kube, config, SYSTEM_NAMESPACE, registry, BillingEvents())
             await ledger.load()
             for sequence in range(1, rounds + 1):
                 if sequence == 2:
@@ -404,6 +496,7 @@ def measure_ledger(
         return asyncio.run(run())
     finally:
         os.sched_setaffinity(0, before)
+        remove_models(handle, namespace)
 
 
 def measure(
@@ -422,8 +515,10 @@ def measure(
     # The code before runs with its own CRDs where its tree has them (``git archive REV
     # operator crds``): a record's schema is part of what a write costs.
     crds = Path(args.baseline or "") / "crds"
-    own_crds = concurrency == BEFORE and crds.is_dir()
-    handle.kubectl("replace", "-f", str(crds if own_crds else CRDS))
+    wanted = crds if concurrency == BEFORE and crds.is_dir() else CRDS
+    if wanted != args.installed_crds:  # replaced only on a switch: the API server
+        handle.kubectl("replace", "-f", str(wanted))  # re-initialises the resource's storage
+        args.installed_crds = wanted
     if concurrency == BEFORE:  # the code before: its own operator package, no such setting
         os.environ["PYTHONPATH"] = str(Path(args.baseline).resolve() / "operator")
     else:
@@ -437,6 +532,11 @@ def measure(
     assert operator.popen is not None
     pid = operator.popen.pid
     subprocess.run(["taskset", "-acp", "1", str(pid)], check=True, capture_output=True)
+    try:
+        pods = model_pods(deploy_models(handle, namespace))
+    except BaseException:
+        operator.stop()
+        raise
 
     async def run() -> Run:
         first_cut = (int(time.time()) // REPORT_EVERY_S + 2) * REPORT_EVERY_S  # a boundary
@@ -448,6 +548,7 @@ def measure(
                     agents,
                     args.rounds,
                     namespace,
+                    pods,
                     first_cut,
                     args.drain,
                 )
@@ -471,12 +572,14 @@ def measure(
             (writes1[1] - writes0[1]) / max(1.0, writes1[0] - writes0[0]) * 1000,
             (flush1[0] - flush0[0]) / flushes if flushes else float("nan"),
             int(flushes),
+            scraped_sum(stack.metrics_url, "payper_usage_series_refused_total"),
         )
 
     try:
         return asyncio.run(run())
     finally:
         operator.stop()
+        remove_models(handle, namespace)
 
 
 def main() -> None:
@@ -497,7 +600,13 @@ def main() -> None:
     runs: list[Run] = []
     ledger_runs: list[LedgerRun] = []
     concurrencies = [int(x) for x in args.concurrency.split(",")]
-    config = ClusterConfig(pod_cidr="127.10.0.0/16", crds_dir=str(CRDS))
+    args.installed_crds = CRDS
+    config = ClusterConfig(
+        pod_cidr="127.10.0.0/16",
+        crds_dir=str(CRDS),
+        gpu_nodes=len(NODES),
+        gpus_per_node=GPUS_PER_NODE,
+    )
     with (
         tempfile.TemporaryDirectory(prefix="payper-bench-usage-") as scratch,
         local_cluster(Path(scratch) / "cluster", config) as handle,
@@ -548,9 +657,9 @@ def main() -> None:
                 f"{lr.write_ms:>12.1f}  {lr.control_plane_cpu_ms:>27.1f}"
             )
         for size in sorted({lr.agents for lr in ledger_runs}):
-            of_size = [lr for lr in ledger_runs if lr.agents == size]
-            base_run = next((lr for lr in of_size if lr.concurrency == 1), None)
-            for lr in of_size:
+            same_size = [lr for lr in ledger_runs if lr.agents == size]
+            base_run = next((lr for lr in same_size if lr.concurrency == 1), None)
+            for lr in same_size:
                 if base_run is not None and lr is not base_run:
                     ratio = statistics.mean(lr.flushes) / statistics.mean(base_run.flushes)
                     print(f"{size} agents, concurrency {lr.concurrency} vs 1: flush {ratio:.2f}x")
@@ -564,7 +673,7 @@ def main() -> None:
     print(
         "agents  writes at once  ack p50 s  ack p99 s  ack max s  p99/interval  "
         "send delay p99 s  flush mean s  flushes  cpu(1 core)  RSS MiB  record writes/s  "
-        "API ms/write  unacked  errors"
+        "API ms/write  unacked  errors  refused series"
     )
     for run in runs:
         r = run.result
@@ -574,7 +683,8 @@ def main() -> None:
             f"{p99:>9.2f}  {max(r.lags):>9.2f}  {p99 / FLUSH_INTERVAL_S:>12.2f}  "
             f"{percentile(r.send_delays, 0.99):>16.2f}  {run.flush_mean_s:>12.2f}  "
             f"{run.flushes:>7}  {run.cpu_share * 100:>10.0f}%  {run.rss_mib:>7.0f}  "
-            f"{run.writes_per_s:>15.1f}  {run.write_ms:>12.1f}  {r.unacked:>7}  {r.errors:>6}"
+            f"{run.writes_per_s:>15.1f}  {run.write_ms:>12.1f}  {r.unacked:>7}  {r.errors:>6}  "
+            f"{run.refused:>14.0f}"
         )
     for size in sorted({run.agents for run in runs}):
         of_size = [run for run in runs if run.agents == size]
