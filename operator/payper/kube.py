@@ -187,7 +187,8 @@ class Kube:
         content_type: str = "application/json",
     ) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        for attempt in range(THROTTLED_RETRIES + 1):
+        throttled = 0
+        while True:
             async with self.session.request(
                 method,
                 self.credentials.host + path,
@@ -201,7 +202,8 @@ class Kube:
                     payload: Any = json.loads(raw) if raw else None
                 except ValueError:
                     payload = raw.decode(errors="replace")
-                if response.status == 429 and attempt < THROTTLED_RETRIES:
+                if response.status == 429 and throttled < THROTTLED_RETRIES:
+                    throttled += 1
                     wait = retry_after_s(response.headers.get("Retry-After"))
                     logger.info("%s %s: 429 (%s), again in %.1fs", method, path, payload, wait)
                     await asyncio.sleep(wait)
@@ -214,7 +216,6 @@ class Kube:
                     if os.environ.get(WARNINGS_ENV) == "error":
                         raise ApiError(299, {"message": "; ".join(warnings)}, method, path)
                 return payload
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return await self.request("GET", path, params=params)
