@@ -5,23 +5,19 @@ bounded number of times, and then says what the server said."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
-from kubernetes import client as k8s_client
 
 from payper import kube
-from payper.kube import ApiError, Credentials, Kube, retry_after_s
-from payper_dev.loopback import free_port
+from payper.kube import ApiError, retry_after_s
+from payper_dev.testing.loopback_api import Handler, loopback_api
+
+RECORDS = "/apis/payper.dev/v1alpha1/billingrecords"
 
 
-@asynccontextmanager
-async def api_server(
-    refusals: int, retry_after: str | None
-) -> AsyncIterator[tuple[Kube, list[str]]]:
-    """A loopback server that answers the first ``refusals`` requests 429, then 200."""
+def refusing(refusals: int, retry_after: str | None) -> tuple[Handler, list[str]]:
+    """A handler that answers the first ``refusals`` requests 429, then 200."""
     seen: list[str] = []
 
     async def handler(request: web.Request) -> web.Response:
@@ -32,26 +28,14 @@ async def api_server(
             return web.json_response(body, status=429, headers=headers)
         return web.json_response({"items": [], "metadata": {}})
 
-    app = web.Application()
-    app.router.add_route("*", "/apis/payper.dev/v1alpha1/billingrecords", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    client = Kube(Credentials(f"http://127.0.0.1:{port}", False, k8s_client.Configuration()))
-    try:
-        yield client, seen
-    finally:
-        await client.close()
-        await runner.cleanup()
+    return handler, seen
 
 
 async def test_a_throttled_request_is_sent_again_after_retry_after() -> None:
-    async with api_server(refusals=2, retry_after="0.2") as (client, seen):
+    handler, seen = refusing(refusals=2, retry_after="0.2")
+    async with loopback_api(RECORDS, handler) as client:
         began = time.monotonic()
-        got = await client.request(
-            "POST", "/apis/payper.dev/v1alpha1/billingrecords", body={"a": 1}
-        )
+        got = await client.request("POST", RECORDS, body={"a": 1})
         waited = time.monotonic() - began
     assert got == {"items": [], "metadata": {}}
     assert seen == ['POST {"a": 1}'] * 3, "the same request, whole, each time"
@@ -62,9 +46,10 @@ async def test_throttling_that_never_ends_fails_with_the_servers_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(kube, "THROTTLED_RETRIES", 3)
-    async with api_server(refusals=100, retry_after="0") as (client, seen):
+    handler, seen = refusing(refusals=100, retry_after="0")
+    async with loopback_api(RECORDS, handler) as client:
         with pytest.raises(ApiError) as raised:
-            await client.get("/apis/payper.dev/v1alpha1/billingrecords")
+            await client.get(RECORDS)
     assert raised.value.status == 429
     assert "storage is (re)initializing" in str(raised.value)
     assert len(seen) == 4, "the first try and 3 more, then it gives up"

@@ -6,10 +6,9 @@ import asyncio
 import json
 
 from aiohttp import web
-from kubernetes import client as k8s_client
 
-from payper.kube import Credentials, Informer, Kube
-from payper_dev.loopback import free_port
+from payper.kube import Informer
+from payper_dev.testing.loopback_api import loopback_api
 
 
 async def test_a_watch_event_over_aiohttps_line_limit_arrives_whole() -> None:
@@ -34,13 +33,6 @@ async def test_a_watch_event_over_aiohttps_line_limit_arrives_whole() -> None:
         await response.write(b'{"type": "MODIFIED", "obj')  # cut mid-event: dropped
         return response
 
-    app = web.Application()
-    app.router.add_get("/api/v1/secrets", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    kube = Kube(Credentials(f"http://127.0.0.1:{port}", False, k8s_client.Configuration()))
     seen: list[tuple[str, str, int]] = []
 
     async def on_event(kind: str, obj: dict[str, object]) -> None:
@@ -48,18 +40,17 @@ async def test_a_watch_event_over_aiohttps_line_limit_arrives_whole() -> None:
         assert isinstance(meta, dict)
         seen.append((kind, meta["name"], len(json.dumps(obj))))
 
-    informer = Informer(kube, "/api/v1/secrets", on_event, metadata_only=True)
-    task = asyncio.create_task(informer.run())
-    try:
-        for _ in range(100):
-            if len(seen) >= 2:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await kube.close()
-        await runner.cleanup()
+    async with loopback_api("/api/v1/secrets", handler) as kube:
+        informer = Informer(kube, "/api/v1/secrets", on_event, metadata_only=True)
+        task = asyncio.create_task(informer.run())
+        try:
+            for _ in range(100):
+                if len(seen) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     assert [(kind, name) for kind, name, _ in seen[:2]] == [("ADDED", "big"), ("MODIFIED", "small")]
     assert seen[0][2] > 2_000_000
     # The cache holds metadata only, never the data.

@@ -8,11 +8,9 @@ import time
 
 import pytest
 from aiohttp import web
-from kubernetes import client as k8s_client
 
-from payper.kube import Credentials, Kube
 from payper.operator.leader import LeaderElector, LostLeadership
-from payper_dev.loopback import free_port
+from payper_dev.testing.loopback_api import loopback_api
 
 
 async def test_a_renewal_with_no_answer_loses_leadership_within_the_lease() -> None:
@@ -23,25 +21,18 @@ async def test_a_renewal_with_no_answer_loses_leadership_within_the_lease() -> N
         await done.wait()  # no answer while the test runs
         return web.json_response({}, status=503)
 
-    app = web.Application()
-    app.router.add_route("*", "/apis/coordination.k8s.io/v1/namespaces/ns/leases/op", never_answers)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    kube = Kube(Credentials(f"http://127.0.0.1:{port}", False, k8s_client.Configuration()))
-    elector = LeaderElector(kube, "ns", "op", "me", duration_s=2, renew_s=0.2)
-    elector.is_leader = True
-    began = time.monotonic()
-    try:
-        with pytest.raises(LostLeadership, match="could not renew"):
-            async with asyncio.timeout(10):  # the bound under test is 2 s; this is the test's
-                await elector.keep()
-        stepped_down_after = time.monotonic() - began
-    finally:
-        done.set()
-        await kube.close()
-        await runner.cleanup()
+    lease = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/op"
+    async with loopback_api(lease, never_answers) as kube:
+        elector = LeaderElector(kube, "ns", "op", "me", duration_s=2, renew_s=0.2)
+        elector.is_leader = True
+        began = time.monotonic()
+        try:
+            with pytest.raises(LostLeadership, match="could not renew"):
+                async with asyncio.timeout(10):  # the bound under test is 2 s; this is the test's
+                    await elector.keep()
+            stepped_down_after = time.monotonic() - began
+        finally:
+            done.set()
     assert stalled.is_set(), "a renewal was attempted"
     assert stepped_down_after < 3.0, "stepped down within about the lease duration"
     assert not elector.is_leader
