@@ -519,6 +519,12 @@ def measure(
     if wanted != args.installed_crds:  # replaced only on a switch: the API server
         handle.kubectl("replace", "-f", str(wanted))  # re-initialises the resource's storage
         args.installed_crds = wanted
+        eventually(  # until it serves the resources again (429 meanwhile)
+            lambda: handle.kubectl("get", "billingrecords", "-A", check=False).returncode == 0,
+            120,
+            0.5,
+            "BillingRecords served after the CRD replace",
+        )
     if concurrency == BEFORE:  # the code before: its own operator package, no such setting
         os.environ["PYTHONPATH"] = str(Path(args.baseline).resolve() / "operator")
     else:
