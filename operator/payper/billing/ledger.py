@@ -947,7 +947,10 @@ class Ledger:
                 )
             except ApiError as error:
                 if error.conflict:
-                    self.records.pop(cache_key)  # re-read next time
+                    # Written meanwhile (the exporter noting what a sink took): read again,
+                    # finalised at the next flush. Dropping it from the cache instead left
+                    # a record that got no more usage Open, and unexported, until a restart.
+                    await self._reread(cache_key)
                     continue
                 logger.warning("finalizing %s/%s: %s", *cache_key, error)
                 continue
@@ -955,6 +958,20 @@ class Ledger:
             self.records.pop(cache_key)
             metrics.FINALIZED.inc()
             logger.info("record %s/%s is Final", *cache_key)
+
+    async def _reread(self, cache_key: tuple[str, str]) -> None:
+        """The record as the API server holds it now, in the cache; gone (or with a seal
+        that does not verify), out of it. On an error the cached copy stays: the next
+        write conflicts again and comes back here."""
+        try:
+            found = await self.kube.get_or_none(resource_path(API_VERSION, PLURAL, *cache_key))
+        except (ApiError, OSError, TimeoutError) as error:
+            logger.warning("re-reading %s/%s: %s", *cache_key, error)
+            return
+        if found is None or seal.verify(self._seal_key, found) is False:
+            self.records.pop(cache_key, None)
+        else:
+            self.records[cache_key] = found
 
 
 def _progress_of(config_map: dict[str, Any]) -> dict[str, int]:
