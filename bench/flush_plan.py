@@ -15,7 +15,7 @@ wall time is printed too, but CPU time is what the step costs), median of ``--re
 runs, the garbage collector on as in the operator:
 
 - the baseline: parsing and validating the same reports from JSON
-  (``UsageBatch.model_validate_json``, one batch per agent), which the operator's usage
+  (``parse_batch``, one batch per agent), which the operator's usage
   endpoint does for every report anyway, before any flush;
 - on arrival, each report's series summed per run of one pod (``UsageReport.runs``),
   which ``Ledger.submit`` does as each report arrives, spread over the interval; the
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import payper
-from payper.api.usage import UsageBatch, UsageReport
+from payper.api.usage import UsageReport, parse_batch
 from payper.billing import flush, reconciliation
 from payper.billing.events import BillingEvents
 from payper.billing.flush import BillingWindows, Observations
@@ -306,7 +306,7 @@ def main() -> None:
     body_mib = sum(len(b) for b in bodies) / 2**20
 
     def parse() -> list[UsageReport]:
-        return [r for body in bodies for r in UsageBatch.model_validate_json(body).reports]
+        return [r for body in bodies for r in parse_batch(body)[0]]
 
     parse_s, parse_cpu, reports = timed(parse, 1 if args.plan_only else args.repeat)
 

@@ -2,7 +2,10 @@
 
 The operator acknowledges a batch only after applying it durably, answering with the
 highest sequence per agent id it has applied (or recognised as already applied); the
-sender then deletes those files. Failures back off exponentially with jitter and never
+sender then deletes those files. A report the operator cannot apply (not valid, or one
+that fails its application) is refused alone: the operator files it in its dead-letter
+store, moves past it and lists it under ``refused``, so the batch is acknowledged as
+usual. Failures back off exponentially with jitter and never
 touch sampling. A report the operator rejects as malformed (400, or 413: too large) is
 retried alone, and set aside and counted as dropped only once it has been refused for
 ``reject_grace`` (10 min): during an upgrade a new agent can briefly talk to an older
@@ -118,6 +121,9 @@ class Sender:
         reports = [self.store.read(p) for p in batch]
         status, payload = await self._post(session, reports)
         if status == 200 and isinstance(payload, dict):
+            for refused in payload.get("refused") or []:
+                metrics.REPORTS_SENT.labels("refused").inc()
+                logger.error("the operator refused usage report %s: it is filed there", refused)
             through = int(payload.get("acked", {}).get(agent_id, 0))
             removed = self.store.ack(pending, agent_id, through)
             metrics.REPORTS_SENT.labels("acknowledged").inc(removed)

@@ -16,7 +16,7 @@ import math
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -138,6 +138,16 @@ def load_credentials(kubeconfig: str | os.PathLike[str] | None = None) -> Creden
     return Credentials(host=cfg.host.rstrip("/"), ssl_context=context, configuration=cfg)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What the API server answered to one call."""
+
+    status: int
+    payload: Any
+    retry_after: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
 class Kube:
     """An async Kubernetes API client; use as ``async with Kube.connect(...) as kube``."""
 
@@ -186,36 +196,56 @@ class Kube:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Any:
+        """One API call: its answer, a 429 sent again after its Retry-After (at most
+        ``THROTTLED_RETRIES`` times), an error status raised as ``ApiError``."""
         data = None if body is None else json.dumps(body).encode()
         throttled = 0
         while True:
-            async with self.session.request(
-                method,
-                self.credentials.host + path,
-                data=data,
-                params=params,
-                headers=self._headers(content_type if data is not None else None),
-                timeout=self._timeout,
-            ) as response:
-                raw = await response.read()
-                try:
-                    payload: Any = json.loads(raw) if raw else None
-                except ValueError:
-                    payload = raw.decode(errors="replace")
-                if response.status == 429 and throttled < THROTTLED_RETRIES:
-                    throttled += 1
-                    wait = retry_after_s(response.headers.get("Retry-After"))
-                    logger.info("%s %s: 429 (%s), again in %.1fs", method, path, payload, wait)
-                    await asyncio.sleep(wait)
-                    continue
-                if response.status >= 400:
-                    raise ApiError(response.status, payload, method, path)
-                warnings = response.headers.getall("Warning", [])
-                if warnings:
-                    logger.warning("Kubernetes API warning on %s %s: %s", method, path, warnings)
-                    if os.environ.get(WARNINGS_ENV) == "error":
-                        raise ApiError(299, {"message": "; ".join(warnings)}, method, path)
-                return payload
+            answer = await self.send(method, path, data, params, content_type)
+            if answer.status == 429 and throttled < THROTTLED_RETRIES:
+                throttled += 1
+                wait = retry_after_s(answer.retry_after)
+                logger.info("%s %s: 429 (%s), again in %.1fs", method, path, answer.payload, wait)
+                await asyncio.sleep(wait)
+                continue
+            if answer.status >= 400:
+                raise ApiError(answer.status, answer.payload, method, path)
+            if answer.warnings:
+                logger.warning("Kubernetes API warning on %s %s: %s", method, path, answer.warnings)
+                if os.environ.get(WARNINGS_ENV) == "error":
+                    message = "; ".join(answer.warnings)
+                    raise ApiError(299, {"message": message}, method, path)
+            return answer.payload
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        params: Mapping[str, str] | None,
+        content_type: str,
+    ) -> Answer:
+        """One HTTP round trip to the API server, its answer as it came (the one method an
+        in-memory API for tests replaces: ``payper_dev.testing.memory_api``)."""
+        async with self.session.request(
+            method,
+            self.credentials.host + path,
+            data=data,
+            params=params,
+            headers=self._headers(content_type if data is not None else None),
+            timeout=self._timeout,
+        ) as response:
+            raw = await response.read()
+            try:
+                payload: Any = json.loads(raw) if raw else None
+            except ValueError:
+                payload = raw.decode(errors="replace")
+            return Answer(
+                response.status,
+                payload,
+                response.headers.get("Retry-After"),
+                response.headers.getall("Warning", []),
+            )
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return await self.request("GET", path, params=params)

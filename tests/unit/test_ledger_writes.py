@@ -74,10 +74,21 @@ async def test_failures_are_collected_per_record_and_the_rest_written() -> None:
     assert len(writer.written) == 17
 
 
-async def test_an_unexpected_error_is_raised_after_every_other_write_finished() -> None:
+async def test_any_error_of_one_record_is_that_records_outcome_and_the_rest_are_written() -> None:
+    """A bug's exception or a record that cannot hold its change (a pydantic error) stays
+    with its record: the flush goes on for every other one."""
     planned = changes(12)
-    writer = Writer({"d2": RuntimeError("bug")})
-    with pytest.raises(RuntimeError, match="bug"):
+    writer = Writer({"d2": RuntimeError("bug"), "d5": ValueError("amount has 19 digits")})
+    outcomes = await write_each(planned, writer, 4)
+    failed = {key.deployment: error for key, error in outcomes.items() if error is not None}
+    assert failed == {"d2": writer.fail["d2"], "d5": writer.fail["d5"]}
+    assert len(writer.written) == 10
+
+
+async def test_a_cancellation_is_raised_after_every_other_write_finished() -> None:
+    planned = changes(12)
+    writer = Writer({"d2": asyncio.CancelledError()})
+    with pytest.raises(asyncio.CancelledError):
         await write_each(planned, writer, 4)
     assert writer.in_flight == 0  # nothing of this flush still writing
     assert len(writer.written) == 11  # the other workers took the rest

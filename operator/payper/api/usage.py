@@ -15,18 +15,28 @@ is what the per-GPU reconciliation (``payper reconcile``) is built from.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Protocol, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from payper.api.billing_record import RoundedMs, SplitUs
-from payper.api.common import ApiModel, DnsLabel, ShortString
+from payper.api.common import ApiModel, DnsLabel, ShortString, field_errors
 
 MAX_SERIES = 4096
 MAX_BATCH = 200
 MAX_GPUS = 64
 Micros = Annotated[int, Field(ge=0, le=10**15)]
+MAX_TIME_MS = 253_370_764_800_000
+"""9999-01-01T00:00:00Z: a report's times end before the last year a record's window can
+name begins, so its window (at most a day) and grace still end in a year a timestamp
+holds. Past it, ``window_label`` and the record's ``window.end`` could not be written."""
+TimeMs = Annotated[int, Field(ge=0, le=MAX_TIME_MS)]
+MAX_ROUNDED_MS = 10**12
+"""About 31 years of one container's GPU time in one report: far beyond any real burst,
+and small enough that a record's sums stay within the amounts' 18 integer digits."""
 
 
 class SeriesUsage(ApiModel):
@@ -50,6 +60,13 @@ class SeriesUsage(ApiModel):
     split_us: SplitUs | None = None
     """Of ``activeUs``, what came from a MIG instance this container shared with other
     processes, by how the instance's time was divided; None: none was shared."""
+
+    @field_validator("rounded_ms")
+    @classmethod
+    def _storable_rounded(cls, rounded: RoundedMs) -> RoundedMs:
+        if max(rounded.to_wire().values()) > MAX_ROUNDED_MS:
+            raise ValueError(f"each granularity's rounded time must be at most {MAX_ROUNDED_MS} ms")
+        return rounded
 
 
 class SeriesRun:
@@ -154,8 +171,8 @@ class UsageReport(ApiModel):
     agent_id: Annotated[str, Field(min_length=1, max_length=64)]
     sequence: Annotated[int, Field(ge=1)]
     node: Annotated[str, Field(min_length=1, max_length=253)]
-    interval_start_ms: Annotated[int, Field(ge=0)]
-    interval_end_ms: Annotated[int, Field(ge=0)]
+    interval_start_ms: TimeMs
+    interval_end_ms: TimeMs
     series: Annotated[list[SeriesUsage], Field(max_length=MAX_SERIES)] = Field(default_factory=list)
     unattributed_us: Micros = 0
     """GPU time of processes that belong to no pod: reported, never billed."""
@@ -214,3 +231,99 @@ class UsageBatch(ApiModel):
     """Reports of one agent, oldest first; the operator applies them in sequence order."""
 
     reports: Annotated[list[UsageReport], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class ReportIdentity(ApiModel):
+    """What names a report, read alone from one that is not valid as a whole, so that it
+    is refused by name (its agent moves past it) instead of failing its whole batch."""
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    agent_id: Annotated[str, Field(min_length=1, max_length=64)]
+    sequence: Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+MAX_REFUSED_CONTENT = 4096
+"""Bytes of a refused report's JSON kept in the dead-letter store (with its size and
+digest): enough to see what was wrong, bounded however large the report was."""
+
+
+class RefusedReport(ApiModel):
+    """A report the operator refuses: not valid, or its application raised. Its agent and
+    sequence when they could be read (else None: it can only be answered, not moved past),
+    why, the GPU time it claimed (best effort, for the audit) and its content, truncated."""
+
+    agent_id: str | None
+    sequence: int | None
+    reason: Annotated[str, Field(max_length=1024)]
+    claimed_us: Micros = 0
+    content: str = ""
+    size: int = 0
+    digest: str = ""
+
+    def answer(self) -> dict[str, Any]:
+        """The entry in the operator's answer: ``{agentId, sequence, reason}``."""
+        return {"agentId": self.agent_id, "sequence": self.sequence, "reason": self.reason}
+
+
+def _claimed_us(raw: Any) -> int:
+    """The GPU time a report that is not valid claims: its series' ``activeUs`` that are
+    integers in range, summed and capped (what the audit shows; never billed)."""
+    series = raw.get("series") if isinstance(raw, dict) else None
+    total = 0
+    for item in series if isinstance(series, list) else []:
+        value = item.get("activeUs") if isinstance(item, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**15:
+            total += value
+    return min(total, 10**15)
+
+
+def refusal(raw: Any, reason: str) -> RefusedReport:
+    """A ``RefusedReport`` for ``raw`` (the report as it came, or as validated)."""
+    text = json.dumps(raw, sort_keys=True, default=str)
+    try:
+        identity: ReportIdentity | None = ReportIdentity.model_validate(raw)
+    except ValidationError:
+        identity = None
+    return RefusedReport(
+        agent_id=identity.agent_id if identity else None,
+        sequence=identity.sequence if identity else None,
+        reason=reason[:1024],
+        claimed_us=_claimed_us(raw),
+        content=text[:MAX_REFUSED_CONTENT],
+        size=len(text),
+        digest=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def validate_each(raw_reports: Sequence[Any]) -> tuple[list[UsageReport], list[RefusedReport]]:
+    """Each report of a batch validated on its own: the valid ones, and the refused ones
+    with the fields that make them invalid (one bad report never fails its batch)."""
+    valid: list[UsageReport] = []
+    refused: list[RefusedReport] = []
+    for index, raw in enumerate(raw_reports):
+        try:
+            valid.append(UsageReport.model_validate(raw))
+        except ValidationError as error:
+            problems = "; ".join(field_errors(error, root="(report)")[:5])
+            refused.append(refusal(raw, f"invalid report (reports[{index}]): {problems}"))
+    return valid, refused
+
+
+class RawUsageBatch(ApiModel):
+    """A batch as it comes: a bounded list of objects, each validated on its own
+    (``validate_each``)."""
+
+    reports: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+def parse_batch(body: bytes) -> tuple[list[UsageReport], list[RefusedReport]]:
+    """A batch's valid reports and its refused ones. The whole batch is validated at once
+    (pydantic's fast path, every batch of an honest agent); only when that fails is each
+    report validated on its own. Raises ``ValidationError`` only for what is no batch at
+    all (not JSON, no list of 1 to ``MAX_BATCH`` objects)."""
+    try:
+        return UsageBatch.model_validate_json(body).reports, []
+    except ValidationError:
+        pass
+    return validate_each(RawUsageBatch.model_validate_json(body).reports)

@@ -1,11 +1,14 @@
-"""The dead-letter store: record changes the API server refuses for good, kept, not lost.
+"""The dead-letter store: what can never be billed automatically, kept, not lost.
 
-Some writes can never succeed: the record's namespace was deleted (or is being deleted),
-or the change is invalid for the CRD. Retrying them would hold back every later report of
-the agents whose usage they carry, for ever. Instead the ledger files such a change here,
-durably, and acknowledges the reports: the usage is not billed automatically, but kept
-with its size, its record and the reason, for the platform team to settle (`kubectl get
-configmap payper-dead-letters -o yaml`).
+Some record writes can never succeed: the record's namespace was deleted (or is being
+deleted), the change is invalid for the CRD, or the record cannot hold it. Retrying them
+would hold back every later report of the agents whose usage they carry, for ever.
+Instead the ledger files such a change here, durably, and acknowledges the reports: the
+usage is not billed automatically, but kept with its size, its record and the reason, for
+the platform team to settle (`kubectl get configmap payper-dead-letters -o yaml`). So are
+reports that can never be applied (not valid, or their application raises:
+``payper.billing.intake``), one entry each under its node, agent and sequence, with their
+content (bounded).
 
 One ConfigMap in the operator's namespace, one data key per refused record (later changes
 to the same record merge into its entry), bounded in entries and bytes. Should it ever
@@ -15,9 +18,12 @@ loudly: losing money silently is worse than stalling loudly.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
+from payper.api.usage import RefusedReport
 from payper.billing.flush import REFUSAL_REASONS
 from payper.billing.records import RecordChange, RecordKey
 from payper.clock import iso
@@ -30,8 +36,18 @@ MAX_BYTES = 800_000
 MAX_CONFLICT_RETRIES = 6
 
 
-def refused_for_good(error: ApiError) -> str | None:
-    """Why a record write can never succeed, or None if a retry may (or RBAC must be fixed)."""
+UNSTORABLE = "unstorable"
+"""Why a change is refused: applying it gives a record the CRD cannot hold (an amount past
+its digits, more agents than it keeps sequences for)."""
+
+
+def refused_for_good(error: Exception) -> str | None:
+    """Why a record write can never succeed, or None if a retry may (or RBAC must be fixed,
+    or the error is a fault of the operator's own, logged for a person to see)."""
+    if isinstance(error, (ValueError, ArithmeticError)):
+        return UNSTORABLE  # pydantic's ValidationError is a ValueError
+    if not isinstance(error, ApiError):
+        return None
     if error.status == 404:
         return "namespace-gone"
     if error.status == 403 and "being terminated" in error.message:
@@ -48,6 +64,16 @@ def _entry_key(key: RecordKey, reason: str) -> str:
     words: a valid ConfigMap key."""
     entry = f"{key.namespace}.{key.name}"
     return f"{entry}.{reason}" if reason in REFUSAL_REASONS else entry
+
+
+REPORT_ENTRY_PREFIX = "report."
+
+
+def report_entry_key(node: str, report: RefusedReport) -> str:
+    """A refused report's entry: its node and agent id digested (any string, not a valid
+    key), then its sequence."""
+    digest = hashlib.sha256(f"{node}/{report.agent_id}".encode()).hexdigest()[:20]
+    return f"{REPORT_ENTRY_PREFIX}{digest}.{report.sequence}"
 
 
 def _merged(
@@ -101,12 +127,45 @@ class DeadLetters:
 
     async def add(self, refused: list[tuple[RecordKey, RecordChange, str]], now: int) -> bool:
         """File the changes durably; False (nothing filed) when that would overflow."""
-        for _ in range(MAX_CONFLICT_RETRIES):
-            stored = await self.kube.get_or_none(self.path)
-            data: dict[str, str] = dict((stored or {}).get("data") or {})
+
+        def merge(data: dict[str, str]) -> None:
             for key, change, reason in refused:
                 entry = _entry_key(key, reason)
                 data[entry] = _merged(data.get(entry), key, change, reason, now)
+
+        return await self._update(merge)
+
+    async def add_reports(self, refused: list[tuple[str, RefusedReport]], now: int) -> bool:
+        """File refused reports (by reporting node) durably, one entry each: what they
+        claimed, why they were refused and their content (bounded); False (nothing filed)
+        when that would overflow. Filing one again replaces its entry: never twice."""
+
+        def merge(data: dict[str, str]) -> None:
+            for node, report in refused:
+                data[report_entry_key(node, report)] = json.dumps(
+                    {
+                        "node": node,
+                        "agentId": report.agent_id,
+                        "sequence": report.sequence,
+                        "reason": report.reason,
+                        "claimedUs": report.claimed_us,
+                        "size": report.size,
+                        "sha256": report.digest,
+                        "content": report.content,
+                        "refusedAt": iso(now),
+                    },
+                    sort_keys=True,
+                )
+
+        return await self._update(merge)
+
+    async def _update(self, merge: Callable[[dict[str, str]], None]) -> bool:
+        """Merge entries into the store (optimistic concurrency, retried on conflict);
+        False (nothing written) when the result would overflow."""
+        for _ in range(MAX_CONFLICT_RETRIES):
+            stored = await self.kube.get_or_none(self.path)
+            data: dict[str, str] = dict((stored or {}).get("data") or {})
+            merge(data)
             if len(data) > self.max_entries or sum(len(v) for v in data.values()) > self.max_bytes:
                 return False
             body: dict[str, Any] = {

@@ -36,7 +36,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -53,12 +53,12 @@ from payper.api.billing_record import (
 from payper.api.common import API_VERSION
 from payper.api.inference_deployment import GPU_PRODUCT_LABEL
 from payper.api.inference_deployment import KIND as INFERENCE_DEPLOYMENT_KIND
-from payper.api.usage import UsageReport
-from payper.billing import deadletter, flush, metrics, outbox, seal
+from payper.api.usage import RefusedReport, UsageReport, refusal
+from payper.billing import deadletter, flush, intake, metrics, outbox, seal
 from payper.billing.config import BillingConfig
 from payper.billing.events import BillingEvents, Observed
 from payper.billing.exporter import Exporter
-from payper.billing.flush import BillingWindows, Observations
+from payper.billing.flush import BillingWindows, FlushPlan, Observations
 from payper.billing.pricing import UNKNOWN_PRODUCT, Plan, amount, product_key
 from payper.billing.reconciliation_store import ReconciliationStore
 from payper.billing.records import (
@@ -117,7 +117,7 @@ class Ledger:
         self._moved: set[tuple[str, str]] = set()
         """(namespace, name) of records moved into the operator's namespace when their
         namespace was deleted: their usage goes to the moved copy."""
-        self._queue: list[tuple[list[UsageReport], asyncio.Future[dict[str, int]]]] = []
+        self._queue: list[intake.Batch] = []
         self._nodes: dict[str, str] = {}
         self._replica_sets: dict[str, Key | None] = {}
         """ReplicaSet UID -> the InferenceDeployment it belongs to (None: to none)."""
@@ -201,13 +201,21 @@ class Ledger:
         )
 
     # -- intake --------------------------------------------------------------------------
-    async def submit(self, reports: list[UsageReport]) -> dict[str, int]:
-        """Queue reports for the next flush; returns, per agent, what is applied durably."""
-        future: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
+    async def submit(
+        self,
+        reports: list[UsageReport],
+        refused: list[RefusedReport] | None = None,
+        node: str | None = None,
+    ) -> intake.Receipt:
+        """Queue one agent's batch for the next flush: its valid reports and those refused
+        on arrival (``node``: where its token runs; by default the reports' node). Returns,
+        per agent, what is applied durably, and the batch's refused reports."""
+        future: asyncio.Future[intake.Receipt] = asyncio.get_running_loop().create_future()
         for report in reports:
             self.reported_at[report.node] = self.clock()
             report.runs  # noqa: B018 - summed now, as reports arrive, not all in the flush
-        self._queue.append((reports, future))
+        node = node or (reports[0].node if reports else "")
+        self._queue.append(intake.Batch(list(reports), list(refused or []), node, future))
         return await future
 
     # -- flush ---------------------------------------------------------------------------
@@ -339,16 +347,88 @@ class Ledger:
         queued, self._queue = self._queue, []
         try:
             with metrics.FLUSH_DURATION.time():
-                await self._flush([r for batch, _ in queued for r in batch], self.clock())
+                await self._flush(queued, self.clock())
         finally:
-            for batch, future in queued:
-                if not future.done():
-                    future.set_result(
-                        {r.agent_id: flush.applied(self.applied_through, r) for r in batch}
-                    )
+            for batch in queued:
+                if not batch.future.done():
+                    batch.future.set_result(batch.receipt(self.applied_through))
 
-    async def _flush(self, reports: list[UsageReport], now: int) -> None:
+    async def _refuse(self, batches: list[intake.Batch], now: int) -> None:
+        """File the batches' refused reports in the dead-letter store and give each filed
+        one its gap marker, so its agent moves past it. Refused reports already applied
+        (resends) are not filed again; unfiled ones (the store full or unreachable) get no
+        marker: their agent resends them, and the rest of the flush goes on."""
+        filing: list[tuple[intake.Batch, RefusedReport, UsageReport]] = []
+        for batch in batches:
+            batch.markers = []
+            for refused in batch.refused:
+                if refused.agent_id is None or refused.sequence is None:
+                    continue  # nothing to move past: answered only
+                marker = intake.gap_marker(batch.node, refused, now)
+                if flush.applied(self.applied_through, marker) < marker.sequence:
+                    filing.append((batch, refused, marker))
+        if not filing:
+            return
+        try:
+            filed = await self.dead_letters.add_reports(
+                [(batch.node, refused) for batch, refused, _ in filing], now
+            )
+        except (ApiError, OSError, TimeoutError) as error:
+            logger.error("filing %d refused reports: %s (kept unacknowledged)", len(filing), error)
+            return
+        if not filed:
+            metrics.DEAD_LETTERS_FULL.set(1)
+            logger.critical(
+                "the dead-letter store %s/%s is full: %d refused reports stay unacknowledged",
+                self.namespace,
+                deadletter.NAME,
+                len(filing),
+            )
+            return
+        for batch, refused, marker in filing:
+            batch.markers.append(marker)
+            metrics.REPORTS_REFUSED.labels(batch.node).inc()
+            logger.error(
+                "report %d of agent %s on %s refused (%s): %.3f GPU-seconds claimed, filed in "
+                "%s/%s",
+                refused.sequence,
+                refused.agent_id,
+                batch.node,
+                refused.reason,
+                refused.claimed_us / 1e6,
+                self.namespace,
+                deadletter.NAME,
+            )
+
+    async def _plan_flush(
+        self, batches: list[intake.Batch], seen: Observations, now: int
+    ) -> FlushPlan:
+        """The flush's plan. Should planning raise, the reports that make it raise are
+        refused (filed, moved past) and the rest planned: one report never stops the
+        flush; a fault that is no report's is raised."""
+
+        def plan(reports: Sequence[UsageReport]) -> FlushPlan:
+            return flush.plan(reports, self.applied_through, seen, self.windows, now)
+
+        await self._refuse(batches, now)
+        reports = [r for batch in batches for r in (*batch.reports, *batch.markers)]
+        try:
+            return plan(reports)
+        except Exception:
+            logger.exception("planning the flush failed: looking for the reports that fail it")
+        poisoned = intake.poisoned(reports, plan)
+        bad = {id(reports[index]): reason for index, reason in poisoned.items()}
+        for batch in batches:
+            refused = [refusal(r.to_wire(), bad[id(r)]) for r in batch.reports if id(r) in bad]
+            batch.reports = [r for r in batch.reports if id(r) not in bad]
+            batch.refused.extend(refused)
+        await self._refuse(batches, now)
+        return plan([r for batch in batches for r in (*batch.reports, *batch.markers)])
+
+    async def _flush(self, batches: list[intake.Batch], now: int) -> None:
         await self._move_records_of_ending_namespaces()
+        intake.limit_agents_per_node(batches)
+        reports = [r for batch in batches for r in batch.reports]
         events = self.events.drain()
         pods, owners, nodes = await self._attribute(reports, events)
         await self._learn_nodes(
@@ -356,7 +436,7 @@ class Ledger:
             + [pod for pod, _ in events.ended_pods]
         )
         seen = self._observations(events, pods, owners, nodes)
-        planned = flush.plan(reports, self.applied_through, seen, self.windows, now)
+        planned = await self._plan_flush(batches, seen, now)
         selection = planned.selection
         metrics.USAGE_REPORTS.labels("duplicate").inc(selection.duplicates)
         metrics.USAGE_REPORTS.labels("out_of_order").inc(selection.out_of_order)
@@ -413,13 +493,17 @@ class Ledger:
         for key, error in outcomes.items():
             if error is None:
                 continue
-            reason = deadletter.refused_for_good(error) if isinstance(error, ApiError) else None
+            reason = deadletter.refused_for_good(error)
             if reason is not None:
                 refused.append((key, planned.changes[key], reason))
                 continue
             failed.add(key)
             logger.warning(
-                "record %s/%s not written this flush: %s", key.namespace, key.name, error
+                "record %s/%s not written this flush: %s",
+                key.namespace,
+                key.name,
+                error,
+                exc_info=not isinstance(error, (ApiError, OSError, TimeoutError)),
             )
         if refused:
             failed |= await self._file_dead_letters(refused, now)

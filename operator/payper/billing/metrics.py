@@ -72,6 +72,13 @@ DEAD_LETTERS_FULL = Gauge(
     "payper_billing_dead_letters_full",
     "1 while the dead-letter store is full: those reports stay unacknowledged.",
 )
+REPORTS_REFUSED = Counter(
+    "payper_usage_reports_refused_total",
+    "Usage reports the operator refused (not valid, too many agent ids from one node, or "
+    "their application raised), filed in the dead-letter store and moved past, by the node "
+    "whose token sent them. Never billed; settled by the platform team.",
+    ("node",),
+)
 USAGE_LOST = Counter(
     "payper_usage_lost_seconds_total",
     "GPU time agents measured but dropped before delivery (their gap markers): an audited "

@@ -12,13 +12,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from payper.kube import ApiError
-
 K = TypeVar("K")
 V = TypeVar("V")
 
-WriteError = ApiError | OSError | TimeoutError
-"""What keeps one record from being written in a flush (the rest are still written)."""
+WriteError = Exception
+"""What keeps one record from being written in a flush (the rest are still written): an
+API error, a timeout, and also anything else its write raised (a change the record cannot
+hold): one record never stops the flush. Cancellation is not caught."""
 
 
 async def write_each(
@@ -30,8 +30,9 @@ async def write_each(
     plan's order, the error that kept it from being written (None: written).
 
     A fixed number of workers take the changes from one iterator, so no record is written
-    twice and at most ``concurrency`` requests are in flight. Any other exception is raised
-    only after every write has finished: no write of this flush outlives it.
+    twice and at most ``concurrency`` requests are in flight. Any exception a write raises is
+    that key's outcome (``BaseException``s such as cancellation are raised only after
+    every write has finished: no write of this flush outlives it).
     """
     outcomes: dict[K, WriteError | None] = {}
     pending = iter(list(changes.items()))
@@ -40,7 +41,7 @@ async def write_each(
         for key, change in pending:
             try:
                 await write(key, change)
-            except (ApiError, OSError, TimeoutError) as error:
+            except Exception as error:
                 outcomes[key] = error
             else:
                 outcomes[key] = None

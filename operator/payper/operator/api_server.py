@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from payper.api.common import field_errors
 from payper.api.demand import DemandSnapshot, Poke
-from payper.api.usage import UsageBatch
+from payper.api.usage import parse_batch
 from payper.billing import metrics as billing_metrics
 from payper.billing.ledger import Ledger
 from payper.clock import now_ms
@@ -46,14 +46,18 @@ def validation_message(error: ValidationError) -> str:
     return "invalid payload: " + "; ".join(field_errors(error, root="(body)")[:5])
 
 
-async def parse(request: web.Request, model: type[M]) -> M:
+async def body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise HttpError(413, f"payload larger than {MAX_BODY} bytes")
     raw = await request.content.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise HttpError(413, f"payload larger than {MAX_BODY} bytes")
+    return raw
+
+
+async def parse(request: web.Request, model: type[M]) -> M:
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate_json(await body(request))
     except ValidationError as error:
         raise HttpError(400, validation_message(error)) from error
 
@@ -135,13 +139,18 @@ class ApiServer:
         return web.json_response({"replicas": tracked.replicas}, status=202)
 
     async def usage(self, request: web.Request) -> web.Response:
+        """Each report of the batch is validated on its own: a report that is not valid is
+        refused alone (filed, moved past, listed under ``refused``), never its batch."""
         caller = await self.caller(request, self.agents)
-        batch = await parse(request, UsageBatch)
+        try:
+            reports, refused = parse_batch(await body(request))
+        except ValidationError as error:
+            raise HttpError(400, validation_message(error)) from error
         if caller.node_name is None:
             raise HttpError(
                 403, "the agent's token is not bound to a pod on a node (use a projected token)"
             )
-        for report in batch.reports:
+        for report in reports:
             if report.node != caller.node_name:
                 raise HttpError(
                     403,
@@ -150,17 +159,15 @@ class ApiServer:
                 )
         if self.ledger is None:
             raise HttpError(503, "billing is not running")
-        if not self.ledger.config.accept_simulated_reports and any(
-            r.simulated for r in batch.reports
-        ):
+        if not self.ledger.config.accept_simulated_reports and any(r.simulated for r in reports):
             metrics.SIMULATED_REFUSED.inc()
             raise HttpError(
                 403,
                 "simulated usage reports are refused: this agent runs the simulated backend, "
                 "which is for development clusters only (billing.acceptSimulatedReports)",
             )
-        acked = await self.ledger.submit(batch.reports)
-        return web.json_response({"acked": acked})
+        receipt = await self.ledger.submit(reports, refused, caller.node_name)
+        return web.json_response(receipt.to_wire())
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
