@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from payper.billing import seal
+from payper.billing import intake, seal
 from payper.billing.outbox import FINALIZER, annotation, identity
 from payper.billing.records import MOVED_FROM_LABEL, STATE_LABEL
 from payper.clock import iso, now_ms, parse_iso
@@ -43,6 +43,7 @@ from payper_dev.testing.billing import (
 from payper_dev.testing.cloudevents_receiver import CloudEventsReceiver, Received
 from payper_dev.testing.cluster import ClusterHandle, eventually
 from payper_dev.testing.stack import SYSTEM_NAMESPACE, Stack, StackOptions, running, scraped_sum
+from payper_dev.testing.usage import agent_token, post_until_acked, post_usage, report
 
 SINK = "meter"
 SOURCE = "//payper/test"
@@ -541,3 +542,109 @@ async def test_a_sink_that_is_down_shows_as_owed_records_and_lag_then_catches_up
         receiver.mode = "up"
     await stack.settle()
     await wait_exported(stack, namespace, now_ms())
+
+
+def idle_pod(stack: Stack, namespace: str, name: str, node: str) -> dict[str, Any]:
+    """A tenant's own pod bound to ``node`` (no GPU limit, no stand-in): its usage, as an
+    agent reports it, is billed to the namespace's records."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "server", "image": "payper/model-server:test"}],
+            "tolerations": [{"operator": "Exists"}],
+        },
+    }
+    stack.cluster.apply_items([body])
+    pod: dict[str, Any] = stack.cluster.get_json("pod", name, "-n", namespace)
+    return pod
+
+
+def poison_reports(agent: str, pod: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """The three ways one agent token stopped every agent's billing (each, sequence 1 of
+    its own agent id): an amount past the record's digits, a window in year 33658, more
+    agent ids in one batch than a node runs (the last one is refused)."""
+    rounded = report(f"{agent}-r", 1, pod, 1_000)
+    rounded["series"][0]["roundedMs"]["1s"] = 10**24
+    future = report(f"{agent}-t", 1, pod, 1_000) | {
+        "intervalStartMs": 10**15,
+        "intervalEndMs": 10**15 + 1,
+    }
+    ids = intake.MAX_AGENTS_PER_NODE + 1
+    crowd = [report(f"{agent}-c{i}", 1, pod, 1_000) for i in range(ids)]
+    return [
+        (f"{agent}-r", rounded, "roundedMs"),
+        (f"{agent}-t", future, "intervalStartMs"),
+        *[(f"{agent}-c{i}", r, "agent ids") for i, r in enumerate(crowd)],
+    ]
+
+
+async def test_poison_reports_from_one_node_are_refused_alone_and_billing_goes_on(
+    export_stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """Node X's token sends each report that used to stop billing for everyone; node Y's
+    agent reports beside it. Y is acknowledged and its records become Final and Exported;
+    each poison report is refused with its reason (answer, dead letter, metric), and X's
+    next honest report applies."""
+    stack = export_stack
+    node_x, node_y = "gpu-node-1", "gpu-node-0"
+    tenant_y = stack.cluster.namespace("honest")
+    try:
+        pod_x = idle_pod(stack, namespace, "worker", node_x)
+        pod_y = idle_pod(stack, tenant_y, "worker", node_y)
+        token_x, token_y = agent_token(stack, node_x), agent_token(stack, node_y)
+        honest_x, honest_y = f"honest-x-{namespace[-6:]}", f"honest-y-{namespace[-6:]}"
+        for token, agent, pod in ((token_x, honest_x, pod_x), (token_y, honest_y, pod_y)):
+            body = {"reports": [report(agent, 1, pod, 100_000)]}
+            await post_until_acked(http, stack, token, body, agent, 1)  # its pod is seen
+        refused_metric = ("payper_usage_reports_refused_total", {"node": node_x})
+        before = scraped_sum(stack.metrics_url, *refused_metric)
+        rounded, future, *crowd = poison_reports(f"x-{namespace[-6:]}", pod_x)
+        batches = [[rounded[1]], [future[1]], [r for _, r, _ in crowd]]
+        answers = [await post_usage(http, stack, token_x, {"reports": b}) for b in batches]
+        await post_until_acked(
+            http, stack, token_y, {"reports": [report(honest_y, 2, pod_y, 300_000)]}, honest_y, 2
+        )
+
+        for status, answer in answers:
+            assert status == 200, answer
+            assert set(answer["acked"].values()) == {1}, f"every agent moved on: {answer}"
+        (_, first), (_, second), (_, third) = answers
+        crowd_refused = third["refused"]
+        for (agent, _, why), [refused] in (
+            (rounded, first["refused"]),
+            (future, second["refused"]),
+            (crowd[-1], crowd_refused[-1:]),
+        ):
+            assert (refused["agentId"], refused["sequence"]) == (agent, 1), refused
+            assert why in refused["reason"], refused
+        # The node's own agent may have reported in the same flush: one id fewer left.
+        assert 1 <= len(crowd_refused) <= 2, crowd_refused
+        refused_count = 2 + len(crowd_refused)
+        assert scraped_sum(stack.metrics_url, *refused_metric) - before == refused_count
+        letters = stack.cluster.get_json(
+            "configmap", "payper-dead-letters", "-n", SYSTEM_NAMESPACE
+        )["data"]
+        filed = {
+            entry["agentId"]: entry
+            for entry in map(json.loads, letters.values())
+            if entry.get("node") == node_x
+        }
+        for agent, _, why in (rounded, future, crowd[-1]):
+            assert why in filed[agent]["reason"] and filed[agent]["content"], filed.get(agent)
+            assert filed[agent]["sequence"] == 1
+
+        # X's next honest report applies.
+        await post_until_acked(
+            http, stack, token_x, {"reports": [report(honest_x, 2, pod_x, 23_000)]}, honest_x, 2
+        )
+        posted = now_ms()
+        done_y = await wait_exported(stack, tenant_y, posted)
+        assert sum(int(r["status"]["activeUs"]) for r in done_y) == 400_000
+        done_x = await wait_exported(stack, namespace, posted)
+        crowd_kept = 1_000 * (len(crowd) - len(crowd_refused))
+        assert sum(int(r["status"]["activeUs"]) for r in done_x) == 123_000 + crowd_kept
+    finally:
+        stack.cluster.kubectl("delete", "namespace", tenant_y, "--wait=false", check=False)

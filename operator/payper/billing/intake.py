@@ -36,7 +36,9 @@ class Receipt:
     refused: list[RefusedReport]
 
     def to_wire(self) -> dict[str, Any]:
-        return {"acked": self.acked, "refused": [r.answer() for r in self.refused]}
+        """``refused`` only when there are some: an honest batch is answered as before."""
+        refused = {"refused": [r.answer() for r in self.refused]} if self.refused else {}
+        return {"acked": self.acked, **refused}
 
 
 @dataclass
