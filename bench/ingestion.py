@@ -467,7 +467,9 @@ def measure_ledger(
                 took, cpu = time.perf_counter() - started, time.process_time() - cpu
                 acked = [await w for w in waiting]
                 missing = sum(
-                    1 for t, a in zip(templates, acked, strict=True) if a[t.agent_id] < sequence
+                    1
+                    for t, a in zip(templates, acked, strict=True)
+                    if a.acked[t.agent_id] < sequence
                 )
                 print(
                     f"  flush {sequence}: {took:.2f} s ({cpu:.2f} s CPU), {missing} unacknowledged",
@@ -479,7 +481,7 @@ def measure_ledger(
             writes1 = await record_writes(admin)
             cpu1 = control_plane_cpu(cluster_dir)
         count = writes1[0] - writes0[0]
-        records = sum(1 for key in ledger.records if key[0] == namespace)
+        records = sum(1 for key in ledger.store.records if key[0] == namespace)
         return LedgerRun(
             agents,
             concurrency,

@@ -12,7 +12,8 @@ from cloudevents.core.formats.json import JSONFormat
 
 from payper.billing import outbox, seal
 from payper.billing.config import CloudEventsSinkConfig, ExportConfig
-from payper.billing.exporter import Exporter, SinkRunner, _Work
+from payper.billing.exporter import Exporter
+from payper.billing.sink_runner import SinkRunner, Work
 from payper.billing.sinks import (
     CORRECTION_TYPE,
     EVENT_TYPE,
@@ -102,7 +103,7 @@ def runner(sink: FlakySink, batch_size: int = 3, **export: float) -> SinkRunner:
 async def test_batches_are_bounded_and_acknowledged_per_record() -> None:
     sink = FlakySink(fail=0)
     run = runner(sink, batch_size=3)
-    run.offer({("ns", f"r{i}"): _Work(1, [event(f"r{i}-1"), event(f"r{i}-1-x")]) for i in range(3)})
+    run.offer({("ns", f"r{i}"): Work(1, [event(f"r{i}-1"), event(f"r{i}-1-x")]) for i in range(3)})
     while run.work:
         assert await run.send_once()
     # Two events per record, three per batch: never a record split across batches,
@@ -110,14 +111,14 @@ async def test_batches_are_bounded_and_acknowledged_per_record() -> None:
     assert sink.batches == [["r0-1", "r0-1-x"], ["r1-1", "r1-1-x"], ["r2-1", "r2-1-x"]]
     assert run.acknowledged == {("ns", "r0"): 1, ("ns", "r1"): 1, ("ns", "r2"): 1}
     # Acknowledged but not yet on the record: offered again by a step, not sent again.
-    run.offer({("ns", "r0"): _Work(1, [event("r0-1")]), ("ns", "r9"): _Work(4, [event("r9-4")])})
+    run.offer({("ns", "r0"): Work(1, [event("r0-1")]), ("ns", "r9"): Work(4, [event("r9-4")])})
     assert list(run.work) == [("ns", "r9")]
 
 
 async def test_a_sink_that_is_down_is_retried_with_a_bounded_jittered_backoff() -> None:
     sink = FlakySink(fail=40)
     run = runner(sink, min_backoff_seconds=1.0, max_backoff_seconds=60.0)
-    run.offer({("ns", "r"): _Work(1, [event("r-1")])})
+    run.offer({("ns", "r"): Work(1, [event("r-1")])})
     waits = []
     for _ in range(40):
         assert not await run.send_once()

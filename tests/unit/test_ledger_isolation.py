@@ -125,7 +125,7 @@ async def test_a_record_that_cannot_hold_a_change_is_dead_lettered_and_the_rest_
     stored[record["metadata"]["name"]]["status"]["lastAppliedSequence"] = {
         f"{X}/old-{i}": 1 for i in range(MAX_AGENTS)
     }
-    world.ledger.records.clear()  # read again, as after a restart
+    world.ledger.store.records.clear()  # read again, as after a restart
     newcomer = Agent("newcomer", X)
     receipt_n, receipt_y = await world.flush_with(
         (X, [newcomer.report(T0 + 200, [(pod_x, 77)])]), (Y, [y.report(T0, [(pod_y, 5)])])

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from payper.billing.config import ExportConfig, StripeSinkConfig
-from payper.billing.exporter import SinkRunner, _Work
 from payper.billing.pricing import Plan
+from payper.billing.sink_runner import SinkRunner, Work
 from payper.billing.sinks import Sent, UsageEvent
 from payper.billing.stripe_sink import MAX_IDENTIFIER, compare, meter_event, value
 
@@ -148,8 +148,8 @@ async def test_a_refused_record_is_set_aside_and_kept_and_never_blocks_the_other
     sink = RefusingSink(refuse="team-x")
     run = runner(sink, now)
     work = {
-        ("team-x", "r0"): _Work(1, [event("x-1", account="team-x")]),
-        ("team-a", "r1"): _Work(1, [event("a-1")]),
+        ("team-x", "r0"): Work(1, [event("x-1", account="team-x")]),
+        ("team-a", "r1"): Work(1, [event("a-1")]),
     }
     run.offer(work)
     while run.work:
@@ -165,7 +165,7 @@ async def test_a_refused_record_is_set_aside_and_kept_and_never_blocks_the_other
     # A new delta of the record (the usage grew) is offered at once.
     now[0] = 1000.0
     run.refused.clear()
-    run.offer({("team-x", "r0"): _Work(2, [event("x-2", account="team-x")])})
+    run.offer({("team-x", "r0"): Work(2, [event("x-2", account="team-x")])})
     assert list(run.work) == [("team-x", "r0")]
 
 
@@ -173,7 +173,7 @@ async def test_a_delta_half_taken_sends_only_what_the_sink_does_not_have() -> No
     now = [0.0]
     sink = RefusingSink(refuse="nobody", fail={"a-1-20261127T100000Z"})
     run = runner(sink, now)
-    work = _Work(1, [event("a-1"), event("a-1-20261127T100000Z", corrects=START - HOUR)])
+    work = Work(1, [event("a-1"), event("a-1-20261127T100000Z", corrects=START - HOUR)])
     run.offer({("team-a", "r"): work})
     assert not await run.send_once(), "one part failed: back off"
     assert await run.send_once()
@@ -188,7 +188,7 @@ async def test_a_sink_that_forgets_an_event_is_retried_not_spun() -> None:
             return Sent()
 
     run = runner(Forgetful(refuse="nobody"), [0.0])
-    run.offer({("team-a", "r"): _Work(1, [event("a-1")])})
+    run.offer({("team-a", "r"): Work(1, [event("a-1")])})
     assert not await run.send_once() and run.failures == 1
     assert ("team-a", "r") in run.work and not run.acknowledged
 

@@ -9,13 +9,14 @@ conflicts, refusals, timeouts and lost answers in milliseconds, where the real A
 (tests/integration) takes seconds per case.
 
 What it keeps of the API server's behaviour, because the ledger depends on it:
-resourceVersions and 409 Conflict on a stale one; 409 AlreadyExists; 404; the status
-subresource (a write of the object ignores its status, a write of the status everything
-else); the BillingRecord CRD's rules (spec immutable, a Final record's status frozen:
-422); label selectors (``k=v``, ``k!=v``, ``k``, ``!k``) with ``limit`` and ``continue``;
-deletes with a UID precondition (409) and finalizers (a deletion timestamp until the last
-one goes); 403 for a create in a namespace being terminated. Not kept: watches, field
-selectors, server-side apply, admission webhooks and policies.
+resourceVersions and 409 Conflict on a stale one (422 on none, in the update of a custom
+resource); 409 AlreadyExists; 404; the status subresource (a write of the object ignores
+its status, a write of the status everything else); the BillingRecord CRD's rules (spec
+immutable, a Final record's status frozen: 422); label selectors (``k=v``, ``k!=v``,
+``k``, ``!k``) with ``limit`` and ``continue``; deletes with a UID precondition (409) and
+finalizers (a deletion timestamp until the last one goes); 403 for a create in a namespace
+being terminated. Not kept: watches, field selectors, server-side apply, admission
+webhooks and policies.
 
 Faults: ``fail`` queues an answer (an error status, a timeout, or the call committed and
 its answer lost) for the calls a matcher picks; ``calls`` logs every call, so a test can
@@ -37,6 +38,9 @@ from payper.kube import Answer, Credentials, Kube
 
 STATUS_SUBRESOURCE = {"billingrecords", "inferencedeployments"}
 """The kinds whose status is a subresource (as their CRDs say)."""
+CUSTOM_RESOURCES = "/apis/payper.dev/"
+"""The path prefix of the kinds that are custom resources (CRDs): an update (PUT) of one
+must carry a resourceVersion (422 otherwise), where a ConfigMap's may leave it out."""
 LOST = "lost"
 """A fault kind: the call is carried out, then its answer is lost (a timeout)."""
 TIMEOUT = "timeout"
@@ -300,6 +304,15 @@ class MemoryApi:
         old = self.objects.get(where.collection, {}).get(where.name or "")
         if old is None:
             return _status(404, "NotFound", f'{where.plural} "{where.name}" not found')
+        if where.collection.startswith(CUSTOM_RESOURCES) and not (body.get("metadata") or {}).get(
+            "resourceVersion"
+        ):  # a custom resource allows no unconditional update
+            return _status(
+                422,
+                "Invalid",
+                f'{where.plural} "{where.name}" is invalid: metadata.resourceVersion: '
+                "Invalid value: 0: must be specified for an update",
+            )
         new = copy.deepcopy(body)
         if where.plural in STATUS_SUBRESOURCE:
             if where.subresource == "status":
@@ -327,7 +340,7 @@ class MemoryApi:
         wanted = (patch.get("metadata") or {}).pop("resourceVersion", None)
         if where.plural in STATUS_SUBRESOURCE:
             if where.subresource == "status":
-                patch = {"status": patch.get("status")}
+                patch = {"status": patch["status"]} if "status" in patch else {}
             else:
                 patch.pop("status", None)
         new = _merge(old, patch)

@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from payper.api.usage import RefusedReport
+from payper.billing import metrics
 from payper.billing.flush import REFUSAL_REASONS
 from payper.billing.records import RecordChange, RecordKey
 from payper.clock import iso
 from payper.kube import ApiError, Kube, resource_path
 
+logger = logging.getLogger(__name__)
 NAME = "payper-dead-letters"
+FILED = "UsageDeadLettered"
+FULL = "DeadLetterStoreFull"
+"""Event reasons, on the dead-letter ConfigMap."""
 MAX_ENTRIES = 1000
 MAX_BYTES = 800_000
 """Below the 1 MiB an object may have in etcd, with room for metadata."""
@@ -124,6 +130,81 @@ class DeadLetters:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.path = resource_path("v1", "configmaps", namespace, NAME)
+        self._evented: set[tuple[RecordKey, str]] = set()
+        """Entries an event was posted for (in this process)."""
+        self._full = False
+        self._store = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "name": NAME,
+            "namespace": namespace,
+        }
+
+    async def _report_full(self, message: str, now: int) -> None:
+        metrics.DEAD_LETTERS_FULL.set(1)
+        logger.critical(message)
+        if not self._full:
+            self._full = True
+            await self.kube.post_event(self._store, self.namespace, FULL, message, iso(now))
+
+    async def file_changes(
+        self, refused: list[tuple[RecordKey, RecordChange, str]], now: int
+    ) -> set[RecordKey]:
+        """File record changes that can never be written, logged and counted, with one
+        event per entry; the keys that could not be filed (the store full)."""
+        if not await self.add(refused, now):
+            await self._report_full(
+                f"the dead-letter store {self.namespace}/{NAME} is full: reports for "
+                f"{len(refused)} refused records stay unacknowledged until it is emptied",
+                now,
+            )
+            return {key for key, _, _ in refused}
+        self._full = False
+        metrics.DEAD_LETTERS_FULL.set(0)
+        for key, change, reason in refused:
+            metrics.DEAD_LETTERS.labels(reason).inc()
+            active_us = sum(d.active_us for d in change.usage)
+            message = (
+                f"{active_us} µs of GPU time for {key.namespace}/{key.name} cannot be billed "
+                f"({reason}): filed in {self.namespace}/{NAME} for the platform team to settle"
+            )
+            logger.error(message)
+            if (key, reason) in self._evented or len(self._evented) >= MAX_ENTRIES:
+                continue  # one event per entry (and no more than the store holds entries)
+            self._evented.add((key, reason))
+            await self.kube.post_event(self._store, self.namespace, FILED, message, iso(now))
+        return set()
+
+    async def file_reports(self, refused: list[tuple[str, RefusedReport]], now: int) -> bool:
+        """File refused reports (by the node whose token sent them), logged and counted;
+        whether they are filed (False: the store is full or could not be written; their
+        agents resend them, and nothing else waits)."""
+        try:
+            filed = await self.add_reports(refused, now)
+        except (ApiError, OSError, TimeoutError) as error:
+            logger.error("filing %d refused reports: %s (kept unacknowledged)", len(refused), error)
+            return False
+        if not filed:
+            await self._report_full(
+                f"the dead-letter store {self.namespace}/{NAME} is full: {len(refused)} "
+                "refused reports stay unacknowledged until it is emptied",
+                now,
+            )
+            return False
+        for node, report in refused:
+            metrics.REPORTS_REFUSED.labels(node).inc()
+            logger.error(
+                "report %d of agent %s on %s refused (%s): %.3f GPU-seconds claimed, filed in "
+                "%s/%s",
+                report.sequence,
+                report.agent_id,
+                node,
+                report.reason,
+                report.claimed_us / 1e6,
+                self.namespace,
+                NAME,
+            )
+        return True
 
     async def add(self, refused: list[tuple[RecordKey, RecordChange, str]], now: int) -> bool:
         """File the changes durably; False (nothing filed) when that would overflow."""

@@ -8,12 +8,12 @@ resourceVersion precondition. The step runs inside the flush, so the ledger's ow
 and the exporter's never race each other; the patched object goes back into the
 ledger's cache.
 
-Each sink sends on its own task, with its own backoff, from the deltas sealed for it:
-a sink that is down delays no other sink and no flush, and loses nothing (a record's
-next delta is sealed only once its last was acknowledged, so a sink down for an hour
-is owed one delta per record, holding the whole hour). A Final record every sink has
+Each sink sends on its own task (``payper.billing.sink_runner``), with its own backoff,
+from the deltas sealed for it: a sink that is down delays no other sink and no flush,
+and loses nothing (a record's next delta is sealed only once its last was acknowledged,
+so a sink down for an hour is owed one delta per record, holding the whole hour). A Final record every sink has
 acknowledged is labelled Exported; only Exported records are deleted after their
-retention (``Ledger``).
+retention (``payper.billing.retention``).
 
 Delivery is at least once: an operator killed after a sink answered and before the
 acknowledgement was written resends the same deltas under the same ids.
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,25 +30,17 @@ from typing import Any
 from payper.api.billing_record import FINAL, PLURAL, BillingRecordSpec, BillingRecordStatus
 from payper.api.common import API_VERSION
 from payper.billing import metrics, outbox, seal
-from payper.billing.config import CloudEventsSinkConfig, ExportConfig, SinkConfig
+from payper.billing.config import ExportConfig
 from payper.billing.outbox import OWN, Delta, Part, SinkState
 from payper.billing.records import EXPORTED, STATE_LABEL, parse_window_label
-from payper.billing.sinks import CloudEventsSink, Sent, Sink, SinkError, UsageEvent
-from payper.billing.stripe_sink import StripeSink
+from payper.billing.sink_runner import SinkRunner, Work, make_sink
+from payper.billing.sinks import UsageEvent
 from payper.billing.writes import write_each
 from payper.kube import ApiError, Kube, resource_path
 
 logger = logging.getLogger(__name__)
 
 Location = tuple[str, str]
-
-
-@dataclass
-class _Work:
-    sealed: int
-    events: list[UsageEvent]
-    taken: set[str] = field(default_factory=set)
-    """Ids the sink already has (a delta half taken is not sent whole again)."""
 
 
 @dataclass
@@ -72,7 +62,7 @@ class Tracked:
     sealed_at: dict[str, float] = field(default_factory=dict)
     changed: bool = True
     """Read or written since its last step (else a step only has acknowledgements to do)."""
-    work: dict[str, _Work] = field(default_factory=dict)
+    work: dict[str, Work] = field(default_factory=dict)
     """Per sink, the events of the delta in flight, made once per delta."""
 
 
@@ -96,142 +86,6 @@ def usage_event(tracked: Tracked, delta: Delta) -> UsageEvent:
         billed_ms=delta.usage.billed_ms,
         amount=delta.usage.amount,
     )
-
-
-# -- sending -----------------------------------------------------------------------------
-def make_sink(config: SinkConfig, export: ExportConfig, clock: Callable[[], float]) -> Sink:
-    if isinstance(config, CloudEventsSinkConfig):
-        return CloudEventsSink(config, export.source)
-    return StripeSink(config, clock)
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    sealed: int
-    until: float
-    reason: str
-
-
-class SinkRunner:
-    """One sink's sending task: its own queue (the latest sealed delta per record, so
-    bounded by the records not yet Exported), its own backoff. A record whose events the
-    sink refused is set aside (reported, kept) and offered again after the longest
-    backoff, so it never blocks the others."""
-
-    def __init__(
-        self,
-        config: SinkConfig,
-        export: ExportConfig,
-        sink: Sink,
-        sleep: Callable[[float], Any] = asyncio.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.name = config.name
-        self.config = config
-        self.export = export
-        self.sink = sink
-        self.work: dict[Location, _Work] = {}
-        self.acknowledged: dict[Location, int] = {}
-        self.refused: dict[Location, _Refusal] = {}
-        self._told: dict[Location, int] = {}
-        """The delta whose refusal was logged, per record (logged once, not per retry)."""
-        self._wake = asyncio.Event()
-        self._sleep = sleep
-        self._clock = clock
-        self.failures = 0
-
-    def offer(self, work: dict[Location, _Work]) -> None:
-        """What is owed now (acknowledged deltas whose acknowledgement is not yet on the
-        record are not sent again; refused ones not before their time)."""
-        now = self._clock()
-        self.refused = {
-            location: refusal
-            for location, refusal in self.refused.items()
-            if location in work and work[location].sealed == refusal.sealed and refusal.until > now
-        }
-        self.work = {
-            location: item
-            for location, item in work.items()
-            if self.acknowledged.get(location) != item.sealed and location not in self.refused
-        }
-        self._told = {k: v for k, v in self._told.items() if k in work}
-        metrics.EXPORT_REFUSED_RECORDS.labels(self.name).set(len(self.refused))
-        if self.work:
-            self._wake.set()
-
-    def backoff(self) -> float:
-        ceiling = min(
-            self.export.max_backoff_seconds,
-            self.export.min_backoff_seconds * 2.0 ** min(self.failures - 1, 30),
-        )
-        return ceiling * (0.5 + random.random() / 2)
-
-    async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self.work:
-                if not await self.send_once():
-                    await self._sleep(self.backoff())
-
-    async def send_once(self) -> bool:
-        """Send one batch of what is owed; whether nothing in it failed."""
-        batch: list[tuple[Location, _Work]] = []
-        count = 0
-        for location, work in list(self.work.items()):
-            owed = len(work.events) - len(work.taken)
-            if batch and count + owed > self.config.batch_size:
-                break
-            batch.append((location, work))
-            count += owed
-        events = [e for _, work in batch for e in work.events if e.id not in work.taken]
-        try:
-            sent = await self.sink.send(events)
-        except SinkError as error:
-            sent = Sent(failed={e.id: str(error) for e in events})
-        unanswered = {e.id for e in events} - sent.taken - set(sent.refused) - set(sent.failed)
-        sent.failed |= dict.fromkeys(unanswered, "the sink did not answer for it")
-        for result, ids in (
-            ("sent", sent.taken),
-            ("refused", sent.refused),
-            ("failed", sent.failed),
-        ):
-            metrics.EXPORTED_EVENTS.labels(self.name, result).inc(len(ids))
-        until = self._clock() + self.export.max_backoff_seconds
-        for location, work in batch:
-            work.taken |= {e.id for e in work.events} & sent.taken
-            if len(work.taken) == len(work.events):
-                self.acknowledged[location] = work.sealed
-                current = self.work.get(location)
-                if current is not None and current.sealed == work.sealed:
-                    del self.work[location]
-                continue
-            reasons = [sent.refused[e.id] for e in work.events if e.id in sent.refused]
-            if reasons:
-                self.refused[location] = _Refusal(work.sealed, until, reasons[0])
-                self.work.pop(location, None)
-                if self._told.get(location) == work.sealed:
-                    continue
-                self._told[location] = work.sealed
-                logger.error(
-                    "export to %s refused %s/%s (kept; offered again in %.0f s): %s",
-                    self.name,
-                    *location,
-                    self.export.max_backoff_seconds,
-                    reasons[0],
-                )
-        metrics.EXPORT_REFUSED_RECORDS.labels(self.name).set(len(self.refused))
-        if sent.failed:
-            self.failures += 1
-            logger.warning(
-                "export to %s failed (%d in a row): %s",
-                self.name,
-                self.failures,
-                next(iter(sent.failed.values())),
-            )
-            return False
-        self.failures = 0
-        return True
 
 
 # -- the exporter ------------------------------------------------------------------------
@@ -266,6 +120,19 @@ class Exporter:
     @property
     def enabled(self) -> bool:
         return bool(self.runners)
+
+    def use_key(self, key: bytes) -> None:
+        """The ledger's seal key (read at start): records and export states verify with it."""
+        self.key = key
+
+    def forget(self, location: Location) -> None:
+        """A record that moved: its copy is tracked from now on."""
+        self.tracked.pop(location, None)
+
+    def take_expired(self) -> list[tuple[Location, str]]:
+        """Records just Exported whose retention had passed (location, UID), once each."""
+        expired, self.expired = self.expired, []
+        return expired
 
     async def run(self) -> None:
         await asyncio.gather(*(runner.run() for runner in self.runners.values()))
@@ -478,7 +345,7 @@ class Exporter:
                 made = tracked.work.get(name)
                 if made is None or made.sealed != state.sealed:
                     deltas = outbox.deltas(tracked.identity, state)
-                    made = _Work(state.sealed, [usage_event(tracked, d) for d in deltas])
+                    made = Work(state.sealed, [usage_event(tracked, d) for d in deltas])
                     tracked.work[name] = made
                 work[location] = made
                 oldest = min(oldest, tracked.sealed_at.get(name, now))

@@ -7,9 +7,12 @@ samples are; the records hold the exact decimal amounts.
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from prometheus_client import Counter, Gauge, Histogram
 
-from payper.api.billing_record import GRANULARITY_MS
+from payper.api.billing_record import GRANULARITY_MS, BillingRecordSpec, BillingRecordStatus
+from payper.billing.pricing import amount
 
 LABELS = ("namespace", "inference_deployment", "gpu_model")
 
@@ -187,3 +190,32 @@ EXPORT_HELD_RECORDS = Gauge(
 RECORDS_EXPORTED = Counter(
     "payper_billing_records_exported_total", "Final BillingRecords every sink acknowledged."
 )
+
+
+def count_applied(
+    labels: tuple[str, str, str],
+    spec: BillingRecordSpec,
+    before: BillingRecordStatus,
+    after: BillingRecordStatus,
+) -> None:
+    """Count what one record write added, by (namespace, deployment, GPU product).
+    Prometheus samples are floats by definition; the records keep the exact decimals."""
+    ACTIVE.labels(*labels).inc(max(0, after.active_us - before.active_us) / 1e6)
+    BILLED.labels(*labels).inc(max(0, after.billed_ms - before.billed_ms) / 1000)
+    PROVISIONED.labels(*labels).inc(max(0, after.provisioned_ms - before.provisioned_ms) / 1000)
+    for granularity in GRANULARITY_MS:
+        now_ms = after.rounded_ms.at(granularity)
+        was_ms = before.rounded_ms.at(granularity)
+        ROUNDED.labels(*labels, granularity).inc(max(0, now_ms - was_ms) / 1000)
+        priced = amount(now_ms, spec.price_per_gpu_second) - amount(
+            was_ms, spec.price_per_gpu_second
+        )
+        if priced > 0:
+            AMOUNT_AT_GRANULARITY.labels(*labels, granularity, spec.currency).inc(float(priced))
+    for metric, was, now in (
+        (BILLED_AMOUNT, before.amount, after.amount),
+        (RESERVED_AMOUNT, before.reserved_equivalent_amount, after.reserved_equivalent_amount),
+    ):
+        money_delta = Decimal(now) - Decimal(was)
+        if money_delta > 0:
+            metric.labels(*labels, spec.currency).inc(float(money_delta))

@@ -113,6 +113,35 @@ class Request:
                 return value.decode("latin-1")
         return None
 
+    @property
+    def buffered_chunks(self) -> int:
+        """Body chunks received from the client and not read by the handler yet."""
+        return len(self._body)
+
+    @property
+    def awaiting_continue(self) -> bool:
+        """The client still holds back its body until it is sent ``100 Continue``."""
+        return self._continue_pending
+
+    @property
+    def body_unread(self) -> bool:
+        """The request has a body that was not read to its end."""
+        return self.expects_body and not self._consumed
+
+    def receive(self, chunk: bytes) -> None:
+        """A body chunk arrived from the client."""
+        self._body.append(chunk)
+        self._body_event.set()
+
+    def receive_end(self) -> None:
+        """The body is complete (or there was none)."""
+        self._body.append(None)
+        self._body_event.set()
+
+    def wake_reader(self) -> None:
+        """Let a reader waiting for body chunks notice that the connection closed."""
+        self._body_event.set()
+
     async def body_chunks(self) -> AsyncIterator[bytes]:
         if self._continue_pending:
             self._continue_pending = False
@@ -261,9 +290,9 @@ class _Connection(asyncio.Protocol):
         if arriving is None:
             backed_up = False
         elif self._reading_paused:
-            backed_up = len(arriving._body) >= BODY_HIGH_WATER // 2
+            backed_up = arriving.buffered_chunks >= BODY_HIGH_WATER // 2
         else:
-            backed_up = len(arriving._body) >= BODY_HIGH_WATER
+            backed_up = arriving.buffered_chunks >= BODY_HIGH_WATER
         self._pipeline_full = len(self.requests) >= self.limits.max_pipelined
         pause = backed_up or self._pipeline_full
         if self.transport is None or pause == self._reading_paused:
@@ -324,7 +353,7 @@ class _Connection(asyncio.Protocol):
         self._can_write.set()
         self._request_ready.set()
         if self._current is not None:
-            self._current._body_event.set()
+            self._current.wake_reader()
         if self._task is not None and self._current is not None:
             self._task.cancel()  # the client went away: cancel what it asked for
 
@@ -397,17 +426,14 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         request = self.requests[-1]
-        request._body.append(body)
-        request._body_event.set()
-        if len(request._body) >= BODY_HIGH_WATER:
+        request.receive(body)
+        if request.buffered_chunks >= BODY_HIGH_WATER:
             self._apply_reading()
 
     def on_message_complete(self) -> None:
         self._awaiting_head = True
         self._head_raw = 0
-        request = self.requests[-1]
-        request._body.append(None)
-        request._body_event.set()
+        self.requests[-1].receive_end()
 
     # -- serving ---------------------------------------------------------------------
     def body_consumed(self) -> None:
@@ -415,7 +441,7 @@ class _Connection(asyncio.Protocol):
         if (
             self._reading_paused
             and current is not None
-            and len(current._body) < BODY_HIGH_WATER // 2
+            and current.buffered_chunks < BODY_HIGH_WATER // 2
         ):
             self._apply_reading()
 
@@ -474,8 +500,8 @@ class _Connection(asyncio.Protocol):
                 self._current = request
                 responder = Responder(self, request)
                 await self.handler(request, responder)
-                if not request._consumed and request.expects_body:
-                    if request._continue_pending:
+                if request.body_unread:
+                    if request.awaiting_continue:
                         break  # the client holds back a body nobody will read: close
                     # Unread body: drain it so the next request parses from its start.
                     async for _ in request.body_chunks():
