@@ -11,9 +11,9 @@ ledger's cache.
 Each sink sends on its own task (``payper.billing.sink_runner``), with its own backoff,
 from the deltas sealed for it: a sink that is down delays no other sink and no flush,
 and loses nothing (a record's next delta is sealed only once its last was acknowledged,
-so a sink down for an hour is owed one delta per record, holding the whole hour). A Final record every sink has
-acknowledged is labelled Exported; only Exported records are deleted after their
-retention (``payper.billing.retention``).
+so a sink down for an hour is owed one delta per record, holding the whole hour). A
+Final record every sink has acknowledged is labelled Exported; only Exported records are
+deleted after their retention (``payper.billing.retention``).
 
 Delivery is at least once: an operator killed after a sink answered and before the
 acknowledgement was written resends the same deltas under the same ids.
