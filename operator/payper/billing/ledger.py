@@ -74,8 +74,13 @@ class Ledger:
         observed: Observed,
         events: BillingEvents,
         clock: Callable[[], int] = now_ms,
+        synced: Callable[[], bool] = lambda: True,
     ) -> None:
         self.config = config
+        self.synced = synced
+        """Whether the operator's watches have delivered the cluster once
+        (``payper.operator.synced``): until then no flush runs, so no record is priced
+        from a view that does not know the namespace's labels or the deployment's plan."""
         self.namespace = namespace
         self.observed = observed
         self.events = events
@@ -229,6 +234,12 @@ class Ledger:
     async def flush(self) -> None:
         """Apply what arrived; answer every waiting request, whatever happens."""
         queued, self._queue = self._queue, []
+        if not self.synced():
+            metrics.USAGE_REPORTS.labels("waiting_for_sync").inc(len(queued))
+            logger.info("flush deferred: the operator's watches have not caught up yet")
+            for batch in queued:
+                batch.future.set_result(batch.receipt(self.applied_through))
+            return
         try:
             with metrics.FLUSH_DURATION.time():
                 await self._flush(queued, self.clock())

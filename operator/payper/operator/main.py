@@ -34,6 +34,7 @@ from payper.operator.capacity import UnmeteredCapacity
 from payper.operator.controller import Controller
 from payper.operator.handlers import Memo, load
 from payper.operator.leader import LeaderElector, LostLeadership
+from payper.operator.synced import Synced
 
 logger = logging.getLogger("payper.operator")
 
@@ -104,12 +105,14 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
     if config.listen.tls_cert_file and config.listen.tls_key_file:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(config.listen.tls_cert_file, config.listen.tls_key_file)
+    synced = Synced(controller.registry)
     ledger = Ledger(
         kube,
         config.billing,
         config.leader_election.namespace,
         controller.registry,
         controller.billing,
+        synced=synced,
     )
     api = ApiServer(controller, verifier, lambda: elector.is_leader, ledger)
     after_s = config.billing.unmetered_after_seconds
@@ -134,6 +137,7 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
         secrets = api_key_secrets(kube, controller)
         controller.key_secrets_synced = secrets.synced.is_set
         await ledger.load()
+        await synced.list_once(kube)  # before the watches start: they must deliver it all
         kopf_stop = asyncio.Event()
         tasks = [
             asyncio.create_task(secrets.run(), name="api-key-secrets"),

@@ -52,3 +52,8 @@ SIMULATED_REFUSED = Counter(
     "Usage report batches refused because a simulated backend measured them "
     "(billing.acceptSimulatedReports is off, as it must be on a real cluster).",
 )
+SYNC_DEADLINE_PASSED = Counter(
+    "payper_operator_watch_sync_deadline_passed_total",
+    "Times the watches had not delivered every object listed when leadership began within "
+    "the deadline (objects deleted meanwhile, or a stuck watch); billing then went on.",
+)
