@@ -55,7 +55,8 @@ def retry_after_s(value: str | None) -> float:
 
 
 class ApiError(Exception):
-    """The API server answered with an error status; ``reason`` is its Status reason."""
+    """The API server answered with an error status; ``reason`` is its Status reason. Raised
+    as one of the subclasses below where the status says what happened (``api_error``)."""
 
     def __init__(self, status: int, body: Any, method: str, path: str) -> None:
         self.status = status
@@ -71,6 +72,59 @@ class ApiError(Exception):
     @property
     def conflict(self) -> bool:
         return self.status == 409
+
+    @property
+    def causes(self) -> list[str]:
+        """The reasons of the Status's ``details.causes``."""
+        details = self.body.get("details") if isinstance(self.body, dict) else None
+        causes = (details or {}).get("causes") if isinstance(details, dict) else None
+        return [c.get("reason", "") for c in causes or [] if isinstance(c, dict)]
+
+
+class NotFoundError(ApiError):
+    """404: the object (or its namespace) does not exist."""
+
+
+class ConflictError(ApiError):
+    """409: a stale resourceVersion, a name taken, or a failed precondition."""
+
+
+class ForbiddenError(ApiError):
+    """403: RBAC, an admission policy, or a namespace being terminated."""
+
+
+class NamespaceTerminatingError(ForbiddenError):
+    """403 with the cause ``NamespaceTerminating``: nothing new is created there again."""
+
+
+class InvalidError(ApiError):
+    """422: the object breaks its schema or a validation rule (a Final record changed)."""
+
+
+class ThrottledError(ApiError):
+    """429 after every retry: the API server's flow control kept refusing."""
+
+
+class ServerError(ApiError):
+    """5xx: the API server (or etcd) failed; a retry may succeed."""
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    404: NotFoundError,
+    409: ConflictError,
+    403: ForbiddenError,
+    422: InvalidError,
+    429: ThrottledError,
+}
+
+
+def api_error(status: int, body: Any, method: str, path: str) -> ApiError:
+    """The error an answer means, as the most specific ``ApiError`` subclass."""
+    kind = _BY_STATUS.get(status, ServerError if status >= 500 else ApiError)
+    error = kind(status, body, method, path)
+    if kind is ForbiddenError and "NamespaceTerminating" in error.causes:
+        return NamespaceTerminatingError(status, body, method, path)
+    return error
 
 
 class WatchExpiredError(Exception):
@@ -209,7 +263,7 @@ class Kube:
                 await asyncio.sleep(wait)
                 continue
             if answer.status >= 400:
-                raise ApiError(answer.status, answer.payload, method, path)
+                raise api_error(answer.status, answer.payload, method, path)
             if answer.warnings:
                 logger.warning("Kubernetes API warning on %s %s: %s", method, path, answer.warnings)
                 if os.environ.get(WARNINGS_ENV) == "error":

@@ -15,7 +15,18 @@ from typing import Any
 import pytest
 
 from payper.api.billing_record import FINAL, BillingRecordStatus
-from payper.kube import ApiError, resource_path
+from payper.billing.deadletter import refused_for_good
+from payper.kube import (
+    ApiError,
+    ConflictError,
+    ForbiddenError,
+    InvalidError,
+    NamespaceTerminatingError,
+    NotFoundError,
+    ServerError,
+    api_error,
+    resource_path,
+)
 from payper_dev.testing.billing import record_spec
 from payper_dev.testing.memory_api import LOST, TIMEOUT, MemoryApi, MemoryKube
 
@@ -201,6 +212,32 @@ async def test_a_create_in_a_terminating_namespace_is_forbidden() -> None:
     error = await refused(kube.create(cm_path(namespace="leaving"), config_map("c")), 403)
     assert "being terminated" in error.message
     assert kube.api.items(cm_path(namespace="leaving")) == []
+    # Told apart by the Status's cause, as client-go's HasStatusCause does, not its words.
+    assert isinstance(error, NamespaceTerminatingError)
+    assert refused_for_good(error) == "namespace-terminating"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "for_good"),
+    [
+        (
+            403,
+            {"reason": "Forbidden", "message": "being terminated, says a webhook"},
+            ForbiddenError,
+            None,
+        ),
+        (404, {"reason": "NotFound"}, NotFoundError, "namespace-gone"),
+        (409, {"reason": "Conflict"}, ConflictError, None),
+        (422, {"reason": "Invalid"}, InvalidError, "invalid"),
+        (503, {"reason": "ServiceUnavailable"}, ServerError, None),
+    ],
+)
+def test_an_error_status_is_raised_as_what_it_means(
+    status: int, body: dict[str, Any], kind: type[ApiError], for_good: str | None
+) -> None:
+    error = api_error(status, body, "PUT", "/x")
+    assert type(error) is kind and error.status == status
+    assert refused_for_good(error) == for_good
 
 
 async def test_an_injected_status_answers_the_next_matching_call_only(kube: MemoryKube) -> None:

@@ -241,12 +241,24 @@ class MemoryApi:
         metadata = obj.setdefault("metadata", {})
         name = metadata.get("name") or f"{metadata.get('generateName', 'x-')}{uuid.uuid4().hex[:5]}"
         if where.namespace in self.terminating:
-            return _status(
+            refused = _status(
                 403,
                 "Forbidden",
                 f'{where.plural} "{name}" is forbidden: unable to create new content in '
                 f"namespace {where.namespace} because it is being terminated",
             )
+            refused.payload["details"] = {
+                "name": name,
+                "kind": where.plural,
+                "causes": [
+                    {
+                        "reason": "NamespaceTerminating",
+                        "message": f"namespace {where.namespace} is being terminated",
+                        "field": "metadata.namespace",
+                    }
+                ],
+            }
+            return refused
         collection = self.objects.setdefault(where.collection, {})
         if name in collection:
             return _status(409, "AlreadyExists", f'{where.plural} "{name}" already exists')

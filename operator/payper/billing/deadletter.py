@@ -29,7 +29,14 @@ from payper.billing import metrics
 from payper.billing.flush import REFUSAL_REASONS
 from payper.billing.records import RecordChange, RecordKey
 from payper.clock import iso
-from payper.kube import ApiError, Kube, resource_path
+from payper.kube import (
+    ApiError,
+    InvalidError,
+    Kube,
+    NamespaceTerminatingError,
+    NotFoundError,
+    resource_path,
+)
 
 logger = logging.getLogger(__name__)
 NAME = "payper-dead-letters"
@@ -52,13 +59,11 @@ def refused_for_good(error: Exception) -> str | None:
     or the error is a fault of the operator's own, logged for a person to see)."""
     if isinstance(error, (ValueError, ArithmeticError)):
         return UNSTORABLE  # pydantic's ValidationError is a ValueError
-    if not isinstance(error, ApiError):
-        return None
-    if error.status == 404:
+    if isinstance(error, NotFoundError):
         return "namespace-gone"
-    if error.status == 403 and "being terminated" in error.message:
+    if isinstance(error, NamespaceTerminatingError):
         return "namespace-terminating"
-    if error.status == 422:
+    if isinstance(error, InvalidError):
         return "invalid"
     return None
 
