@@ -9,7 +9,8 @@ Payper's own client (``MemoryKube`` replaces only its round trip).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -20,10 +21,12 @@ from payper.kube import (
     ApiError,
     ConflictError,
     ForbiddenError,
+    Informer,
     InvalidError,
     NamespaceTerminatingError,
     NotFoundError,
     ServerError,
+    WatchExpiredError,
     api_error,
     resource_path,
 )
@@ -276,3 +279,43 @@ async def test_a_throttled_call_is_sent_again_after_retry_after(kube: MemoryKube
     kube.api.fail(429, retry_after="0.1", times=2)
     assert (await kube.get(cm_path("c")))["data"] == {"a": "1"}
     assert [(c.method, c.path) for c in kube.api.calls[1:]] == [("GET", cm_path("c"))] * 3
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition`` holds (the informer runs on this loop), at most 2 s."""
+    async with asyncio.timeout(2):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_a_watch_streams_changes_and_an_expired_one_makes_the_informer_list_again(
+    kube: MemoryKube,
+) -> None:
+    """The operator's Informer over the in-memory watch: list, then changes as they come;
+    after a 410 Gone (etcd compacted what it missed) it lists again and delivers the
+    deletion it never saw as an event."""
+    await kube.create(cm_path(), config_map("a"))
+    seen: list[tuple[str, str]] = []
+
+    async def handler(kind: str, obj: dict[str, Any]) -> None:
+        seen.append((kind, obj["metadata"]["name"]))
+
+    informer = Informer(kube, cm_path(), handler, retry_s=0.01)
+    running = asyncio.create_task(informer.run())
+    try:
+        await until(informer.synced.is_set)
+        assert seen == [("ADDED", "a")]
+        b = await kube.create(cm_path(), config_map("b"))
+        await kube.replace(cm_path("b"), {**b, "data": {"x": "1"}})
+        await until(lambda: len(seen) == 3)
+        assert seen[1:] == [("ADDED", "b"), ("MODIFIED", "b")]
+        del kube.api.objects[cm_path()]["b"]  # gone, and its event compacted away
+        kube.api.expire_watches()
+        await until(lambda: len(seen) == 4)
+        assert seen[3] == ("DELETED", "b")
+        assert sorted(informer.cache) == [f"{NS}/a"]
+    finally:
+        running.cancel()
+    with pytest.raises(WatchExpiredError):
+        async for _ in kube.watch(cm_path(), "1"):
+            pass

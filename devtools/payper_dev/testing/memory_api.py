@@ -15,8 +15,10 @@ its status, a write of the status everything else); the BillingRecord CRD's rule
 immutable, a Final record's status frozen: 422); label selectors (``k=v``, ``k!=v``,
 ``k``, ``!k``) with ``limit`` and ``continue``; deletes with a UID precondition (409) and
 finalizers (a deletion timestamp until the last one goes); 403 for a create in a namespace
-being terminated. Not kept: watches, field selectors, server-side apply, admission
-webhooks and policies.
+being terminated (with the ``NamespaceTerminating`` cause); watches of a collection, and
+410 Gone for one from a version older than the last ``expire_watches`` (etcd compacted).
+Not kept: label or field selectors on watches, field selectors on lists, server-side
+apply, admission webhooks and policies.
 
 Faults: ``fail`` queues an answer (an error status, a timeout, or the call committed and
 its answer lost) for the calls a matcher picks; ``calls`` logs every call, so a test can
@@ -25,16 +27,17 @@ fail "call number k" of a flush.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from payper.kube import Answer, Credentials, Kube
+from payper.kube import Answer, Credentials, Kube, WatchExpiredError
 
 STATUS_SUBRESOURCE = {"billingrecords", "inferencedeployments"}
 """The kinds whose status is a subresource (as their CRDs say)."""
@@ -137,7 +140,13 @@ class MemoryApi:
     """Namespaces being deleted: a create in one answers 403."""
     calls: list[Call] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    events: list[tuple[int, str, str, dict[str, Any]]] = field(default_factory=list)
+    """Every change as a watch sees it: (resourceVersion, collection, type, object)."""
+    expired_before: int = 0
+    """A watch from an older resourceVersion answers 410 Gone (``expire_watches``)."""
     _versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _last: int = 0
+    _changed: asyncio.Event | None = None
 
     def fail(
         self,
@@ -183,7 +192,42 @@ class MemoryApi:
         return merged
 
     def _version(self) -> str:
-        return str(next(self._versions))
+        self._last = next(self._versions)
+        return str(self._last)
+
+    def _emit(self, where: _Where, kind: str, obj: dict[str, Any]) -> None:
+        version = int(obj["metadata"]["resourceVersion"])
+        self.events.append((version, where.collection, kind, copy.deepcopy(obj)))
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def expire_watches(self) -> None:
+        """As etcd's compaction: every open watch ends with 410 Gone, and a watch from a
+        resourceVersion up to now is refused so; the watcher must list again."""
+        self.expired_before = self._last + 1
+        self._wake()
+
+    async def changed(self, timeout_s: float) -> bool:
+        """Until the next change (True), or ``timeout_s`` (False)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def watched(self, collection: str, where: _Where) -> bool:
+        """Whether a change in ``collection`` is seen by a watch of ``where``."""
+        if where.namespace is not None:
+            return collection == where.collection
+        return collection.endswith(f"/{where.plural}") and collection.startswith(
+            where.collection.rsplit("/", 1)[0]
+        )
 
     def answer(self, method: str, path: str, body: Any, params: Mapping[str, str]) -> Answer:
         call = Call(method, path, dict(params))
@@ -273,6 +317,7 @@ class MemoryApi:
         if where.namespace is not None:
             metadata["namespace"] = where.namespace
         collection[name] = obj
+        self._emit(where, "ADDED", obj)
         return Answer(201, copy.deepcopy(obj))
 
     def _checked_write(self, where: _Where, new: dict[str, Any]) -> Answer:
@@ -308,8 +353,10 @@ class MemoryApi:
         metadata["resourceVersion"] = self._version()
         if metadata.get("deletionTimestamp") and not metadata.get("finalizers"):
             del collection[where.name or ""]
+            self._emit(where, "DELETED", new)
         else:
             collection[where.name or ""] = new
+            self._emit(where, "MODIFIED", new)
         return Answer(200, copy.deepcopy(new))
 
     def _replace(self, where: _Where, body: dict[str, Any]) -> Answer:
@@ -375,8 +422,11 @@ class MemoryApi:
         if old["metadata"].get("finalizers"):
             old["metadata"].setdefault("deletionTimestamp", "2026-01-01T00:00:00Z")
             old["metadata"]["resourceVersion"] = self._version()
+            self._emit(where, "MODIFIED", old)
             return Answer(200, copy.deepcopy(old))
         del collection[where.name or ""]
+        old["metadata"]["resourceVersion"] = self._version()
+        self._emit(where, "DELETED", old)
         return Answer(200, {"kind": "Status", "status": "Success"})
 
 
@@ -398,3 +448,31 @@ class MemoryKube(Kube):
     ) -> Answer:
         body = json.loads(data) if data is not None else None
         return self.api.answer(method, path, body, params or {})
+
+    async def watch(
+        self,
+        path: str,
+        resource_version: str,
+        params: Mapping[str, str] | None = None,
+        timeout_s: int = 300,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The changes after ``resource_version`` as the API server streams them, waiting
+        for more until ``timeout_s`` passes without one (the server closes the watch);
+        ``WatchExpiredError`` for a version older than the last ``expire_watches``."""
+        where = _where(path)
+        since = int(resource_version)
+        seen = 0
+        while True:
+            if since < self.api.expired_before:
+                raise WatchExpiredError(f"too old resource version: {since}")
+            events = self.api.events
+            while seen < len(events):
+                version, collection, kind, obj = events[seen]
+                seen += 1
+                if version > since and self.api.watched(collection, where):
+                    since = version
+                    yield {"type": kind, "object": copy.deepcopy(obj)}
+                if since < self.api.expired_before:
+                    break
+            if seen >= len(self.api.events) and not await self.api.changed(timeout_s):
+                return
