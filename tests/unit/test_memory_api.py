@@ -281,13 +281,6 @@ async def test_a_throttled_call_is_sent_again_after_retry_after(kube: MemoryKube
     assert [(c.method, c.path) for c in kube.api.calls[1:]] == [("GET", cm_path("c"))] * 3
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Until ``condition`` holds (the informer runs on this loop), at most 2 s."""
-    async with asyncio.timeout(2):
-        while not condition():
-            await asyncio.sleep(0.005)
-
-
 async def test_a_watch_streams_changes_and_an_expired_one_makes_the_informer_list_again(
     kube: MemoryKube,
 ) -> None:
@@ -296,14 +289,23 @@ async def test_a_watch_streams_changes_and_an_expired_one_makes_the_informer_lis
     deletion it never saw as an event."""
     await kube.create(cm_path(), config_map("a"))
     seen: list[tuple[str, str]] = []
+    delivered = asyncio.Event()
 
     async def handler(kind: str, obj: dict[str, Any]) -> None:
         seen.append((kind, obj["metadata"]["name"]))
+        delivered.set()
+
+    async def until(condition: Callable[[], bool]) -> None:
+        """Until the informer delivered what ``condition`` wants, at most 2 s."""
+        async with asyncio.timeout(2):
+            while not condition():
+                delivered.clear()
+                await delivered.wait()
 
     informer = Informer(kube, cm_path(), handler, retry_s=0.01)
     running = asyncio.create_task(informer.run())
     try:
-        await until(informer.synced.is_set)
+        await asyncio.wait_for(informer.synced.wait(), 2)
         assert seen == [("ADDED", "a")]
         b = await kube.create(cm_path(), config_map("b"))
         await kube.replace(cm_path("b"), {**b, "data": {"x": "1"}})
