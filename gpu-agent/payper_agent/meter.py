@@ -8,13 +8,18 @@ the poll's time, so an idle stretch never inflates the next dt. It is kept as in
 and carry the remainder forward.
 
 Bursts and the rounding rule: at granularity g (1 ms, 1 s, 1 min) a series' burst ends
-only once it has been idle for at least g (counted in whole idle polls); its active time
-is then rounded up to a whole g and added to that granularity's counter: what per-ms,
-per-second and per-minute billing would charge for the same work. Requests closer
-together than g share the unit, so a series is never billed more than its wall-clock time
-plus one unit per record; a lone 200 ms request still pays 0.2 s, 1 s or 60 s. (With 1 s
-polls, 1 ms and 1 s bursts end at the first idle poll.) A burst belongs to the report,
-and so to the billing window, in which it ends. ``bursts`` counts the finest ones.
+only once it has been idle for at least g (counted in whole idle polls). Its active time
+is billed in whole units of g *as they complete*: each time it reaches another multiple
+of g, one unit is added to that granularity's counter, in the poll (and so the report,
+and the billing window) in which it completed; when the burst ends, its remainder is
+rounded up to one unit. Per burst that is ``ceil(A / g) * g``, what per-ms, per-second
+and per-minute billing would charge for the same work; at any moment a burst's billed
+time lies between ``floor(A / g) * g`` and ``ceil(A / g) * g`` of its active time so far.
+So a server that is never idle is still billed as it computes, window by window, and a
+tenant cannot defer its bill by keeping a kernel running. Requests closer together than
+g share the unit, so a series is never billed more than its wall-clock time plus one unit
+per burst; a lone 200 ms request still pays 0.2 s, 1 s or 60 s. (With 1 s polls, 1 ms and
+1 s bursts end at the first idle poll.) ``bursts`` counts the finest ones.
 
 A MIG instance shared by several processes gives one sample for the whole instance with
 the processes' shares (``ProcessSample.shares``): its time is divided exactly, to the
@@ -116,9 +121,12 @@ class Series:
     reported_us: int = 0
     open_x100: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRANULARITY_MS, 0))
     """Active time of the burst still open at each granularity (percent-microseconds)."""
+    open_billed_ms: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRANULARITY_MS, 0))
+    """Of each open burst, the whole units already billed (ms): they completed."""
     active_now: bool = False
     rounded_ms: RoundedMs = field(default_factory=RoundedMs)
-    """Rounded time of closed bursts not yet reported."""
+    """Billed time not yet reported: units completed in open bursts, and the rounded-up
+    remainders of closed ones."""
     bursts: int = 0
     idle_polls: int = 0
     reported_rounded_ms: RoundedMs = field(default_factory=RoundedMs)
@@ -162,8 +170,13 @@ class Series:
     def add_active(self, amount_x100: int) -> None:
         self.total_x100 += amount_x100
         open_x100 = self.open_x100
-        for name in open_x100:
+        billed = self.open_billed_ms
+        for name, unit_x100 in UNIT_X100.items():
             open_x100[name] += amount_x100
+            completed_ms = open_x100[name] // unit_x100 * GRANULARITY_MS[name]
+            if completed_ms > billed[name]:
+                self.rounded_ms.add_at(name, completed_ms - billed[name])
+                billed[name] = completed_ms
         self.active_now = True
 
     def close_bursts(self, idle_ms: int | None = None) -> None:
@@ -172,8 +185,10 @@ class Series:
         for name, granularity in GRANULARITY_MS.items():
             open_x100 = self.open_x100[name]
             if open_x100 and (idle_ms is None or idle_ms >= granularity):
-                self.rounded_ms.add_at(name, round_up_ms(open_x100 // 100, granularity))
+                rest = round_up_ms(open_x100 // 100, granularity) - self.open_billed_ms[name]
+                self.rounded_ms.add_at(name, rest)
                 self.open_x100[name] = 0
+                self.open_billed_ms[name] = 0
                 if name == FINEST:
                     self.bursts += 1
 
@@ -187,6 +202,8 @@ class PollResult:
 
 FINEST = min(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
 COARSEST = max(GRANULARITY_MS, key=GRANULARITY_MS.__getitem__)
+UNIT_X100 = {name: ms * 1000 * 100 for name, ms in GRANULARITY_MS.items()}
+"""One unit of each granularity in percent-microseconds."""
 MAX_PERIOD_POLLS = 5
 """A sample covers at most this many poll intervals; the rest of a longer gap is unmetered."""
 EXITED_PID_POLLS = 5
@@ -407,6 +424,7 @@ def _series_snapshot(s: Series) -> dict[str, Any]:
         data["reportedSplitUs"] = dict(s.reported_split_us)
     if s.in_burst:  # written every poll for every series: only what is not zero
         data["openX100"] = dict(s.open_x100)
+        data["openBilledMs"] = dict(s.open_billed_ms)
         data["idlePolls"] = s.idle_polls
     return data
 
@@ -428,6 +446,7 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             total_x100=int(item["totalX100"]),
             reported_us=int(item["reportedUs"]),
             open_x100=_open_bursts(item),
+            open_billed_ms=_open_billed(item),
             idle_polls=int(item.get("idlePolls", 0)),
             rounded_ms=RoundedMs.model_validate(item["roundedMs"]),
             bursts=int(item["bursts"]),
@@ -437,6 +456,13 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             reported_split_us={str(k): int(v) for k, v in item.get("reportedSplitUs", {}).items()},
         )
         meter.series[series.key] = series
+
+
+def _open_billed(item: Mapping[str, Any]) -> dict[str, int]:
+    """What open bursts billed already; a checkpoint from before units were billed as
+    they complete billed nothing of an open burst (its whole is billed when it ends)."""
+    billed = item.get("openBilledMs") or {}
+    return {name: int(billed.get(name, 0)) for name in GRANULARITY_MS}
 
 
 def _open_bursts(item: Mapping[str, Any]) -> dict[str, int]:

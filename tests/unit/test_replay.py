@@ -68,6 +68,17 @@ def bursts_at(intervals: list[list[int]], granularity_ms: int) -> list[int]:
     return bursts
 
 
+def burst_spans(intervals: list[list[int]], granularity_ms: int) -> list[tuple[int, int]]:
+    """[first, last] ms of each burst at a granularity (intervals closer than it share)."""
+    spans: list[tuple[int, int]] = []
+    for start, end in intervals:
+        if spans and start - spans[-1][1] < granularity_ms:
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((start, end))
+    return spans
+
+
 def truth(intervals: list[list[int]]) -> tuple[int, dict[str, int]]:
     active = sum(end - start for start, end in intervals)
     rounded = {
@@ -248,3 +259,73 @@ def test_a_series_is_never_billed_more_than_its_wall_clock_time_plus_one_unit(
     # A lone request still pays a whole unit at each granularity (the seed's example).
     if len(intervals) == 1 and intervals[0][1] - intervals[0][0] <= 1_000:
         assert container["roundedMs"]["1m"] == 60_000
+
+
+def test_a_server_busy_across_windows_is_billed_in_each_window_as_it_computed() -> None:
+    """150 s without a pause, windows of 60 s, reports every 10 s: each window bills its
+    own time (the 1 min burst's units as they complete, the remainder when it ends in the
+    last window), and the windows add up to the totals."""
+    busy = [[0, 150_000]]
+    result = replay.run(
+        scenario([{"pid": 10, "gpu": "GPU-0", "pod": pod("p"), "busy": busy}], 170_000),
+        window_seconds=60,
+        report_interval_ms=10_000,
+    )
+    [row] = result["containers"]
+    windows = row["windows"]
+    assert [w["startMs"] for w in windows] == [0, 60_000, 120_000]
+    assert [w["roundedMs"]["1m"] for w in windows] == [60_000, 60_000, 60_000]
+    assert [w["roundedMs"]["1s"] for w in windows] == [60_000, 60_000, 30_000]
+    assert [w["activeMs"] for w in windows] == [60_000, 60_000, 30_000]
+    for name in GRANULARITY_MS:
+        assert sum(w["roundedMs"][name] for w in windows) == row["roundedMs"][name]
+    assert sum(w["activeMs"] for w in windows) == row["activeMs"]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(busy_intervals(), st.sampled_from([(60, 10_000), (120, 30_000), (60, 60_000)]))
+def test_windows_add_up_to_the_totals_and_bill_no_more_than_their_time_plus_a_unit_a_burst(
+    intervals: list[list[int]], window: tuple[int, int]
+) -> None:
+    window_s, report_ms = window
+    end = intervals[-1][1] + 2 * 60_000 + 3 * POLL_MS
+    result = replay.run(
+        scenario([{"pid": 10, "gpu": "GPU-0", "pod": pod("p"), "busy": intervals}], end),
+        window_seconds=window_s,
+        report_interval_ms=report_ms,
+    )
+    [row] = result["containers"]
+    windows = row["windows"]
+    assert len(windows) == -(-end // (window_s * 1000)), "every window, empty ones included"
+    assert sum(w["activeMs"] for w in windows) == row["activeMs"]
+    for name, unit in GRANULARITY_MS.items():
+        assert sum(w["roundedMs"][name] for w in windows) == row["roundedMs"][name]
+        spans = burst_spans(intervals, unit)
+        for w in windows:
+            # Billed in a window: its own active time, plus at most one unit per burst
+            # open at its start or ending in it (a burst ends up to a unit and a report
+            # after its last work), and a poll of the driver's quantization per report.
+            reach = unit + report_ms + 2 * POLL_MS
+            start, stop = w["startMs"] - reach, w["startMs"] + window_s * 1000 + reach
+            touching = sum(1 for first, last in spans if first < stop and last > start)
+            assert w["roundedMs"][name] <= w["activeMs"] + unit * touching + POLL_MS, (name, w)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--help"], 0, "--window-seconds"),
+        (["--window-seconds", "60", "--report-interval-ms", "7000", "x.json"], 2, "divide"),
+        (["--report-interval-ms", "0", "x.json"], 2, "at least 1"),
+        ([], 2, "scenario"),
+    ],
+)
+def test_replay_help_and_bad_options(args: list[str], code: int, message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "payper_agent.main", "replay", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == code, result.stderr
+    assert message in result.stdout + result.stderr

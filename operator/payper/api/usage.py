@@ -55,7 +55,10 @@ class SeriesUsage(ApiModel):
     operator never saw, and None there means the namespace's own records."""
     active_us: Micros = 0
     rounded_ms: RoundedMs = Field(default_factory=RoundedMs)
-    """Bursts that closed in this interval, each rounded up per granularity."""
+    """Billed time per granularity g in this interval: a unit of g for each multiple of g
+    the container's burst completed in it, plus the remainder of each burst that ended in
+    it, rounded up to one unit (per burst ``ceil(active / g) * g``, billed as it
+    computes)."""
     bursts: Annotated[int, Field(ge=0)] = 0
     split_us: SplitUs | None = None
     """Of ``activeUs``, what came from a MIG instance this container shared with other
