@@ -648,3 +648,27 @@ async def test_poison_reports_from_one_node_are_refused_alone_and_billing_goes_o
         assert sum(int(r["status"]["activeUs"]) for r in done_x) == 123_000 + crowd_kept
     finally:
         stack.cluster.kubectl("delete", "namespace", tenant_y, "--wait=false", check=False)
+
+
+async def test_a_server_busy_across_a_window_boundary_is_billed_in_both_windows(
+    export_stack: Stack, namespace: str, http: aiohttp.ClientSession
+) -> None:
+    """One 30 s computation, never idle, across 20 s windows: each window's record bills
+    its own time as it computed (within a unit), not all of it in the window where the
+    load stops."""
+    stack = export_stack
+    stack.deploy(namespace, model("steady"))
+    async with http.post(
+        f"{stack.gateway_url}/{namespace}/steady/v1/infer", json={"ms": 30_000}
+    ) as response:
+        assert response.status == 200, await response.text()
+    await stack.settle()
+    # Every window the computation touched, the last one too (it ends within a window).
+    done = await wait_exported(stack, namespace, now_ms() + 20_000)
+    busy = [r for r in done if int(r["status"].get("activeMs", 0)) > 0]
+    assert len(busy) >= 2, [r["status"] for r in done]
+    for record in busy:
+        status = record["status"]
+        active, billed = int(status["activeMs"]), int(status["billedMs"])
+        assert active - 1000 <= billed <= active + 2000, status  # 1 s plan: within a unit
+    assert 29_000 <= sum(int(r["status"]["activeMs"]) for r in busy) <= 31_500
