@@ -461,6 +461,8 @@ def test_a_focus_file_passes_the_focus_validator_and_costs_what_the_bill_says(
 ) -> None:
     cluster = export_stack.cluster
     late_record(cluster, namespace)
+    other = cluster.namespace("focus-other")  # a second account, whatever ran before
+    late_record(cluster, other)
     env = cluster.env()
 
     def payper(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -503,6 +505,7 @@ def test_a_focus_file_passes_the_focus_validator_and_costs_what_the_bill_says(
     failed = payper("export", "focus", "-A", "--out", str(missing), check=False)
     assert (failed.returncode, "cannot write" in failed.stderr) == (1, True)
     assert not missing.parent.exists()
+    cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
 
 async def test_a_sink_that_is_down_shows_as_owed_records_and_lag_then_catches_up(
