@@ -103,3 +103,18 @@ async def test_listed_pods_count_once_seen_alive_or_deleted(deleted: bool) -> No
 async def test_nothing_counts_as_synced_before_the_listing() -> None:
     _, synced, _ = await gold_namespace_world()
     assert not synced()
+
+
+async def test_a_deployment_being_deleted_counts_once_its_event_arrived() -> None:
+    """kopf resumes no handler for an object being deleted (a namespace going, say): it is
+    never tracked, but its watch event arrives, and that is what counts."""
+    world, synced, _ = await gold_namespace_world()
+    await world.kube.create(
+        resource_path(API_VERSION, "inferencedeployments", "team-gold"),
+        {"metadata": {"name": "leaving"}, "spec": {}},
+    )
+    await synced.list_once(world.kube)
+    world.registry.observe_namespace("team-gold", {"tier": "gold"})
+    assert not synced()
+    world.registry.saw_deployment(("team-gold", "leaving"))
+    assert synced()

@@ -61,6 +61,7 @@ class Tracked:
 
 
 MAX_ENDING_NAMESPACES = 10_000
+MAX_SEEN_DEPLOYMENTS = 100_000
 MAX_GONE_PODS = 10_000
 """Pods deleted lately, kept so that their late usage reports (an agent delivers up to
 a report interval and its retries later) are still attributed by their owner chain."""
@@ -81,6 +82,10 @@ class Registry:
         self.ending_namespaces: OrderedDict[str, None] = OrderedDict()
         """Namespaces being deleted or gone, latest last, at most ``MAX_ENDING_NAMESPACES``:
         the ledger moves their open records into its own namespace."""
+        self.seen_deployments: OrderedDict[Key, None] = OrderedDict()
+        """Every InferenceDeployment a watch event delivered (those being deleted too, which
+        are never tracked), the latest last, at most ``MAX_SEEN_DEPLOYMENTS``: what tells
+        the operator's view caught up (``payper.operator.synced``)."""
         self.key_secrets: dict[Key, KeyCheck] = {}
         """The check of every API key Secret by (namespace, name): digests only, never the
         keys, and at most MAX_API_KEYS of them per Secret."""
@@ -104,6 +109,12 @@ class Registry:
         changed = self.namespace_labels.get(name) != labels
         self.namespace_labels[name] = labels
         return changed
+
+    def saw_deployment(self, key: Key) -> None:
+        self.seen_deployments[key] = None
+        self.seen_deployments.move_to_end(key)
+        while len(self.seen_deployments) > MAX_SEEN_DEPLOYMENTS:
+            self.seen_deployments.popitem(last=False)
 
     def namespace_ending(self, namespace: str) -> bool:
         return namespace in self.ending_namespaces

@@ -80,7 +80,11 @@ class Synced:
             for n in self.namespaces
             if n not in registry.namespace_labels and not registry.namespace_ending(n)
         }
-        self.deployments = {k for k in self.deployments if k not in registry.tracked}
+        self.deployments = {
+            k
+            for k in self.deployments
+            if k not in registry.tracked and k not in registry.seen_deployments
+        }
         self.pods = {
             uid
             for uid in self.pods

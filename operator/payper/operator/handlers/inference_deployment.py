@@ -38,7 +38,9 @@ async def resumed(memo: Memo, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(*RESOURCE, registry=registry)
-async def deleted(memo: Memo, event: kopf.RawEvent, **_: Any) -> None:
+async def seen(memo: Memo, event: kopf.RawEvent, **_: Any) -> None:
+    meta = event["object"]["metadata"]
+    key = (meta["namespace"], meta["name"])
+    memo.controller.registry.saw_deployment(key)  # every event, the initial listing's too
     if event["type"] == "DELETED":
-        meta = event["object"]["metadata"]
-        memo.controller.forget((meta["namespace"], meta["name"]))
+        memo.controller.forget(key)
