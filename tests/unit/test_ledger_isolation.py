@@ -206,3 +206,24 @@ def test_a_report_without_a_readable_identity_is_answered_but_cannot_be_moved_pa
     valid, [refused] = parse_batch(b'{"reports": [{"agentId": "", "sequence": -1}]}')
     assert valid == [] and refused.agent_id is None and refused.sequence is None
     assert refused.answer()["reason"].startswith("invalid report")
+
+
+@pytest.mark.parametrize(
+    "start_offset_ms", [-intake.MAX_AGE_MS - 1, intake.MAX_AHEAD_MS + 1], ids=["old", "ahead"]
+)
+async def test_a_report_outside_the_operators_time_window_is_refused(
+    start_offset_ms: int,
+) -> None:
+    """A node cannot place usage in a window of its choosing: 35 days back at most, two
+    minutes ahead at most, on the operator's clock; an agent's gap marker is exempt."""
+    world, pod_x, _ = await world_with_pods()
+    x = Agent("agent-x", X)
+    misplaced = x.report(world.now + start_offset_ms, [(pod_x, 9_000)])
+    marker = x.report(world.now + start_offset_ms, [])
+    marker.update(series=[], lostUs=5, lostReason="retention")
+    honest = x.report(T0 + 100, [(pod_x, 1_000)])
+    [receipt] = await world.flush_with((X, [misplaced, marker, honest]))
+    assert receipt.acked == {"agent-x": 3}
+    [refused] = receipt.refused
+    assert refused.sequence == 1 and "intervalStartMs" in refused.reason
+    assert world.billed_us("team-x") == 1_000

@@ -2,7 +2,8 @@
 
 Billing must never stop for everyone because of one report. A report is refused when it
 is not valid (``payper.api.usage.validate_each``), when its node sends more agent ids in
-one flush than an honest node has agents, or when applying it raises. A refused report
+one flush than an honest node has agents, when its interval starts more than 35 days
+before or 2 minutes after the operator's clock, or when applying it raises. A refused report
 whose agent and sequence are known becomes a *gap marker* under its sequence (no series,
 the GPU time it claimed and why), so its agent moves past it exactly like past a report
 the agent itself dropped: the ledger files its content in the dead-letter store first, and
@@ -74,6 +75,34 @@ def gap_marker(node: str, refused: RefusedReport, now_ms: int) -> UsageReport:
         lost_us=refused.claimed_us,
         lost_reason=REFUSED,
     )
+
+
+MAX_AGE_MS = 35 * 86_400_000
+"""A report whose interval starts longer ago than this, on the operator's clock, is
+refused: an agent keeps unsent reports a day (gap markers, which bill nothing, longer)."""
+MAX_AHEAD_MS = 120_000
+"""A report whose interval starts further ahead than this is refused: a clock that far
+off (or a node choosing its window) would bill usage into a window that has not begun."""
+
+
+def refuse_out_of_time(batches: Sequence[Batch], now_ms: int) -> None:
+    """Refuse, in place, reports whose interval starts outside
+    [now - ``MAX_AGE_MS``, now + ``MAX_AHEAD_MS``]. A gap marker (no usage, a loss) is
+    exempt: it bills nothing, and only moves its agent on."""
+    for batch in batches:
+        kept: list[UsageReport] = []
+        for report in batch.reports:
+            start = report.interval_start_ms
+            marker = report.lost_reason is not None and not report.series and not report.gpus
+            if marker or now_ms - MAX_AGE_MS <= start <= now_ms + MAX_AHEAD_MS:
+                kept.append(report)
+                continue
+            reason = (
+                f"intervalStartMs {start} is outside [now - {MAX_AGE_MS // 86_400_000} d, "
+                f"now + {MAX_AHEAD_MS // 1000} s] on the operator's clock (now: {now_ms})"
+            )
+            batch.refused.append(refusal(report.to_wire(), reason))
+        batch.reports = kept
 
 
 def limit_agents_per_node(batches: Sequence[Batch]) -> None:

@@ -296,6 +296,7 @@ class Ledger:
     async def _flush(self, batches: list[intake.Batch], now: int) -> None:
         await self.store.move_ending(self.observed.namespace_ending)
         await self.retention.release_abandoned_exports(self.observed.ending_namespaces_now)
+        intake.refuse_out_of_time(batches, now)
         intake.limit_agents_per_node(batches)
         reports = [r for batch in batches for r in batch.reports]
         events = self.events.drain()
