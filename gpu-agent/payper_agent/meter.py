@@ -423,7 +423,12 @@ def _series_snapshot(s: Series) -> dict[str, Any]:
         data["splitX100"] = dict(s.split_x100)
         data["reportedSplitUs"] = dict(s.reported_split_us)
     if s.in_burst:  # written every poll for every series: only what is not zero
-        data["openX100"] = dict(s.open_x100)
+        # What is not billed yet of each open burst, and what is: an agent of the last
+        # release (a rollback) reads only ``openX100`` and rounds it up when the burst
+        # ends, so it bills exactly the rest, never the completed units again.
+        data["openX100"] = {
+            name: x100 - s.open_billed_ms[name] * 100_000 for name, x100 in s.open_x100.items()
+        }
         data["openBilledMs"] = dict(s.open_billed_ms)
         data["idlePolls"] = s.idle_polls
     return data
@@ -445,7 +450,10 @@ def restore(meter: Meter, data: dict[str, Any]) -> None:
             product=str(item["product"]),
             total_x100=int(item["totalX100"]),
             reported_us=int(item["reportedUs"]),
-            open_x100=_open_bursts(item),
+            open_x100={
+                name: x100 + _open_billed(item)[name] * 100_000
+                for name, x100 in _open_bursts(item).items()
+            },
             open_billed_ms=_open_billed(item),
             idle_polls=int(item.get("idlePolls", 0)),
             rounded_ms=RoundedMs.model_validate(item["roundedMs"]),

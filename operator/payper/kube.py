@@ -280,26 +280,33 @@ class Kube:
         content_type: str,
     ) -> Answer:
         """One HTTP round trip to the API server, its answer as it came (the one method an
-        in-memory API for tests replaces: ``payper_dev.testing.memory_api``)."""
-        async with self.session.request(
-            method,
-            self.credentials.host + path,
-            data=data,
-            params=params,
-            headers=self._headers(content_type if data is not None else None),
-            timeout=self._timeout,
-        ) as response:
-            raw = await response.read()
-            try:
-                payload: Any = json.loads(raw) if raw else None
-            except ValueError:
-                payload = raw.decode(errors="replace")
-            return Answer(
-                response.status,
-                payload,
-                response.headers.get("Retry-After"),
-                response.headers.getall("Warning", []),
-            )
+        in-memory API for tests replaces: ``payper_dev.testing.memory_api``). A broken
+        connection is a ``ConnectionError`` (an ``OSError``), as a refused one already is:
+        callers that go on after a failed call need not know aiohttp."""
+        try:
+            async with self.session.request(
+                method,
+                self.credentials.host + path,
+                data=data,
+                params=params,
+                headers=self._headers(content_type if data is not None else None),
+                timeout=self._timeout,
+            ) as response:
+                raw = await response.read()
+                try:
+                    payload: Any = json.loads(raw) if raw else None
+                except ValueError:
+                    payload = raw.decode(errors="replace")
+                return Answer(
+                    response.status,
+                    payload,
+                    response.headers.get("Retry-After"),
+                    response.headers.getall("Warning", []),
+                )
+        except aiohttp.ClientError as error:
+            if isinstance(error, OSError):
+                raise
+            raise ConnectionError(f"{method} {path}: {error!r}") from error
 
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         return await self.request("GET", path, params=params)

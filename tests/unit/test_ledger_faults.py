@@ -3,7 +3,8 @@
 One flush with several agents on two nodes, records to create, update and finalise, an
 export sink and one poison report: that flush is run again and again, each time with one
 of its API calls (by index, from the first) answered with one fault: 409, 500, 429, a
-timeout before the call, or the call carried out and its answer lost. The flushes after
+timeout before the call, a broken connection, or the call carried out and its answer
+lost. The flushes after
 it run clean, the agents resending what was not acknowledged, as real agents do. Then:
 
 - records + dead letters = what the agents measured (nothing lost, nothing twice);
@@ -29,12 +30,12 @@ from payper.billing.config import BillingConfig
 from payper.billing.outbox import identity
 from payper.billing.records import EXPORTED, STATE_LABEL
 from payper.billing.sinks import Sent, UsageEvent
-from payper_dev.testing.memory_api import LOST, TIMEOUT, Call
+from payper_dev.testing.memory_api import DISCONNECT, LOST, TIMEOUT, Call
 from payper_dev.testing.memory_ledger import GRACE_S, T0, WINDOW_S, Agent, World
 
 X, Y = "gpu-node-x", "gpu-node-y"
 SINK = "meter"
-FAULTS = (409, 500, 429, TIMEOUT, LOST)
+FAULTS = (409, 500, 429, TIMEOUT, LOST, DISCONNECT)
 CALLS_IN_FLUSH = 40
 """More than the faulty flush makes (the suite checks it reaches its last call)."""
 

@@ -9,6 +9,7 @@ runs over the in-memory API (``payper_dev.testing.memory_ledger``): milliseconds
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,10 +19,13 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from payper.api.billing_record import MAX_AGENTS
-from payper.api.usage import UsageReport, parse_batch
-from payper.billing import flush, intake
+from payper.api.usage import NewerAgentError, UsageReport, parse_batch
+from payper.billing import deadletter, flush, intake
 from payper.billing.deadletter import REPORT_ENTRY_PREFIX
-from payper_dev.testing.memory_ledger import GRACE_S, T0, WINDOW_S, Agent, World
+from payper.billing.events import BillingEvents
+from payper.billing.ledger import Ledger, PlanningFaultError
+from payper.kube import ApiError, resource_path
+from payper_dev.testing.memory_ledger import GRACE_S, SYSTEM, T0, WINDOW_S, Agent, World
 
 X, Y = "gpu-node-x", "gpu-node-y"
 
@@ -227,3 +231,124 @@ async def test_a_report_outside_the_operators_time_window_is_refused(
     [refused] = receipt.refused
     assert refused.sequence == 1 and "intervalStartMs" in refused.reason
     assert world.billed_us("team-x") == 1_000
+
+
+def test_a_report_from_a_newer_agent_fails_its_batch_so_the_agent_holds_it() -> None:
+    """Fields this operator does not know, and nothing else wrong: an upgrade under way
+    (agents before the operator). The batch is answered 400, which the agent keeps for
+    ten minutes, instead of the report being refused and set aside."""
+    agent = Agent("a", X)
+    pod = {"metadata": {"namespace": "n", "name": "p", "uid": "u"}}
+    newer = agent.report(T0, [(pod, 1)]) | {"startupUs": 5}
+    with pytest.raises(NewerAgentError, match="startupUs"):
+        parse_batch(json.dumps({"reports": [agent.report(T0, [(pod, 1)]), newer]}).encode())
+    wrong_too = newer | {"sequence": 0}
+    _, [refused] = parse_batch(json.dumps({"reports": [wrong_too]}).encode())
+    assert "sequence" in refused.reason, "anything else wrong: refused, as any bad report"
+
+
+async def test_a_poison_report_sent_out_of_order_is_found_and_the_rest_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reports are tried in sequence order: sent as [2, 1], with 2 poison, report 1 is
+    applied and 2 refused (tried in the order they came, 1 was blamed and the flush
+    failed for everyone)."""
+    world, pod_x, pod_y = await world_with_pods()
+    x, y = Agent("agent-x", X), Agent("agent-y", Y)
+    first, second = x.report(T0, [(pod_x, 3)]), x.report(T0 + 1000, [(pod_x, 4)])
+    real_plan = flush.plan
+
+    def plan(reports: Sequence[UsageReport], *args: Any) -> flush.FlushPlan:
+        if any(r.agent_id == "agent-x" and r.sequence == 2 and r.series for r in reports):
+            raise ZeroDivisionError("a bug only report 2 reaches")
+        return real_plan(reports, *args)
+
+    monkeypatch.setattr(flush, "plan", plan)
+    receipt_x, receipt_y = await world.flush_with(
+        (X, [second, first]), (Y, [y.report(T0, [(pod_y, 5)])])
+    )
+    assert receipt_y.acked == {"agent-y": 1} and world.billed_us("team-y") == 5
+    assert receipt_x.acked == {"agent-x": 2} and world.billed_us("team-x") == 3
+    assert [r.sequence for r in receipt_x.refused] == [2]
+
+
+async def test_planning_that_fails_for_several_nodes_is_the_operators_fault_not_theirs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug every report reaches must not dead-letter everyone's usage: the flush fails
+    loudly and nothing is acknowledged or filed."""
+    world, pod_x, pod_y = await world_with_pods()
+    real_plan = flush.plan
+
+    def plan(reports: Sequence[UsageReport], *args: Any) -> flush.FlushPlan:
+        if any(r.series for r in reports):
+            raise ZeroDivisionError("a bug any usage reaches")
+        return real_plan(reports, *args)
+
+    monkeypatch.setattr(flush, "plan", plan)
+    sent = (X, [Agent("agent-x", X).report(T0, [(pod_x, 3)])])
+    with pytest.raises(PlanningFaultError):
+        await world.flush_with(sent, (Y, [Agent("agent-y", Y).report(T0, [(pod_y, 5)])]))
+    assert world.dead_letters() == {} and world.ledger.applied_through == {}
+
+
+async def test_one_nodes_refusals_past_its_quota_wait_and_no_other_node_waits_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world, pod_x, pod_y = await world_with_pods()
+    monkeypatch.setattr(deadletter, "MAX_REPORTS_PER_NODE", 1)
+    x, y = Agent("agent-x", X), Agent("agent-y", Y)
+    bad_x = [x.report(T0 + i, [(pod_x, 1)]) for i in range(2)]
+    for report in bad_x:
+        not_a_series(report)
+    bad_y = y.report(T0, [(pod_y, 1)])
+    not_a_series(bad_y)
+    receipt_x, receipt_y = await world.flush_with((X, bad_x), (Y, [bad_y]))
+    assert receipt_y.acked == {"agent-y": 1}, "Y's refusal is filed: Y moves on"
+    assert receipt_x.acked == {"agent-x": 0}, "X is past its quota: its refusals wait"
+    nodes = [e["node"] for e in world.dead_letters().values()]
+    assert sorted(nodes) == [Y]
+
+
+async def test_refused_reports_far_ahead_of_their_agent_are_not_filed() -> None:
+    """Filing a report the flush cannot move its agent past would only fill the store."""
+    world, pod_x, _ = await world_with_pods()
+    x = Agent("agent-x", X)
+    x.sequence = 40  # reports 41.. while the operator has applied none
+    far = [x.report(T0 + i, [(pod_x, 1)]) for i in range(5)]
+    for report in far:
+        not_a_series(report)
+    [receipt] = await world.flush_with((X, far))
+    assert receipt.acked == {"agent-x": 0} and len(receipt.refused) == 5
+    assert world.dead_letters() == {}
+
+
+async def test_a_report_once_filed_as_refused_is_never_billed_later() -> None:
+    """The ninth agent id of a node is refused and filed; the progress save then fails,
+    so nothing is acknowledged. Resent (by an operator that restarted, too), the report
+    stays refused: its claim is in the dead-letter store, and is never also billed."""
+    world, pod_x, _ = await world_with_pods()
+    agents = [Agent(f"a{i}", X) for i in range(intake.MAX_AGENTS_PER_NODE + 1)]
+    batches = [(X, [a.report(T0, [(pod_x, 1_000)])]) for a in agents]
+    await world.kube.create(
+        resource_path("v1", "configmaps", SYSTEM),
+        {"metadata": {"name": world.config.ledger_config_map}, "data": {}},
+    )
+    await world.ledger.progress.load()  # so the save is a PUT, and that fails
+    world.api.fail(500, method="PUT", path_contains=world.config.ledger_config_map)
+    with contextlib.suppress(ApiError):
+        await world.flush_with(*batches)
+    [filed] = [v for v in world.dead_letters().values() if v.get("agentId") == "a8"]
+    assert world.ledger.applied_through == {}, "nothing acknowledged"
+    restarted = World()
+    restarted.api, restarted.kube = world.api, world.kube
+    restarted.registry = world.registry
+    restarted.ledger = Ledger(
+        world.kube, world.config, SYSTEM, world.registry, BillingEvents(), clock=lambda: world.now
+    )
+    await restarted.ledger.load()
+    receipts = await restarted.flush_with(*reversed(batches))  # a8 first this time
+    assert [r.acked for r in receipts] == [{a.agent_id: 1} for a in reversed(agents)]
+    assert restarted.billed_us("team-x") == 1_000 * intake.MAX_AGENTS_PER_NODE
+    reports = [v for v in restarted.dead_letters().values() if "agentId" in v]
+    assert reports == [filed], "a8 is filed once and billed never; a7 is billed"

@@ -131,10 +131,27 @@ def test_a_checkpoint_from_before_units_were_billed_early_bills_its_open_burst_o
     series.add_active(90 * SECOND)
     series.rounded_ms = type(series.rounded_ms)()
     old = snapshot(meter)
-    for item in old["series"]:
-        del item["openBilledMs"]  # as the last release wrote it
+    for item in old["series"]:  # as the last release wrote it: the whole open burst
+        item["openX100"] = dict.fromkeys(item["openX100"], 90 * SECOND)
+        del item["openBilledMs"]
     restarted = Meter(KnownPids({}))
     restore(restarted, old)
     [again] = restarted.series.values()
     again.close_bursts()
     assert again.rounded_ms.per_minute == 120_000
+
+
+def test_an_agent_rolled_back_to_the_last_release_bills_only_the_rest_of_an_open_burst() -> None:
+    """The last release reads ``openX100`` alone and rounds it up when the burst ends: the
+    checkpoint holds there what is not billed yet, so a rollback never bills a completed
+    unit twice."""
+    meter = Meter(KnownPids({}))
+    series = Series(IDENTITY, "GPU-0", "H100")
+    meter.series[series.key] = series
+    series.add_active(150 * SECOND)  # two 1 min units billed, 30 s open
+    assert series.rounded_ms.per_minute == 120_000
+    [item] = snapshot(meter)["series"]
+    left_us = item["openX100"]["1m"] // X100
+    assert left_us == 30_000_000, "what a last-release agent would still round up"
+    billed_by_old_agent_at_close = -(-left_us // 60_000_000) * 60_000
+    assert series.rounded_ms.per_minute + billed_by_old_agent_at_close == 180_000

@@ -9,6 +9,8 @@ once a bounded deadline passed (an object deleted in between never arrives).
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client import REGISTRY
 
@@ -118,3 +120,27 @@ async def test_a_deployment_being_deleted_counts_once_its_event_arrived() -> Non
     assert not synced()
     world.registry.saw_deployment(("team-gold", "leaving"))
     assert synced()
+
+
+async def test_an_object_deleted_before_its_watch_delivered_it_is_dropped_when_looked_up() -> None:
+    world, synced, pod = await gold_namespace_world()
+    world.registry.all_pods.clear()  # the pod watch has not listed yet
+    await synced.list_once(world.kube)
+    world.registry.observe_namespace("team-gold", {"tier": "gold"})
+    assert synced.missing() == (0, 0, 1) and not synced()
+    await synced.forget_gone(world.kube)
+    assert not synced(), "the pod is still there: it must arrive"
+    meta = pod["metadata"]
+    await world.kube.delete(resource_path("v1", "pods", meta["namespace"], meta["name"]))
+    await synced.forget_gone(world.kube)
+    assert synced(), "deleted before the watch saw it: it never arrives, and is dropped"
+
+
+async def test_a_failing_listing_is_tried_again_and_then_counts() -> None:
+    world, synced, _ = await gold_namespace_world()
+    world.registry.observe_namespace("team-gold", {"tier": "gold"})
+    world.api.fail(500, method="GET", path_contains="/namespaces", times=2)
+    before = deadline_passed()
+    await asyncio.wait_for(synced.run(world.kube, every_s=0.001), 5)
+    assert synced() and synced.missing() == (0, 0, 0)
+    assert deadline_passed() == before, "caught up, not by the deadline"

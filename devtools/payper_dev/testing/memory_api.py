@@ -48,6 +48,9 @@ LOST = "lost"
 """A fault kind: the call is carried out, then its answer is lost (a timeout)."""
 TIMEOUT = "timeout"
 """A fault kind: the call times out before it reaches the store."""
+DISCONNECT = "disconnect"
+"""A fault kind: the connection breaks before the call reaches the store (the client
+raises ``ConnectionError``, as for aiohttp's ServerDisconnectedError)."""
 
 
 @dataclass
@@ -237,6 +240,8 @@ class MemoryApi:
                 fault.times -= 1
                 if fault.answer == TIMEOUT:
                     raise TimeoutError(f"{method} {path}: injected timeout")
+                if fault.answer == DISCONNECT:
+                    raise ConnectionError(f"{method} {path}: injected disconnect")
                 if fault.answer == LOST:
                     self._carry_out(method, path, body, params)
                     raise TimeoutError(f"{method} {path}: injected lost answer")

@@ -299,15 +299,30 @@ def refusal(raw: Any, reason: str) -> RefusedReport:
     )
 
 
+class NewerAgentError(ValueError):
+    """A report has fields this operator does not know, and nothing else wrong: from an
+    agent newer than the operator (an upgrade under way). Its batch is answered 400, which
+    the agent holds for a while instead of setting it aside: the operator upgraded next
+    takes it whole."""
+
+
 def validate_each(raw_reports: Sequence[Any]) -> tuple[list[UsageReport], list[RefusedReport]]:
     """Each report of a batch validated on its own: the valid ones, and the refused ones
-    with the fields that make them invalid (one bad report never fails its batch)."""
+    with the fields that make them invalid (one bad report never fails its batch). Raises
+    ``NewerAgentError`` for a report whose only fault is fields this operator does not
+    know."""
     valid: list[UsageReport] = []
     refused: list[RefusedReport] = []
     for index, raw in enumerate(raw_reports):
         try:
             valid.append(UsageReport.model_validate(raw))
         except ValidationError as error:
+            if all(item["type"] == "extra_forbidden" for item in error.errors()):
+                unknown = ", ".join(field_errors(error)[:5])
+                raise NewerAgentError(
+                    f"reports[{index}] has fields this operator does not know ({unknown}): "
+                    "upgrade the operator before the agents"
+                ) from error
             problems = "; ".join(field_errors(error, root="(report)")[:5])
             refused.append(refusal(raw, f"invalid report (reports[{index}]): {problems}"))
     return valid, refused
@@ -324,7 +339,7 @@ def parse_batch(body: bytes) -> tuple[list[UsageReport], list[RefusedReport]]:
     """A batch's valid reports and its refused ones. The whole batch is validated at once
     (pydantic's fast path, every batch of an honest agent); only when that fails is each
     report validated on its own. Raises ``ValidationError`` only for what is no batch at
-    all (not JSON, no list of 1 to ``MAX_BATCH`` objects)."""
+    all (not JSON, no list of 1 to ``MAX_BATCH`` objects), and ``NewerAgentError``."""
     try:
         return UsageBatch.model_validate_json(body).reports, []
     except ValidationError:

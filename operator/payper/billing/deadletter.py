@@ -27,7 +27,7 @@ from typing import Any
 from payper.api.usage import RefusedReport
 from payper.billing import metrics
 from payper.billing.flush import REFUSAL_REASONS
-from payper.billing.records import RecordChange, RecordKey
+from payper.billing.records import RecordChange, RecordKey, UnstorableChangeError
 from payper.clock import iso
 from payper.kube import (
     ApiError,
@@ -57,8 +57,8 @@ its digits, more agents than it keeps sequences for)."""
 def refused_for_good(error: Exception) -> str | None:
     """Why a record write can never succeed, or None if a retry may (or RBAC must be fixed,
     or the error is a fault of the operator's own, logged for a person to see)."""
-    if isinstance(error, (ValueError, ArithmeticError)):
-        return UNSTORABLE  # pydantic's ValidationError is a ValueError
+    if isinstance(error, UnstorableChangeError):
+        return UNSTORABLE
     if isinstance(error, NotFoundError):
         return "namespace-gone"
     if isinstance(error, NamespaceTerminatingError):
@@ -77,7 +77,10 @@ def _entry_key(key: RecordKey, reason: str) -> str:
     return f"{entry}.{reason}" if reason in REFUSAL_REASONS else entry
 
 
-REPORT_ENTRY_PREFIX = "report."
+REPORT_ENTRY_PREFIX = PREFIX = "report."
+MAX_REPORTS_PER_NODE = 100
+"""Refused reports one node may have in the store: past it, only that node's refused
+reports wait (its agents stall, loudly); every other node's, and record changes, go on."""
 
 
 def report_entry_key(node: str, report: RefusedReport) -> str:
@@ -226,7 +229,7 @@ class DeadLetters:
         claimed, why they were refused and their content (bounded); False (nothing filed)
         when that would overflow. Filing one again replaces its entry: never twice."""
 
-        def merge(data: dict[str, str]) -> None:
+        def merge(data: dict[str, str]) -> bool:
             for node, report in refused:
                 data[report_entry_key(node, report)] = json.dumps(
                     {
@@ -243,15 +246,29 @@ class DeadLetters:
                     sort_keys=True,
                 )
 
+            nodes = [json.loads(v).get("node") for k, v in data.items() if k.startswith(PREFIX)]
+            return all(nodes.count(node) <= MAX_REPORTS_PER_NODE for node, _ in refused)
+
         return await self._update(merge)
 
-    async def _update(self, merge: Callable[[dict[str, str]], None]) -> bool:
+    async def filed_reports(self) -> list[tuple[str, str, int]]:
+        """(node, agent id, sequence) of every refused report the store holds."""
+        stored = await self.kube.get_or_none(self.path)
+        found = []
+        for key, value in ((stored or {}).get("data") or {}).items():
+            if key.startswith(REPORT_ENTRY_PREFIX):
+                entry = json.loads(value)
+                found.append((str(entry["node"]), str(entry["agentId"]), int(entry["sequence"])))
+        return found
+
+    async def _update(self, merge: Callable[[dict[str, str]], bool | None]) -> bool:
         """Merge entries into the store (optimistic concurrency, retried on conflict);
-        False (nothing written) when the result would overflow."""
+        False (nothing written) when the result would overflow, or ``merge`` says no."""
         for _ in range(MAX_CONFLICT_RETRIES):
             stored = await self.kube.get_or_none(self.path)
             data: dict[str, str] = dict((stored or {}).get("data") or {})
-            merge(data)
+            if merge(data) is False:
+                return False
             if len(data) > self.max_entries or sum(len(v) for v in data.values()) > self.max_bytes:
                 return False
             body: dict[str, Any] = {

@@ -13,7 +13,7 @@ the rest of the flush goes on. Pure: the ledger does the I/O.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +55,11 @@ class Batch:
     """Gap markers of this batch's refused reports that the dead-letter store holds."""
 
     def receipt(self, applied_through: dict[str, int]) -> Receipt:
+        """Per agent of the batch (its refused reports' agents too: a resend of one
+        applied before is acknowledged), what is applied durably."""
+        named = [gap_marker(self.node, r, 0) for r in self.refused if r.agent_id and r.sequence]
         acked: dict[str, int] = {}
-        for report in [*self.reports, *self.markers]:
+        for report in [*self.reports, *named]:
             acked[report.agent_id] = max(
                 acked.get(report.agent_id, 0), flush.applied(applied_through, report)
             )
@@ -105,10 +108,18 @@ def refuse_out_of_time(batches: Sequence[Batch], now_ms: int) -> None:
         batch.reports = kept
 
 
-def limit_agents_per_node(batches: Sequence[Batch]) -> None:
+def limit_agents_per_node(
+    batches: Sequence[Batch], known: Callable[[UsageReport], bool] = lambda _: False
+) -> None:
     """Refuse, in place, the reports of each node's agent ids beyond
-    ``MAX_AGENTS_PER_NODE`` in this flush (the ids seen first are kept)."""
+    ``MAX_AGENTS_PER_NODE`` in this flush: the ids the ledger already has progress for
+    (``known``) first, then the others in the order they came."""
     seen: dict[str, set[str]] = {}
+    for batch in batches:
+        for report in batch.reports:
+            ids = seen.setdefault(batch.node, set())
+            if known(report) and len(ids) < MAX_AGENTS_PER_NODE:
+                ids.add(report.agent_id)
     for batch in batches:
         ids = seen.setdefault(batch.node, set())
         kept: list[UsageReport] = []
@@ -125,22 +136,66 @@ def limit_agents_per_node(batches: Sequence[Batch]) -> None:
         batch.reports = kept
 
 
+MAX_FILED_PER_NODE = 8
+"""Refused reports one node may file in one flush; the rest wait for the next flushes."""
+
+Filing = list[tuple[Batch, RefusedReport, UsageReport]]
+
+
+def next_in_line(
+    batches: Sequence[Batch], applied_through: Mapping[str, int], now_ms: int
+) -> Filing:
+    """The refused reports worth filing now, with their gap markers: only those the flush
+    will move their agent past (every sequence between the agent's progress and theirs is
+    in this flush), at most ``MAX_FILED_PER_NODE`` per node. A report far ahead of its
+    agent's progress would only fill the dead-letter store: it waits."""
+    present: dict[str, set[int]] = {}
+    candidates: list[tuple[Batch, RefusedReport, UsageReport]] = []
+    for batch in batches:
+        for report in batch.reports:
+            present.setdefault(flush.progress_key(report), set()).add(report.sequence)
+        for refused in batch.refused:
+            if refused.agent_id is None or refused.sequence is None:
+                continue  # nothing to move past: answered only
+            marker = gap_marker(batch.node, refused, now_ms)
+            present.setdefault(flush.progress_key(marker), set()).add(refused.sequence)
+            candidates.append((batch, refused, marker))
+    filing: Filing = []
+    per_node: dict[str, int] = {}
+    for batch, refused, marker in sorted(candidates, key=lambda c: c[2].sequence):
+        through = flush.applied(applied_through, marker)
+        run = present[flush.progress_key(marker)]
+        if not through < marker.sequence or not all(
+            s in run for s in range(through + 1, marker.sequence)
+        ):
+            continue  # applied already (a resend), or not next in line
+        if per_node.get(batch.node, 0) >= MAX_FILED_PER_NODE:
+            continue
+        per_node[batch.node] = per_node.get(batch.node, 0) + 1
+        filing.append((batch, refused, marker))
+    return filing
+
+
 def poisoned(
     reports: Sequence[UsageReport], plan: Callable[[Sequence[UsageReport]], object]
 ) -> dict[int, str]:
     """The reports (by index) whose planning raises, with what it raised; called once a
-    flush's plan raised. Each report is planned after its agent's earlier sound ones (it
-    is selected only in sequence). Planning with no report at all must succeed, or the
-    fault is not any report's and is raised."""
+    flush's plan raised. Each agent's reports are planned in sequence order, each after its
+    agent's earlier sound ones (as ``flush.select`` takes them); gap markers are sound (they
+    carry no usage). Planning with no report at all must succeed, or the fault is not any
+    report's and is raised."""
     plan([])
     found: dict[int, str] = {}
     sound: dict[str, list[UsageReport]] = {}
-    for index, report in enumerate(reports):
+    for index in sorted(range(len(reports)), key=lambda i: reports[i].sequence):
+        report = reports[index]
         before = sound.setdefault(flush.progress_key(report), [])
-        try:
-            plan([*before, report])
-        except Exception as error:
-            found[index] = f"applying the report failed: {type(error).__name__}: {error}"[:1024]
-        else:
-            before.append(report)
+        if report.lost_reason is None:
+            try:
+                plan([*before, report])
+            except Exception as error:  # anything a report makes planning raise
+                found[index] = f"applying the report failed: {type(error).__name__}: {error}"
+                found[index] = found[index][:1024]
+                continue
+        before.append(report)
     return found

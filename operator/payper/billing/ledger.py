@@ -63,6 +63,11 @@ from payper.kube import ApiError, Kube
 from payper.observed import Key, PodView
 
 logger = logging.getLogger(__name__)
+REFUSED_BEFORE = "refused before: its claim is filed in the dead-letter store"
+
+
+class PlanningFaultError(Exception):
+    """Planning a flush fails, and no one node's reports explain it."""
 
 
 class Ledger:
@@ -104,6 +109,9 @@ class Ledger:
             kube, namespace, self.windows, config.reconciliation_retention_days * 86_400_000
         )
         self._queue: list[intake.Batch] = []
+        self.filed: dict[tuple[str, str, int], str] = {}
+        """Refused reports filed in the dead-letter store whose sequence the progress has
+        not passed yet, (node, agent id, sequence) -> progress key: they stay refused."""
         self._nodes: dict[str, str] = {}
         """Node -> the GPU product key of its label."""
         self._unplaced_since: dict[Key, int] = {}
@@ -123,6 +131,12 @@ class Ledger:
         """Read the per-agent progress and the records not yet Final (after a restart too)."""
         await self.progress.load()
         await self.store.load()
+        for node, agent, sequence in await self.dead_letters.filed_reports():
+            marker = intake.gap_marker(
+                node, RefusedReport(agent_id=agent, sequence=sequence, reason=""), 0
+            )
+            self.filed[(node, agent, sequence)] = flush.progress_key(marker)
+        self._forget_filed()
         if self.config.retention_days is None:
             logger.warning(
                 "billing.recordRetentionDays is not set: Final BillingRecords are kept for "
@@ -249,31 +263,44 @@ class Ledger:
                     batch.future.set_result(batch.receipt(self.applied_through))
 
     async def _refuse(self, batches: list[intake.Batch], now: int) -> None:
-        """File the batches' refused reports in the dead-letter store and give each filed
-        one its gap marker, so its agent moves past it. Refused reports already applied
-        (resends) are not filed again; unfiled ones (the store full or unreachable) get no
-        marker: their agent resends them, and the rest of the flush goes on."""
-        filing: list[tuple[intake.Batch, RefusedReport, UsageReport]] = []
+        """File the refused reports next in line in the dead-letter store, each node's on
+        its own (one node's full quota holds back only its own agents), and give each
+        filed one its gap marker, so its agent moves past it."""
         for batch in batches:
             batch.markers = []
-            for refused in batch.refused:
-                if refused.agent_id is None or refused.sequence is None:
-                    continue  # nothing to move past: answered only
-                marker = intake.gap_marker(batch.node, refused, now)
-                if flush.applied(self.applied_through, marker) < marker.sequence:
-                    filing.append((batch, refused, marker))
-        if filing and await self.dead_letters.file_reports(
-            [(batch.node, refused) for batch, refused, _ in filing], now
-        ):
-            for batch, _, marker in filing:
+        by_node: dict[str, intake.Filing] = {}
+        for item in intake.next_in_line(batches, self.applied_through, now):
+            by_node.setdefault(item[0].node, []).append(item)
+        for node, items in by_node.items():
+            new = [r for _, r, _ in items if (node, r.agent_id, r.sequence) not in self.filed]
+            if new and not await self.dead_letters.file_reports([(node, r) for r in new], now):
+                continue  # this node's refused reports wait; the others go on
+            for batch, _, marker in items:
+                self.filed[(node, marker.agent_id, marker.sequence)] = flush.progress_key(marker)
                 batch.markers.append(marker)
+
+    def _refused_before(self, batches: list[intake.Batch]) -> None:
+        """A report once filed as refused stays refused, whatever comes under its sequence
+        later (a resend after a failed flush, another order of agents): its claim is in
+        the dead-letter store, and is never also billed."""
+        for batch in batches:
+            again = [r for r in batch.reports if (batch.node, r.agent_id, r.sequence) in self.filed]
+            if again:
+                batch.reports = [r for r in batch.reports if r not in again]
+                batch.refused.extend(refusal(r.to_wire(), REFUSED_BEFORE) for r in again)
+
+    def _forget_filed(self) -> None:
+        """Filed refusals whose sequence the durable progress has passed: done."""
+        for key, agent in list(self.filed.items()):
+            if self.applied_through.get(agent, 0) >= key[2]:
+                del self.filed[key]
 
     async def _plan_flush(
         self, batches: list[intake.Batch], seen: Observations, now: int
     ) -> FlushPlan:
-        """The flush's plan. Should planning raise, the reports that make it raise are
-        refused (filed, moved past) and the rest planned: one report never stops the
-        flush; a fault that is no report's is raised."""
+        """The flush's plan. Should planning raise, the reports of one node that make it
+        raise are refused (filed, moved past) and the rest planned: one report never stops
+        the flush. A fault no one node's reports explain is the operator's: raised."""
 
         def plan(reports: Sequence[UsageReport]) -> FlushPlan:
             return flush.plan(reports, self.applied_through, seen, self.windows, now)
@@ -285,6 +312,12 @@ class Ledger:
         except Exception:
             logger.exception("planning the flush failed: looking for the reports that fail it")
         poisoned = intake.poisoned(reports, plan)
+        nodes = {reports[index].node for index in poisoned}
+        if len(nodes) != 1:
+            raise PlanningFaultError(
+                f"planning fails, and not for the reports of one node ({len(nodes)} nodes): "
+                "a fault of the operator's; nothing is acknowledged until it is fixed"
+            )
         bad = {id(reports[index]): reason for index, reason in poisoned.items()}
         for batch in batches:
             refused = [refusal(r.to_wire(), bad[id(r)]) for r in batch.reports if id(r) in bad]
@@ -296,8 +329,11 @@ class Ledger:
     async def _flush(self, batches: list[intake.Batch], now: int) -> None:
         await self.store.move_ending(self.observed.namespace_ending)
         await self.retention.release_abandoned_exports(self.observed.ending_namespaces_now)
+        self._refused_before(batches)
         intake.refuse_out_of_time(batches, now)
-        intake.limit_agents_per_node(batches)
+        intake.limit_agents_per_node(
+            batches, lambda r: flush.progress_key(r) in self.applied_through
+        )
         reports = [r for batch in batches for r in batch.reports]
         events = self.events.drain()
         pods, owners, nodes = await self._attribute(reports, events)
@@ -389,6 +425,7 @@ class Ledger:
         if advanced:
             # Acknowledged (the futures answer from applied_through) only once durable.
             await self.progress.save(progress)
+            self._forget_filed()
             metrics.USAGE_REPORTS.labels("applied").inc(advanced)
         await self.store.finalize(now, self.applied_through)
         await self.exporter.step()

@@ -38,6 +38,7 @@ from payper.billing.records import (
     WINDOW_LABEL,
     RecordChange,
     RecordKey,
+    UnstorableChangeError,
     apply,
     moved_name,
     same_totals,
@@ -305,7 +306,10 @@ class RecordStore:
                 logger.error("record %s/%s is Final; its usage stays unacknowledged", *location)
                 raise RecordFinalError(f"{location[0]}/{location[1]} is Final")
             spec = BillingRecordSpec.model_validate(record["spec"])
-            updated, _ = apply(status, spec, change, now, durable)
+            try:
+                updated, _ = apply(status, spec, change, now, durable)
+            except (ValueError, ArithmeticError) as error:
+                raise UnstorableChangeError(f"{location[0]}/{location[1]}: {error}") from error
             if same_totals(updated, status):
                 self.records[location] = record
                 return None

@@ -123,6 +123,11 @@ class RecordChange:
     pods: dict[str, PodSpan] = field(default_factory=dict)
 
 
+class UnstorableChangeError(ValueError):
+    """A record cannot hold a change: its status after the change breaks the record's
+    bounds (an amount past 18 digits, more agents than it keeps sequences for)."""
+
+
 def _millis(active_us: int) -> int:
     return (active_us + 500) // 1000
 

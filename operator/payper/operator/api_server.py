@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from payper.api.common import field_errors
 from payper.api.demand import DemandSnapshot, Poke
-from payper.api.usage import parse_batch
+from payper.api.usage import NewerAgentError, parse_batch
 from payper.billing import metrics as billing_metrics
 from payper.billing.ledger import Ledger
 from payper.clock import now_ms
@@ -146,6 +146,8 @@ class ApiServer:
             reports, refused = parse_batch(await body(request))
         except ValidationError as error:
             raise HttpError(400, validation_message(error)) from error
+        except NewerAgentError as error:
+            raise HttpError(400, str(error)) from error
         if caller.node_name is None:
             raise HttpError(
                 403, "the agent's token is not bound to a pod on a node (use a projected token)"

@@ -137,7 +137,7 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
         secrets = api_key_secrets(kube, controller)
         controller.key_secrets_synced = secrets.synced.is_set
         await ledger.load()
-        await synced.list_once(kube)  # before the watches start: they must deliver it all
+        catching_up = asyncio.create_task(synced.run(kube), name="synced")
         kopf_stop = asyncio.Event()
         tasks = [
             asyncio.create_task(secrets.run(), name="api-key-secrets"),
@@ -164,6 +164,7 @@ async def run(args: argparse.Namespace, config: config_module.OperatorConfig) ->
                 logger.error("%s stopped: %r", task.get_name(), error)
                 exit_code = 1 if not isinstance(error, LostLeadership) else 2
         kopf_stop.set()
+        catching_up.cancel()
     acquire.cancel()
     stopping.cancel()
     for task in tasks:
