@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from payper.api.billing_record import (
     FINAL,
@@ -44,6 +44,7 @@ from payper.billing.records import (
     same_totals,
     window_label,
 )
+from payper.billing.tracking import ExportTracking, Location
 from payper.clock import iso, parse_iso
 from payper.kube import ApiError, Kube, resource_path
 from payper.observed import UNMANAGED, Key
@@ -52,8 +53,6 @@ logger = logging.getLogger(__name__)
 MAX_CONFLICT_RETRIES = 6
 FOREIGN_RECORD = "ForeignBillingRecord"
 """Event reason, on a record someone else created under a name the ledger uses."""
-Location = tuple[str, str]
-"""Where a record is: (namespace, name)."""
 
 
 class RecordError(Exception):
@@ -71,43 +70,6 @@ class ForeignRecordError(RecordError):
 
 class TooManyConflictsError(RecordError):
     """Others kept writing the record between each read and write."""
-
-
-class ExportTracking(Protocol):
-    """What the record store and the ledger use of the exporter
-    (``payper.billing.exporter.Exporter``): ``enabled``, ``observe`` (a record as last read
-    or written), ``forget`` (a record that moved), ``release`` (drop the export finalizer
-    of a moved record's original), ``finalizers`` (what a new record carries),
-    ``final_records``, ``use_key`` (the seal key), ``take_expired``, ``step``, ``run`` and
-    ``close``."""
-
-    @property
-    def enabled(self) -> bool: ...
-
-    def observe(
-        self,
-        record: dict[str, Any],
-        status: BillingRecordStatus | None = None,
-        spec: BillingRecordSpec | None = None,
-    ) -> None: ...
-
-    def forget(self, location: Location) -> None: ...
-
-    async def release(self, location: Location) -> None: ...
-
-    def finalizers(self) -> dict[str, list[str]]: ...
-
-    def final_records(self) -> list[Location]: ...
-
-    def use_key(self, key: bytes) -> None: ...
-
-    def take_expired(self) -> list[tuple[Location, str]]: ...
-
-    async def step(self) -> None: ...
-
-    async def run(self) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

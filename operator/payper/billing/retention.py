@@ -17,8 +17,8 @@ from collections.abc import Callable
 from payper.api.billing_record import FINAL, PLURAL
 from payper.api.common import API_VERSION
 from payper.billing import flush, metrics, outbox
-from payper.billing.record_store import ExportTracking, Location
 from payper.billing.records import EXPORTED, STATE_LABEL
+from payper.billing.tracking import ExportTracking, Location
 from payper.clock import parse_iso
 from payper.kube import ApiError, Kube, resource_path
 
