@@ -93,3 +93,17 @@ def test_a_deliberate_violation_fails_the_build(
     code, output = _lint_copy(tmp_path, module, line)
     assert code != 0, output
     assert message in " ".join(output.split()), output
+
+
+MAX_MONEY_PATH_LINES = 500
+
+
+def test_no_module_of_the_money_path_outgrows_one_job() -> None:
+    """The ledger was one 979-line class; its parts stay small enough to read whole."""
+    sizes = {
+        path.name: len(path.read_text().splitlines())
+        for path in (REPO / "operator" / "payper" / "billing").glob("*.py")
+    }
+    assert sizes and max(sizes.values()) <= MAX_MONEY_PATH_LINES, {
+        name: lines for name, lines in sizes.items() if lines > MAX_MONEY_PATH_LINES
+    }
